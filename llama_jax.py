@@ -1,0 +1,1586 @@
+"""llama_jax: the Llama architecture as one readable, pure-functional JAX module.
+
+Read it top to bottom:
+
+    1. configuration          ModelConfig (architecture), TrainConfig (optimisation)
+    2. tokenizer and data     an offline GPT-2 tokenizer, text loading, batches
+    3. layers                 rms_norm, rotary embeddings, attention, SwiGLU
+    4. model                  init_params, init_cache, model_forward
+    5. loss and optimizer     cross-entropy, AdamW, the jitted train_step
+    6. training               the loop: progress, evaluation, plots, checkpoints
+    7. sampling               generate: a KV cache and one compiled decode loop
+    8. checkpoints            our own .npz format, and Hugging Face's safetensors
+    9. command line           python llama_jax.py --help
+
+Shapes are written with these letters: B batch, T time (tokens), S cache length
+(max_seq_len), D model width, H query heads, K key/value heads, G = H // K query
+heads per key/value head, Dh head width, F feed-forward width, V vocabulary.
+
+Parameters are a nested dict of arrays (a pytree); every function is pure and
+takes what it needs as arguments. Importing this module does no work.
+"""
+
+import argparse
+import base64
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # installed with jax: gives NumPy a bfloat16 dtype
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+GPT2_TIKTOKEN = HERE / "gpt2.tiktoken"
+DEFAULT_DATA = HERE / "shakespeare.txt"
+
+
+class InputError(ValueError):
+    """Bad input from the user (a flag, a file, a prompt). The command line
+    prints its message, which names the value and the fix, without a traceback."""
+
+
+# =============================================================================
+# 1. Configuration
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture. Frozen, so it is hashable and can be a static argument
+    of jax.jit. Field names follow Meta's reference model.py."""
+
+    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    dim: int = 256  # D, the width of the residual stream
+    n_layers: int = 6
+    n_heads: int = 8  # H query heads
+    n_kv_heads: int = 4  # K key/value heads; K < H is grouped-query attention
+    head_dim: int | None = None  # Dh; None means dim // n_heads (Llama 3.2 1B sets it)
+    ffn_dim: int | None = None  # F; None means Llama's rule, see ffn_width
+    ffn_dim_multiplier: float | None = None  # Llama's rule, e.g. 1.3 in Llama 2 70B
+    multiple_of: int = 32  # Llama's rule rounds F up to this (256 in Meta's 7B)
+    norm_eps: float = 1e-5  # Llama 2 uses 1e-5, Llama 3 uses 1e-5 too
+    rope_theta: float = 10000.0  # Llama 2: 1e4, Llama 3: 5e5
+    # Llama 3.1's RoPE frequency scaling: (factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings), or None for plain RoPE.
+    rope_scaling: tuple | None = None
+    max_seq_len: int = 256  # S, the longest sequence; the KV cache has S slots
+    dropout_rate: float = 0.0  # Llama itself has no dropout; it helps small data
+    tie_embeddings: bool = False  # share the input embedding with the output layer
+    # Numerics, not architecture: a checkpoint loads under any value of these.
+    compute_dtype: str = "float32"  # "bfloat16": matmuls in bf16, master weights f32
+    fused_attention: bool = True  # jax.nn.dot_product_attention (cuDNN on GPU)
+    vocab_multiple: int = 64  # pad the vocabulary to a multiple of this for speed
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
+                     "multiple_of", "max_seq_len", "vocab_multiple"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("head_dim", "ffn_dim", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InputError(f"ModelConfig.{name} must be positive or None, got {value}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise InputError(f"ModelConfig: dim ({self.dim}) must be divisible by n_heads "
+                             f"({self.n_heads}) so that each head gets dim // n_heads channels")
+        if self.n_heads % self.n_kv_heads:
+            raise InputError(f"ModelConfig: n_heads ({self.n_heads}) must be divisible by "
+                             f"n_kv_heads ({self.n_kv_heads}): each K/V head serves a whole "
+                             "group of query heads")
+        if self.head_width % 2:
+            raise InputError(f"ModelConfig: the head width ({self.head_width}) must be even: "
+                             "rotary embeddings rotate pairs of channels")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise InputError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise InputError("ModelConfig: norm_eps and rope_theta must be positive")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise InputError(f"ModelConfig.compute_dtype must be 'float32' or 'bfloat16', "
+                             f"got {self.compute_dtype!r}")
+        if self.rope_scaling is not None and len(self.rope_scaling) != 4:
+            raise InputError("ModelConfig.rope_scaling must be (factor, low_freq_factor, "
+                             "high_freq_factor, original_max_position_embeddings)")
+
+    @property
+    def head_width(self):
+        """Dh."""
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def ffn_width(self):
+        """F. Llama's rule: SwiGLU has three matrices instead of two, so 2/3 of
+        the usual 4 * dim keeps the parameter count of a plain 4x MLP."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def padded_vocab(self):
+        """V rounded up to vocab_multiple (50257 -> 50304): matmul kernels are
+        faster on round sizes (nanoGPT's trick). The padded logits are masked."""
+        return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
+
+    @property
+    def dtype(self):
+        return jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
+
+
+# The fields that define the parameters' meaning; the rest can change between runs.
+ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                       "ffn_dim", "ffn_dim_multiplier", "multiple_of", "norm_eps", "rope_theta",
+                       "rope_scaling", "max_seq_len", "tie_embeddings", "vocab_multiple")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings: everything a training run needs beyond the model."""
+
+    steps: int = 1500
+    batch_size: int = 16  # B sequences per step
+    seq_len: int = 128  # T tokens per sequence (at most max_seq_len)
+    lr: float = 2e-3  # peak learning rate
+    min_lr: float = 1e-4  # the cosine decays to this floor
+    warmup_steps: int = 100  # linear warmup from ~0 to lr
+    weight_decay: float = 0.1  # decoupled (AdamW), on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95  # 0.95 rather than 0.999, as in Llama and GPT-3 training
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping, as in the Llama papers
+    eval_every: int = 250  # evaluate, plot and checkpoint every this many steps
+    eval_batches: int = 8  # fixed windows per split for each evaluation
+    log_every: int = 25  # a progress line every this many steps
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"TrainConfig.{name} (--{name.replace('_', '-')}) must be "
+                                 f"positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise InputError(f"TrainConfig: need 0 <= min_lr <= lr and lr > 0, got "
+                             f"lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
+            raise InputError("TrainConfig: warmup_steps and weight_decay must be >= 0, "
+                             "grad_clip > 0")
+
+
+# Defaults a new user gets, chosen by measurement (README, "Defaults").
+PRESETS = {
+    # 2-core CPU: about 10 minutes.
+    "cpu": (dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256,
+                 dropout_rate=0.0, tie_embeddings=True),
+            dict(steps=1500, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=100)),
+    # One H100/H200: a few minutes, bfloat16 compute.
+    "gpu": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512,
+                 dropout_rate=0.2, tie_embeddings=True, compute_dtype="bfloat16",
+                 vocab_multiple=128),
+            dict(steps=2500, batch_size=64, seq_len=256, lr=1e-3, warmup_steps=200,
+                 eval_every=250)),
+}
+
+
+# =============================================================================
+# 2. Tokenizer and data
+# =============================================================================
+
+# GPT-2's pre-tokenizer: split text into words, numbers, punctuation runs and
+# whitespace before BPE merges are applied inside each piece (from OpenAI's
+# encoder.py, the same pattern tiktoken calls r50k).
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+ENDOFTEXT = "<|endoftext|>"
+
+
+def read_bpe_ranks(path):
+    """Reads a tiktoken BPE file (one 'base64(token) rank' per line) into
+    {token bytes: rank}. The same format holds GPT-2's ranks and Llama 3's
+    tokenizer.model."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"tokenizer file {path} not found: it ships with llama_jax "
+                         "(restore it with `git checkout gpt2.tiktoken`)")
+    ranks = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as err:
+            raise InputError(f"{path}, line {number}: not a tiktoken BPE line "
+                             "('base64-token rank')") from err
+    return ranks
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer():
+    """GPT-2's tokenizer as a tiktoken.Encoding, built from the gpt2.tiktoken
+    file shipped beside this module. tiktoken.get_encoding("gpt2") would
+    download the same ranks at run time; this needs no network."""
+    import tiktoken
+
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_SPLIT_PATTERN,
+                             mergeable_ranks=read_bpe_ranks(GPT2_TIKTOKEN),
+                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+def load_text(path):
+    """Reads a UTF-8 text file, or raises InputError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} not found: pass --data PATH to a UTF-8 text file "
+                         f"(the repository ships {DEFAULT_DATA.name})")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise InputError(f"data file {path} is empty: it needs some text to train on")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"data file {path} is not UTF-8 text (byte {err.start} is "
+                         f"0x{raw[err.start]:02x}): convert it, e.g. with iconv -t utf-8") from err
+
+
+def split_tokens(tokens, seq_len, name="the data"):
+    """int32[N] -> (train int32[N_train], val int32[N - N_train]). The last 10%
+    is validation, so validation text follows training text and never overlaps
+    it. Both parts must hold a window of seq_len + 1 tokens (inputs + targets)."""
+    n_train = int(0.9 * len(tokens))
+    need = seq_len + 1
+    if n_train < need or len(tokens) - n_train < need:
+        minimum = need
+        while int(0.9 * minimum) < need or minimum - int(0.9 * minimum) < need:
+            minimum += 1
+        raise InputError(f"{name} has {len(tokens)} tokens; at --seq-len {seq_len} it needs at "
+                         f"least {minimum} (one window of {need} tokens in the 90% training "
+                         "part and one in the 10% validation part): use more text or a "
+                         "smaller --seq-len")
+    return tokens[:n_train], tokens[n_train:]
+
+
+def load_dataset(path, seq_len):
+    """Text file -> (train, val) token arrays, int32."""
+    text = load_text(path)
+    tokens = np.asarray(get_tokenizer().encode_ordinary(text), dtype=np.int32)
+    return split_tokens(tokens, seq_len, name=f"data file {path}")
+
+
+def get_batch(key, data, batch_size, seq_len):
+    """Random windows of a token array, drawn on the device (call it inside jit).
+    data: int32[N] -> (inputs int32[B, T], targets int32[B, T]), where the
+    targets are the inputs shifted one token to the left."""
+    starts = jax.random.randint(key, (batch_size,), 0, data.shape[0] - seq_len)
+    windows = data[starts[:, None] + jnp.arange(seq_len + 1)]  # [B, T + 1]
+    return windows[:, :-1], windows[:, 1:]
+
+
+# =============================================================================
+# 3. Layers
+# =============================================================================
+
+
+def at_least_f32(x):
+    """x in float32, or float64 if it already is (the gradient tests run in
+    float64): statistics and softmax never run in bfloat16."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def rms_norm(x, weight, eps):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019): no mean subtraction,
+    no bias. x: [..., D], weight: [D] -> [..., D]. Statistics in float32 so that
+    bfloat16 activations do not lose the small variance terms."""
+    x32 = at_least_f32(x)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def precompute_rope(head_width, max_seq_len, theta, scaling=None):
+    """Rotary embedding tables (Su et al. 2021) as NumPy constants.
+    -> (cos, sin), each float32[S, Dh / 2]. Channel pair i rotates at frequency
+    theta^(-2i / Dh) radians per position. With Llama 3.1 scaling, slow
+    (long-wavelength) frequencies are divided by `factor`, fast ones are kept,
+    and those in between are interpolated smoothly."""
+    inv_freq = theta ** (-np.arange(0, head_width, 2, dtype=np.float64) / head_width)
+    if scaling is not None:
+        factor, low_freq_factor, high_freq_factor, original_len = scaling
+        wavelen = 2 * np.pi / inv_freq
+        smooth = np.clip((original_len / wavelen - low_freq_factor)
+                         / (high_freq_factor - low_freq_factor), 0.0, 1.0)
+        # smooth is 0 for wavelengths longer than original_len / low_freq_factor
+        # (fully scaled) and 1 below original_len / high_freq_factor (unscaled).
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    angles = np.outer(np.arange(max_seq_len), inv_freq)  # [S, Dh / 2]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotates channel pairs of queries or keys by their position's angle.
+    x: [B, T, N, Dh], cos/sin: [B, T, Dh / 2] -> [B, T, N, Dh].
+    The "half-split" layout pairs channel i with channel i + Dh/2 (Hugging
+    Face's rotate_half). Meta's reference pairs 2i with 2i + 1 instead; the two
+    agree once the rows of wq and wk are permuted (see the tests)."""
+    x1, x2 = jnp.split(at_least_f32(x), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attention_reference(q, k, v, mask):
+    """softmax(q k^T / sqrt(Dh) + mask) v, written out. Grouped-query: each of
+    the K key/value heads serves G = H // K query heads, by reshaping the
+    queries into groups rather than copying K and V G times.
+    q: [B, T, H, Dh], k, v: [B, S, K, Dh], mask: bool[B or 1, T, S] (True =
+    may attend) -> [B, T, H, Dh]."""
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    scores = scores / np.sqrt(Dh)
+    scores = jnp.where(mask[:, None, None, :, :], scores, -1e30)  # finite: no NaN rows
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in float32
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, Dh)
+
+
+def attention(p, x, cos, sin, mask, config, cache=None, position=None):
+    """Multi-head self-attention with grouped K/V heads and rotary positions.
+    p: {"wq": [D, H*Dh], "wk": [D, K*Dh], "wv": [D, K*Dh], "wo": [H*Dh, D]},
+    x: [B, T, D], cos/sin: [B, T, Dh/2]. Without a cache, mask is None and
+    attention is causal over x alone. With a cache ({"k", "v"}: [B, S, K, Dh]),
+    the new keys and values are written at `position` (int32[B]) and the
+    queries attend to the cache under mask: bool[B, T, S].
+    -> ([B, T, D], updated cache or None)."""
+    B, T, _ = x.shape
+    H, K, Dh = config.n_heads, config.n_kv_heads, config.head_width
+    q = apply_rope((x @ p["wq"]).reshape(B, T, H, Dh), cos, sin)
+    k = apply_rope((x @ p["wk"]).reshape(B, T, K, Dh), cos, sin)
+    v = (x @ p["wv"]).reshape(B, T, K, Dh)
+    if cache is not None:
+        # One dynamic_update_slice per row: each row may be at its own position.
+        write = jax.vmap(lambda c, new, pos: jax.lax.dynamic_update_slice(c, new, (pos, 0, 0)))
+        cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), position),
+                 "v": write(cache["v"], v.astype(cache["v"].dtype), position)}
+        out = attention_reference(q, cache["k"], cache["v"], mask)
+    elif config.fused_attention:
+        # XLA's or cuDNN's fused kernel; supports K < H without copying K/V.
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    else:
+        causal = jnp.tril(jnp.ones((1, T, T), dtype=bool))
+        out = attention_reference(q, k, v, causal)
+    return out.reshape(B, T, H * Dh) @ p["wo"], cache
+
+
+def feed_forward(p, x):
+    """SwiGLU (Shazeer 2020): w2(silu(x w1) * (x w3)).
+    p: {"w1": [D, F], "w3": [D, F], "w2": [F, D]}, x: [B, T, D] -> [B, T, D]."""
+    return (jax.nn.silu(x @ p["w1"]) * (x @ p["w3"])) @ p["w2"]
+
+
+def dropout(x, rate, key):
+    """Inverted dropout: zero a fraction `rate` of x and scale the rest by
+    1 / (1 - rate), so the expected value is unchanged. x: any shape."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def transformer_block(p, x, cos, sin, mask, config, cache=None, position=None, key=None):
+    """Pre-norm residual block: x + attention(norm(x)), then + ffn(norm(x)).
+    x: [B, T, D] -> ([B, T, D], cache). With a key, dropout is applied to both
+    branch outputs before they join the residual stream."""
+    eps = config.norm_eps
+    h, cache = attention(p["attention"], rms_norm(x, p["attention_norm"], eps), cos, sin,
+                         mask, config, cache, position)
+    if key is not None:
+        key, sub = jax.random.split(key)
+        h = dropout(h, config.dropout_rate, sub)
+    x = x + h
+    h = feed_forward(p["feed_forward"], rms_norm(x, p["ffn_norm"], eps))
+    if key is not None:
+        h = dropout(h, config.dropout_rate, key)
+    return x + h, cache
+
+
+# =============================================================================
+# 4. Model
+# =============================================================================
+
+# Our names and Hugging Face's (LlamaForCausalLM), one to one. Our matrices are
+# stored [in, out] so that layers compute x @ w; Hugging Face stores torch's
+# nn.Linear weight, [out, in], so the loader transposes ("T" below).
+#   tok_embeddings                    model.embed_tokens.weight
+#   layers.{i}.attention_norm         model.layers.{i}.input_layernorm.weight
+#   layers.{i}.attention.wq  (T)      model.layers.{i}.self_attn.q_proj.weight
+#   layers.{i}.attention.wk  (T)      model.layers.{i}.self_attn.k_proj.weight
+#   layers.{i}.attention.wv  (T)      model.layers.{i}.self_attn.v_proj.weight
+#   layers.{i}.attention.wo  (T)      model.layers.{i}.self_attn.o_proj.weight
+#   layers.{i}.ffn_norm               model.layers.{i}.post_attention_layernorm.weight
+#   layers.{i}.feed_forward.w1 (T)    model.layers.{i}.mlp.gate_proj.weight
+#   layers.{i}.feed_forward.w2 (T)    model.layers.{i}.mlp.down_proj.weight
+#   layers.{i}.feed_forward.w3 (T)    model.layers.{i}.mlp.up_proj.weight
+#   norm                              model.norm.weight
+#   output   (T)                      lm_head.weight (absent when embeddings are tied)
+
+
+def init_params(key, config):
+    """-> the parameter pytree, float32. Weights are normal with std 0.02 (GPT-2
+    and nanoGPT); the two projections that write into the residual stream (wo,
+    w2) get 0.02 / sqrt(2 * n_layers), so the stream's variance does not grow
+    with depth (GPT-2 paper, section 2.3). Norm weights start at 1. Rows of the
+    embedding and columns of the output beyond vocab_size (padding) are zero."""
+    D, H, K, Dh, F = (config.dim, config.n_heads, config.n_kv_heads, config.head_width,
+                      config.ffn_width)
+    std, out_std = 0.02, 0.02 / math.sqrt(2 * config.n_layers)
+    keys = iter(jax.random.split(key, 2 + 7 * config.n_layers))
+
+    def normal(shape, scale=std):
+        return scale * jax.random.normal(next(keys), shape, jnp.float32)
+
+    def pad_vocab(w, axis):
+        mask = (jnp.arange(config.padded_vocab) < config.vocab_size)
+        return w * jnp.expand_dims(mask, 1 - axis).astype(w.dtype)
+
+    params = {"tok_embeddings": pad_vocab(normal((config.padded_vocab, D)), 0), "layers": []}
+    for _ in range(config.n_layers):
+        params["layers"].append({
+            "attention_norm": jnp.ones((D,)),
+            "attention": {"wq": normal((D, H * Dh)), "wk": normal((D, K * Dh)),
+                          "wv": normal((D, K * Dh)), "wo": normal((H * Dh, D), out_std)},
+            "ffn_norm": jnp.ones((D,)),
+            "feed_forward": {"w1": normal((D, F)), "w2": normal((F, D), out_std),
+                             "w3": normal((D, F))},
+        })
+    params["norm"] = jnp.ones((D,))
+    output = normal((D, config.padded_vocab))
+    if not config.tie_embeddings:
+        params["output"] = pad_vocab(output, 1)
+    return params
+
+
+def count_params(params):
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def init_cache(config, batch_size):
+    """A KV cache with room for max_seq_len positions: a list over layers of
+    {"k", "v"}: zeros[B, S, K, Dh] in the compute dtype. Preallocated, so its
+    shape never changes while decoding and nothing recompiles per token."""
+    shape = (batch_size, config.max_seq_len, config.n_kv_heads, config.head_width)
+    return [{"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
+            for _ in range(config.n_layers)]
+
+
+def cast_params(params, config):
+    """Mixed precision: keep float32 master weights, compute in config.dtype.
+    Norm weights stay float32 (rms_norm works in float32 anyway)."""
+    if config.compute_dtype == "float32":
+        return params  # also leaves float64 params (gradient tests) alone
+    return jax.tree_util.tree_map(lambda w: w.astype(config.dtype) if w.ndim > 1 else w, params)
+
+
+def output_weight(params):
+    """The output projection, [D, V_padded]: its own matrix, or the transposed
+    input embedding when they are tied."""
+    return params["output"] if "output" in params else params["tok_embeddings"].T
+
+
+def forward_hidden(params, tokens, config, cache=None, position=0, training=False, key=None):
+    """The transformer up to the final norm. tokens: int32[B, T] -> (h [B, T, D]
+    in the compute dtype, cache). See model_forward for the arguments."""
+    B, T = tokens.shape
+    dropout_on = training and config.dropout_rate > 0
+    if dropout_on and key is None:
+        raise InputError("model_forward(training=True) with dropout needs a PRNG key")
+    params = cast_params(params, config)
+    h = params["tok_embeddings"][tokens]  # [B, T, D]
+    cos, sin = precompute_rope(config.head_width, config.max_seq_len, config.rope_theta,
+                               config.rope_scaling)
+    if cache is None:
+        cos, sin = cos[None, :T], sin[None, :T]  # [1, T, Dh/2]
+        mask, position = None, None
+    else:
+        position = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (B,))
+        positions = position[:, None] + jnp.arange(T)  # [B, T]
+        cos, sin = jnp.asarray(cos)[positions], jnp.asarray(sin)[positions]  # [B, T, Dh/2]
+        # Query at position p sees cache slots 0..p: earlier tokens and itself.
+        mask = jnp.arange(config.max_seq_len)[None, None, :] <= positions[:, :, None]
+    layer_keys = list(jax.random.split(key, config.n_layers)) if dropout_on else [None] * config.n_layers
+    if dropout_on:
+        h = dropout(h, config.dropout_rate, jax.random.fold_in(key, config.n_layers))
+    new_cache = []
+    for i, layer in enumerate(params["layers"]):
+        h, layer_cache = transformer_block(layer, h, cos, sin, mask, config,
+                                           None if cache is None else cache[i], position,
+                                           layer_keys[i])
+        new_cache.append(layer_cache)
+    return rms_norm(h, params["norm"], config.norm_eps), (None if cache is None else new_cache)
+
+
+def output_logits(params, h, config):
+    """h: [B, T, D] -> float32[B, T, V_padded]. The matmul accumulates in float32
+    even when h and the weights are bfloat16."""
+    w = output_weight(cast_params(params, config))
+    return jnp.einsum("btd,dv->btv", h, w,
+                      preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
+
+
+def model_forward(params, tokens, config, cache=None, position=0, training=False, key=None):
+    """The Llama forward pass.
+    tokens: int32[B, T]. Without a cache: causal attention over the T tokens.
+    With a cache (from init_cache): the tokens sit at positions position ..
+    position + T - 1 (position: a scalar or int32[B], traced is fine), their
+    keys and values are written there, and they attend to every earlier slot.
+    training=True applies dropout with `key`.
+    -> (logits float32[B, T, vocab_size], the updated cache or None)."""
+    h, cache = forward_hidden(params, tokens, config, cache, position, training, key)
+    return output_logits(params, h, config)[..., :config.vocab_size], cache
+
+
+# =============================================================================
+# 5. Loss and optimizer
+# =============================================================================
+
+
+def compute_loss(params, batch, config, training=False, key=None):
+    """Mean next-token cross-entropy in nats. batch: (inputs, targets), each
+    int32[B, T] -> float32 scalar. Computed as logsumexp(logits) - logit[target]
+    in float32, which never exponentiates a large number. The padded
+    vocabulary entries are masked out, so they carry no probability."""
+    inputs, targets = batch
+    h, _ = forward_hidden(params, inputs, config, training=training, key=key)
+    logits = output_logits(params, h, config)  # [B, T, V_padded]
+    if config.padded_vocab != config.vocab_size:
+        logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits, -jnp.inf)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target_logits)
+
+
+def learning_rate(step, tc):
+    """Linear warmup to tc.lr over warmup_steps, then a cosine down to tc.min_lr
+    at the last step. step counts from 0; works on ints and traced arrays."""
+    step = jnp.asarray(step, jnp.float32)
+    warm = tc.lr * (step + 1) / max(tc.warmup_steps, 1)
+    progress = jnp.clip((step - tc.warmup_steps) / max(tc.steps - 1 - tc.warmup_steps, 1), 0, 1)
+    cosine = tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < tc.warmup_steps, warm, cosine)
+
+
+def adamw_init(params):
+    """Optimizer state: first and second moments (float32, like params) and the
+    number of updates taken."""
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return {"mu": zeros, "nu": jax.tree_util.tree_map(jnp.zeros_like, params),
+            "step": jnp.zeros((), jnp.int32)}
+
+
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                        for x in jax.tree_util.tree_leaves(tree)))
+
+
+def adamw_update(params, grads, state, lr, tc):
+    """One AdamW step (Loshchilov & Hutter 2019) after global-norm clipping.
+    Weight decay is decoupled (p -= lr * wd * p) and applied to matrices only:
+    decaying norm gains towards 0 would fight their role as scales.
+    -> (new params, new state)."""
+    norm = global_norm(grads)
+    grads = jax.tree_util.tree_map(lambda g: g * jnp.minimum(1.0, tc.grad_clip / (norm + 1e-6)),
+                                   grads)
+    t = state["step"] + 1
+    mu = jax.tree_util.tree_map(lambda m, g: tc.beta1 * m + (1 - tc.beta1) * g, state["mu"], grads)
+    nu = jax.tree_util.tree_map(lambda v, g: tc.beta2 * v + (1 - tc.beta2) * g * g,
+                                state["nu"], grads)
+    mu_scale, nu_scale = 1 / (1 - tc.beta1 ** t), 1 / (1 - tc.beta2 ** t)  # bias correction
+
+    def step(p, m, v):
+        decay = tc.weight_decay * p if p.ndim > 1 else 0.0
+        return p - lr * (m * mu_scale / (jnp.sqrt(v * nu_scale) + tc.eps) + decay)
+
+    params = jax.tree_util.tree_map(step, params, mu, nu)
+    return params, {"mu": mu, "nu": nu, "step": t}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "tc"), donate_argnames=("params", "opt_state"))
+def train_step(params, opt_state, data, key, config, tc):
+    """One optimisation step, compiled once: draw a batch from `data` (int32[N],
+    on the device), compute loss and gradients (with dropout), clip, AdamW.
+    The batch and dropout keys come from fold_in(key, step), so a resumed run
+    draws exactly the batches an uninterrupted one would. params and opt_state
+    are donated: XLA updates them in place instead of keeping two copies.
+    -> (params, opt_state, loss, grad_norm)."""
+    step_key = jax.random.fold_in(key, opt_state["step"])
+    batch_key, dropout_key = jax.random.split(step_key)
+    batch = get_batch(batch_key, data, tc.batch_size, tc.seq_len)
+    loss, grads = jax.value_and_grad(compute_loss)(params, batch, config, True, dropout_key)
+    lr = learning_rate(opt_state["step"], tc)
+    params, opt_state = adamw_update(params, grads, opt_state, lr, tc)
+    return params, opt_state, loss, global_norm(grads)
+
+
+eval_loss = jax.jit(compute_loss, static_argnames=("config",))
+
+
+# =============================================================================
+# 6. Training
+# =============================================================================
+
+
+def fixed_windows(data, n_batches, batch_size, seq_len, seed=1234):
+    """The same evaluation batches every time, so successive evaluations (and
+    runs) are comparable. -> list of (inputs, targets) pairs, int32[B, T]."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), n_batches)
+    data = jnp.asarray(data)
+    return [get_batch(k, data, batch_size, seq_len) for k in keys]
+
+
+def evaluate(params, config, batches):
+    """Mean loss over fixed batches, dropout off."""
+    return float(np.mean([float(eval_loss(params, b, config)) for b in batches]))
+
+
+def format_duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def save_loss_plot(history, path):
+    """Train (per step, smoothed) and validation loss against step, as a PNG.
+    Uses matplotlib's Figure directly: no pyplot, no GUI backend needed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    if history["train"]:
+        steps, losses = np.array(history["train"], dtype=np.float64).T
+        window = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8)
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", label="train (per step)")
+    if history["eval"]:
+        steps, train_eval, val_eval = np.array(history["eval"], dtype=np.float64).T
+        ax.plot(steps, train_eval, "o-", color="tab:green", label="train (fixed windows)")
+        ax.plot(steps, val_eval, "o-", color="tab:red", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print):
+    """Trains a model and returns {"params", "opt_state", "history", "stopped"}.
+    Writes out_dir/ckpt.npz (atomically) and out_dir/loss.png at every
+    evaluation and at the end. With resume=True, continues from out_dir/ckpt.npz;
+    it must have been written with the same architecture."""
+    if tc.seq_len > config.max_seq_len:
+        raise InputError(f"--seq-len {tc.seq_len} is longer than the model's context "
+                         f"(max_seq_len {config.max_seq_len}): lower --seq-len")
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "ckpt.npz"
+    train_data, val_data = load_dataset(data_path, tc.seq_len)
+    key = jax.random.PRNGKey(tc.seed)
+    if resume:
+        if not ckpt_path.is_file():
+            raise InputError(f"--resume: no checkpoint at {ckpt_path}; train without --resume "
+                             "first, or point --out-dir at the run to continue")
+        ckpt = load_checkpoint(ckpt_path, config)
+        params, opt_state, history = ckpt["params"], ckpt["opt_state"], ckpt["history"]
+        key = ckpt["key"]
+        log(f"resumed from {ckpt_path} at step {int(opt_state['step'])}")
+    else:
+        params = init_params(jax.random.fold_in(key, 1), config)
+        opt_state = adamw_init(params)
+        history = {"train": [], "eval": []}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_params = count_params(params)
+    log(f"model: {n_params / 1e6:.2f}M parameters ({config.dim} wide, {config.n_layers} layers, "
+        f"{config.n_heads} heads, {config.n_kv_heads} kv heads), {config.compute_dtype} compute, "
+        f"on {jax.devices()[0].platform.upper()}")
+    log(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens from "
+        f"{data_path}")
+    train_dev = jnp.asarray(train_data)
+    eval_sets = {name: fixed_windows(d, tc.eval_batches, tc.batch_size, tc.seq_len)
+                 for name, d in (("train", train_data), ("val", val_data))}
+    tokens_per_step = tc.batch_size * tc.seq_len
+    start_step = int(opt_state["step"])
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, params, opt_state, key, config, tc, history)
+        save_loss_plot(history, out_dir / "loss.png")
+
+    def run_eval(step):
+        train_loss = evaluate(params, config, eval_sets["train"])
+        val_loss = evaluate(params, config, eval_sets["val"])
+        history["eval"].append([step, train_loss, val_loss])
+        log(f"eval  step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f}")
+
+    stopped = None
+    pending = []  # (step, loss array) not yet read back: reading forces a sync
+    t_last, step_last = time.perf_counter(), start_step
+    t_start = t_last
+    step = start_step
+    try:
+        for step in range(start_step, tc.steps):
+            new = train_step(params, opt_state, train_dev, key, config, tc)
+            params, opt_state, loss, _ = new
+            pending.append((step, loss))
+            if step == start_step:
+                loss.block_until_ready()
+                log(f"compiled and ran the first step in {time.perf_counter() - t_start:.1f}s")
+                t_last, step_last = time.perf_counter(), step + 1
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps or done % tc.eval_every == 0:
+                for s, value in jax.device_get(pending):
+                    if not np.isfinite(value):
+                        raise FloatingPointError(s)
+                    history["train"].append([s + 1, float(value)])
+                pending = []
+                now = time.perf_counter()
+                if done > step_last:
+                    per_step = (now - t_last) / (done - step_last)
+                    log(f"step {done:5d}/{tc.steps} | loss {history['train'][-1][1]:.4f} | "
+                        f"lr {float(learning_rate(step, tc)):.2e} | {per_step * 1e3:6.0f} ms/step"
+                        f" | {tokens_per_step / per_step:8,.0f} tok/s | "
+                        f"ETA {format_duration(per_step * (tc.steps - done))}")
+                t_last, step_last = now, done
+            if done % tc.eval_every == 0 or done == tc.steps:
+                run_eval(done)
+                checkpoint()
+                t_last = time.perf_counter()  # evaluation time is not training speed
+    except FloatingPointError as err:
+        bad = int(err.args[0])
+        log(f"stopped: the loss became non-finite at step {bad + 1}; the last good checkpoint "
+            f"({ckpt_path}) was kept. Lower --lr or check the data.")
+        stopped = "non-finite"
+    except KeyboardInterrupt:
+        # params/opt_state are those of the last step that finished dispatching.
+        done_steps = int(opt_state["step"])
+        for s, value in jax.device_get(pending):
+            history["train"].append([s + 1, float(value)])
+        log(f"interrupted: saving a checkpoint at step {done_steps} to {ckpt_path}; "
+            "continue with --resume")
+        checkpoint()
+        stopped = "interrupted"
+    if stopped is None and start_step >= tc.steps:
+        log(f"nothing to do: the checkpoint is at step {start_step} and --steps is {tc.steps}")
+    return {"params": params, "opt_state": opt_state, "history": history, "stopped": stopped}
+
+
+# =============================================================================
+# 7. Sampling
+# =============================================================================
+
+
+def top_p_filter(logits, top_p):
+    """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most
+    likely tokens whose probability reaches top_p; the rest get -inf.
+    logits: float32[B, V] -> float32[B, V]. Tokens tied with the last one kept
+    are kept too."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs = -jnp.sort(-probs, axis=-1)  # descending
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    n_keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
+    threshold = jnp.take_along_axis(sorted_probs, n_keep - 1, axis=-1)
+    return jnp.where(probs >= threshold, logits, -jnp.inf)
+
+
+def sample_token(key, logits, temperature, top_k=None, top_p=1.0):
+    """Draws one token per row. logits: float32[B, V] -> int32[B].
+    temperature 0 is greedy (argmax); otherwise logits / temperature, then the
+    top_k most likely (if given), then the top_p nucleus (if < 1)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    sampled = jax.random.categorical(key, logits, axis=-1)
+    return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "n_slots"))
+def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, config, top_k,
+              top_p, n_slots):
+    """The compiled part of generate. prompts: int32[B, P] (right-padded),
+    lengths: int32[B], n_new: how many tokens to draw (traced, <= n_slots).
+    The cache is created here, so it never leaves the device; the decode loop is
+    one lax.while_loop, so the whole generation is one XLA program.
+    -> int32[B, n_slots]: the new tokens (after a row's stop token: the stop token)."""
+    B = prompts.shape[0]
+    logits, cache = model_forward(params, prompts, config, init_cache(config, B), position=0)
+    last = logits[jnp.arange(B), lengths - 1]  # [B, V] each row's next-token logits
+    out = jnp.full((B, n_slots), stop_token, jnp.int32)
+
+    def cond(state):
+        i, _, _, _, done, _ = state
+        return (i < n_new) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, last, out, done, key = state
+        key, sub = jax.random.split(key)
+        token = jnp.where(done, stop_token, sample_token(sub, last, temperature, top_k, top_p))
+        out = out.at[:, i].set(token)
+        done = done | (token == stop_token)
+        logits, cache = model_forward(params, token[:, None], config, cache, lengths + i)
+        return i + 1, cache, logits[:, 0], out, done, key
+
+    state = (jnp.int32(0), cache, last, out, jnp.zeros((B,), bool), key)
+    return jax.lax.while_loop(cond, body, state)[3]
+
+
+def _bucket(n, smallest=16):
+    """Rounds up to a power of two, so that a handful of shapes get compiled."""
+    return max(smallest, 1 << max(0, n - 1).bit_length())
+
+
+def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0, top_k=None,
+             top_p=None, stop_token=None):
+    """Continues one prompt (a list of token ids) or a batch of them (a list of
+    lists, lengths may differ). The prompts are prefilled into a KV cache in
+    one forward pass, then tokens are drawn one at a time inside one compiled
+    loop; compilation happens once per (batch size, prompt-length bucket,
+    max_new_tokens bucket, top_k, top_p), never per token. Rows that draw
+    stop_token stop there (the stop token ends their list).
+    -> the prompt plus its new tokens, as a list of ints (or a list of such
+    lists for a batch)."""
+    single = len(prompt_tokens) > 0 and not isinstance(prompt_tokens[0], (list, tuple, np.ndarray))
+    prompts = [list(map(int, p)) for p in ([prompt_tokens] if single else prompt_tokens)]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InputError("generate: every prompt needs at least one token (e.g. <|endoftext|>)")
+    if any(t < 0 or t >= config.vocab_size for p in prompts for t in p):
+        raise InputError(f"generate: token ids must be in [0, {config.vocab_size})")
+    if max_new_tokens < 0:
+        raise InputError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise InputError(f"generate: temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"generate: top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"generate: top_p must be in (0, 1] or None, got {top_p}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_seq_len:
+        raise InputError(f"generate: the prompt ({longest} tokens) plus max_new_tokens "
+                         f"({max_new_tokens}) is {longest + max_new_tokens}, more than the "
+                         f"model's context of {config.max_seq_len} tokens: shorten the prompt "
+                         "or ask for fewer tokens")
+    if max_new_tokens == 0:
+        return prompts[0] if single else prompts
+    width = min(_bucket(longest), config.max_seq_len)
+    padded = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        padded[row, :len(p)] = p
+    top_k = None if top_k is None else min(int(top_k), config.vocab_size)
+    stop = -1 if stop_token is None else int(stop_token)
+    new = _generate(params, padded, np.array([len(p) for p in prompts], np.int32), key,
+                    jnp.float32(temperature), jnp.int32(max_new_tokens), jnp.int32(stop),
+                    config=config, top_k=top_k, top_p=1.0 if top_p is None else float(top_p),
+                    n_slots=_bucket(max_new_tokens))
+    results = []
+    for p, row in zip(prompts, np.asarray(new)):
+        row = row[:max_new_tokens].tolist()
+        if stop in row:
+            row = row[:row.index(stop) + 1]
+        results.append(p + row)
+    return results[0] if single else results
+
+
+# =============================================================================
+# 8. Checkpoints
+# =============================================================================
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used: unreadable, or made for another model."""
+
+
+def flatten_tree(tree, prefix=""):
+    """Nested dicts and lists -> {"a/0/b": array}, in a fixed order."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    flat = {}
+    for name, value in items:
+        path = f"{prefix}{name}"
+        if isinstance(value, (dict, list)):
+            flat.update(flatten_tree(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten_like(template, flat, prefix=""):
+    """Inverse of flatten_tree, taking the structure from template."""
+    if isinstance(template, dict):
+        return {k: unflatten_like(v, flat, f"{prefix}{k}/") for k, v in template.items()}
+    if isinstance(template, list):
+        return [unflatten_like(v, flat, f"{prefix}{i}/") for i, v in enumerate(template)]
+    return flat[prefix[:-1]]
+
+
+def config_to_json(config):
+    return dataclasses.asdict(config)
+
+
+def config_from_json(cls, d):
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = tuple(d["rope_scaling"])
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def save_checkpoint(path, params, opt_state, key, config, tc, history):
+    """Writes everything a resume needs into one .npz file: parameters,
+    optimizer state, the step, the PRNG key, both configs, the loss history
+    and a format version. No pickle: arrays plus one JSON string. The file is
+    written beside its final name, flushed to disk, then renamed over it
+    (os.replace is atomic), so a crash mid-save leaves the old one intact."""
+    path = Path(path)
+    meta = {"format_version": CHECKPOINT_VERSION, "model_config": config_to_json(config),
+            "train_config": config_to_json(tc), "history": history,
+            "step": int(opt_state["step"])}
+    arrays = {"params/" + k: v for k, v in flatten_tree(params).items()}
+    arrays.update({"opt/" + k: v for k, v in flatten_tree(opt_state).items()})
+    arrays = {k: np.asarray(v) for k, v in jax.device_get(arrays).items()}
+    arrays["key"] = np.asarray(key)  # a raw uint32[2] key from jax.random.PRNGKey
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _tree_mismatches(template, arrays, prefix):
+    """Lists how flat `arrays` differ from a template's names, shapes, dtypes."""
+    want = {f"{prefix}{k}": v for k, v in flatten_tree(template).items()}
+    problems = [f"missing array {k}" for k in want if k not in arrays]
+    problems += [f"unexpected array {k}" for k in arrays if k.startswith(prefix) and k not in want]
+    for k, v in want.items():
+        if k in arrays and (arrays[k].shape != v.shape or arrays[k].dtype != v.dtype):
+            problems.append(f"{k}: {arrays[k].dtype}{list(arrays[k].shape)} in the file, "
+                            f"{np.dtype(v.dtype)}{list(v.shape)} expected")
+    return problems
+
+
+def load_checkpoint(path, config=None):
+    """Reads a checkpoint written by save_checkpoint. With `config`, refuses
+    (CheckpointError listing every mismatch) a file whose architecture, tree,
+    shapes or dtypes differ from it; without, uses the file's own config.
+    -> {"params", "opt_state", "key", "config", "train_config", "history"}."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: train first (python llama_jax.py "
+                              "--out-dir DIR) or pass the --out-dir that holds ckpt.npz")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(arrays.pop("meta").tobytes())
+        version = meta["format_version"]
+        saved_config = config_from_json(ModelConfig, meta["model_config"])
+        saved_tc = config_from_json(TrainConfig, meta["train_config"])
+    except Exception as err:  # zipfile, zlib, JSON, missing keys: all mean "unreadable"
+        raise CheckpointError(f"{path} is not a readable llama_jax checkpoint ({type(err).__name__}:"
+                              f" {err}); it may be truncated or corrupted: delete it and "
+                              "train again") from err
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version}; this llama_jax reads "
+                              f"format {CHECKPOINT_VERSION}")
+    problems = []
+    if config is not None:
+        for field in ARCHITECTURE_FIELDS:
+            a, b = getattr(saved_config, field), getattr(config, field)
+            if a != b:
+                problems.append(f"{field}: {a} in the checkpoint, {b} requested")
+    use = config or saved_config
+    template = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), use))
+    opt_template = jax.eval_shape(adamw_init, template)
+    problems += _tree_mismatches(template, arrays, "params/")
+    problems += _tree_mismatches(opt_template, arrays, "opt/")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match this model:\n  - "
+                              + "\n  - ".join(problems)
+                              + "\nuse the flags it was trained with, or another --out-dir")
+    params = unflatten_like(template, {k[7:]: jnp.asarray(v) for k, v in arrays.items()
+                                       if k.startswith("params/")})
+    opt_state = unflatten_like(opt_template, {k[4:]: jnp.asarray(v) for k, v in arrays.items()
+                                              if k.startswith("opt/")})
+    return {"params": params, "opt_state": opt_state, "key": jnp.asarray(arrays["key"]),
+            "config": use, "train_config": saved_tc, "history": meta["history"]}
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+# A safetensors file is: 8 bytes (little-endian u64) header length N, N bytes
+# of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, optional
+# "__metadata__"}, then the raw little-endian tensor bytes, offsets relative
+# to the end of the header.
+
+SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                      "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def read_safetensors(path):
+    """-> {name: np.ndarray}, memory-mapped (read lazily, never copied whole)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated: shorter than a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise CheckpointError(f"{path}: the header claims {n} bytes but the file has "
+                                  f"{size - 8} after the length field (truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as err:
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON") from err
+    data_start, data_size = 8 + n, size - 8 - n
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,)) \
+        if data_size else np.zeros(0, np.uint8)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info.get('dtype')}; "
+                                  "llama_jax reads F32, F16 and BF16")
+        shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != expected or not 0 <= begin <= end <= data_size:
+            raise CheckpointError(f"{path}: tensor {name} claims bytes {begin}..{end} for shape "
+                                  f"{list(shape)} {info['dtype']} ({expected} bytes) but the "
+                                  f"data section has {data_size} bytes: the file is truncated "
+                                  "or its header is wrong")
+        tensors[name] = raw[begin:end].view(dtype).reshape(shape)
+    return tensors
+
+
+def write_safetensors(path, tensors):
+    """{name: np.ndarray} -> a .safetensors file (atomically, like checkpoints)."""
+    names = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        code = next(c for c, d in names.items() if np.dtype(d) == t.dtype)
+        header[name] = {"dtype": code, "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format asks for 8-byte aligned data
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(np.ascontiguousarray(t).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# (our path, Hugging Face name, transposed?) for one layer; see the table in 4.
+HF_LAYER_NAMES = [
+    ("attention_norm", "input_layernorm.weight", False),
+    ("attention/wq", "self_attn.q_proj.weight", True),
+    ("attention/wk", "self_attn.k_proj.weight", True),
+    ("attention/wv", "self_attn.v_proj.weight", True),
+    ("attention/wo", "self_attn.o_proj.weight", True),
+    ("ffn_norm", "post_attention_layernorm.weight", False),
+    ("feed_forward/w1", "mlp.gate_proj.weight", True),
+    ("feed_forward/w2", "mlp.down_proj.weight", True),
+    ("feed_forward/w3", "mlp.up_proj.weight", True),
+]
+
+
+def hf_name_map(config):
+    """-> [(our flat path, Hugging Face name, transposed)] for every parameter."""
+    names = [("tok_embeddings", "model.embed_tokens.weight", False), ("norm", "model.norm.weight", False)]
+    for i in range(config.n_layers):
+        names += [(f"layers/{i}/{ours}", f"model.layers.{i}.{theirs}", t)
+                  for ours, theirs, t in HF_LAYER_NAMES]
+    if not config.tie_embeddings:
+        names.append(("output", "lm_head.weight", True))
+    return names
+
+
+def config_from_hf(hf):
+    """A Hugging Face config.json dict -> ModelConfig, or CheckpointError naming
+    the field that llama_jax does not support."""
+    if hf.get("model_type") != "llama":
+        raise CheckpointError(f"config.json: model_type is {hf.get('model_type')!r}; llama_jax "
+                              "loads only 'llama' models")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise CheckpointError(f"config.json: {flag} is true; Llama has no biases and "
+                                  "llama_jax does not support them")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json: hidden_act is {hf['hidden_act']!r}; llama_jax "
+                              "supports 'silu' (SwiGLU)")
+    scaling = hf.get("rope_scaling")
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "default":
+            scaling = None
+        elif kind != "llama3":
+            raise CheckpointError(f"config.json: rope_scaling type {kind!r} is not supported "
+                                  "(llama_jax supports 'llama3')")
+        else:
+            scaling = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                       float(scaling["high_freq_factor"]),
+                       float(scaling["original_max_position_embeddings"]))
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=None if head_dim in (None, hf["hidden_size"] // n_heads) else head_dim,
+        ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=hf.get("rope_theta", 10000.0), rope_scaling=scaling,
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), vocab_multiple=1,
+        compute_dtype="bfloat16" if hf.get("torch_dtype", hf.get("dtype")) == "bfloat16" else "float32")
+
+
+def config_to_hf(config):
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+          "vocab_size": config.vocab_size, "hidden_size": config.dim,
+          "intermediate_size": config.ffn_width, "num_hidden_layers": config.n_layers,
+          "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+          "head_dim": config.head_width, "hidden_act": "silu", "rms_norm_eps": config.norm_eps,
+          "rope_theta": config.rope_theta, "max_position_embeddings": config.max_seq_len,
+          "tie_word_embeddings": config.tie_embeddings, "attention_bias": False,
+          "mlp_bias": False, "torch_dtype": "float32", "rope_scaling": None}
+    if config.rope_scaling is not None:
+        factor, low, high, original = config.rope_scaling
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                              "high_freq_factor": high,
+                              "original_max_position_embeddings": int(original)}
+    return hf
+
+
+def load_hf_checkpoint(path):
+    """Reads a Hugging Face Llama folder (config.json plus model.safetensors, or
+    shards listed in model.safetensors.index.json). float32 and float16 weights
+    load as float32, bfloat16 stays bfloat16 (and sets bfloat16 compute). One
+    tensor is converted at a time from the memory-mapped files, so host memory
+    holds about one copy of the weights. -> (params, ModelConfig)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: pass a Hugging Face Llama model folder")
+    config = config_from_hf(json.loads((path / "config.json").read_text()))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{path} has neither model.safetensors nor "
+                              "model.safetensors.index.json (PyTorch .bin files are not read)")
+    tensors = {}
+    for name in files:
+        tensors.update(read_safetensors(path / name))
+    shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
+    template, flat = flatten_tree(shapes), {}
+    for ours, theirs, transposed in hf_name_map(config):
+        if theirs not in tensors:
+            raise CheckpointError(f"{path}: tensor {theirs} is missing")
+        t = tensors[theirs]
+        t = t.T if transposed else t
+        if t.shape != template[ours].shape:
+            implied = template[ours].shape[::-1] if transposed else template[ours].shape
+            raise CheckpointError(f"{path}: tensor {theirs} has shape {list(tensors[theirs].shape)}"
+                                  f", but config.json implies {list(implied)}")
+        dtype = jnp.bfloat16 if t.dtype == ml_dtypes.bfloat16 else jnp.float32
+        flat[ours] = jnp.asarray(t, dtype=dtype)
+    return unflatten_like(shapes, flat), config
+
+
+def save_hf_checkpoint(path, params, config):
+    """Writes config.json and model.safetensors (float32) that transformers'
+    LlamaForCausalLM.from_pretrained(path) loads. Padded vocabulary rows are
+    dropped."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    flat = flatten_tree(params)
+    tensors = {}
+    for ours, theirs, transposed in hf_name_map(config):
+        t = np.asarray(flat[ours], dtype=np.float32)
+        if ours == "tok_embeddings":
+            t = t[:config.vocab_size]
+        elif ours == "output":
+            t = t[:, :config.vocab_size]
+        tensors[theirs] = np.ascontiguousarray(t.T if transposed else t)
+    write_safetensors(path / "model.safetensors", tensors)
+    (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+
+
+# =============================================================================
+# 9. Command line
+# =============================================================================
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python llama_jax.py",
+        description="Train a Llama on Shakespeare (the default), sample from a checkpoint "
+                    "(--sample), or measure speed (--bench). With no flags: train the preset "
+                    "for this machine (cpu: about 10 minutes on 2 cores; gpu: a larger model "
+                    "in bfloat16), evaluate and checkpoint to out/, draw out/loss.png, then "
+                    "print a sample.",
+        epilog="Model and training flags left out take the preset's value; the presets are "
+               "listed in PRESETS at the top of llama_jax.py and in the README.")
+    mode = p.add_argument_group("what to do")
+    mode.add_argument("--sample", action="store_true",
+                      help="sample from the checkpoint in --out-dir (or --hf-checkpoint) "
+                           "without training")
+    mode.add_argument("--bench", action="store_true",
+                      help="time the training step and decoding, then exit")
+    mode.add_argument("--json", action="store_true",
+                      help="with --bench: print one JSON object per line instead of text")
+    mode.add_argument("--preset", choices=sorted(PRESETS),
+                      help="default model and training sizes (default: gpu when JAX sees a "
+                           "GPU, else cpu)")
+    files = p.add_argument_group("files")
+    files.add_argument("--data", default=str(DEFAULT_DATA),
+                       help="UTF-8 text to train on; the last 10%% is validation "
+                            "(default: shakespeare.txt beside this file)")
+    files.add_argument("--out-dir", default="out",
+                       help="where ckpt.npz and loss.png go (default: out)")
+    files.add_argument("--resume", action="store_true",
+                       help="continue training from --out-dir/ckpt.npz up to --steps")
+    model = p.add_argument_group("model (defaults from the preset)")
+    model.add_argument("--dim", type=int, help="model width D (cpu preset: 256)")
+    model.add_argument("--n-layers", type=int, help="transformer blocks (cpu preset: 6)")
+    model.add_argument("--n-heads", type=int, help="query heads H (cpu preset: 8)")
+    model.add_argument("--n-kv-heads", type=int,
+                       help="key/value heads K; H must be a multiple (cpu preset: 4)")
+    model.add_argument("--ffn-dim", type=int,
+                       help="feed-forward width F (default: Llama's rule, 8/3 * D rounded up)")
+    model.add_argument("--max-seq-len", type=int,
+                       help="context length and KV-cache size (cpu preset: 256)")
+    model.add_argument("--dropout", type=float, help="dropout rate (cpu preset: 0.0)")
+    model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                       help="share the input embedding with the output layer (presets: tied)")
+    model.add_argument("--dtype", choices=["float32", "bfloat16"],
+                       help="compute dtype; weights and optimizer stay float32 (cpu preset: "
+                            "float32, gpu preset: bfloat16)")
+    training = p.add_argument_group("training (defaults from the preset)")
+    training.add_argument("--steps", type=int, help="optimizer steps in total (cpu preset: 1500)")
+    training.add_argument("--batch-size", type=int, help="sequences per step (cpu preset: 16)")
+    training.add_argument("--seq-len", type=int, help="tokens per sequence (cpu preset: 128)")
+    training.add_argument("--lr", type=float, help="peak learning rate (cpu preset: 2e-3)")
+    training.add_argument("--min-lr", type=float, help="cosine floor (default: 1e-4)")
+    training.add_argument("--warmup-steps", type=int, help="linear warmup steps (cpu preset: 100)")
+    training.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1)")
+    training.add_argument("--eval-every", type=int,
+                          help="evaluate, plot and checkpoint every N steps (default: 250)")
+    training.add_argument("--log-every", type=int, help="a progress line every N steps "
+                                                        "(default: 25)")
+    training.add_argument("--seed", type=int, help="seeds init, batches and dropout (default: 0)")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--prompt", default="\n",
+                          help="text to continue (default: a newline, i.e. a fresh speech)")
+    sampling.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
+    sampling.add_argument("--max-new-tokens", type=int, default=200,
+                          help="tokens to generate (default: 200)")
+    sampling.add_argument("--temperature", type=float, default=0.8,
+                          help="0 is greedy; higher is more random (default: 0.8)")
+    sampling.add_argument("--top-k", type=int, default=50,
+                          help="sample among the k most likely tokens; 0 turns it off "
+                               "(default: 50)")
+    sampling.add_argument("--top-p", type=float,
+                          help="nucleus sampling: the smallest set reaching this probability "
+                               "(default: off)")
+    sampling.add_argument("--hf-checkpoint", help="with --sample: a Hugging Face Llama folder "
+                                                  "(config.json + safetensors) to sample from")
+    sampling.add_argument("--tokenizer", choices=["gpt2"],
+                          help="with --hf-checkpoint: use GPT-2's tokenizer instead of the "
+                               "folder's tokenizer.model")
+    return p
+
+
+def default_preset():
+    return "gpu" if jax.default_backend() == "gpu" else "cpu"
+
+
+def resolve_configs(args):
+    """Preset values, overridden by the flags that were given.
+    -> (ModelConfig, TrainConfig)."""
+    model, training = (dict(d) for d in PRESETS[args.preset or default_preset()])
+    flags = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
+             "n_kv_heads": "n_kv_heads", "ffn_dim": "ffn_dim", "max_seq_len": "max_seq_len",
+             "dropout": "dropout_rate", "tie_embeddings": "tie_embeddings",
+             "dtype": "compute_dtype"}
+    model.update({field: getattr(args, flag) for flag, field in flags.items()
+                  if getattr(args, flag) is not None})
+    for field in ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
+                  "weight_decay", "eval_every", "log_every", "seed"):
+        if getattr(args, field) is not None:
+            training[field] = getattr(args, field)
+    if args.seq_len is not None and args.max_seq_len is None:
+        model["max_seq_len"] = max(model["max_seq_len"], args.seq_len)
+    training.setdefault("min_lr", min(TrainConfig.min_lr, training["lr"]))
+    return ModelConfig(**model), TrainConfig(**training)
+
+
+def print_sample(params, config, tokenizer, args, key, log=print):
+    """Encodes the prompt, generates, prints the decoded text."""
+    if args.prompt_ids:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.split(",")]
+        except ValueError as err:
+            raise InputError("--prompt-ids must be comma-separated integers") from err
+    elif tokenizer is None:
+        raise InputError("this checkpoint comes without a tokenizer llama_jax can read: pass "
+                         "--prompt-ids 1,2,3 (and read ids back), or --tokenizer gpt2")
+    else:
+        prompt = tokenizer.encode_ordinary(args.prompt)
+        bos = tokenizer._special_tokens.get("<|begin_of_text|>")
+        if bos is not None:
+            prompt = [bos] + prompt
+    max_new = args.max_new_tokens
+    if len(prompt) + max_new > config.max_seq_len:
+        if len(prompt) >= config.max_seq_len:
+            raise InputError(f"the prompt is {len(prompt)} tokens; the model's context is "
+                             f"{config.max_seq_len}: use a shorter --prompt")
+        max_new = config.max_seq_len - len(prompt)
+        log(f"(--max-new-tokens lowered to {max_new} to fit the {config.max_seq_len}-token "
+            "context)")
+    stop = None
+    if tokenizer is not None:
+        stop = tokenizer._special_tokens.get(ENDOFTEXT, tokenizer._special_tokens.get("<|end_of_text|>"))
+    t0 = time.perf_counter()
+    out = generate(params, prompt, max_new, config, key, temperature=args.temperature,
+                   top_k=args.top_k or None, top_p=args.top_p, stop_token=stop)
+    elapsed = time.perf_counter() - t0
+    new = out[len(prompt):]
+    if new and new[-1] == stop:
+        new = new[:-1]
+    log(f"--- sample ({len(out) - len(prompt)} tokens in {elapsed:.1f}s, compile included; "
+        f"temperature {args.temperature}, top-k {args.top_k or 'off'}, "
+        f"top-p {args.top_p or 'off'}) ---")
+    if tokenizer is None:
+        log(",".join(map(str, out)))
+    else:
+        log(tokenizer.decode(out[:len(prompt)] + new)
+            .replace("<|begin_of_text|>", ""))
+
+
+def run_train(args):
+    config, tc = resolve_configs(args)
+    log = functools.partial(print, flush=True)
+    result = train(config, tc, args.data, args.out_dir, resume=args.resume, log=log)
+    if result["stopped"] == "non-finite":
+        return 1
+    if result["stopped"] == "interrupted":
+        return 130
+    log(f"wrote {Path(args.out_dir) / 'ckpt.npz'} and {Path(args.out_dir) / 'loss.png'}")
+    print_sample(result["params"], config, get_tokenizer(), args,
+                 jax.random.PRNGKey(tc.seed), log)
+    return 0
+
+
+def llama3_tokenizer(path):
+    """A tiktoken Encoding for Llama 3's tokenizer.model (tiktoken format, 128,000
+    ranks) with Llama 3's split pattern and its 256 special tokens, numbered
+    after the ranks (Meta's llama3 tokenizer.py)."""
+    import tiktoken
+
+    ranks = read_bpe_ranks(path)
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+             "<|python_tag|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(names))]
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    return tiktoken.Encoding(name="llama3", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={n: len(ranks) + i for i, n in enumerate(names)})
+
+
+def run_sample(args):
+    key = jax.random.PRNGKey(args.seed or 0)
+    if args.hf_checkpoint:
+        params, config = load_hf_checkpoint(args.hf_checkpoint)
+        folder = Path(args.hf_checkpoint)
+        found = [f for f in (folder / "tokenizer.model", folder / "original" / "tokenizer.model")
+                 if f.is_file()]
+        if args.tokenizer == "gpt2":
+            tokenizer = get_tokenizer()
+        elif found:
+            try:
+                tokenizer = llama3_tokenizer(found[0])
+            except InputError:
+                tokenizer = None  # a SentencePiece model (Llama 1/2), not tiktoken format
+        else:
+            tokenizer = None
+    else:
+        ckpt = load_checkpoint(Path(args.out_dir) / "ckpt.npz")
+        params, config, tokenizer = ckpt["params"], ckpt["config"], get_tokenizer()
+        if args.dtype:
+            config = dataclasses.replace(config, compute_dtype=args.dtype)
+    print_sample(params, config, tokenizer, args, key, functools.partial(print, flush=True))
+    return 0
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+# Dense bfloat16 peak of the cards we quote MFU against (NVIDIA datasheets, SXM).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def flops_per_token(config, seq_len):
+    """Training FLOPs per token: 6 per weight for forward + backward (PaLM,
+    appendix B) over every matmul weight (all but the input embedding, whose
+    lookup is not a matmul; the output layer counts even when tied), plus
+    attention's 6 * L * D * T (the QK^T and AV products, halved for causality)."""
+    D, L = config.dim, config.n_layers
+    per_layer = (D * config.n_heads * config.head_width * 2
+                 + D * config.n_kv_heads * config.head_width * 2 + 3 * D * config.ffn_width)
+    return 6 * (L * per_layer + D * config.vocab_size) + 6 * L * D * seq_len
+
+
+def measured_matmul_peak(dtype, n=2048, repeats=5):
+    """FLOP/s of one large square matmul: what this device can do at best."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+
+
+def bench_train(config, tc, n_steps):
+    """-> dict with compile time, ms/step and tokens/s of train_step."""
+    data = jax.random.randint(jax.random.PRNGKey(0), (1_000_000,), 0, config.vocab_size)
+    params = init_params(jax.random.PRNGKey(1), config)
+    opt_state = adamw_init(params)
+    key = jax.random.PRNGKey(2)
+    t0 = time.perf_counter()
+    params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc)
+    loss.block_until_ready()
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):
+        params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc)
+    loss.block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc)
+    loss.block_until_ready()
+    per_step = (time.perf_counter() - t0) / n_steps
+    return {"compile_s": compile_s, "ms_per_step": per_step * 1e3,
+            "train_tokens_per_s": tc.batch_size * tc.seq_len / per_step,
+            "recompiled": train_step._cache_size() > 1}, params
+
+
+def naive_generate(params, tokens, n_new, config):
+    """The old design's decoding, kept only as the benchmark's baseline: run the
+    whole model over the whole sequence for every new token. The input grows by
+    one token each step, so jax.jit compiles a new program every time."""
+    forward = jax.jit(model_forward, static_argnames=("config",))
+    tokens = jnp.asarray(tokens)
+    for _ in range(n_new):
+        logits, _ = forward(params, tokens, config)
+        tokens = jnp.concatenate([tokens, jnp.argmax(logits[:, -1:], axis=-1)], axis=1)
+    return tokens
+
+
+def bench_decode(params, config, batch, n_new, n_naive):
+    prompt = [[(7 * i + 3 * b) % config.vocab_size for i in range(16)] for b in range(batch)]
+    generate(params, prompt, n_new, config, jax.random.PRNGKey(0))  # compile
+    t0 = time.perf_counter()
+    generate(params, prompt, n_new, config, jax.random.PRNGKey(1))
+    cached = batch * n_new / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    naive_generate(params, np.array(prompt), n_naive, config).block_until_ready()
+    naive = batch * n_naive / (time.perf_counter() - t0)
+    return {"batch": batch, "new_tokens": n_new, "decode_tokens_per_s": cached,
+            "naive_tokens_per_s": naive, "speedup": cached / naive}
+
+
+def run_bench(args):
+    """Times the training step and decoding for the preset (or flags)."""
+    on_gpu = jax.default_backend() == "gpu"
+    if args.batch_size is None:
+        args.batch_size = 16 if on_gpu else 8
+    if args.seq_len is None:
+        args.seq_len = 1024 if on_gpu else 256
+    config, tc = resolve_configs(args)
+    device = jax.devices()[0]
+    name = getattr(device, "device_kind", device.platform)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak_source = f"{name} datasheet dense bf16"
+    if peak is None:
+        peak = measured_matmul_peak(config.dtype)
+        peak_source = f"measured 2048^3 {config.compute_dtype} matmul on {name}"
+
+    def emit(record, text):
+        print(json.dumps({"device": name, **record}) if args.json else text, flush=True)
+
+    train_result, params = bench_train(config, tc, n_steps=30 if on_gpu else 8)
+    fpt = flops_per_token(config, tc.seq_len)
+    mfu = fpt * train_result["train_tokens_per_s"] / peak
+    emit({"kind": "train", "dim": config.dim, "n_layers": config.n_layers,
+          "params": count_params(params), "batch_size": tc.batch_size, "seq_len": tc.seq_len,
+          "dtype": config.compute_dtype, **train_result, "mfu": mfu, "peak_flops": peak,
+          "peak_source": peak_source},
+         f"train  {name}, {count_params(params) / 1e6:.1f}M params, {tc.batch_size} x "
+         f"{tc.seq_len} tokens, {config.compute_dtype}: "
+         f"{train_result['train_tokens_per_s']:,.0f} tok/s, {train_result['ms_per_step']:.0f} "
+         f"ms/step, MFU {mfu:.1%} (of {peak / 1e12:.3g} TFLOP/s, {peak_source}; "
+         f"{fpt / 1e6:.0f} MFLOP/token), compile {train_result['compile_s']:.1f}s")
+    n_new = min(128, config.max_seq_len - 16)
+    decode = [bench_decode(params, config, b, n_new, n_naive=4 if on_gpu else 6) for b in (1, 8)]
+    for d in decode:
+        emit({"kind": "decode", **d},
+             f"decode batch {d['batch']}: cached {d['decode_tokens_per_s']:,.1f} tok/s, "
+             f"naive full recompute {d['naive_tokens_per_s']:,.2f} tok/s "
+             f"({d['speedup']:,.0f}x)")
+    if args.json:
+        emit({"kind": "summary", "train_tokens_per_s": train_result["train_tokens_per_s"],
+              "mfu": mfu, "decode_tokens_per_s": decode[0]["decode_tokens_per_s"],
+              "decode_tokens_per_s_batch8": decode[1]["decode_tokens_per_s"]}, "")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    # A polite kill (SIGTERM) saves a checkpoint just like Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        if args.bench:
+            return run_bench(args)
+        if args.sample:
+            return run_sample(args)
+        return run_train(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
