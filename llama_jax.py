@@ -889,7 +889,7 @@ def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0
     new = _generate(params, padded, np.array([len(p) for p in prompts], np.int32), key,
                     jnp.float32(temperature), jnp.int32(max_new_tokens), jnp.int32(stop),
                     config=config, top_k=top_k, top_p=1.0 if top_p is None else float(top_p),
-                    n_slots=_bucket(max_new_tokens))
+                    n_slots=_bucket(max_new_tokens, smallest=32))
     results = []
     for p, row in zip(prompts, np.asarray(new)):
         row = row[:max_new_tokens].tolist()

@@ -422,3 +422,378 @@ def test_import_prints_nothing_and_creates_no_file(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- loss, optimizer
+
+
+def test_loss_at_init_is_log_vocab():
+    params = L.init_params(jax.random.PRNGKey(0), TINY)
+    tokens = tokens_for(TINY, 4, 16)
+    loss = float(L.eval_loss(params, (tokens, jnp.roll(tokens, -1, 1)), TINY))
+    assert loss == pytest.approx(np.log(TINY.vocab_size), abs=0.1)
+
+
+def test_loss_is_mean_cross_entropy_against_numpy():
+    params = random_params(TINY)
+    tokens = tokens_for(TINY, 2, 10)
+    targets = jnp.roll(tokens, -1, 1)
+    logits = np_llama_forward(params, tokens, TINY)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(logp, np.asarray(targets)[..., None], -1).mean()
+    assert float(L.eval_loss(params, (tokens, targets), TINY)) == pytest.approx(expected, abs=1e-4)
+
+
+def test_learning_rate_schedule_warmup_peak_and_floor():
+    tc = L.TrainConfig(steps=1000, lr=1e-3, min_lr=1e-4, warmup_steps=100)
+    assert float(L.learning_rate(0, tc)) == pytest.approx(1e-5)
+    assert float(L.learning_rate(49, tc)) == pytest.approx(5e-4)
+    assert float(L.learning_rate(99, tc)) == pytest.approx(1e-3)  # peak at the end of warmup
+    assert float(L.learning_rate(100, tc)) == pytest.approx(1e-3)
+    mid = 100 + (999 - 100) / 2
+    assert float(L.learning_rate(mid, tc)) == pytest.approx(5.5e-4, rel=1e-4)  # halfway down
+    assert float(L.learning_rate(999, tc)) == pytest.approx(1e-4)  # the floor at the last step
+    lrs = [float(L.learning_rate(s, tc)) for s in range(100, 1000, 50)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_adamw_matches_numpy_reference_over_several_steps():
+    tc = L.TrainConfig(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0)
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=(4,))}
+    grads = [{"w": rng.normal(size=(3, 4)) * s, "b": rng.normal(size=(4,)) * s}
+             for s in (0.1, 5.0, 0.3)]  # the second step is clipped
+    state = L.adamw_init(jax.tree_util.tree_map(jnp.asarray, params))
+    ours = jax.tree_util.tree_map(jnp.asarray, params)
+    p = {k: v.copy() for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, g in enumerate(grads, 1):
+        ours, state = L.adamw_update(ours, jax.tree_util.tree_map(jnp.asarray, g), state, tc.lr, tc)
+        norm = np.sqrt(sum((x ** 2).sum() for x in g.values()))
+        scale = min(1.0, tc.grad_clip / (norm + 1e-6))
+        for k in p:
+            gk = g[k] * scale
+            m[k] = 0.9 * m[k] + 0.1 * gk
+            v[k] = 0.95 * v[k] + 0.05 * gk ** 2
+            update = (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v[k] / (1 - 0.95 ** t)) + 1e-8)
+            decay = 0.1 * p[k] if p[k].ndim > 1 else 0.0  # matrices only
+            p[k] = p[k] - tc.lr * (update + decay)
+        for k in p:
+            np.testing.assert_allclose(ours[k], p[k], rtol=1e-5, atol=1e-6)
+    assert int(state["step"]) == 3
+
+
+def test_tiny_model_overfits_one_batch():
+    config = L.ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                           max_seq_len=32)
+    tc = L.TrainConfig(lr=1e-2, warmup_steps=10, steps=300, weight_decay=0.0)
+    tokens = tokens_for(config, 4, 17)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    params = L.init_params(jax.random.PRNGKey(0), config)
+    state = L.adamw_init(params)
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(L.compute_loss)(params, batch, config)
+        params, state = L.adamw_update(params, grads, state, L.learning_rate(state["step"], tc), tc)
+        return params, state, loss
+
+    losses = []
+    for _ in range(tc.steps):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    assert losses[0] > 4.0 and losses[-1] < 0.5
+
+
+# ----------------------------------------------------------------------------- training
+
+TRAIN_TINY = L.ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                           tie_embeddings=True)
+
+
+def quick_tc(**overrides):
+    fields = dict(steps=6, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=3,
+                  eval_batches=2, log_every=1)
+    fields.update(overrides)
+    return L.TrainConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text((HERE / "shakespeare.txt").read_text(encoding="utf-8")[:30_000])
+    return path
+
+
+def test_training_lowers_the_loss(corpus, tmp_path):
+    result = L.train(TRAIN_TINY, quick_tc(steps=30, eval_every=30, lr=1e-2), corpus, tmp_path,
+                     log=lambda s: None)
+    losses = [loss for _, loss in result["history"]["train"]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+    (step, train_loss, val_loss), = result["history"]["eval"]
+    assert step == 30 and val_loss < np.log(50257)
+    assert (tmp_path / "ckpt.npz").is_file() and (tmp_path / "loss.png").is_file()
+
+
+def test_same_seed_same_losses(corpus, tmp_path):
+    a = L.train(TRAIN_TINY, quick_tc(), corpus, tmp_path / "a", log=lambda s: None)
+    b = L.train(TRAIN_TINY, quick_tc(), corpus, tmp_path / "b", log=lambda s: None)
+    c = L.train(TRAIN_TINY, quick_tc(seed=1), corpus, tmp_path / "c", log=lambda s: None)
+    assert a["history"]["train"] == b["history"]["train"]
+    assert a["history"]["train"] != c["history"]["train"]
+
+
+def test_train_step_compiles_once(corpus, tmp_path):
+    config = dataclass_replace(TRAIN_TINY, dim=48)  # a config no other test compiled
+    with CompileCounter("train_step") as compiles:
+        L.train(config, quick_tc(steps=5), corpus, tmp_path, log=lambda s: None)
+    assert compiles.count == 1
+
+
+def dataclass_replace(obj, **changes):
+    import dataclasses
+    return dataclasses.replace(obj, **changes)
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
+    config = dataclass_replace(TRAIN_TINY, dropout_rate=0.1)  # the dropout keys must resume too
+    tc = quick_tc(steps=8, eval_every=100)
+    straight = L.train(config, tc, corpus, tmp_path / "straight", log=lambda s: None)
+
+    def interrupt_at_step_4(line):
+        if line.startswith("step     4/"):
+            raise KeyboardInterrupt
+
+    first = L.train(config, tc, corpus, tmp_path / "resumed", log=interrupt_at_step_4)
+    assert first["stopped"] == "interrupted" and len(first["history"]["train"]) == 4
+    resumed = L.train(config, tc, corpus, tmp_path / "resumed", resume=True, log=lambda s: None)
+    a = np.array(straight["history"]["train"])
+    b = np.array(resumed["history"]["train"])
+    assert a.shape == b.shape == (8, 2)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(corpus, tmp_path, monkeypatch):
+    L.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lambda s: None)
+    before = L.load_checkpoint(tmp_path / "ckpt.npz")
+    real_savez = np.savez
+
+    def crash_midway(f, **arrays):
+        real_savez(f, **dict(list(arrays.items())[:3]))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        L.save_checkpoint(tmp_path / "ckpt.npz", before["params"], before["opt_state"],
+                          before["key"], before["config"], before["train_config"],
+                          before["history"])
+    monkeypatch.undo()
+    after = L.load_checkpoint(tmp_path / "ckpt.npz")
+    assert int(after["opt_state"]["step"]) == 3
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+def test_checkpoint_round_trip_is_exact(corpus, tmp_path):
+    result = L.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lambda s: None)
+    ckpt = L.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)
+    for a, b in zip(jax.tree_util.tree_leaves(result["params"]),
+                    jax.tree_util.tree_leaves(ckpt["params"])):
+        np.testing.assert_array_equal(a, b)
+    assert ckpt["config"] == TRAIN_TINY and ckpt["history"] == result["history"]
+    assert ckpt["train_config"] == quick_tc(steps=3)
+
+
+def test_mismatched_checkpoint_is_refused_listing_every_mismatch(corpus, tmp_path):
+    L.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path, log=lambda s: None)
+    other = dataclass_replace(TRAIN_TINY, dim=64, n_layers=3)
+    with pytest.raises(L.CheckpointError) as err:
+        L.load_checkpoint(tmp_path / "ckpt.npz", other)
+    message = str(err.value)
+    assert "dim: 32 in the checkpoint, 64 requested" in message
+    assert "n_layers: 2 in the checkpoint, 3 requested" in message
+    assert "missing array params/layers/2/attention/wq" in message
+    assert "params/tok_embeddings: float32[50304, 32] in the file" in message
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupted_checkpoint_gets_a_clear_error(corpus, tmp_path, damage):
+    L.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path, log=lambda s: None)
+    path = tmp_path / "ckpt.npz"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[:len(data) // 2], "garbage": os.urandom(5000),
+                      "empty": b""}[damage])
+    with pytest.raises(L.CheckpointError, match="not a readable llama_jax checkpoint"):
+        L.load_checkpoint(path, TRAIN_TINY)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    (b"", "is empty"),
+    (b"  \n\n", "is empty"),
+    (b"To be, or not to be", "has 7 tokens; at --seq-len 16 it needs at least 161 "),
+    (b"caf\xe9 au lait" * 100, "not UTF-8 text \\(byte 3 is 0xe9\\)"),
+])
+def test_bad_data_files_get_clear_errors(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(L.InputError, match=message):
+        L.train(TRAIN_TINY, quick_tc(), path, tmp_path / "out", log=lambda s: None)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, tmp_path):
+    lines = []
+    result = L.train(TRAIN_TINY, quick_tc(steps=40, lr=1e25, warmup_steps=0, eval_every=1,
+                                          min_lr=0.0),
+                     corpus, tmp_path, log=lines.append)
+    assert result["stopped"] == "non-finite"
+    assert any("non-finite at step" in line for line in lines)
+    L.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)  # still readable
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(HERE / "llama_jax.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_command_line_trains_checkpoints_plots_and_samples(corpus, tmp_path):
+    args = ["--data", str(corpus), "--out-dir", "run", "--dim", "32", "--n-layers", "2",
+            "--n-heads", "4", "--n-kv-heads", "2", "--steps", "4", "--batch-size", "2",
+            "--seq-len", "16", "--eval-every", "2", "--log-every", "1",
+            "--max-new-tokens", "10", "--preset", "cpu"]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "compiled and ran the first step" in out
+    assert "step     4/4 | loss" in out and "tok/s" in out and "ETA" in out
+    assert "eval  step     4 | train" in out
+    assert "--- sample" in out
+    assert (tmp_path / "run" / "ckpt.npz").is_file() and (tmp_path / "run" / "loss.png").is_file()
+    sample = run_cli("--sample", "--out-dir", "run", "--prompt", "ROMEO:", "--max-new-tokens", "5",
+                     "--seed", "3", cwd=tmp_path)
+    assert sample.returncode == 0, sample.stderr
+    assert "ROMEO:" in sample.stdout
+    # A mismatched resume and a missing data file are one-line errors, not tracebacks.
+    bad = run_cli(*args, "--resume", "--dim", "64", cwd=tmp_path)
+    assert bad.returncode == 2 and "dim: 32 in the checkpoint, 64 requested" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = run_cli("--data", "nope.txt", "--out-dir", "x", cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.txt not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def naive_greedy(params, prompt, n_new, config):
+    """The oracle: re-run the full forward pass on the whole sequence for every
+    new token and take the argmax. (The sequence is zero-padded to
+    max_seq_len so that one program serves every length; causal attention
+    makes the padding invisible to the positions we read.)"""
+    seq = list(prompt)
+    for _ in range(n_new):
+        padded = np.zeros((1, config.max_seq_len), np.int32)
+        padded[0, :len(seq)] = seq
+        logits, _ = forward(params, jnp.asarray(padded), config)
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    return seq
+
+
+def test_greedy_generate_matches_naive_full_forward_loop_for_a_batch():
+    params = random_params(TINY)
+    prompts = [[5, 17, 3], [9, 1, 4, 4, 60, 2, 8], [42]]
+    out = L.generate(params, prompts, 22, TINY, jax.random.PRNGKey(0), temperature=0.0)
+    for prompt, got in zip(prompts, out):
+        assert got == naive_greedy(params, prompt, 22, TINY)
+
+
+def test_top_k_1_equals_greedy():
+    params = random_params(TINY)
+    greedy = L.generate(params, [3, 1, 4], 15, TINY, jax.random.PRNGKey(0), temperature=0.0)
+    top1 = L.generate(params, [3, 1, 4], 15, TINY, jax.random.PRNGKey(7), temperature=1.0,
+                      top_k=1)
+    assert top1 == greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([[0.05, 0.5, 0.15, 0.3]])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))
+
+    def kept(p):
+        return set(np.flatnonzero(np.isfinite(np.asarray(L.top_p_filter(logits, p))[0])))
+
+    assert kept(0.4) == {1}  # 0.5 alone reaches 0.4
+    assert kept(0.5) == {1}
+    assert kept(0.75) == {1, 3}  # 0.5 + 0.3
+    assert kept(0.9) == {1, 3, 2}  # 0.5 + 0.3 + 0.15 = 0.95
+    assert kept(1.0) == {0, 1, 2, 3}
+
+
+def test_samples_follow_the_softmax_distribution():
+    logits = jnp.array([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    n = 40_000
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    for temperature in (1.0, 2.0):
+        draws = jax.vmap(lambda k: L.sample_token(k, logits, temperature)[0])(keys)
+        freq = np.bincount(np.asarray(draws), minlength=5) / n
+        expected = np.asarray(jax.nn.softmax(logits[0] / temperature))
+        # Chi-square with 4 degrees of freedom: 18.5 is its 0.999 quantile.
+        chi2 = n * np.sum((freq - expected) ** 2 / expected)
+        assert chi2 < 18.5, (temperature, freq, expected)
+    top2 = jax.vmap(lambda k: L.sample_token(k, logits, 1.0, top_k=2)[0])(keys[:5000])
+    assert set(np.asarray(top2).tolist()) == {0, 1}
+
+
+def test_same_key_same_tokens_and_different_keys_differ():
+    params = random_params(TINY, scale=0.1)  # a flat distribution: samples vary
+    a = L.generate(params, [1, 2], 20, TINY, jax.random.PRNGKey(0))
+    b = L.generate(params, [1, 2], 20, TINY, jax.random.PRNGKey(0))
+    c = L.generate(params, [1, 2], 20, TINY, jax.random.PRNGKey(1))
+    assert a == b and a != c
+    assert len(a) == 22 and a[:2] == [1, 2]
+
+
+def test_stop_token_ends_a_row():
+    params = random_params(TINY)
+    greedy = L.generate(params, [[5, 6], [7]], 12, TINY, jax.random.PRNGKey(0), temperature=0)
+    stop = greedy[0][4]  # the third new token of row 0
+    out = L.generate(params, [[5, 6], [7]], 12, TINY, jax.random.PRNGKey(0), temperature=0,
+                     stop_token=stop)
+    assert out[0] == greedy[0][:5]
+    row1 = greedy[1][1:]
+    expected = greedy[1][:1 + row1.index(stop) + 1] if stop in row1 else greedy[1]
+    assert out[1] == expected
+
+
+def test_generate_compiles_once_not_per_token():
+    config = dataclass_replace(TINY, n_layers=1)  # a config no other test compiled
+    params = random_params(config)
+    with CompileCounter("_generate") as compiles:
+        L.generate(params, [1, 2, 3], 10, config, jax.random.PRNGKey(0))
+        L.generate(params, [4, 5], 30, config, jax.random.PRNGKey(1))
+    assert compiles.count == 1  # same batch size, prompt and max_new_tokens buckets
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_tokens=[]), "at least one token"),
+    (dict(prompt_tokens=[[1], []]), "at least one token"),
+    (dict(prompt_tokens=[1, 97]), "token ids must be in \\[0, 97\\)"),
+    (dict(prompt_tokens=[-1]), "token ids must be in"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"),
+    (dict(top_p=1.5), "top_p must be in"),
+    (dict(top_k=0), "top_k must be >= 1"),
+    (dict(prompt_tokens=list(range(30)), max_new_tokens=5),
+     "the prompt \\(30 tokens\\) plus max_new_tokens \\(5\\) is 35, more than the model's "
+     "context of 32"),
+])
+def test_generate_rejects_bad_arguments(kwargs, message):
+    args = dict(params=None, prompt_tokens=[1, 2], max_new_tokens=4, config=TINY,
+                key=jax.random.PRNGKey(0))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        L.generate(**args)
