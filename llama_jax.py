@@ -336,12 +336,12 @@ def apply_rope(x, cos, sin):
     return rotated.astype(x.dtype)
 
 
-def attention_reference(q, k, v, mask):
-    """softmax(q k^T / sqrt(Dh) + mask) v, written out. Grouped-query: each of
-    the K key/value heads serves G = H // K query heads, by reshaping the
-    queries into groups rather than copying K and V G times.
-    q: [B, T, H, Dh], k, v: [B, S, K, Dh], mask: bool[B or 1, T, S] (True =
-    may attend) -> [B, T, H, Dh]."""
+def attention_weights(q, k, mask):
+    """softmax(q k^T / sqrt(Dh) + mask): how much each query attends to each
+    key. Grouped-query: each of the K key/value heads serves G = H // K query
+    heads; we reshape the queries into groups rather than copy K G times.
+    q: [B, T, H, Dh], k: [B, S, K, Dh], mask: bool[B or 1, T, S] (True = may
+    attend) -> float32[B, K, G, T, S], rows summing to 1."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, Dh)
@@ -349,7 +349,16 @@ def attention_reference(q, k, v, mask):
                         preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     scores = scores / np.sqrt(Dh)
     scores = jnp.where(mask[:, None, None, :, :], scores, -1e30)  # finite: no NaN rows
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in float32
+    return jax.nn.softmax(scores, axis=-1)  # in float32 even for bfloat16 inputs
+
+
+def attention_reference(q, k, v, mask):
+    """softmax(q k^T / sqrt(Dh) + mask) v, written out: the reference that the
+    fused kernel is tested against, and the cached decoding path.
+    q: [B, T, H, Dh], k, v: [B, S, K, Dh], mask: bool[B or 1, T, S]
+    -> [B, T, H, Dh]."""
+    B, T, H, Dh = q.shape
+    probs = attention_weights(q, k, mask).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(B, T, H, Dh)
 
@@ -1138,7 +1147,10 @@ def config_from_hf(hf):
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"config.json: hidden_act is {hf['hidden_act']!r}; llama_jax "
                               "supports 'silu' (SwiGLU)")
-    scaling = hf.get("rope_scaling")
+    # transformers 4.x writes rope_theta and rope_scaling; 5.x one rope_parameters dict.
+    rope = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if "rope_type" in rope else None)
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind == "default":
@@ -1157,7 +1169,7 @@ def config_from_hf(hf):
         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=None if head_dim in (None, hf["hidden_size"] // n_heads) else head_dim,
         ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=hf.get("rope_theta", 10000.0), rope_scaling=scaling,
+        rope_theta=float(theta), rope_scaling=scaling,
         max_seq_len=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), vocab_multiple=1,
         compute_dtype="bfloat16" if hf.get("torch_dtype", hf.get("dtype")) == "bfloat16" else "float32")
