@@ -76,7 +76,7 @@ class ModelConfig:
     dropout_rate: float = 0.0  # Llama itself has no dropout; it helps small data
     tie_embeddings: bool = False  # share the input embedding with the output layer
     # Numerics, not architecture: a checkpoint loads under any value of these.
-    compute_dtype: str = "float32"  # "bfloat16": matmuls in bf16, master weights f32
+    compute_dtype: str = "float32"  # "bfloat16": matmul inputs in bf16 (see dense)
     fused_attention: bool = True  # jax.nn.dot_product_attention (cuDNN on GPU)
     vocab_multiple: int = 64  # pad the vocabulary to a multiple of this for speed
 
@@ -147,18 +147,18 @@ ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
 class TrainConfig:
     """Optimisation settings: everything a training run needs beyond the model."""
 
-    steps: int = 1500
-    batch_size: int = 16  # B sequences per step
+    steps: int = 600
+    batch_size: int = 8  # B sequences per step
     seq_len: int = 128  # T tokens per sequence (at most max_seq_len)
-    lr: float = 2e-3  # peak learning rate
-    min_lr: float = 1e-4  # the cosine decays to this floor
-    warmup_steps: int = 100  # linear warmup from ~0 to lr
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 1.5e-4  # the cosine decays to this floor
+    warmup_steps: int = 50  # linear warmup from ~0 to lr
     weight_decay: float = 0.1  # decoupled (AdamW), on matrices only
     beta1: float = 0.9
     beta2: float = 0.95  # 0.95 rather than 0.999, as in Llama and GPT-3 training
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping, as in the Llama papers
-    eval_every: int = 250  # evaluate, plot and checkpoint every this many steps
+    eval_every: int = 100  # evaluate, plot and checkpoint every this many steps
     eval_batches: int = 8  # fixed windows per split for each evaluation
     log_every: int = 25  # a progress line every this many steps
     seed: int = 0
@@ -178,10 +178,12 @@ class TrainConfig:
 
 # Defaults a new user gets, chosen by measurement (README, "Defaults").
 PRESETS = {
-    # 2-core CPU: about 10 minutes.
+    # 2-core CPU: about 10 minutes. Less than two passes over the corpus, so no
+    # dropout; small batches give more optimizer steps in the time.
     "cpu": (dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256,
-                 dropout_rate=0.0, tie_embeddings=True),
-            dict(steps=1500, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=100)),
+                 dropout_rate=0.0, tie_embeddings=True, compute_dtype="auto"),
+            dict(steps=600, batch_size=8, seq_len=128, lr=3e-3, min_lr=1.5e-4, warmup_steps=50,
+                 eval_every=100)),
     # One H100/H200: a few minutes, bfloat16 compute.
     "gpu": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512,
                  dropout_rate=0.2, tie_embeddings=True, compute_dtype="bfloat16",
@@ -295,6 +297,42 @@ def at_least_f32(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def dense(x, w, config):
+    """x @ w: [..., I] @ [I, O] -> [..., O]. With bfloat16 compute, both
+    operands are rounded to bfloat16 and the products summed in float32, in the
+    forward pass and in both backward products (_dense_bf16); activations
+    between matmuls stay float32. Otherwise a plain matmul in x's dtype."""
+    if config.compute_dtype == "bfloat16":
+        return _dense_bf16(x, w)
+    return x @ w
+
+
+@jax.custom_vjp
+def _dense_bf16(x, w):
+    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                   preferred_element_type=jnp.float32)
+
+
+def _dense_bf16_fwd(x, w):
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
+    return out, (xb, wb, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+
+
+def _dense_bf16_bwd(residuals, g):
+    # JAX's own rule would multiply the float32 gradient with float32 copies of
+    # the operands; rounding g to bfloat16 keeps both products on the fast path.
+    xb, wb, x_like, w_like = residuals
+    gb = g.astype(jnp.bfloat16)
+    dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
+    dw = jnp.dot(xb.reshape(-1, xb.shape[-1]).T, gb.reshape(-1, gb.shape[-1]),
+                 preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+_dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
+
+
 def rms_norm(x, weight, eps):
     """Root-mean-square layer norm (Zhang & Sennrich 2019): no mean subtraction,
     no bias. x: [..., D], weight: [D] -> [..., D]. Statistics in float32 so that
@@ -373,9 +411,9 @@ def attention(p, x, cos, sin, mask, config, cache=None, position=None):
     -> ([B, T, D], updated cache or None)."""
     B, T, _ = x.shape
     H, K, Dh = config.n_heads, config.n_kv_heads, config.head_width
-    q = apply_rope((x @ p["wq"]).reshape(B, T, H, Dh), cos, sin)
-    k = apply_rope((x @ p["wk"]).reshape(B, T, K, Dh), cos, sin)
-    v = (x @ p["wv"]).reshape(B, T, K, Dh)
+    q = apply_rope(dense(x, p["wq"], config).reshape(B, T, H, Dh), cos, sin)
+    k = apply_rope(dense(x, p["wk"], config).reshape(B, T, K, Dh), cos, sin)
+    v = dense(x, p["wv"], config).reshape(B, T, K, Dh)
     if cache is not None:
         # One dynamic_update_slice per row: each row may be at its own position.
         write = jax.vmap(lambda c, new, pos: jax.lax.dynamic_update_slice(c, new, (pos, 0, 0)))
@@ -384,17 +422,21 @@ def attention(p, x, cos, sin, mask, config, cache=None, position=None):
         out = attention_reference(q, cache["k"], cache["v"], mask)
     elif config.fused_attention:
         # XLA's or cuDNN's fused kernel; supports K < H without copying K/V.
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        # (cuDNN takes bfloat16 inputs: the cast is free on the fast path.)
+        dt = config.dtype if config.compute_dtype == "bfloat16" else q.dtype
+        out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt),
+                                           is_causal=True)
     else:
         causal = jnp.tril(jnp.ones((1, T, T), dtype=bool))
         out = attention_reference(q, k, v, causal)
-    return out.reshape(B, T, H * Dh) @ p["wo"], cache
+    return dense(out.reshape(B, T, H * Dh), p["wo"], config), cache
 
 
-def feed_forward(p, x):
+def feed_forward(p, x, config):
     """SwiGLU (Shazeer 2020): w2(silu(x w1) * (x w3)).
     p: {"w1": [D, F], "w3": [D, F], "w2": [F, D]}, x: [B, T, D] -> [B, T, D]."""
-    return (jax.nn.silu(x @ p["w1"]) * (x @ p["w3"])) @ p["w2"]
+    gate = jax.nn.silu(dense(x, p["w1"], config))
+    return dense(gate * dense(x, p["w3"], config), p["w2"], config)
 
 
 def dropout(x, rate, key):
@@ -415,7 +457,7 @@ def transformer_block(p, x, cos, sin, mask, config, cache=None, position=None, k
         key, sub = jax.random.split(key)
         h = dropout(h, config.dropout_rate, sub)
     x = x + h
-    h = feed_forward(p["feed_forward"], rms_norm(x, p["ffn_norm"], eps))
+    h = feed_forward(p["feed_forward"], rms_norm(x, p["ffn_norm"], eps), config)
     if key is not None:
         h = dropout(h, config.dropout_rate, key)
     return x + h, cache
@@ -490,14 +532,6 @@ def init_cache(config, batch_size):
             for _ in range(config.n_layers)]
 
 
-def cast_params(params, config):
-    """Mixed precision: keep float32 master weights, compute in config.dtype.
-    Norm weights stay float32 (rms_norm works in float32 anyway)."""
-    if config.compute_dtype == "float32":
-        return params  # also leaves float64 params (gradient tests) alone
-    return jax.tree_util.tree_map(lambda w: w.astype(config.dtype) if w.ndim > 1 else w, params)
-
-
 def output_weight(params):
     """The output projection, [D, V_padded]: its own matrix, or the transposed
     input embedding when they are tied."""
@@ -505,13 +539,12 @@ def output_weight(params):
 
 
 def forward_hidden(params, tokens, config, cache=None, position=0, training=False, key=None):
-    """The transformer up to the final norm. tokens: int32[B, T] -> (h [B, T, D]
-    in the compute dtype, cache). See model_forward for the arguments."""
+    """The transformer up to the final norm. tokens: int32[B, T] -> (h [B, T, D],
+    cache). See model_forward for the arguments."""
     B, T = tokens.shape
     dropout_on = training and config.dropout_rate > 0
     if dropout_on and key is None:
         raise InputError("model_forward(training=True) with dropout needs a PRNG key")
-    params = cast_params(params, config)
     h = params["tok_embeddings"][tokens]  # [B, T, D]
     cos, sin = precompute_rope(config.head_width, config.max_seq_len, config.rope_theta,
                                config.rope_scaling)
@@ -537,11 +570,8 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
 
 
 def output_logits(params, h, config):
-    """h: [B, T, D] -> float32[B, T, V_padded]. The matmul accumulates in float32
-    even when h and the weights are bfloat16."""
-    w = output_weight(cast_params(params, config))
-    return jnp.einsum("btd,dv->btv", h, w,
-                      preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
+    """h: [B, T, D] -> float32[B, T, V_padded] (float64 for float64 params)."""
+    return at_least_f32(dense(h, output_weight(params), config))
 
 
 def model_forward(params, tokens, config, cache=None, position=0, training=False, key=None):
@@ -627,14 +657,14 @@ def train_step(params, opt_state, data, key, config, tc):
     The batch and dropout keys come from fold_in(key, step), so a resumed run
     draws exactly the batches an uninterrupted one would. params and opt_state
     are donated: XLA updates them in place instead of keeping two copies.
-    -> (params, opt_state, loss, grad_norm)."""
+    -> (params, opt_state, loss)."""
     step_key = jax.random.fold_in(key, opt_state["step"])
     batch_key, dropout_key = jax.random.split(step_key)
     batch = get_batch(batch_key, data, tc.batch_size, tc.seq_len)
     loss, grads = jax.value_and_grad(compute_loss)(params, batch, config, True, dropout_key)
     lr = learning_rate(opt_state["step"], tc)
     params, opt_state = adamw_update(params, grads, opt_state, lr, tc)
-    return params, opt_state, loss, global_norm(grads)
+    return params, opt_state, loss
 
 
 eval_loss = jax.jit(compute_loss, static_argnames=("config",))
@@ -744,8 +774,7 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     step = start_step
     try:
         for step in range(start_step, tc.steps):
-            new = train_step(params, opt_state, train_dev, key, config, tc)
-            params, opt_state, loss, _ = new
+            params, opt_state, loss = train_step(params, opt_state, train_dev, key, config, tc)
             pending.append((step, loss))
             if step == start_step:
                 loss.block_until_ready()
@@ -831,6 +860,9 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
     one lax.while_loop, so the whole generation is one XLA program.
     -> int32[B, n_slots]: the new tokens (after a row's stop token: the stop token)."""
     B = prompts.shape[0]
+    if config.compute_dtype == "bfloat16":  # round the weights once, not once per token
+        params = jax.tree_util.tree_map(lambda w: w.astype(config.dtype) if w.ndim > 1 else w,
+                                        params)
     logits, cache = model_forward(params, prompts, config, init_cache(config, B), position=0)
     last = logits[jnp.arange(B), lengths - 1]  # [B, V] each row's next-token logits
     out = jnp.full((B, n_slots), stop_token, jnp.int32)
@@ -1295,19 +1327,20 @@ def build_parser():
     model.add_argument("--dropout", type=float, help="dropout rate (cpu preset: 0.0)")
     model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
                        help="share the input embedding with the output layer (presets: tied)")
-    model.add_argument("--dtype", choices=["float32", "bfloat16"],
-                       help="compute dtype; weights and optimizer stay float32 (cpu preset: "
-                            "float32, gpu preset: bfloat16)")
+    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                       help="matmul dtype; weights and optimizer stay float32. auto measures "
+                            "both and takes bfloat16 if it is over 1.25x faster (cpu preset: "
+                            "auto, gpu preset: bfloat16)")
     training = p.add_argument_group("training (defaults from the preset)")
-    training.add_argument("--steps", type=int, help="optimizer steps in total (cpu preset: 1500)")
-    training.add_argument("--batch-size", type=int, help="sequences per step (cpu preset: 16)")
+    training.add_argument("--steps", type=int, help="optimizer steps in total (cpu preset: 600)")
+    training.add_argument("--batch-size", type=int, help="sequences per step (cpu preset: 8)")
     training.add_argument("--seq-len", type=int, help="tokens per sequence (cpu preset: 128)")
-    training.add_argument("--lr", type=float, help="peak learning rate (cpu preset: 2e-3)")
-    training.add_argument("--min-lr", type=float, help="cosine floor (default: 1e-4)")
-    training.add_argument("--warmup-steps", type=int, help="linear warmup steps (cpu preset: 100)")
+    training.add_argument("--lr", type=float, help="peak learning rate (cpu preset: 3e-3)")
+    training.add_argument("--min-lr", type=float, help="cosine floor (cpu preset: 1.5e-4)")
+    training.add_argument("--warmup-steps", type=int, help="linear warmup steps (cpu preset: 50)")
     training.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1)")
     training.add_argument("--eval-every", type=int,
-                          help="evaluate, plot and checkpoint every N steps (default: 250)")
+                          help="evaluate, plot and checkpoint every N steps (cpu preset: 100)")
     training.add_argument("--log-every", type=int, help="a progress line every N steps "
                                                         "(default: 25)")
     training.add_argument("--seed", type=int, help="seeds init, batches and dropout (default: 0)")
@@ -1337,6 +1370,33 @@ def default_preset():
     return "gpu" if jax.default_backend() == "gpu" else "cpu"
 
 
+def bfloat16_speedup():
+    """How much faster a bfloat16 matmul (float32 accumulation) of a model-like
+    shape, [1024, 256] @ [256, 4096], runs than a float32 one on the default
+    device. CPUs with native bfloat16 instructions (AVX512-BF16, AMX) gain
+    1.5-2x; others can lose."""
+    times = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        a, b = jnp.ones((1024, 256), dtype), jnp.ones((256, 4096), dtype)
+        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        f(a, b).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            out = f(a, b)
+        out.block_until_ready()
+        times[dtype] = time.perf_counter() - t0
+    return times[jnp.float32] / times[jnp.bfloat16]
+
+
+def decoding_config(config):
+    """The config to sample with. Decoding one token at a time reads every
+    weight per token, so it is bound by memory, not matmul speed; on CPU,
+    XLA's float32 matrix-vector products beat bfloat16 ones (README, Speed)."""
+    if jax.default_backend() == "cpu":
+        return dataclasses.replace(config, compute_dtype="float32")
+    return config
+
+
 def resolve_configs(args):
     """Preset values, overridden by the flags that were given.
     -> (ModelConfig, TrainConfig)."""
@@ -1353,7 +1413,13 @@ def resolve_configs(args):
             training[field] = getattr(args, field)
     if args.seq_len is not None and args.max_seq_len is None:
         model["max_seq_len"] = max(model["max_seq_len"], args.seq_len)
-    training.setdefault("min_lr", min(TrainConfig.min_lr, training["lr"]))
+    if model.get("compute_dtype") == "auto":
+        # Measured, not assumed: bfloat16 only where this machine runs it faster.
+        speedup = bfloat16_speedup()
+        model["compute_dtype"] = "bfloat16" if speedup > 1.25 else "float32"
+        print(f"--dtype auto: bfloat16 matmuls run {speedup:.2f}x as fast as float32 here; "
+              f"using {model['compute_dtype']}", flush=True)
+    training["min_lr"] = min(training.get("min_lr", TrainConfig.min_lr), training["lr"])
     return ModelConfig(**model), TrainConfig(**training)
 
 
@@ -1409,7 +1475,7 @@ def run_train(args):
     if result["stopped"] == "interrupted":
         return 130
     log(f"wrote {Path(args.out_dir) / 'ckpt.npz'} and {Path(args.out_dir) / 'loss.png'}")
-    print_sample(result["params"], config, get_tokenizer(), args,
+    print_sample(result["params"], decoding_config(config), get_tokenizer(), args,
                  jax.random.PRNGKey(tc.seed), log)
     return 0
 
@@ -1451,9 +1517,9 @@ def run_sample(args):
     else:
         ckpt = load_checkpoint(Path(args.out_dir) / "ckpt.npz")
         params, config, tokenizer = ckpt["params"], ckpt["config"], get_tokenizer()
-        if args.dtype:
-            config = dataclasses.replace(config, compute_dtype=args.dtype)
-    print_sample(params, config, tokenizer, args, key, functools.partial(print, flush=True))
+
+    print_sample(params, decoding_config(config), tokenizer, args, key,
+                 functools.partial(print, flush=True))
     return 0
 
 
@@ -1475,9 +1541,10 @@ def flops_per_token(config, seq_len):
 
 
 def measured_matmul_peak(dtype, n=2048, repeats=5):
-    """FLOP/s of one large square matmul: what this device can do at best."""
+    """FLOP/s of one large square matmul (float32 accumulation, as in dense):
+    what this device can do at best."""
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -1493,15 +1560,15 @@ def bench_train(config, tc, n_steps):
     opt_state = adamw_init(params)
     key = jax.random.PRNGKey(2)
     t0 = time.perf_counter()
-    params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc)
+    params, opt_state, loss = train_step(params, opt_state, data, key, config, tc)
     loss.block_until_ready()
     compile_s = time.perf_counter() - t0
     for _ in range(2):
-        params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc)
+        params, opt_state, loss = train_step(params, opt_state, data, key, config, tc)
     loss.block_until_ready()
     t0 = time.perf_counter()
     for _ in range(n_steps):
-        params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc)
+        params, opt_state, loss = train_step(params, opt_state, data, key, config, tc)
     loss.block_until_ready()
     per_step = (time.perf_counter() - t0) / n_steps
     return {"compile_s": compile_s, "ms_per_step": per_step * 1e3,
@@ -1566,7 +1633,8 @@ def run_bench(args):
          f"ms/step, MFU {mfu:.1%} (of {peak / 1e12:.3g} TFLOP/s, {peak_source}; "
          f"{fpt / 1e6:.0f} MFLOP/token), compile {train_result['compile_s']:.1f}s")
     n_new = min(128, config.max_seq_len - 16)
-    decode = [bench_decode(params, config, b, n_new, n_naive=4 if on_gpu else 6) for b in (1, 8)]
+    decode = [bench_decode(params, decoding_config(config), b, n_new, n_naive=4 if on_gpu else 6)
+              for b in (1, 8)]
     for d in decode:
         emit({"kind": "decode", **d},
              f"decode batch {d['batch']}: cached {d['decode_tokens_per_s']:,.1f} tok/s, "

@@ -383,10 +383,16 @@ def test_bfloat16_compute_agrees_with_float32():
     np.testing.assert_allclose(a, b, atol=0.05, rtol=0.05)
     assert float(L.eval_loss(params, batch, bf16)) == pytest.approx(
         float(L.eval_loss(params, batch, TINY)), rel=1e-2)
+    # The bfloat16 backward pass (_dense_bf16) gives nearly the float32 gradient.
+    grad = jax.jit(jax.grad(L.compute_loss), static_argnames="config")
+    g32, g16 = grad(params, batch, config=TINY), grad(params, batch, config=bf16)
+    for a, b in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)):
+        cosine = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)
+        assert b.dtype == jnp.float32 and float(cosine) > 0.99
     # The master weights stay float32 through a training step.
     tc = L.TrainConfig(batch_size=2, seq_len=8, steps=2)
     data = jnp.arange(200) % TINY.vocab_size
-    new, opt, _, _ = L.train_step(params, L.adamw_init(params), data, jax.random.PRNGKey(0),
+    new, opt, _ = L.train_step(params, L.adamw_init(params), data, jax.random.PRNGKey(0),
                                   bf16, tc)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))
 
@@ -993,3 +999,32 @@ def test_random_transformers_models_load_and_save_with_equal_logits(shape, tmp_p
     with torch.no_grad():
         np.testing.assert_allclose(again(torch.from_numpy(tokens)).logits.numpy(), expected,
                                    atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- notebook
+
+
+def test_walkthrough_notebook_runs_in_fast_mode(monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(HERE / "walkthrough.ipynb", as_version=4)
+    monkeypatch.setenv("LLAMA_JAX_FAST", "1")  # the kernel inherits the environment
+    # Raises CellExecutionError, naming the cell, if any cell fails.
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(HERE)}}).execute()
+    training = next(c for c in notebook.cells if "L.train_step(" in c.source)
+    assert any("image/png" in out.get("data", {}) for out in training.outputs)
+    assert "fast mode: True" in notebook.cells[1].outputs[0]["text"]
+
+
+def test_committed_notebook_shows_a_real_run_and_stays_small():
+    import nbformat
+
+    path = HERE / "walkthrough.ipynb"
+    assert path.stat().st_size < 1_500_000
+    notebook = nbformat.read(path, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "run tools/make_notebook.py to fill the outputs"
+    assert "fast mode: False" in code[0].outputs[0]["text"]
+    assert not any(out.output_type == "error" for c in code for out in c.outputs)

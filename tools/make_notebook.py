@@ -99,7 +99,7 @@ Each query may look only at itself and earlier tokens (the causal mask). With gr
 attention, the `n_heads` query heads share `n_kv_heads` key/value heads: here 8 query heads
 use 4 K/V heads, each serving a group of 2, which halves the KV cache. `attention_weights`
 reshapes the queries into groups instead of copying K and V."""),
-    ("code", """sentence = "O Romeo, Romeo! wherefore art thou Romeo?"
+    ("code", """sentence = "Now is the winter of our discontent made glorious summer"
 sid = jnp.array([tokenizer.encode_ordinary(sentence)])
 T = sid.shape[1]
 layer = params["layers"][0]
@@ -132,7 +132,7 @@ The feed-forward network is SwiGLU: `w2(silu(x w1) * (x w3))`, with hidden width
 a plain 4x MLP). A transformer block is pre-norm: `x + attention(norm(x))`, then
 `+ ffn(norm(x))`."""),
     ("code", """print(inspect.getsource(L.feed_forward))
-y = L.feed_forward(layer["feed_forward"], h)
+y = L.feed_forward(layer["feed_forward"], h, config)
 out, _ = L.transformer_block(layer, params["tok_embeddings"][sid], cos[None, :T], sin[None, :T], None, config)
 print("feed_forward:", h.shape, "->", y.shape, f"(hidden width F = {config.ffn_width})")
 print("transformer_block:", out.shape)"""),
@@ -163,7 +163,7 @@ redraws in place as training runs."""),
 config = L.ModelConfig(**{**config.__dict__, "max_seq_len": 128})
 key = jax.random.PRNGKey(tc.seed)
 params = L.init_params(jax.random.fold_in(key, 1), config)
-before = L.generate(params, tokenizer.encode_ordinary("ROMEO."), 30, config, jax.random.PRNGKey(0),
+before = L.generate(params, tokenizer.encode_ordinary("KING RICHARD."), 30, config, jax.random.PRNGKey(0),
                     temperature=0.8, top_k=50)
 opt_state = L.adamw_init(params)
 data = jnp.asarray(train_tokens)
@@ -174,7 +174,7 @@ fig, ax = plt.subplots(figsize=(8, 4))
 handle = display(fig, display_id=True)
 t0 = time.perf_counter()
 for step in range(tc.steps):
-    params, opt_state, loss, _ = L.train_step(params, opt_state, data, key, config, tc)
+    params, opt_state, loss = L.train_step(params, opt_state, data, key, config, tc)
     history["train"].append([step + 1, float(loss)])
     if (step + 1) % tc.eval_every == 0:
         history["eval"].append([step + 1, L.evaluate(params, config, evals["train"]),
@@ -198,7 +198,7 @@ print(f"final validation loss {history['eval'][-1][2]:.3f} after {time.perf_coun
 tokens one at a time inside a single compiled loop. Temperature flattens (>1) or sharpens (<1)
 the distribution; top-k keeps the k most likely tokens; top-p keeps the smallest set whose
 probability reaches p."""),
-    ("code", """prompt = tokenizer.encode_ordinary("ROMEO.")
+    ("code", """prompt = tokenizer.encode_ordinary("KING RICHARD.")
 after = L.generate(params, prompt, 30, config, jax.random.PRNGKey(0), temperature=0.8, top_k=50)
 print("before training:", repr(tokenizer.decode(before)))
 print("after training: ", repr(tokenizer.decode(after)))
