@@ -184,12 +184,13 @@ PRESETS = {
                  dropout_rate=0.0, tie_embeddings=True, compute_dtype="auto"),
             dict(steps=600, batch_size=8, seq_len=128, lr=3e-3, min_lr=1.5e-4, warmup_steps=50,
                  eval_every=100)),
-    # One H100/H200: a few minutes, bfloat16 compute.
+    # One H100/H200, bfloat16 compute. Not yet measured (README): a wider,
+    # deeper model with dropout, for about 20 passes over the corpus.
     "gpu": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512,
                  dropout_rate=0.2, tie_embeddings=True, compute_dtype="bfloat16",
                  vocab_multiple=128),
-            dict(steps=2500, batch_size=64, seq_len=256, lr=1e-3, warmup_steps=200,
-                 eval_every=250)),
+            dict(steps=800, batch_size=32, seq_len=256, lr=1e-3, min_lr=1e-4,
+                 warmup_steps=100, eval_every=100)),
 }
 
 
@@ -1483,7 +1484,9 @@ def run_train(args):
 def llama3_tokenizer(path):
     """A tiktoken Encoding for Llama 3's tokenizer.model (tiktoken format, 128,000
     ranks) with Llama 3's split pattern and its 256 special tokens, numbered
-    after the ranks (Meta's llama3 tokenizer.py)."""
+    after the ranks, named as in Llama 3.1 and later (Meta's tokenizer.py).
+    Llama 3.0 named a few unused slots differently; the ids of
+    <|begin_of_text|>, <|end_of_text|>, the header tokens and <|eot_id|> agree."""
     import tiktoken
 
     ranks = read_bpe_ranks(path)

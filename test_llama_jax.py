@@ -878,6 +878,20 @@ def test_hf_save_drops_the_padded_vocabulary(tmp_path):
                                forward(params, tokens, TINY)[0], atol=1e-5)
 
 
+def test_hf_float16_weights_load_as_float32(tmp_path):
+    folder = copy_fixture(tmp_path)
+    tensors = L.read_safetensors(folder / "model.safetensors")
+    L.write_safetensors(folder / "model.safetensors",
+                        {k: np.asarray(v, np.float16) for k, v in tensors.items()})
+    params, config = L.load_hf_checkpoint(folder)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+    np.testing.assert_array_equal(params["norm"],
+                                  np.asarray(tensors["model.norm.weight"], np.float16))
+    tokens = np.load(FIXTURES / "hf_tiny" / "tokens.npy")
+    np.testing.assert_allclose(forward(params, jnp.asarray(tokens), config)[0],
+                               np.load(FIXTURES / "hf_tiny" / "expected_logits.npy"), atol=0.05)
+
+
 def copy_fixture(tmp_path, name="hf_tiny"):
     import shutil
     return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
@@ -1028,3 +1042,15 @@ def test_committed_notebook_shows_a_real_run_and_stays_small():
     assert all(c.execution_count for c in code), "run tools/make_notebook.py to fill the outputs"
     assert "fast mode: False" in code[0].outputs[0]["text"]
     assert not any(out.output_type == "error" for c in code for out in c.outputs)
+
+
+def test_presets_resolve_to_valid_configs_and_flags_override_them():
+    parser = L.build_parser()
+    for name in L.PRESETS:
+        config, tc = L.resolve_configs(parser.parse_args(["--preset", name]))
+        assert config.compute_dtype in ("float32", "bfloat16")
+        assert tc.seq_len <= config.max_seq_len
+    config, tc = L.resolve_configs(parser.parse_args(
+        ["--preset", "cpu", "--dim", "64", "--seq-len", "512", "--dtype", "float32", "--lr", "1e-4"]))
+    assert (config.dim, config.max_seq_len, config.compute_dtype) == (64, 512, "float32")
+    assert (tc.seq_len, tc.lr, tc.min_lr) == (512, 1e-4, 1e-4)  # the floor never exceeds lr

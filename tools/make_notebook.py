@@ -102,21 +102,28 @@ reshapes the queries into groups instead of copying K and V."""),
     ("code", """sentence = "Now is the winter of our discontent made glorious summer"
 sid = jnp.array([tokenizer.encode_ordinary(sentence)])
 T = sid.shape[1]
-layer = params["layers"][0]
-h = L.rms_norm(params["tok_embeddings"][sid], layer["attention_norm"], config.norm_eps)
 H, K = config.n_heads, config.n_kv_heads
-q = L.apply_rope((h @ layer["attention"]["wq"]).reshape(1, T, H, Dh), cos[None, :T], sin[None, :T])
-k = L.apply_rope((h @ layer["attention"]["wk"]).reshape(1, T, K, Dh), cos[None, :T], sin[None, :T])
 causal = jnp.tril(jnp.ones((1, T, T), bool))
-weights = L.attention_weights(q, k, causal)
-print("q:", q.shape, " k:", k.shape, " weights [B, K, G, T, S]:", weights.shape)
-print(inspect.getsource(L.attention_weights).split('\"\"\"')[0] + "...")"""),
+
+def layer0_attention(params):
+    \"\"\"Layer 0's attention weights for the sentence: [B, K, G, T, S].\"\"\"
+    layer = params["layers"][0]
+    h = L.rms_norm(params["tok_embeddings"][sid], layer["attention_norm"], config.norm_eps)
+    q = L.apply_rope((h @ layer["attention"]["wq"]).reshape(1, T, H, Dh), cos[None, :T], sin[None, :T])
+    k = L.apply_rope((h @ layer["attention"]["wk"]).reshape(1, T, K, Dh), cos[None, :T], sin[None, :T])
+    print("q:", q.shape, " k:", k.shape, f" ({H // K} query heads per K/V head)")
+    return L.attention_weights(q, k, causal)
+
+weights = layer0_attention(params)
+print("weights [B, K, G, T, S]:", weights.shape)
+layer = params["layers"][0]
+h = L.rms_norm(params["tok_embeddings"][sid], layer["attention_norm"], config.norm_eps)"""),
     ("code", """def show_attention(weights, title):
     labels = [tokenizer.decode([t]) for t in sid[0].tolist()]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    axes[0].imshow(causal[0], cmap="Greys")
-    axes[0].set_title("causal mask (white: hidden)")
-    im = axes[1].imshow(weights[0, 0, 0], cmap="viridis")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained")
+    axes[0].imshow(causal[0], cmap="Greys_r")
+    axes[0].set_title("causal mask (black: hidden)")
+    im = axes[1].imshow(weights[0, 0, 0], cmap="viridis", vmin=0, vmax=1)
     axes[1].set_title(title)
     for ax in axes:
         ax.set_xticks(range(T), labels, rotation=90)
@@ -124,7 +131,7 @@ print(inspect.getsource(L.attention_weights).split('\"\"\"')[0] + "...")"""),
     fig.colorbar(im, ax=axes[1])
     plt.show()
 
-show_attention(weights, "attention weights, layer 0, head 0 (untrained)")"""),
+show_attention(weights, "layer 0, head 0, untrained")"""),
     ("md", """## 5. SwiGLU and a whole block
 
 The feed-forward network is SwiGLU: `w2(silu(x w1) * (x w3))`, with hidden width
@@ -192,6 +199,8 @@ for step in range(tc.steps):
         handle.update(fig)
 plt.close(fig)
 print(f"final validation loss {history['eval'][-1][2]:.3f} after {time.perf_counter() - t0:.0f}s")"""),
+    ("code", """# After training, the same head no longer spreads its attention evenly.
+show_attention(layer0_attention(params), "layer 0, head 0, trained")"""),
     ("md", """## 8. Sampling
 
 `generate` prefills the prompt into a preallocated KV cache in one forward pass, then draws
