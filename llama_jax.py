@@ -824,31 +824,60 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
 # =============================================================================
 
 
+def largest_threshold(values, count_at_least, target, iterations=40):
+    """Bisection, per row, for the largest t with count_at_least(values, t) >=
+    target, where count_at_least(values, t) shrinks as t grows. values:
+    float32[B, V] -> t: float32[B, 1]. 40 halvings of the value range reach
+    float32 resolution. On CPU this is 20 to 40 times faster than sorting 50,257
+    logits for every token (measured: README, Speed)."""
+    lo = jnp.min(values, axis=-1, keepdims=True)  # count_at_least(lo) is everything
+    hi = jnp.max(values, axis=-1, keepdims=True) + 1.0  # count_at_least(hi) is nothing
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        enough = count_at_least(values, mid) >= target
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    return jax.lax.fori_loop(0, iterations, halve, (lo, hi))[0]
+
+
+def top_k_filter(logits, top_k):
+    """Keeps the top_k largest logits of each row (and any tied with the k-th);
+    the rest get -inf. logits: float32[B, V] -> float32[B, V]."""
+    finite = jnp.where(jnp.isfinite(logits), logits, jnp.finfo(jnp.float32).min)
+    kth = largest_threshold(finite, lambda x, t: jnp.sum(x >= t, axis=-1, keepdims=True), top_k)
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
 def top_p_filter(logits, top_p):
     """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most
-    likely tokens whose probability reaches top_p; the rest get -inf.
-    logits: float32[B, V] -> float32[B, V]. Tokens tied with the last one kept
-    are kept too."""
+    likely tokens whose probability reaches top_p (tokens tied with the last
+    one kept are kept too); the rest get -inf. That set is every token with
+    probability >= t for the largest t whose set still holds top_p of the mass.
+    logits: float32[B, V] -> float32[B, V]."""
     probs = jax.nn.softmax(logits, axis=-1)
-    sorted_probs = -jnp.sort(-probs, axis=-1)  # descending
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    n_keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
-    threshold = jnp.take_along_axis(sorted_probs, n_keep - 1, axis=-1)
-    return jnp.where(probs >= threshold, logits, -jnp.inf)
+    target = top_p * (1 - 1e-6)  # forgive float rounding in sums that should equal top_p
+    t = largest_threshold(probs, lambda p, t: jnp.sum(jnp.where(p >= t, p, 0.0), axis=-1,
+                                                      keepdims=True), target)
+    return jnp.where(probs >= t, logits, -jnp.inf)
 
 
 def sample_token(key, logits, temperature, top_k=None, top_p=1.0):
     """Draws one token per row. logits: float32[B, V] -> int32[B].
     temperature 0 is greedy (argmax); otherwise logits / temperature, then the
-    top_k most likely (if given), then the top_p nucleus (if < 1)."""
+    top_k most likely (if given), then the top_p nucleus (if < 1), then one
+    draw by inverting the cumulative distribution with a single uniform number
+    per row (jax.random.categorical would draw V Gumbel numbers: 10x slower)."""
     greedy = jnp.argmax(logits, axis=-1)
     logits = logits / jnp.maximum(temperature, 1e-6)
     if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        logits = top_k_filter(logits, top_k)
     if top_p < 1.0:
         logits = top_p_filter(logits, top_p)
-    sampled = jax.random.categorical(key, logits, axis=-1)
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, V]
+    u = jax.random.uniform(key, (logits.shape[0], 1), minval=1e-7) * cdf[:, -1:]
+    sampled = jnp.sum(cdf < u, axis=-1)  # the first token whose cdf reaches u
     return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
 
 

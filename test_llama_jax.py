@@ -738,6 +738,31 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(1.0) == {0, 1, 2, 3}
 
 
+def test_top_k_keeps_exactly_the_k_largest_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 50257)).astype(np.float32) * 4
+    logits[2, :10] = 30.0  # ten tied maxima: top-3 keeps all ten
+    for k in (1, 7, 50, 1000):
+        kept = np.isfinite(np.asarray(L.top_k_filter(jnp.asarray(logits), k)))
+        for row in range(2):
+            assert set(np.flatnonzero(kept[row])) == set(np.argsort(-logits[row])[:k])
+    kept = np.isfinite(np.asarray(L.top_k_filter(jnp.asarray(logits), 3)))
+    assert set(np.flatnonzero(kept[2])) == set(range(10))
+
+
+def test_top_p_matches_a_sorting_numpy_reference():
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(4, 5000)) * 3).astype(np.float32)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for p in (0.1, 0.5, 0.9, 0.99):
+        kept = np.isfinite(np.asarray(L.top_p_filter(jnp.asarray(logits), p)))
+        for row in range(4):
+            order = np.argsort(-probs[row])
+            n = np.searchsorted(np.cumsum(probs[row][order]), p) + 1  # smallest prefix >= p
+            assert set(np.flatnonzero(kept[row])) == set(order[:n]), (p, row)
+
+
 def test_samples_follow_the_softmax_distribution():
     logits = jnp.array([[2.0, 1.0, 0.5, -1.0, 0.0]])
     n = 40_000
