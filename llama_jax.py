@@ -29,6 +29,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +237,26 @@ def get_tokenizer():
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_SPLIT_PATTERN,
                              mergeable_ranks=read_bpe_ranks(GPT2_TIKTOKEN),
                              special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+def llama3_tokenizer(path):
+    """A tiktoken Encoding for Llama 3's tokenizer.model (tiktoken format, 128,000
+    ranks) with Llama 3's split pattern and its 256 special tokens, numbered
+    after the ranks, named as in Llama 3.1 and later (Meta's tokenizer.py).
+    Llama 3.0 named a few unused slots differently; the ids of
+    <|begin_of_text|>, <|end_of_text|>, the header tokens and <|eot_id|> agree."""
+    import tiktoken
+
+    ranks = read_bpe_ranks(path)
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+             "<|python_tag|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(names))]
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    return tiktoken.Encoding(name="llama3", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={n: len(ranks) + i for i, n in enumerate(names)})
 
 
 def load_text(path):
@@ -773,6 +794,20 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     t_last, step_last = time.perf_counter(), start_step
     t_start = t_last
     step = start_step
+    # Ctrl-C (SIGINT) or a polite kill (SIGTERM) only sets a flag, read between
+    # steps: an exception in the middle of train_step could leave params
+    # pointing at buffers already donated to the step. A second Ctrl-C aborts.
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        if stop_signal:
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+        log("stopping after this step (press Ctrl-C again to abort without saving)")
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(start_step, tc.steps):
             params, opt_state, loss = train_step(params, opt_state, train_dev, key, config, tc)
@@ -800,20 +835,26 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
                 run_eval(done)
                 checkpoint()
                 t_last = time.perf_counter()  # evaluation time is not training speed
+            if stop_signal:
+                raise KeyboardInterrupt
     except FloatingPointError as err:
         bad = int(err.args[0])
         log(f"stopped: the loss became non-finite at step {bad + 1}; the last good checkpoint "
             f"({ckpt_path}) was kept. Lower --lr or check the data.")
         stopped = "non-finite"
     except KeyboardInterrupt:
-        # params/opt_state are those of the last step that finished dispatching.
-        done_steps = int(opt_state["step"])
-        for s, value in jax.device_get(pending):
-            history["train"].append([s + 1, float(value)])
-        log(f"interrupted: saving a checkpoint at step {done_steps} to {ckpt_path}; "
-            "continue with --resume")
-        checkpoint()
         stopped = "interrupted"
+        if any(x.is_deleted() for x in jax.tree_util.tree_leaves((params, opt_state))):
+            log(f"aborted inside a step: {ckpt_path} keeps the last saved state")
+        else:
+            for s, value in jax.device_get(pending):
+                history["train"].append([s + 1, float(value)])
+            log(f"interrupted: saving a checkpoint at step {int(opt_state['step'])} to "
+                f"{ckpt_path}; continue with --resume")
+            checkpoint()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if stopped is None and start_step >= tc.steps:
         log(f"nothing to do: the checkpoint is at step {start_step} and --steps is {tc.steps}")
     return {"params": params, "opt_state": opt_state, "history": history, "stopped": stopped}
@@ -1453,6 +1494,11 @@ def resolve_configs(args):
     return ModelConfig(**model), TrainConfig(**training)
 
 
+def special_token(tokenizer, name):
+    """The id of a special token, or None if the tokenizer has none of that name."""
+    return tokenizer.encode_single_token(name) if name in tokenizer.special_tokens_set else None
+
+
 def print_sample(params, config, tokenizer, args, key, log=print):
     """Encodes the prompt, generates, prints the decoded text."""
     if args.prompt_ids:
@@ -1465,7 +1511,7 @@ def print_sample(params, config, tokenizer, args, key, log=print):
                          "--prompt-ids 1,2,3 (and read ids back), or --tokenizer gpt2")
     else:
         prompt = tokenizer.encode_ordinary(args.prompt)
-        bos = tokenizer._special_tokens.get("<|begin_of_text|>")
+        bos = special_token(tokenizer, "<|begin_of_text|>")  # Llama 3 prompts start with it
         if bos is not None:
             prompt = [bos] + prompt
     max_new = args.max_new_tokens
@@ -1478,7 +1524,7 @@ def print_sample(params, config, tokenizer, args, key, log=print):
             "context)")
     stop = None
     if tokenizer is not None:
-        stop = tokenizer._special_tokens.get(ENDOFTEXT, tokenizer._special_tokens.get("<|end_of_text|>"))
+        stop = special_token(tokenizer, ENDOFTEXT) or special_token(tokenizer, "<|end_of_text|>")
     t0 = time.perf_counter()
     out = generate(params, prompt, max_new, config, key, temperature=args.temperature,
                    top_k=args.top_k or None, top_p=args.top_p, stop_token=stop)
@@ -1508,26 +1554,6 @@ def run_train(args):
     print_sample(result["params"], decoding_config(config), get_tokenizer(), args,
                  jax.random.PRNGKey(tc.seed), log)
     return 0
-
-
-def llama3_tokenizer(path):
-    """A tiktoken Encoding for Llama 3's tokenizer.model (tiktoken format, 128,000
-    ranks) with Llama 3's split pattern and its 256 special tokens, numbered
-    after the ranks, named as in Llama 3.1 and later (Meta's tokenizer.py).
-    Llama 3.0 named a few unused slots differently; the ids of
-    <|begin_of_text|>, <|end_of_text|>, the header tokens and <|eot_id|> agree."""
-    import tiktoken
-
-    ranks = read_bpe_ranks(path)
-    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
-             "<|python_tag|>"]
-    names += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(names))]
-    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-    return tiktoken.Encoding(name="llama3", pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens={n: len(ranks) + i for i, n in enumerate(names)})
 
 
 def run_sample(args):
@@ -1681,8 +1707,6 @@ def run_bench(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    # A polite kill (SIGTERM) saves a checkpoint just like Ctrl-C.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if args.bench:
             return run_bench(args)

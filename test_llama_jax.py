@@ -1079,3 +1079,29 @@ def test_presets_resolve_to_valid_configs_and_flags_override_them():
         ["--preset", "cpu", "--dim", "64", "--seq-len", "512", "--dtype", "float32", "--lr", "1e-4"]))
     assert (config.dim, config.max_seq_len, config.compute_dtype) == (64, 512, "float32")
     assert (tc.seq_len, tc.lr, tc.min_lr) == (512, 1e-4, 1e-4)  # the floor never exceeds lr
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error():
+    args = L.build_parser().parse_args(["--prompt", "To be, or not to be " * 20])
+    params = L.init_params(jax.random.PRNGKey(0), TRAIN_TINY)
+    with pytest.raises(L.InputError, match="the prompt is 141 tokens; the model's context is 32"):
+        L.print_sample(params, TRAIN_TINY, L.get_tokenizer(), args, jax.random.PRNGKey(0))
+    lines = []
+    args = L.build_parser().parse_args(["--prompt", "To be", "--max-new-tokens", "100"])
+    L.print_sample(params, TRAIN_TINY, L.get_tokenizer(), args, jax.random.PRNGKey(0),
+                   log=lines.append)
+    assert "--max-new-tokens lowered to 30" in lines[0]
+
+
+def test_ctrl_c_stops_after_the_step_and_saves_a_resumable_checkpoint(corpus, tmp_path):
+    import signal
+
+    def press_ctrl_c_at_step_3(line):
+        if line.startswith("step     3/"):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag
+
+    result = L.train(TRAIN_TINY, quick_tc(steps=8, eval_every=100), corpus, tmp_path,
+                     log=press_ctrl_c_at_step_3)
+    assert result["stopped"] == "interrupted"
+    assert int(L.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)["opt_state"]["step"]) == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
