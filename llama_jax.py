@@ -1044,10 +1044,6 @@ def unflatten_like(template, flat, prefix=""):
     return flat[prefix[:-1]]
 
 
-def config_to_json(config):
-    return dataclasses.asdict(config)
-
-
 def config_from_json(cls, d):
     d = dict(d)
     if d.get("rope_scaling") is not None:
@@ -1063,8 +1059,8 @@ def save_checkpoint(path, params, opt_state, key, config, tc, history):
     written beside its final name, flushed to disk, then renamed over it
     (os.replace is atomic), so a crash mid-save leaves the old one intact."""
     path = Path(path)
-    meta = {"format_version": CHECKPOINT_VERSION, "model_config": config_to_json(config),
-            "train_config": config_to_json(tc), "history": history,
+    meta = {"format_version": CHECKPOINT_VERSION, "model_config": dataclasses.asdict(config),
+            "train_config": dataclasses.asdict(tc), "history": history,
             "step": int(opt_state["step"])}
     arrays = {"params/" + k: v for k, v in flatten_tree(params).items()}
     arrays.update({"opt/" + k: v for k, v in flatten_tree(opt_state).items()})

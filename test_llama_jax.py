@@ -5,6 +5,7 @@ oracle for the cached one, published token ids). Tiny configs, fixed keys.
     pytest -q test_llama_jax.py
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -127,7 +128,7 @@ def np_llama_forward(params, tokens, config):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_forward_matches_numpy_oracle(tied):
-    config = L.ModelConfig(**{**TINY.__dict__, "tie_embeddings": tied})
+    config = dataclasses.replace(TINY, tie_embeddings=tied)
     params = random_params(config)
     tokens = tokens_for(config, 2, 12)
     logits, cache = forward(params, tokens, config)
@@ -138,7 +139,7 @@ def test_forward_matches_numpy_oracle(tied):
 
 
 def test_reference_attention_path_matches_oracle():
-    config = L.ModelConfig(**{**TINY.__dict__, "fused_attention": False})
+    config = dataclasses.replace(TINY, fused_attention=False)
     params = random_params(config)
     tokens = tokens_for(config, 2, 12)
     logits, _ = forward(params, tokens, config)
@@ -202,7 +203,7 @@ def test_cache_rows_at_different_positions():
 
 def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
     params = random_params(TINY)
-    mha = L.ModelConfig(**{**TINY.__dict__, "n_kv_heads": TINY.n_heads})
+    mha = dataclasses.replace(TINY, n_kv_heads=TINY.n_heads)
     G, Dh = TINY.n_heads // TINY.n_kv_heads, TINY.head_width
     repeated = jax.tree_util.tree_map(lambda x: x, params)
     for layer in repeated["layers"]:
@@ -215,7 +216,7 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
 
 
 def test_mha_when_kv_heads_equal_heads_matches_oracle():
-    mha = L.ModelConfig(**{**TINY.__dict__, "n_kv_heads": TINY.n_heads})
+    mha = dataclasses.replace(TINY, n_kv_heads=TINY.n_heads)
     params = random_params(mha)
     tokens = tokens_for(mha, 1, 10)
     np.testing.assert_allclose(forward(params, tokens, mha)[0],
@@ -299,18 +300,18 @@ def test_gradients_match_finite_differences():
 
 
 def test_dropout_off_ignores_the_key_and_training_false_is_deterministic():
-    config = L.ModelConfig(**{**TINY.__dict__, "dropout_rate": 0.5})
+    config = dataclasses.replace(TINY, dropout_rate=0.5)
     params, tokens = random_params(config), tokens_for(config, 2, 8)
     a, _ = forward(params, tokens, config, key=jax.random.PRNGKey(1))
     b, _ = forward(params, tokens, config, key=jax.random.PRNGKey(2))
     np.testing.assert_array_equal(a, b)
-    off = L.ModelConfig(**{**TINY.__dict__, "dropout_rate": 0.0})
+    off = dataclasses.replace(TINY, dropout_rate=0.0)
     c, _ = forward(params, tokens, off, training=True, key=jax.random.PRNGKey(1))
     np.testing.assert_array_equal(a, c)
 
 
 def test_dropout_on_changes_outputs_with_the_key():
-    config = L.ModelConfig(**{**TINY.__dict__, "dropout_rate": 0.5})
+    config = dataclasses.replace(TINY, dropout_rate=0.5)
     params, tokens = random_params(config), tokens_for(config, 2, 8)
     a, _ = forward(params, tokens, config, training=True, key=jax.random.PRNGKey(1))
     b, _ = forward(params, tokens, config, training=True, key=jax.random.PRNGKey(2))
@@ -353,8 +354,8 @@ def test_ffn_width_follows_llamas_rule():
 
 
 def test_padded_vocabulary_never_changes_loss_or_logits():
-    padded = L.ModelConfig(**{**TINY.__dict__, "vocab_multiple": 64})  # 97 -> 128
-    plain = L.ModelConfig(**{**TINY.__dict__, "vocab_multiple": 1})
+    padded = dataclasses.replace(TINY, vocab_multiple=64)  # 97 -> 128
+    plain = dataclasses.replace(TINY, vocab_multiple=1)
     params = random_params(padded)  # random (non-zero) padding rows: must still not matter
     unpadded = dict(params, tok_embeddings=params["tok_embeddings"][:97],
                     output=params["output"][:, :97])
@@ -372,7 +373,7 @@ def test_padded_vocabulary_never_changes_loss_or_logits():
 
 
 def test_bfloat16_compute_agrees_with_float32():
-    bf16 = L.ModelConfig(**{**TINY.__dict__, "compute_dtype": "bfloat16"})
+    bf16 = dataclasses.replace(TINY, compute_dtype="bfloat16")
     params = L.init_params(jax.random.PRNGKey(0), TINY)
     tokens = tokens_for(TINY, 2, 16)
     batch = (tokens, jnp.roll(tokens, -1, 1))
@@ -552,19 +553,14 @@ def test_same_seed_same_losses(corpus, tmp_path):
 
 
 def test_train_step_compiles_once(corpus, tmp_path):
-    config = dataclass_replace(TRAIN_TINY, dim=48)  # a config no other test compiled
+    config = dataclasses.replace(TRAIN_TINY, dim=48)  # a config no other test compiled
     with CompileCounter("train_step") as compiles:
         L.train(config, quick_tc(steps=5), corpus, tmp_path, log=lambda s: None)
     assert compiles.count == 1
 
 
-def dataclass_replace(obj, **changes):
-    import dataclasses
-    return dataclasses.replace(obj, **changes)
-
-
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
-    config = dataclass_replace(TRAIN_TINY, dropout_rate=0.1)  # the dropout keys must resume too
+    config = dataclasses.replace(TRAIN_TINY, dropout_rate=0.1)  # the dropout keys must resume too
     tc = quick_tc(steps=8, eval_every=100)
     straight = L.train(config, tc, corpus, tmp_path / "straight", log=lambda s: None)
 
@@ -613,7 +609,7 @@ def test_checkpoint_round_trip_is_exact(corpus, tmp_path):
 
 def test_mismatched_checkpoint_is_refused_listing_every_mismatch(corpus, tmp_path):
     L.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path, log=lambda s: None)
-    other = dataclass_replace(TRAIN_TINY, dim=64, n_layers=3)
+    other = dataclasses.replace(TRAIN_TINY, dim=64, n_layers=3)
     with pytest.raises(L.CheckpointError) as err:
         L.load_checkpoint(tmp_path / "ckpt.npz", other)
     message = str(err.value)
@@ -800,7 +796,7 @@ def test_stop_token_ends_a_row():
 
 
 def test_generate_compiles_once_not_per_token():
-    config = dataclass_replace(TINY, n_layers=1)  # a config no other test compiled
+    config = dataclasses.replace(TINY, n_layers=1)  # a config no other test compiled
     params = random_params(config)
     with CompileCounter("_generate") as compiles:
         L.generate(params, [1, 2, 3], 10, config, jax.random.PRNGKey(0))
@@ -846,7 +842,7 @@ def test_hf_fixture_logits_match_transformers(name):
         assert config.compute_dtype == "bfloat16"
         assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))
         params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
-        config = dataclass_replace(config, compute_dtype="float32")
+        config = dataclasses.replace(config, compute_dtype="float32")
     tokens = np.load(FIXTURES / name / "tokens.npy")
     logits, _ = forward(params, jnp.asarray(tokens), config)
     np.testing.assert_allclose(logits, np.load(FIXTURES / name / "expected_logits.npy"),
@@ -886,7 +882,7 @@ def test_hf_save_then_load_round_trips_arrays_and_config(config, tmp_path):
     params = random_params(config)
     L.save_hf_checkpoint(tmp_path, params, config)
     loaded, loaded_config = L.load_hf_checkpoint(tmp_path)
-    assert loaded_config == dataclass_replace(config, ffn_dim=config.ffn_width)
+    assert loaded_config == dataclasses.replace(config, ffn_dim=config.ffn_width)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
         np.testing.assert_array_equal(a, b)
 
@@ -1067,6 +1063,12 @@ def test_committed_notebook_shows_a_real_run_and_stays_small():
     assert all(c.execution_count for c in code), "run tools/make_notebook.py to fill the outputs"
     assert "fast mode: False" in code[0].outputs[0]["text"]
     assert not any(out.output_type == "error" for c in code for out in c.outputs)
+    # The committed cells are the ones tools/make_notebook.py builds.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_notebook", HERE / "tools" / "make_notebook.py")
+    make_notebook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_notebook)
+    assert [c.source for c in make_notebook.build().cells] == [c.source for c in notebook.cells]
 
 
 def test_presets_resolve_to_valid_configs_and_flags_override_them():

@@ -167,7 +167,6 @@ gradients, clips them and applies AdamW with a warmup-then-cosine learning rate.
 redraws in place as training runs."""),
     ("code", """tc = L.TrainConfig(steps=40 if FAST else 320, batch_size=8, seq_len=64 if FAST else 128,
                    lr=3e-3, warmup_steps=10 if FAST else 30, eval_every=20 if FAST else 40)
-config = L.ModelConfig(**{**config.__dict__, "max_seq_len": 128})
 key = jax.random.PRNGKey(tc.seed)
 params = L.init_params(jax.random.fold_in(key, 1), config)
 before = L.generate(params, tokenizer.encode_ordinary("KING RICHARD."), 30, config, jax.random.PRNGKey(0),
