@@ -331,8 +331,7 @@ def dense(x, w, config):
 
 @jax.custom_vjp
 def _dense_bf16(x, w):
-    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
-                   preferred_element_type=jnp.float32)
+    return _dense_bf16_fwd(x, w)[0]
 
 
 def _dense_bf16_fwd(x, w):
@@ -1437,22 +1436,26 @@ def default_preset():
     return "gpu" if jax.default_backend() == "gpu" else "cpu"
 
 
+def matmul_seconds(a, b, repeats=5):
+    """Seconds for `repeats` products a @ b with float32 accumulation (as in
+    dense), compiled and warmed up first."""
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a, b)
+    out.block_until_ready()
+    return time.perf_counter() - t0
+
+
 def bfloat16_speedup():
-    """How much faster a bfloat16 matmul (float32 accumulation) of a model-like
-    shape, [1024, 256] @ [256, 4096], runs than a float32 one on the default
-    device. CPUs with native bfloat16 instructions (AVX512-BF16, AMX) gain
-    1.5-2x; others can lose."""
-    times = {}
-    for dtype in (jnp.float32, jnp.bfloat16):
-        a, b = jnp.ones((1024, 256), dtype), jnp.ones((256, 4096), dtype)
-        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-        f(a, b).block_until_ready()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            out = f(a, b)
-        out.block_until_ready()
-        times[dtype] = time.perf_counter() - t0
-    return times[jnp.float32] / times[jnp.bfloat16]
+    """How much faster a bfloat16 matmul of a model-like shape,
+    [1024, 256] @ [256, 4096], runs than a float32 one on the default device.
+    CPUs with native bfloat16 instructions (AVX512-BF16, AMX) gain 1.5-2x;
+    others can lose."""
+    seconds = {dtype: matmul_seconds(jnp.ones((1024, 256), dtype), jnp.ones((256, 4096), dtype))
+               for dtype in (jnp.float32, jnp.bfloat16)}
+    return seconds[jnp.float32] / seconds[jnp.bfloat16]
 
 
 def decoding_config(config):
@@ -1595,16 +1598,9 @@ def flops_per_token(config, seq_len):
 
 
 def measured_matmul_peak(dtype, n=2048, repeats=5):
-    """FLOP/s of one large square matmul (float32 accumulation, as in dense):
-    what this device can do at best."""
+    """FLOP/s of one large square matmul: what this device can do at best."""
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-    f(a).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+    return 2 * n ** 3 * repeats / matmul_seconds(a, a, repeats)
 
 
 def bench_train(config, tc, n_steps):
