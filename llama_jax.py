@@ -741,11 +741,27 @@ def save_loss_plot(history, path):
     os.replace(tmp, path)
 
 
-def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print):
+def steps_within_budget(tc, step, seconds_left, per_step, eval_seconds):
+    """How many steps in total fit a wall-clock budget: the steps already done,
+    plus as many more as the time left allows at the measured seconds per step,
+    an evaluation's cost counted every tc.eval_every steps and 5% kept in hand.
+    Never more than tc.steps: a budget only shortens a run."""
+    per_step_with_evals = per_step + eval_seconds / tc.eval_every
+    more = int(0.95 * seconds_left / per_step_with_evals)
+    return max(step + 1, min(tc.steps, step + more))
+
+
+def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print,
+          time_budget=None):
     """Trains a model and returns {"params", "opt_state", "history", "stopped"}.
     Writes out_dir/ckpt.npz (atomically) and out_dir/loss.png at every
     evaluation and at the end. With resume=True, continues from out_dir/ckpt.npz;
-    it must have been written with the same architecture."""
+    it must have been written with the same architecture.
+    time_budget (minutes of wall clock, compile included) shortens the run to
+    fit: after a few timed steps, tc.steps is lowered so that the cosine
+    schedule ends inside the budget (the step recompiles once for the new
+    schedule), and a run that still reaches the budget stops there cleanly,
+    evaluates and checkpoints."""
     if tc.seq_len > config.max_seq_len:
         raise InputError(f"--seq-len {tc.seq_len} is longer than the model's context "
                          f"(max_seq_len {config.max_seq_len}): lower --seq-len")
@@ -807,16 +823,27 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    deadline = None if time_budget is None else t_start + 60.0 * time_budget
+    calibrate_at = start_step + 11  # 10 timed steps after the compiled first one
     try:
-        for step in range(start_step, tc.steps):
+        while step < tc.steps:
             params, opt_state, loss = train_step(params, opt_state, train_dev, key, config, tc)
             pending.append((step, loss))
             if step == start_step:
                 loss.block_until_ready()
                 log(f"compiled and ran the first step in {time.perf_counter() - t_start:.1f}s")
                 t_last, step_last = time.perf_counter(), step + 1
+                t_first = t_last
             done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps or done % tc.eval_every == 0:
+            # With a time budget: after 10 timed steps, one evaluation and one
+            # checkpoint are timed too (compiles included), then the schedule is fitted.
+            calibrate = deadline is not None and done == calibrate_at and done < tc.steps
+            if calibrate:
+                loss.block_until_ready()
+                per_step = (time.perf_counter() - t_first) / (done - start_step - 1)
+            out_of_time = deadline is not None and time.perf_counter() > deadline
+            last = done == tc.steps or out_of_time
+            if done % tc.log_every == 0 or last or done % tc.eval_every == 0 or calibrate:
                 for s, value in jax.device_get(pending):
                     if not np.isfinite(value):
                         raise FloatingPointError(s)
@@ -824,18 +851,36 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
                 pending = []
                 now = time.perf_counter()
                 if done > step_last:
-                    per_step = (now - t_last) / (done - step_last)
+                    per_step_now = (now - t_last) / (done - step_last)
                     log(f"step {done:5d}/{tc.steps} | loss {history['train'][-1][1]:.4f} | "
-                        f"lr {float(learning_rate(step, tc)):.2e} | {per_step * 1e3:6.0f} ms/step"
-                        f" | {tokens_per_step / per_step:8,.0f} tok/s | "
-                        f"ETA {format_duration(per_step * (tc.steps - done))}")
+                        f"lr {float(learning_rate(step, tc)):.2e} | {per_step_now * 1e3:6.0f} "
+                        f"ms/step | {tokens_per_step / per_step_now:8,.0f} tok/s | "
+                        f"ETA {format_duration(per_step_now * (tc.steps - done))}")
                 t_last, step_last = now, done
-            if done % tc.eval_every == 0 or done == tc.steps:
+            if done % tc.eval_every == 0 or last or calibrate:
+                if out_of_time and done < tc.steps:
+                    log(f"time budget of {time_budget:g} min reached at step {done}: "
+                        "evaluating and saving")
+                t_eval = time.perf_counter()
                 run_eval(done)
                 checkpoint()
                 t_last = time.perf_counter()  # evaluation time is not training speed
+                if calibrate:
+                    # A new schedule recompiles the step: as long as the first compile.
+                    fit = steps_within_budget(tc, done, deadline - t_last - (t_first - t_start),
+                                              per_step, t_last - t_eval)
+                    if fit < tc.steps:
+                        log(f"time budget {time_budget:g} min: at {per_step * 1e3:.0f} ms/step "
+                            f"and {t_last - t_eval:.1f}s per evaluation, {fit} of {tc.steps} "
+                            f"steps fit; the schedule now ends at step {fit}")
+                        tc = dataclasses.replace(tc, steps=fit,
+                                                 warmup_steps=min(tc.warmup_steps,
+                                                                  max(done, fit // 5)))
             if stop_signal:
                 raise KeyboardInterrupt
+            step = done
+            if out_of_time:
+                break
     except FloatingPointError as err:
         bad = int(err.args[0])
         log(f"stopped: the loss became non-finite at step {bad + 1}; the last good checkpoint "
@@ -1410,12 +1455,18 @@ def build_parser():
     training.add_argument("--log-every", type=int, help="a progress line every N steps "
                                                         "(default: 25)")
     training.add_argument("--seed", type=int, help="seeds init, batches and dropout (default: 0)")
+    training.add_argument("--time-budget", type=float, metavar="MINUTES",
+                          help="train for at most this much wall clock (compile included): "
+                               "after 10 timed steps --steps is lowered so that the learning-"
+                               "rate schedule ends inside the budget, and the run stops "
+                               "cleanly at the budget (evaluate, checkpoint, sample)")
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--prompt", default="\n",
                           help="text to continue (default: a newline, i.e. a fresh speech)")
     sampling.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
     sampling.add_argument("--max-new-tokens", type=int, default=200,
-                          help="tokens to generate (default: 200)")
+                          help="tokens to generate (default: 200); with --bench, 0 skips the "
+                               "decoding benchmark")
     sampling.add_argument("--temperature", type=float, default=0.8,
                           help="0 is greedy; higher is more random (default: 0.8)")
     sampling.add_argument("--top-k", type=int, default=50,
@@ -1544,7 +1595,11 @@ def print_sample(params, config, tokenizer, args, key, log=print):
 def run_train(args):
     config, tc = resolve_configs(args)
     log = functools.partial(print, flush=True)
-    result = train(config, tc, args.data, args.out_dir, resume=args.resume, log=log)
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise InputError(f"--time-budget must be a positive number of minutes, got "
+                         f"{args.time_budget}")
+    result = train(config, tc, args.data, args.out_dir, resume=args.resume, log=log,
+                   time_budget=args.time_budget)
     if result["stopped"] == "non-finite":
         return 1
     if result["stopped"] == "interrupted":
@@ -1683,8 +1738,9 @@ def run_bench(args):
          f"ms/step, MFU {mfu:.1%} (of {peak / 1e12:.3g} TFLOP/s, {peak_source}; "
          f"{fpt / 1e6:.0f} MFLOP/token), compile {train_result['compile_s']:.1f}s")
     n_new = min(128, config.max_seq_len - 16)
-    decode = [bench_decode(params, decoding_config(config), b, n_new, n_naive=4 if on_gpu else 6)
-              for b in (1, 8)]
+    decode = [] if args.max_new_tokens == 0 else [  # --max-new-tokens 0: training only
+        bench_decode(params, decoding_config(config), b, n_new, n_naive=4 if on_gpu else 6)
+        for b in (1, 8)]
     for d in decode:
         emit({"kind": "decode", **d},
              f"decode batch {d['batch']}: cached {d['decode_tokens_per_s']:,.1f} tok/s, "
@@ -1692,8 +1748,9 @@ def run_bench(args):
              f"({d['speedup']:,.0f}x)")
     if args.json:
         emit({"kind": "summary", "train_tokens_per_s": train_result["train_tokens_per_s"],
-              "mfu": mfu, "decode_tokens_per_s": decode[0]["decode_tokens_per_s"],
-              "decode_tokens_per_s_batch8": decode[1]["decode_tokens_per_s"]}, "")
+              "mfu": mfu, "decode_tokens_per_s": decode[0]["decode_tokens_per_s"] if decode else None,
+              "decode_tokens_per_s_batch8": decode[1]["decode_tokens_per_s"] if decode else None},
+             "")
     return 0
 
 

@@ -1107,3 +1107,64 @@ def test_ctrl_c_stops_after_the_step_and_saves_a_resumable_checkpoint(corpus, tm
     assert result["stopped"] == "interrupted"
     assert int(L.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)["opt_state"]["step"]) == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+# ----------------------------------------------------------------------------- time budget and the GPU check
+
+
+def test_steps_within_budget_counts_evaluations_and_never_lengthens_a_run():
+    tc = quick_tc(steps=1000, eval_every=100)
+    # 100 s left at 0.1 s/step plus a 5 s evaluation every 100 steps: 0.15 s per
+    # step, 95% of 100 s -> 633 more steps after the 10 done.
+    assert L.steps_within_budget(tc, 10, 100.0, 0.1, 5.0) == 10 + 633
+    assert L.steps_within_budget(tc, 10, 1e9, 0.1, 5.0) == 1000  # only ever shortens
+    assert L.steps_within_budget(tc, 10, -5.0, 0.1, 5.0) == 11  # at least one more step
+
+
+def test_time_budget_that_is_not_reached_changes_no_loss(corpus, tmp_path):
+    tc = quick_tc(steps=14, eval_every=100)
+    plain = L.train(TRAIN_TINY, tc, corpus, tmp_path / "plain", log=lambda s: None)
+    lines = []
+    timed = L.train(TRAIN_TINY, tc, corpus, tmp_path / "timed", log=lines.append,
+                    time_budget=600.0)
+    np.testing.assert_array_equal(np.array(plain["history"]["train"]),
+                                  np.array(timed["history"]["train"]))
+    assert [e[0] for e in timed["history"]["eval"]] == [11, 14]  # the timed evaluation, the end
+    assert not any("steps fit" in line for line in lines)
+
+
+def test_time_budget_reached_stops_cleanly_with_an_evaluation_and_a_checkpoint(corpus, tmp_path):
+    lines = []
+    result = L.train(TRAIN_TINY, quick_tc(steps=50, eval_every=100), corpus, tmp_path,
+                     log=lines.append, time_budget=1e-9)
+    assert result["stopped"] is None
+    assert any("time budget of 1e-09 min reached at step 1" in line for line in lines)
+    ckpt = L.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)
+    assert int(ckpt["opt_state"]["step"]) == 1 and ckpt["history"]["eval"][-1][0] == 1
+    assert (tmp_path / "loss.png").is_file()
+    bad = run_cli("--time-budget", "0", "--out-dir", "x", cwd=tmp_path)
+    assert bad.returncode == 2 and "--time-budget must be a positive" in bad.stderr
+
+
+def test_gpu_check_dry_run_writes_every_figure(tmp_path):
+    out = tmp_path / "gpu"
+    env = dict(os.environ, GPU_CHECK_BUDGET_MIN="0.15", PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(HERE / "tools" / "gpu_check.sh"), "--dry-run", str(out)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    log = (out / "log.txt").read_text()
+    assert result.returncode == 0, result.stderr + log[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds == ["env", "tests", "bench_train", "bench_decode", "bench_decode",
+                     "bench_summary", "bench_train", "bench_summary", "train_budget", "summary"]
+    env_rec, tests, budget, summary = (records[0], records[1], records[-2], records[-1])
+    assert env_rec["backend"] == "cpu" and env_rec["jax"] == jax.__version__
+    # The GPU selection still names the tests it is meant to (renames would empty it).
+    assert tests["selected"] >= 12 and tests["passed"] >= 1 and tests["failed"] == 0
+    assert [r["batch"] for r in records if r["kind"] == "bench_decode"] == [1, 8]
+    assert budget["exit_code"] == 0 and np.isfinite(budget["val_loss"])
+    assert 1 <= budget["steps"] <= budget["schedule_steps"]
+    assert summary["tests_failed"] == 0 and summary["mfu_153m_b16"] > 0
+    assert summary["decode_tokens_per_s_b1"] > 0 and summary["budget_val_loss"] is not None
+    assert (out / "loss.png").is_file() and (out / "junit.xml").is_file()
+    assert "Traceback" not in log

@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# One prepared check of the GPU path, for a session that is lent an H100/H200
+# for a few minutes. It runs in one call, in under 8 minutes, and writes every
+# figure as a JSON line to OUTDIR/results.jsonl, every log line to
+# OUTDIR/log.txt, pytest's report to OUTDIR/junit.xml and the training run's
+# loss curve to OUTDIR/loss.png (four files: the device tool returns at most 8).
+#
+#     tools/gpu_check.sh OUTDIR            # on the GPU machine (JAX 0.11.x + CUDA)
+#     tools/gpu_check.sh --dry-run OUTDIR  # the same steps on CPU, tiny sizes
+#
+# Steps, each under its own time limit so that one hang cannot eat the lease:
+#   1. env    versions and the device
+#   2. tests  the suite's GPU-relevant tests, run on the GPU
+#   3. bench  --bench at the 153M configuration, batch 16 x 1024 (with decoding
+#             at batch 1 and 8) and 32 x 1024 (training only), bfloat16
+#   4. train  the gpu preset under --time-budget (4 minutes; GPU_CHECK_BUDGET_MIN)
+#   5. summary  the figures against the GPU goals in the README
+# The dry run writes the same keys, so a test keeps this script working in CI.
+set -uo pipefail
+
+usage() { echo "usage: tools/gpu_check.sh [--dry-run] OUTDIR" >&2; exit 2; }
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+[ $# -eq 1 ] || usage
+OUT=$1
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+RESULTS=$OUT/results.jsonl
+LOG=$OUT/log.txt
+: > "$RESULTS"
+: > "$LOG"
+# The run's checkpoint (hundreds of MB on the GPU) stays out of OUTDIR.
+RUN_DIR=$(mktemp -d)
+trap 'rm -rf "$RUN_DIR"' EXIT
+export PYTHONUNBUFFERED=1
+cd "$ROOT" || exit 2
+T0=$(date +%s)
+
+if [ $DRY = 1 ]; then
+    export JAX_PLATFORMS=cpu
+    # Tiny sizes; vocabulary 50,257 as on the GPU.
+    BENCH_MODEL=(--dim 32 --n-layers 2 --n-heads 4 --n-kv-heads 2 --ffn-dim 64
+                 --max-seq-len 64 --no-tie-embeddings --dtype bfloat16)
+    BENCH_BATCHES=(2 4)
+    BENCH_SEQ=32
+    TRAIN_FLAGS=(--preset gpu --dim 32 --n-layers 2 --n-heads 4 --n-kv-heads 2 --max-seq-len 64
+                 --batch-size 2 --seq-len 32 --eval-every 20 --max-new-tokens 8)
+    BUDGET=${GPU_CHECK_BUDGET_MIN:-0.25}
+    TEST_SELECT="fused_attention_equals_explicit"
+    LIMIT_TESTS=120 LIMIT_BENCH=120 LIMIT_TRAIN=120
+else
+    # The 153M configuration (untied; tied it is 114M).
+    BENCH_MODEL=(--dim 768 --n-layers 12 --n-heads 12 --n-kv-heads 4 --ffn-dim 2048
+                 --max-seq-len 1024 --no-tie-embeddings --dtype bfloat16)
+    BENCH_BATCHES=(16 32)
+    BENCH_SEQ=1024
+    TRAIN_FLAGS=(--preset gpu)
+    BUDGET=${GPU_CHECK_BUDGET_MIN:-4}
+    TEST_SELECT=""
+    LIMIT_TESTS=100 LIMIT_BENCH=110
+    LIMIT_TRAIN=$(awk "BEGIN { print int($BUDGET * 60 + 60) }")
+fi
+# The tests that exercise what differs on a GPU: fused (cuDNN) vs explicit
+# attention, bfloat16 vs float32, the padded vocabulary, cached decoding vs the
+# full forward, sharded steps (when the suite has them).
+GPU_TESTS="fused_attention or bfloat16 or padded_vocabulary or cached_decode or prefill or cache_rows or forward_matches_numpy or greedy_generate or sharded"
+
+note() { echo "== $* ($(( $(date +%s) - T0 ))s)" | tee -a "$LOG"; }
+
+# Appends one JSON object (given as Python keyword arguments' source) to results.
+record() {
+    "$PY" - "$RESULTS" "$@" <<'EOF'
+import json, sys
+path, pairs = sys.argv[1], sys.argv[2:]
+rec = {}
+for pair in pairs:
+    k, v = pair.split("=", 1)
+    try:
+        rec[k] = json.loads(v)
+    except ValueError:
+        rec[k] = v
+open(path, "a").write(json.dumps(rec) + "\n")
+EOF
+}
+
+# ----------------------------------------------------------------------------- 1. env
+note "env"
+nvidia-smi >> "$LOG" 2>&1 || echo "(no nvidia-smi)" >> "$LOG"
+"$PY" - "$RESULTS" >> "$LOG" 2>&1 <<'EOF'
+import json, platform, sys
+import jax, jaxlib, numpy
+d = jax.devices()[0]
+rec = {"kind": "env", "backend": jax.default_backend(),
+       "device": getattr(d, "device_kind", d.platform), "device_count": jax.device_count(),
+       "jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": numpy.__version__,
+       "python": platform.python_version()}
+print(rec)
+open(sys.argv[1], "a").write(json.dumps(rec) + "\n")
+EOF
+BACKEND=$("$PY" -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["backend"])' "$RESULTS" 2>/dev/null)
+if [ $DRY = 0 ] && [ "$BACKEND" != "gpu" ]; then
+    note "JAX sees no GPU (backend: ${BACKEND:-none}); stopping. Use --dry-run on a CPU."
+    exit 1
+fi
+
+# ----------------------------------------------------------------------------- 2. tests
+note "tests"
+# The tests compare float32 against NumPy at float32 tolerances; on a GPU,
+# XLA would otherwise run float32 matmuls as TF32 (10-bit mantissa).
+SELECTED=$("$PY" -m pytest -q -p no:cacheprovider --collect-only -k "$GPU_TESTS" \
+    test_llama_jax.py 2>/dev/null | grep -c '::')
+START=$(date +%s)
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$LIMIT_TESTS" "$PY" -m pytest -q \
+    -p no:cacheprovider -k "${TEST_SELECT:-$GPU_TESTS}" --junitxml="$OUT/junit.xml" \
+    test_llama_jax.py >> "$LOG" 2>&1
+TESTS_RC=$?
+"$PY" - "$RESULTS" "$OUT/junit.xml" "$SELECTED" "$TESTS_RC" "$(( $(date +%s) - START ))" \
+    "${TEST_SELECT:-$GPU_TESTS}" >> "$LOG" 2>&1 <<'EOF'
+import json, sys
+import xml.etree.ElementTree as ET
+path, xml, selected, rc, seconds, expr = sys.argv[1:]
+rec = {"kind": "tests", "selected": int(selected), "ran": 0, "passed": 0, "failed": 0,
+       "skipped": 0, "failures": [], "exit_code": int(rc), "seconds": int(seconds),
+       "expression": expr}
+try:
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        rec["ran"] += 1
+        if case.find("failure") is not None or case.find("error") is not None:
+            rec["failed"] += 1
+            rec["failures"].append(case.get("name"))
+        elif case.find("skipped") is not None:
+            rec["skipped"] += 1
+        else:
+            rec["passed"] += 1
+except (OSError, ET.ParseError) as err:
+    rec["failures"].append(f"no junit report: {err}")
+open(path, "a").write(json.dumps(rec) + "\n")
+EOF
+
+# ----------------------------------------------------------------------------- 3. bench
+for B in "${BENCH_BATCHES[@]}"; do
+    note "bench batch $B x $BENCH_SEQ"
+    # Decoding is measured once, with the first batch size (--max-new-tokens 0 skips it).
+    DECODE=()
+    [ "$B" != "${BENCH_BATCHES[0]}" ] && DECODE=(--max-new-tokens 0)
+    timeout "$LIMIT_BENCH" "$PY" llama_jax.py --bench --json "${BENCH_MODEL[@]}" \
+        --batch-size "$B" --seq-len "$BENCH_SEQ" "${DECODE[@]}" 2>> "$LOG" \
+        | tee -a "$LOG" | "$PY" -c '
+import json, sys
+label = sys.argv[2]
+with open(sys.argv[1], "a") as out:
+    for line in sys.stdin:
+        if line.startswith("{"):
+            rec = json.loads(line)
+            rec["kind"] = "bench_" + rec["kind"]
+            out.write(json.dumps({**rec, "run": label}) + "\n")
+' "$RESULTS" "b$B"
+    [ "${PIPESTATUS[0]}" = 0 ] || record kind=bench_error run="b$B" exit_code="${PIPESTATUS[0]}"
+done
+
+# ----------------------------------------------------------------------------- 4. train
+note "train for $BUDGET min"
+START=$(date +%s)
+timeout "$LIMIT_TRAIN" "$PY" llama_jax.py "${TRAIN_FLAGS[@]}" --time-budget "$BUDGET" \
+    --out-dir "$RUN_DIR" >> "$LOG" 2>&1
+TRAIN_RC=$?
+cp "$RUN_DIR/loss.png" "$OUT/loss.png" 2>/dev/null
+"$PY" - "$RESULTS" "$RUN_DIR/ckpt.npz" "$TRAIN_RC" "$(( $(date +%s) - START ))" "$BUDGET" \
+    >> "$LOG" 2>&1 <<'EOF'
+import json, sys
+path, ckpt, rc, seconds, budget = sys.argv[1:]
+rec = {"kind": "train_budget", "exit_code": int(rc), "wall_s": int(seconds),
+       "budget_min": float(budget), "steps": None, "schedule_steps": None,
+       "val_loss": None, "train_loss": None, "params": None, "tokens": None}
+try:
+    import llama_jax as L
+    c = L.load_checkpoint(ckpt)
+    step, train_loss, val_loss = c["history"]["eval"][-1]
+    tc = c["train_config"]
+    rec.update(steps=int(c["opt_state"]["step"]), schedule_steps=tc.steps,
+               val_loss=val_loss, train_loss=train_loss, params=L.count_params(c["params"]),
+               tokens=int(c["opt_state"]["step"]) * tc.batch_size * tc.seq_len,
+               config={k: getattr(c["config"], k) for k in
+                       ("dim", "n_layers", "n_heads", "n_kv_heads", "dropout_rate",
+                        "compute_dtype", "max_seq_len")},
+               batch_size=tc.batch_size, seq_len=tc.seq_len, lr=tc.lr)
+except Exception as err:  # report, never stop the script: the other figures count
+    rec["error"] = f"{type(err).__name__}: {err}"
+open(path, "a").write(json.dumps(rec) + "\n")
+EOF
+
+# ----------------------------------------------------------------------------- 5. summary
+note "summary"
+"$PY" - "$RESULTS" "$(( $(date +%s) - T0 ))" <<'EOF' | tee -a "$LOG"
+import json, sys
+path, seconds = sys.argv[1], int(sys.argv[2])
+recs = [json.loads(line) for line in open(path)]
+def first(kind, **match):
+    return next((r for r in recs if r.get("kind") == kind
+                 and all(r.get(k) == v for k, v in match.items())), {})
+runs = [r["run"] for r in recs if r.get("kind") == "bench_train"]
+train = first("bench_train", run=runs[0]) if runs else {}
+train2 = first("bench_train", run=runs[1]) if len(runs) > 1 else {}
+decode1, decode8 = first("bench_decode", batch=1), first("bench_decode", batch=8)
+tests, budget = first("tests"), first("train_budget")
+summary = {"kind": "summary", "seconds": seconds, "device": first("env").get("device"),
+           "tests_passed": tests.get("passed"), "tests_failed": tests.get("failed"),
+           "mfu_153m_b16": train.get("mfu"), "mfu_153m_b32": train2.get("mfu"),
+           "train_tokens_per_s_b16": train.get("train_tokens_per_s"),
+           "train_tokens_per_s_b32": train2.get("train_tokens_per_s"),
+           "compile_s_b16": train.get("compile_s"),
+           "decode_tokens_per_s_b1": decode1.get("decode_tokens_per_s"),
+           "decode_tokens_per_s_b8": decode8.get("decode_tokens_per_s"),
+           "budget_val_loss": budget.get("val_loss"), "budget_steps": budget.get("steps")}
+# The goals of the GPU issue; meaningful on an H100/H200 only.
+def at_least(value, goal):
+    return None if value is None else value >= goal
+summary["goal_mfu_45"] = at_least(max(summary["mfu_153m_b16"] or 0, summary["mfu_153m_b32"] or 0) or None, 0.45)
+summary["goal_decode_2000"] = at_least(summary["decode_tokens_per_s_b1"], 2000)
+summary["goal_val_below_cpu_4_49"] = (None if budget.get("val_loss") is None
+                                      else budget["val_loss"] < 4.49)
+open(path, "a").write(json.dumps(summary) + "\n")
+print(json.dumps(summary, indent=1))
+EOF
+note "done"
