@@ -9,8 +9,9 @@ Read it top to bottom:
     5. loss and optimizer     cross-entropy, AdamW, the jitted train_step
     6. training               the loop: progress, evaluation, plots, checkpoints
     7. sampling               generate: a KV cache and one compiled decode loop
-    8. checkpoints            our own .npz format, and Hugging Face's safetensors
-    9. command line           python llama_jax.py --help
+    8. token files            --prepare: your own text, tokenized once to disk
+    9. checkpoints            our own .npz format, and Hugging Face's safetensors
+   10. command line           python llama_jax.py --help, and the --bench benchmark
 
 Shapes are written with these letters: B batch, T time (tokens), S cache length
 (max_seq_len), D model width, H query heads, K key/value heads, G = H // K query
@@ -22,8 +23,12 @@ takes what it needs as arguments. Importing this module does no work.
 
 import argparse
 import base64
+import codecs
+import contextlib
 import dataclasses
 import functools
+import glob
+import hashlib
 import json
 import math
 import os
@@ -76,10 +81,11 @@ class ModelConfig:
     max_seq_len: int = 256  # S, the longest sequence; the KV cache has S slots
     dropout_rate: float = 0.0  # Llama itself has no dropout; it helps small data
     tie_embeddings: bool = False  # share the input embedding with the output layer
+    # Padding, part of the architecture: it sets the embedding's shape.
+    vocab_multiple: int = 64  # pad the vocabulary to a multiple of this for speed
     # Numerics, not architecture: a checkpoint loads under any value of these.
     compute_dtype: str = "float32"  # "bfloat16": matmul inputs in bf16 (see dense)
     fused_attention: bool = True  # jax.nn.dot_product_attention (cuDNN on GPU)
-    vocab_multiple: int = 64  # pad the vocabulary to a multiple of this for speed
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
@@ -163,6 +169,9 @@ class TrainConfig:
     eval_batches: int = 8  # fixed windows per split for each evaluation
     log_every: int = 25  # a progress line every this many steps
     seed: int = 0
+    # The cosine's length; None means steps. A resumed run keeps the schedule it
+    # started with (keep_schedule): a longer --steps then runs on at min_lr.
+    schedule_steps: int | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
@@ -178,8 +187,9 @@ class TrainConfig:
 
 
 # Defaults a new user gets, chosen by measurement (README, "Defaults").
+# compute_dtype "auto" is decided per machine by auto_compute_dtype, below.
 PRESETS = {
-    # 2-core CPU: about 10 minutes. Less than two passes over the corpus, so no
+    # 2-core CPU: 10 to 13 minutes. Less than two passes over the corpus, so no
     # dropout; small batches give more optimizer steps in the time.
     "cpu": (dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256,
                  dropout_rate=0.0, tie_embeddings=True, compute_dtype="auto"),
@@ -193,6 +203,28 @@ PRESETS = {
             dict(steps=800, batch_size=32, seq_len=256, lr=1e-3, min_lr=1e-4,
                  warmup_steps=100, eval_every=100)),
 }
+
+
+def auto_compute_dtype():
+    """What --dtype auto (the cpu preset) means on this machine: bfloat16 on a
+    GPU or TPU; on a CPU, bfloat16 only when it has native bfloat16 dot-product
+    instructions (x86's avx512_bf16 or amx_bf16 in /proc/cpuinfo), where XLA's
+    bfloat16 matmuls ran 1.5 to 2x as fast as float32 here (README, Speed);
+    elsewhere bfloat16 is emulated and slower, so float32. Decided from the
+    hardware, not by a timing: five timings in a row on a shared 2-core machine
+    gave 0.99x to 2.01x, and a run's dtype (and so its losses) must not depend
+    on the machine's load. -> (dtype, the reason in words)."""
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return "bfloat16", f"a {backend.upper()} runs bfloat16 matmuls natively"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if native:
+        return "bfloat16", f"this CPU has native bfloat16 instructions ({', '.join(native)})"
+    return "float32", "this CPU has no native bfloat16 instructions (avx512_bf16, amx_bf16)"
 
 
 # =============================================================================
@@ -299,6 +331,14 @@ def load_dataset(path, seq_len):
     return split_tokens(tokens, seq_len, name=f"data file {path}")
 
 
+def read_windows(data, starts, length):
+    """Token windows on the host: data (int array, or a TokenFile, section 8),
+    starts int[B] -> int32[B, length]."""
+    if isinstance(data, TokenFile):
+        return data.windows(starts, length)
+    return np.asarray(data)[np.asarray(starts)[:, None] + np.arange(length)].astype(np.int32)
+
+
 def get_batch(key, data, batch_size, seq_len):
     """Random windows of a token array, drawn on the device (call it inside jit).
     data: int32[N] -> (inputs int32[B, T], targets int32[B, T]), where the
@@ -334,6 +374,10 @@ def _dense_bf16(x, w):
     return _dense_bf16_fwd(x, w)[0]
 
 
+# In PyTorch terms: autocast to bfloat16 plus a torch.autograd.Function whose
+# backward is written by hand. The forward keeps the bfloat16 operands for the
+# backward; the two empty arrays carry only the input dtypes (residuals must
+# be arrays), so the gradients come back in x's and w's own dtypes.
 def _dense_bf16_fwd(x, w):
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
@@ -403,8 +447,8 @@ def attention_weights(q, k, mask):
     attend) -> float32[B, K, G, T, S], rows summing to 1."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+    q = q.reshape(B, T, K, H // K, Dh)  # [B, T, K, G, Dh]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,  # [B, K, G, T, S]
                         preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     scores = scores / np.sqrt(Dh)
     scores = jnp.where(mask[:, None, None, :, :], scores, -1e30)  # finite: no NaN rows
@@ -417,24 +461,34 @@ def attention_reference(q, k, v, mask):
     q: [B, T, H, Dh], k, v: [B, S, K, Dh], mask: bool[B or 1, T, S]
     -> [B, T, H, Dh]."""
     B, T, H, Dh = q.shape
-    probs = attention_weights(q, k, mask).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    probs = attention_weights(q, k, mask).astype(v.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, Dh]
     return out.reshape(B, T, H, Dh)
+
+
+def attention_qkv(p, x, cos, sin, config):
+    """The queries, keys and values of x, with rotary positions on q and k.
+    p: the attention's weights (see attention), x: [B, T, D], cos/sin:
+    [B or 1, T, Dh/2] -> q [B, T, H, Dh], k [B, T, K, Dh], v [B, T, K, Dh]."""
+    B, T, _ = x.shape
+    H, K, Dh = config.n_heads, config.n_kv_heads, config.head_width
+    q = apply_rope(dense(x, p["wq"], config).reshape(B, T, H, Dh), cos, sin)  # [B, T, H, Dh]
+    k = apply_rope(dense(x, p["wk"], config).reshape(B, T, K, Dh), cos, sin)  # [B, T, K, Dh]
+    v = dense(x, p["wv"], config).reshape(B, T, K, Dh)  # [B, T, K, Dh]
+    return q, k, v
 
 
 def attention(p, x, cos, sin, mask, config, cache=None, position=None):
     """Multi-head self-attention with grouped K/V heads and rotary positions.
     p: {"wq": [D, H*Dh], "wk": [D, K*Dh], "wv": [D, K*Dh], "wo": [H*Dh, D]},
-    x: [B, T, D], cos/sin: [B, T, Dh/2]. Without a cache, mask is None and
-    attention is causal over x alone. With a cache ({"k", "v"}: [B, S, K, Dh]),
-    the new keys and values are written at `position` (int32[B]) and the
-    queries attend to the cache under mask: bool[B, T, S].
+    x: [B, T, D], cos/sin: [B or 1, T, Dh/2], mask: bool[B or 1, T, S], True
+    where a query may attend to a key. Without a cache, S = T and the mask is
+    causal. With a cache ({"k", "v"}: [B, S, K, Dh]), the new keys and values
+    are written at `position` (int32[B]) and the queries attend to the cache.
     -> ([B, T, D], updated cache or None)."""
     B, T, _ = x.shape
-    H, K, Dh = config.n_heads, config.n_kv_heads, config.head_width
-    q = apply_rope(dense(x, p["wq"], config).reshape(B, T, H, Dh), cos, sin)
-    k = apply_rope(dense(x, p["wk"], config).reshape(B, T, K, Dh), cos, sin)
-    v = dense(x, p["wv"], config).reshape(B, T, K, Dh)
+    H, Dh = config.n_heads, config.head_width
+    q, k, v = attention_qkv(p, x, cos, sin, config)
     if cache is not None:
         # One dynamic_update_slice per row: each row may be at its own position.
         write = jax.vmap(lambda c, new, pos: jax.lax.dynamic_update_slice(c, new, (pos, 0, 0)))
@@ -443,14 +497,15 @@ def attention(p, x, cos, sin, mask, config, cache=None, position=None):
         out = attention_reference(q, cache["k"], cache["v"], mask)
     elif config.fused_attention:
         # XLA's or cuDNN's fused kernel; supports K < H without copying K/V.
+        # It applies the same causal mask itself (is_causal), which lets cuDNN
+        # skip the blocks above the diagonal instead of reading a mask.
         # (cuDNN takes bfloat16 inputs: the cast is free on the fast path.)
         dt = config.dtype if config.compute_dtype == "bfloat16" else q.dtype
         out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt),
                                            is_causal=True)
     else:
-        causal = jnp.tril(jnp.ones((1, T, T), dtype=bool))
-        out = attention_reference(q, k, v, causal)
-    return dense(out.reshape(B, T, H * Dh), p["wo"], config), cache
+        out = attention_reference(q, k, v, mask)
+    return dense(out.reshape(B, T, H * Dh), p["wo"], config), cache  # [B, T, D]
 
 
 def feed_forward(p, x, config):
@@ -559,6 +614,14 @@ def output_weight(params):
     return params["output"] if "output" in params else params["tok_embeddings"].T
 
 
+# One forward pass, in three functions: forward_hidden runs the embedding and
+# the blocks up to the final norm (and builds the one attention mask every
+# block uses), output_logits applies the output layer, and model_forward joins
+# them and slices the padded vocabulary off. The loss (section 5) calls the two
+# halves itself so that it can mask the padded logits instead of slicing them:
+# the output matmul and its gradient keep their round V_padded width.
+
+
 def forward_hidden(params, tokens, config, cache=None, position=0, training=False, key=None):
     """The transformer up to the final norm. tokens: int32[B, T] -> (h [B, T, D],
     cache). See model_forward for the arguments."""
@@ -571,13 +634,16 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
                                config.rope_scaling)
     if cache is None:
         cos, sin = cos[None, :T], sin[None, :T]  # [1, T, Dh/2]
-        mask, position = None, None
+        mask = jnp.tril(jnp.ones((1, T, T), dtype=bool))  # causal: query t sees keys <= t
+        position = None
     else:
         position = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (B,))
         positions = position[:, None] + jnp.arange(T)  # [B, T]
         cos, sin = jnp.asarray(cos)[positions], jnp.asarray(sin)[positions]  # [B, T, Dh/2]
         # Query at position p sees cache slots 0..p: earlier tokens and itself.
-        mask = jnp.arange(config.max_seq_len)[None, None, :] <= positions[:, :, None]
+        # Slots past p may hold the keys of a shorter prompt's padding (see
+        # generate); they are masked now and overwritten before they are seen.
+        mask = jnp.arange(config.max_seq_len)[None, None, :] <= positions[:, :, None]  # [B, T, S]
     layer_keys = list(jax.random.split(key, config.n_layers)) if dropout_on else [None] * config.n_layers
     if dropout_on:
         h = dropout(h, config.dropout_rate, jax.random.fold_in(key, config.n_layers))
@@ -628,10 +694,12 @@ def compute_loss(params, batch, config, training=False, key=None):
 
 def learning_rate(step, tc):
     """Linear warmup to tc.lr over warmup_steps, then a cosine down to tc.min_lr
-    at the last step. step counts from 0; works on ints and traced arrays."""
+    at the schedule's last step (tc.steps, or tc.schedule_steps when set), and
+    min_lr after it. step counts from 0; works on ints and traced arrays."""
+    total = tc.schedule_steps or tc.steps
     step = jnp.asarray(step, jnp.float32)
     warm = tc.lr * (step + 1) / max(tc.warmup_steps, 1)
-    progress = jnp.clip((step - tc.warmup_steps) / max(tc.steps - 1 - tc.warmup_steps, 1), 0, 1)
+    progress = jnp.clip((step - tc.warmup_steps) / max(total - 1 - tc.warmup_steps, 1), 0, 1)
     cosine = tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + jnp.cos(jnp.pi * progress))
     return jnp.where(step < tc.warmup_steps, warm, cosine)
 
@@ -671,17 +739,42 @@ def adamw_update(params, grads, state, lr, tc):
     return params, {"mu": mu, "nu": nu, "step": t}
 
 
+STREAMS = ("init", "batches", "dropout")
+
+
+def run_keys(seed_key):
+    """A run's random streams, one per use, so that no two uses share a key:
+    {"init": the parameters, "batches": the training windows' positions,
+    "dropout": the dropout masks}, each fold_in(seed_key, its number in
+    STREAMS), where seed_key = jax.random.PRNGKey(seed). Evaluation windows
+    have their own fixed key (fixed_windows), the same for every seed, so
+    that runs are evaluated on the same text."""
+    return {name: jax.random.fold_in(seed_key, i) for i, name in enumerate(STREAMS)}
+
+
+def step_keys(keys, step):
+    """One training step's (batch key, dropout key): its stream's key folded
+    with the step number (which may be traced), and nothing else, so a resumed
+    run draws exactly the batches and masks an uninterrupted one would."""
+    return jax.random.fold_in(keys["batches"], step), jax.random.fold_in(keys["dropout"], step)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "tc"), donate_argnames=("params", "opt_state"))
-def train_step(params, opt_state, data, key, config, tc):
+def train_step(params, opt_state, data, keys, config, tc):
     """One optimisation step, compiled once: draw a batch from `data` (int32[N],
     on the device), compute loss and gradients (with dropout), clip, AdamW.
-    The batch and dropout keys come from fold_in(key, step), so a resumed run
-    draws exactly the batches an uninterrupted one would. params and opt_state
+    keys: the run's "batches" and "dropout" streams (run_keys); the step's own
+    keys come from them and the step number (step_keys). For data too large
+    for the device, `data` is instead the batch (inputs, targets), int32[B, T],
+    that host_batch read from a token file with the same keys: the same tokens
+    give the same batch either way. params and opt_state
     are donated: XLA updates them in place instead of keeping two copies.
     -> (params, opt_state, loss)."""
-    step_key = jax.random.fold_in(key, opt_state["step"])
-    batch_key, dropout_key = jax.random.split(step_key)
-    batch = get_batch(batch_key, data, tc.batch_size, tc.seq_len)
+    batch_key, dropout_key = step_keys(keys, opt_state["step"])
+    if isinstance(data, tuple):  # a batch read from a token file (host_batch)
+        batch = data
+    else:
+        batch = get_batch(batch_key, data, tc.batch_size, tc.seq_len)
     loss, grads = jax.value_and_grad(compute_loss)(params, batch, config, True, dropout_key)
     lr = learning_rate(opt_state["step"], tc)
     params, opt_state = adamw_update(params, grads, opt_state, lr, tc)
@@ -698,10 +791,15 @@ eval_loss = jax.jit(compute_loss, static_argnames=("config",))
 
 def fixed_windows(data, n_batches, batch_size, seq_len, seed=1234):
     """The same evaluation batches every time, so successive evaluations (and
-    runs) are comparable. -> list of (inputs, targets) pairs, int32[B, T]."""
-    keys = jax.random.split(jax.random.PRNGKey(seed), n_batches)
-    data = jnp.asarray(data)
-    return [get_batch(k, data, batch_size, seq_len) for k in keys]
+    runs) are comparable: the windows get_batch would draw with these keys,
+    read on the host (data may be a token file). -> list of (inputs, targets)
+    pairs, int32[B, T]."""
+    batches = []
+    for k in jax.random.split(jax.random.PRNGKey(seed), n_batches):
+        starts = jax.random.randint(k, (batch_size,), 0, len(data) - seq_len)
+        windows = read_windows(data, starts, seq_len + 1)
+        batches.append((jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:])))
+    return batches
 
 
 def evaluate(params, config, batches):
@@ -741,6 +839,51 @@ def save_loss_plot(history, path):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def stop_requests(log):
+    """While training: Ctrl-C (SIGINT) or a polite kill (SIGTERM, as SLURM sends
+    before preemption) only appends to the yielded list, which the loop reads
+    between steps. Raising inside train_step instead could leave params
+    pointing at buffers already donated to the step. A second Ctrl-C aborts
+    at once. The previous handlers come back on exit."""
+    requests = []
+
+    def request_stop(signum, frame):
+        if requests:
+            raise KeyboardInterrupt
+        requests.append(signum)
+        log("stopping after this step (press Ctrl-C again to abort without saving)")
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach only it
+        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def read_losses(pending, history):
+    """Moves the losses of dispatched steps, [(step, loss on the device)], into
+    history["train"] as [step + 1, float]. Reading a loss waits for its step,
+    so this runs only when a line is printed, and the device is never idle
+    waiting for Python. Raises FloatingPointError(step) at a non-finite loss."""
+    for step, value in jax.device_get(pending):
+        if not np.isfinite(value):
+            raise FloatingPointError(step)
+        history["train"].append([step + 1, float(value)])
+    pending.clear()
+
+
+def progress_line(done, tc, loss, seconds_per_step):
+    """The one-line report: step, loss, learning rate, speed, time left."""
+    return (f"step {done:5d}/{tc.steps} | loss {loss:.4f} | "
+            f"lr {float(learning_rate(done - 1, tc)):.2e} | {seconds_per_step * 1e3:6.0f} ms/step | "
+            f"{tc.batch_size * tc.seq_len / seconds_per_step:8,.0f} tok/s | "
+            f"ETA {format_duration(seconds_per_step * (tc.steps - done))}")
+
+
 def steps_within_budget(tc, step, seconds_left, per_step, eval_seconds):
     """How many steps in total fit a wall-clock budget: the steps already done,
     plus as many more as the time left allows at the measured seconds per step,
@@ -751,6 +894,56 @@ def steps_within_budget(tc, step, seconds_left, per_step, eval_seconds):
     return max(step + 1, min(tc.steps, step + more))
 
 
+def fit_schedule_to_budget(tc, done, seconds_left, per_step, eval_seconds, budget, log):
+    """-> tc with fewer steps if the rest of the run would overrun the budget,
+    so that the cosine ends inside it (the warmup is kept, or cut to a fifth
+    of the run if it is longer)."""
+    fit = steps_within_budget(tc, done, seconds_left, per_step, eval_seconds)
+    if fit >= tc.steps:
+        return tc
+    log(f"time budget {budget:g} min: at {per_step * 1e3:.0f} ms/step and {eval_seconds:.1f}s "
+        f"per evaluation, {fit} of {tc.steps} steps fit; the schedule now ends at step {fit}")
+    return dataclasses.replace(tc, steps=fit, warmup_steps=min(tc.warmup_steps,
+                                                               max(done, fit // 5)))
+
+
+def keep_schedule(tc, saved, log):
+    """On --resume: the learning-rate schedule stays the one the run started
+    with (saved, the checkpoint's TrainConfig), whatever --steps says now.
+    Stretching the cosine to a new --steps would send the learning rate back
+    up mid-run (600 -> 1000 steps: from 1.5e-4 to 1.2e-3 at step 600); steps
+    past the schedule's end run at min_lr instead, and a smaller --steps just
+    stops early. -> tc with schedule_steps set."""
+    schedule = saved.schedule_steps or saved.steps
+    if tc.steps > schedule:
+        log(f"--steps {tc.steps} goes past the {schedule}-step schedule of the run being "
+            f"resumed: steps {schedule + 1} to {tc.steps} continue at the floor, lr "
+            f"{tc.min_lr:.2e} (the cosine is kept, not stretched)")
+    elif tc.steps < schedule:
+        log(f"--steps {tc.steps} stops before the end of the run's {schedule}-step schedule")
+    return dataclasses.replace(tc, schedule_steps=schedule)
+
+
+def start_or_resume(config, tc, ckpt_path, resume, log):
+    """A fresh run's state, or the state saved in ckpt_path for --resume.
+    -> (params, opt_state, history, seed_key, tc): the seed key (saved in the
+    checkpoint) gives the run's key streams; a resumed tc keeps its schedule."""
+    if not resume:
+        seed_key = jax.random.PRNGKey(tc.seed)
+        params = init_params(run_keys(seed_key)["init"], config)
+        return params, adamw_init(params), {"train": [], "eval": []}, seed_key, tc
+    if not ckpt_path.is_file():
+        raise InputError(f"--resume: no checkpoint at {ckpt_path}; train without --resume "
+                         "first, or point --out-dir at the run to continue")
+    ckpt = load_checkpoint(ckpt_path, config)
+    log(f"resumed from {ckpt_path} at step {int(ckpt['opt_state']['step'])}")
+    if ckpt["format_version"] == 1:
+        log("(a format-1 checkpoint: its key predates run_keys, so the resumed steps draw "
+            "other batches than the original run would have)")
+    return (ckpt["params"], ckpt["opt_state"], ckpt["history"], ckpt["key"],
+            keep_schedule(tc, ckpt["train_config"], log))
+
+
 def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print,
           time_budget=None):
     """Trains a model and returns {"params", "opt_state", "history", "stopped"}.
@@ -758,147 +951,105 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     evaluation and at the end. With resume=True, continues from out_dir/ckpt.npz;
     it must have been written with the same architecture.
     time_budget (minutes of wall clock, compile included) shortens the run to
-    fit: after a few timed steps, tc.steps is lowered so that the cosine
-    schedule ends inside the budget (the step recompiles once for the new
-    schedule), and a run that still reaches the budget stops there cleanly,
-    evaluates and checkpoints."""
+    fit: after 10 timed steps and one timed evaluation, tc.steps is lowered so
+    that the cosine schedule ends inside the budget (the step recompiles once
+    for the new schedule), and a run that still reaches the budget stops there
+    cleanly, evaluates and checkpoints."""
     if tc.seq_len > config.max_seq_len:
         raise InputError(f"--seq-len {tc.seq_len} is longer than the model's context "
                          f"(max_seq_len {config.max_seq_len}): lower --seq-len")
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "ckpt.npz"
-    train_data, val_data = load_dataset(data_path, tc.seq_len)
-    key = jax.random.PRNGKey(tc.seed)
-    if resume:
-        if not ckpt_path.is_file():
-            raise InputError(f"--resume: no checkpoint at {ckpt_path}; train without --resume "
-                             "first, or point --out-dir at the run to continue")
-        ckpt = load_checkpoint(ckpt_path, config)
-        params, opt_state, history = ckpt["params"], ckpt["opt_state"], ckpt["history"]
-        key = ckpt["key"]
-        log(f"resumed from {ckpt_path} at step {int(opt_state['step'])}")
-    else:
-        params = init_params(jax.random.fold_in(key, 1), config)
-        opt_state = adamw_init(params)
-        history = {"train": [], "eval": []}
+    train_data, val_data, data_note = load_training_data(data_path, tc.seq_len)
+    params, opt_state, history, seed_key, tc = start_or_resume(config, tc, ckpt_path, resume, log)
+    keys = run_keys(seed_key)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_params = count_params(params)
-    log(f"model: {n_params / 1e6:.2f}M parameters ({config.dim} wide, {config.n_layers} layers, "
-        f"{config.n_heads} heads, {config.n_kv_heads} kv heads), {config.compute_dtype} compute, "
-        f"on {jax.devices()[0].platform.upper()}")
+    log(f"model: {count_params(params) / 1e6:.2f}M parameters ({config.dim} wide, "
+        f"{config.n_layers} layers, {config.n_heads} heads, {config.n_kv_heads} kv heads), "
+        f"{config.compute_dtype} compute, on {jax.devices()[0].platform.upper()}")
     log(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens from "
-        f"{data_path}")
-    train_dev = jnp.asarray(train_data)
+        f"{data_path} ({data_note})")
+    # A text file's tokens live on the device and each step draws its batch
+    # there; a token file's batches are read on the host, one step at a time.
+    on_device = isinstance(train_data, np.ndarray)
+    train_dev = jnp.asarray(train_data) if on_device else None
+
+    def batch_for(step):
+        return train_dev if on_device else host_batch(train_data, keys, step, tc.batch_size,
+                                                      tc.seq_len)
+
     eval_sets = {name: fixed_windows(d, tc.eval_batches, tc.batch_size, tc.seq_len)
                  for name, d in (("train", train_data), ("val", val_data))}
-    tokens_per_step = tc.batch_size * tc.seq_len
-    start_step = int(opt_state["step"])
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, params, opt_state, key, config, tc, history)
+    def save():
+        save_checkpoint(ckpt_path, params, opt_state, seed_key, config, tc, history)
         save_loss_plot(history, out_dir / "loss.png")
 
-    def run_eval(step):
+    def evaluate_and_save(step):
         train_loss = evaluate(params, config, eval_sets["train"])
         val_loss = evaluate(params, config, eval_sets["val"])
         history["eval"].append([step, train_loss, val_loss])
         log(f"eval  step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f}")
+        save()
 
-    stopped = None
-    pending = []  # (step, loss array) not yet read back: reading forces a sync
-    t_last, step_last = time.perf_counter(), start_step
-    t_start = t_last
-    step = start_step
-    # Ctrl-C (SIGINT) or a polite kill (SIGTERM) only sets a flag, read between
-    # steps: an exception in the middle of train_step could leave params
-    # pointing at buffers already donated to the step. A second Ctrl-C aborts.
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        if stop_signal:
-            raise KeyboardInterrupt
-        stop_signal.append(signum)
-        log("stopping after this step (press Ctrl-C again to abort without saving)")
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    start_step = step = int(opt_state["step"])
+    pending = []  # (step, loss) still on the device
+    t_start = time.perf_counter()
     deadline = None if time_budget is None else t_start + 60.0 * time_budget
-    calibrate_at = start_step + 11  # 10 timed steps after the compiled first one
-    try:
-        while step < tc.steps:
-            params, opt_state, loss = train_step(params, opt_state, train_dev, key, config, tc)
-            pending.append((step, loss))
-            if step == start_step:
-                loss.block_until_ready()
-                log(f"compiled and ran the first step in {time.perf_counter() - t_start:.1f}s")
-                t_last, step_last = time.perf_counter(), step + 1
-                t_first = t_last
-            done = step + 1
-            # With a time budget: after 10 timed steps, one evaluation and one
-            # checkpoint are timed too (compiles included), then the schedule is fitted.
-            calibrate = deadline is not None and done == calibrate_at and done < tc.steps
-            if calibrate:
-                loss.block_until_ready()
-                per_step = (time.perf_counter() - t_first) / (done - start_step - 1)
-            out_of_time = deadline is not None and time.perf_counter() > deadline
-            last = done == tc.steps or out_of_time
-            if done % tc.log_every == 0 or last or done % tc.eval_every == 0 or calibrate:
-                for s, value in jax.device_get(pending):
-                    if not np.isfinite(value):
-                        raise FloatingPointError(s)
-                    history["train"].append([s + 1, float(value)])
-                pending = []
-                now = time.perf_counter()
-                if done > step_last:
-                    per_step_now = (now - t_last) / (done - step_last)
-                    log(f"step {done:5d}/{tc.steps} | loss {history['train'][-1][1]:.4f} | "
-                        f"lr {float(learning_rate(step, tc)):.2e} | {per_step_now * 1e3:6.0f} "
-                        f"ms/step | {tokens_per_step / per_step_now:8,.0f} tok/s | "
-                        f"ETA {format_duration(per_step_now * (tc.steps - done))}")
-                t_last, step_last = now, done
-            if done % tc.eval_every == 0 or last or calibrate:
-                if out_of_time and done < tc.steps:
-                    log(f"time budget of {time_budget:g} min reached at step {done}: "
-                        "evaluating and saving")
-                t_eval = time.perf_counter()
-                run_eval(done)
-                checkpoint()
-                t_last = time.perf_counter()  # evaluation time is not training speed
-                if calibrate:
-                    # A new schedule recompiles the step: as long as the first compile.
-                    fit = steps_within_budget(tc, done, deadline - t_last - (t_first - t_start),
-                                              per_step, t_last - t_eval)
-                    if fit < tc.steps:
-                        log(f"time budget {time_budget:g} min: at {per_step * 1e3:.0f} ms/step "
-                            f"and {t_last - t_eval:.1f}s per evaluation, {fit} of {tc.steps} "
-                            f"steps fit; the schedule now ends at step {fit}")
-                        tc = dataclasses.replace(tc, steps=fit,
-                                                 warmup_steps=min(tc.warmup_steps,
-                                                                  max(done, fit // 5)))
-            if stop_signal:
-                raise KeyboardInterrupt
-            step = done
-            if out_of_time:
-                break
-    except FloatingPointError as err:
-        bad = int(err.args[0])
-        log(f"stopped: the loss became non-finite at step {bad + 1}; the last good checkpoint "
-            f"({ckpt_path}) was kept. Lower --lr or check the data.")
-        stopped = "non-finite"
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        if any(x.is_deleted() for x in jax.tree_util.tree_leaves((params, opt_state))):
-            log(f"aborted inside a step: {ckpt_path} keeps the last saved state")
-        else:
-            for s, value in jax.device_get(pending):
-                history["train"].append([s + 1, float(value)])
-            log(f"interrupted: saving a checkpoint at step {int(opt_state['step'])} to "
-                f"{ckpt_path}; continue with --resume")
-            checkpoint()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    stopped = None
+    with stop_requests(log) as stop:
+        try:
+            while step < tc.steps:
+                params, opt_state, loss = train_step(params, opt_state, batch_for(step), keys,
+                                                     config, tc)
+                pending.append((step, loss))
+                done = step + 1
+                if step == start_step:  # the first call compiled the step: time it apart
+                    loss.block_until_ready()
+                    t_first = t_last = time.perf_counter()
+                    step_last = done
+                    log(f"compiled and ran the first step in {t_first - t_start:.1f}s")
+                # With a time budget, the schedule is fitted after 10 timed steps.
+                calibrate = deadline is not None and done == start_step + 11 and done < tc.steps
+                out_of_time = deadline is not None and time.perf_counter() > deadline
+                last = done == tc.steps or out_of_time
+                evaluate_now = done % tc.eval_every == 0 or last or calibrate
+                if done % tc.log_every == 0 or evaluate_now:
+                    read_losses(pending, history)
+                    now = time.perf_counter()
+                    if done > step_last:
+                        log(progress_line(done, tc, history["train"][-1][1],
+                                          (now - t_last) / (done - step_last)))
+                    t_last, step_last = now, done
+                if evaluate_now:
+                    if out_of_time and done < tc.steps:
+                        log(f"time budget of {time_budget:g} min reached at step {done}: "
+                            "evaluating and saving")
+                    evaluate_and_save(done)
+                    t_last = time.perf_counter()  # evaluation time is not training speed
+                    if calibrate:  # a new schedule recompiles: count one more compile
+                        per_step = (now - t_first) / (done - start_step - 1)
+                        tc = fit_schedule_to_budget(
+                            tc, done, deadline - t_last - (t_first - t_start), per_step,
+                            t_last - now, time_budget, log)
+                if stop:
+                    raise KeyboardInterrupt
+                step = done
+                if out_of_time:
+                    break
+        except FloatingPointError as err:
+            log(f"stopped: the loss became non-finite at step {int(err.args[0]) + 1}; the last "
+                f"good checkpoint ({ckpt_path}) was kept. Lower --lr or check the data.")
+            stopped = "non-finite"
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+            if any(x.is_deleted() for x in jax.tree_util.tree_leaves((params, opt_state))):
+                log(f"aborted inside a step: {ckpt_path} keeps the last saved state")
+            else:
+                history["train"] += [[s + 1, float(v)] for s, v in jax.device_get(pending)]
+                log(f"interrupted: saving a checkpoint at step {int(opt_state['step'])} to "
+                    f"{ckpt_path}; continue with --resume")
+                save()
     if stopped is None and start_step >= tc.steps:
         log(f"nothing to do: the checkpoint is at step {start_step} and --steps is {tc.steps}")
     return {"params": params, "opt_state": opt_state, "history": history, "stopped": stopped}
@@ -973,6 +1124,15 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
     lengths: int32[B], n_new: how many tokens to draw (traced, <= n_slots).
     The cache is created here, so it never leaves the device; the decode loop is
     one lax.while_loop, so the whole generation is one XLA program.
+    temperature, n_new and stop_token are traced: any value reuses the program.
+    top_k and top_p are static (each new value compiles once) because they
+    change the program's shape: whether a filter runs at all, and top_k is a
+    count the bisection compares against.
+    Right padding is harmless: the prefill writes the padding's keys and
+    values into a short row's cache slots past its length, but the mask lets
+    each query see only slots up to its own position, and each new token is
+    written at its row's next position (lengths + i), over the padding, before
+    any query can see that slot.
     -> int32[B, n_slots]: the new tokens (after a row's stop token: the stop token)."""
     B = prompts.shape[0]
     if config.compute_dtype == "bfloat16":  # round the weights once, not once per token
@@ -1004,18 +1164,8 @@ def _bucket(n, smallest=16):
     return max(smallest, 1 << max(0, n - 1).bit_length())
 
 
-def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0, top_k=None,
-             top_p=None, stop_token=None):
-    """Continues one prompt (a list of token ids) or a batch of them (a list of
-    lists, lengths may differ). The prompts are prefilled into a KV cache in
-    one forward pass, then tokens are drawn one at a time inside one compiled
-    loop; compilation happens once per (batch size, prompt-length bucket,
-    max_new_tokens bucket, top_k, top_p), never per token. Rows that draw
-    stop_token stop there (the stop token ends their list).
-    -> the prompt plus its new tokens, as a list of ints (or a list of such
-    lists for a batch)."""
-    single = len(prompt_tokens) > 0 and not isinstance(prompt_tokens[0], (list, tuple, np.ndarray))
-    prompts = [list(map(int, p)) for p in ([prompt_tokens] if single else prompt_tokens)]
+def check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top_p):
+    """Raises InputError naming the first bad argument of generate."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InputError("generate: every prompt needs at least one token (e.g. <|endoftext|>)")
     if any(t < 0 or t >= config.vocab_size for p in prompts for t in p):
@@ -1034,8 +1184,24 @@ def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0
                          f"({max_new_tokens}) is {longest + max_new_tokens}, more than the "
                          f"model's context of {config.max_seq_len} tokens: shorten the prompt "
                          "or ask for fewer tokens")
+
+
+def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0, top_k=None,
+             top_p=None, stop_token=None):
+    """Continues one prompt (a list of token ids) or a batch of them (a list of
+    lists, lengths may differ). The prompts are prefilled into a KV cache in
+    one forward pass, then tokens are drawn one at a time inside one compiled
+    loop; compilation happens once per (batch size, prompt-length bucket,
+    max_new_tokens bucket, top_k, top_p), never per token. Rows that draw
+    stop_token stop there (the stop token ends their list).
+    -> the prompt plus its new tokens, as a list of ints (or a list of such
+    lists for a batch)."""
+    single = len(prompt_tokens) > 0 and not isinstance(prompt_tokens[0], (list, tuple, np.ndarray))
+    prompts = [list(map(int, p)) for p in ([prompt_tokens] if single else prompt_tokens)]
+    check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return prompts[0] if single else prompts
+    longest = max(len(p) for p in prompts)
     width = min(_bucket(longest), config.max_seq_len)
     padded = np.zeros((len(prompts), width), np.int32)
     for row, p in enumerate(prompts):
@@ -1056,10 +1222,334 @@ def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0
 
 
 # =============================================================================
-# 8. Checkpoints
+# 8. Token files: your own data at any size
+# =============================================================================
+# `--prepare INPUT... --data NAME` tokenizes text once into NAME.train.bin and
+# NAME.val.bin (raw token ids, uint16 when the vocabulary fits) plus a JSON
+# header NAME.json; `--data NAME.json` then trains from the files without
+# tokenizing or loading them: each step reads only its batch's windows.
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org")
+TOKEN_FORMAT = "llama_jax tokens"
+VAL_FRACTION = 0.1  # of the documents, chosen by a hash of their path
+
+
+def tokenizer_fingerprint(enc):
+    """sha256 of every token's bytes in id order (special tokens included):
+    two tokenizers with the same fingerprint map text to the same ids."""
+    h = hashlib.sha256()
+    for i in range(enc.n_vocab):
+        try:
+            piece = enc.decode_single_token_bytes(i)
+        except KeyError:  # an unused id
+            piece = b""
+        h.update(len(piece).to_bytes(4, "little") + piece)
+    return h.hexdigest()
+
+
+def find_documents(inputs):
+    """Text files, folders (read recursively for TEXT_SUFFIXES) and globs ->
+    [(path, name)], where name is the path relative to the folder or glob it
+    came from (what the validation split hashes, so it does not depend on
+    where the folder lives). Sorted within each input; duplicates dropped."""
+    found = {}
+    for item in inputs:
+        root = Path(item)
+        if root.is_dir():
+            files = [(f, f.relative_to(root).as_posix()) for f in sorted(root.rglob("*"))
+                     if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES]
+        elif root.is_file():
+            files = [(root, root.name)]
+        elif any(c in item for c in "*?["):
+            files = [(Path(f), Path(f).as_posix()) for f in sorted(glob.glob(item, recursive=True))
+                     if Path(f).is_file()]
+        else:
+            raise InputError(f"--prepare: {item} is not a file, a folder, or a glob that matches "
+                             "anything")
+        if not files:
+            raise InputError(f"--prepare: no text files in {item} (looked for "
+                             f"{', '.join(TEXT_SUFFIXES)}; name files directly to take others)")
+        for path, name in files:
+            found.setdefault(path.resolve(), (path, name))
+    return list(found.values())
+
+
+def in_validation(name):
+    """The document-level split: a document is validation if the hash of its
+    name falls in the first VAL_FRACTION of the hash range. Deterministic, and
+    a document never straddles the two files."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    return h / 2 ** 64 < VAL_FRACTION
+
+
+def check_document(path, block=1 << 22):
+    """Reads a file once in blocks: -> None if it is UTF-8 with some
+    non-whitespace text, else the reason to skip it."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    has_text, offset = False, 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:  # err.start counts from the pending bytes
+                return f"not UTF-8 (byte {offset - pending + err.start})"
+            if not data:
+                return None if has_text else "empty"
+            has_text = has_text or bool(data.strip())
+            offset += len(data)
+
+
+def safe_cut(buf):
+    """Where a chunk of text can end without changing its tokens: just after a
+    newline that sits between two visible ASCII characters. GPT-2's and Llama
+    3's pre-tokenizers never join such a newline to its neighbours, so
+    tokenizing the two sides apart gives the same ids. -> index or None."""
+    i = len(buf) - 2
+    while True:
+        i = buf.rfind(b"\n", 1, i + 1)
+        if i < 1:
+            return None
+        if 0x21 <= buf[i - 1] <= 0x7E and 0x21 <= buf[i + 1] <= 0x7E:
+            return i + 1
+        i -= 1
+
+
+def document_chunks(path, chunk_bytes):
+    """A file's text in pieces of about chunk_bytes, cut only where safe_cut
+    allows, so memory stays bounded however large the file is."""
+    carry = b""
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk_bytes)
+            if not data:
+                if carry:
+                    yield carry.decode("utf-8")
+                return
+            buf = carry + data
+            cut = safe_cut(buf)
+            if cut is None:
+                carry = buf
+                continue
+            yield buf[:cut].decode("utf-8")
+            carry = buf[cut:]
+
+
+def prepare_tokens(inputs, name, log=print, chunk_bytes=1 << 20, chunks_per_batch=8,
+                   enc=None):
+    """Tokenizes text files into NAME.train.bin, NAME.val.bin and NAME.json.
+    Each document (file) ends with <|endoftext|>. Memory stays bounded: text
+    is read in chunks of about chunk_bytes and tokenized chunks_per_batch at a
+    time on every core (tiktoken's batch encoder runs threads). Files that are
+    not UTF-8 or hold no text are skipped and listed. -> the header dict."""
+    enc = enc or get_tokenizer()
+    name = Path(str(name)[:-5] if str(name).endswith(".json") else name)
+    docs, skipped = [], []
+    for path, doc_name in find_documents(inputs):
+        reason = check_document(path)
+        if reason:
+            skipped.append({"path": str(path), "reason": reason})
+            log(f"prepare: skipping {path}: {reason}")
+        else:
+            docs.append((path, doc_name, in_validation(doc_name)))
+    if len(docs) < 2:
+        raise InputError(f"--prepare: {len(docs)} usable document(s); the validation split is "
+                         "by document, so it needs at least two files (or train on one text "
+                         "file directly with --data FILE)")
+    if all(val for _, _, val in docs) or not any(val for _, _, val in docs):
+        # Too few documents for the hash to split them: the last one is validation.
+        docs = [(p, n, i == len(docs) - 1) for i, (p, n, _) in enumerate(docs)]
+    dtype = np.dtype(np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32)
+    eot = np.array([enc.eot_token], dtype)
+    files = {"train": name.with_name(name.name + ".train.bin"),
+             "val": name.with_name(name.name + ".val.bin")}
+    name.parent.mkdir(parents=True, exist_ok=True)
+    tmp = {k: f.with_name(f".{f.name}.tmp{os.getpid()}") for k, f in files.items()}
+    outs = {k: open(p, "wb") for k, p in tmp.items()}
+    counts = {"train": 0, "val": 0}
+    total = sum(p.stat().st_size for p, _, _ in docs)
+    done_bytes, t0 = 0, time.perf_counter()
+    t_print = t0
+    threads = os.cpu_count() or 1
+
+    def flush(batch):
+        ids = enc.encode_ordinary_batch([text for _, text in batch if text is not None],
+                                        num_threads=threads)
+        ids = iter(ids)
+        for split, text in batch:
+            tokens = eot if text is None else np.asarray(next(ids), dtype)
+            outs[split].write(tokens.tobytes())
+            counts[split] += len(tokens)
+
+    try:
+        batch = []
+        for path, _, val in docs:
+            split = "val" if val else "train"
+            for text in document_chunks(path, chunk_bytes):
+                batch.append((split, text))
+                done_bytes += len(text.encode("utf-8"))
+                if len(batch) >= chunks_per_batch:
+                    flush(batch)
+                    batch = []
+                now = time.perf_counter()
+                if now - t_print > 5:
+                    t_print = now
+                    rate = done_bytes / max(now - t0, 1e-9)
+                    log(f"prepare: {done_bytes / 1e6:,.1f}/{total / 1e6:,.1f} MB | "
+                        f"{rate / 1e6:.1f} MB/s | {sum(counts.values()):,} tokens | "
+                        f"ETA {format_duration((total - done_bytes) / max(rate, 1))}")
+            batch.append((split, None))  # None: the end-of-text token
+        flush(batch)
+        for k in outs:
+            outs[k].flush()
+            os.fsync(outs[k].fileno())
+            outs[k].close()
+            os.replace(tmp[k], files[k])
+    finally:
+        for k in outs:
+            outs[k].close()
+            if tmp[k].exists():
+                tmp[k].unlink()
+    seconds = time.perf_counter() - t0
+    header = {"format": TOKEN_FORMAT, "version": 1, "tokenizer": enc.name,
+              "tokenizer_sha256": tokenizer_fingerprint(enc), "vocab_size": enc.n_vocab,
+              "end_of_text": int(enc.eot_token), "dtype": dtype.name,
+              "train_file": files["train"].name, "val_file": files["val"].name,
+              "train_tokens": counts["train"], "val_tokens": counts["val"],
+              "documents": {"train": sum(not v for _, _, v in docs),
+                            "val": sum(v for _, _, v in docs)},
+              "text_bytes": total, "sources": [str(i) for i in inputs], "skipped": skipped,
+              "split": f"by document: sha256(path relative to its input) in the first "
+                       f"{VAL_FRACTION:.0%} of the hash range is validation",
+              "seconds": round(seconds, 2)}
+    header_path = name.with_name(name.name + ".json")
+    header_tmp = header_path.with_name(f".{header_path.name}.tmp{os.getpid()}")
+    header_tmp.write_text(json.dumps(header, indent=1) + "\n")
+    os.replace(header_tmp, header_path)
+    log(f"prepare: {len(docs)} documents, {total / 1e6:,.1f} MB -> {counts['train']:,} training "
+        f"and {counts['val']:,} validation tokens ({dtype.name}) in {seconds:.1f}s "
+        f"({total / 1e6 / max(seconds, 1e-9):.1f} MB/s); wrote {header_path}")
+    return header
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """A file of raw token ids, read a batch at a time. Each read maps the file
+    afresh and drops the mapping after copying the windows out, so the pages
+    a long run touches are not kept counted in its memory (nanoGPT #287)."""
+
+    path: Path
+    dtype: str
+    n_tokens: int
+
+    def __len__(self):
+        return self.n_tokens
+
+    def windows(self, starts, length):
+        """int[B] start positions -> int32[B, length] token windows."""
+        data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+        out = data[np.asarray(starts)[:, None] + np.arange(length)].astype(np.int32)
+        del data
+        return out
+
+
+def token_files_header(path):
+    """Where --data names a prepared data set (NAME.json or NAME), its header
+    path; else None (a text file)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return path
+    named = path.with_name(path.name + ".json")
+    return named if named.is_file() and not path.is_file() else None
+
+
+def open_token_files(header_path, enc=None):
+    """NAME.json -> (train TokenFile, val TokenFile, header), refusing with a
+    message that says what to do: a missing or unreadable header, a tokenizer
+    other than the model's, a file that is missing or not a whole number of
+    the header's tokens."""
+    header_path = Path(header_path)
+    redo = f"run `python llama_jax.py --prepare INPUT... --data {header_path.with_suffix('')}` again"
+    if not header_path.is_file():
+        raise InputError(f"data set {header_path} not found: make it with --prepare INPUT... "
+                         f"--data {header_path.with_suffix('')}")
+    try:
+        header = json.loads(header_path.read_text())
+        assert header.get("format") == TOKEN_FORMAT
+        fields = [header[k] for k in ("tokenizer_sha256", "dtype", "train_file", "val_file",
+                                      "train_tokens", "val_tokens")]
+    except (ValueError, AssertionError, KeyError, TypeError) as err:
+        raise InputError(f"{header_path} is not a llama_jax token-file header "
+                         f"({type(err).__name__}): {redo}") from err
+    enc = enc or get_tokenizer()
+    if fields[0] != tokenizer_fingerprint(enc):
+        raise InputError(f"{header_path} was tokenized with {header.get('tokenizer')!r} "
+                         f"(sha256 {fields[0][:12]}...), not this model's tokenizer {enc.name!r}: "
+                         f"{redo} with the model's tokenizer")
+    files = []
+    for split, name, count in (("train", fields[2], fields[4]), ("val", fields[3], fields[5])):
+        path = header_path.with_name(name)
+        itemsize = np.dtype(fields[1]).itemsize
+        if not path.is_file():
+            raise InputError(f"{path} ({split} tokens of {header_path}) is missing: {redo}")
+        size = path.stat().st_size
+        if size % itemsize or size // itemsize != count:
+            raise InputError(f"{path} has {size:,} bytes, but {header_path} says {count:,} "
+                             f"{fields[1]} tokens ({count * itemsize:,} bytes): the file is "
+                             f"truncated or was overwritten; {redo}")
+        files.append(TokenFile(path, fields[1], count))
+    return files[0], files[1], header
+
+
+_window_starts = jax.jit(
+    lambda keys, step, n_tokens, batch_size, seq_len: jax.random.randint(
+        step_keys(keys, step)[0], (batch_size,), 0, n_tokens - seq_len),
+    static_argnames=("batch_size", "seq_len"))
+
+
+def host_batch(token_file, keys, step, batch_size, seq_len):
+    """The batch train_step would draw from the same tokens on the device, read
+    from a token file: the same start positions (computed by jax.random on the
+    CPU, so that a GPU's queue is never waited on), then this process reads
+    its own rows only and jax.make_array_from_process_local_data assembles the
+    global batch. -> (inputs, targets) int32[B, T]."""
+    cpu_keys = jax.device_put(keys, jax.devices("cpu")[0])
+    starts = np.asarray(_window_starts(cpu_keys, step, len(token_file), batch_size, seq_len))
+    rows = batch_size // jax.process_count()
+    mine = starts[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    windows = token_file.windows(mine, seq_len + 1)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return (jax.make_array_from_process_local_data(sharding, windows[:, :-1]),
+            jax.make_array_from_process_local_data(sharding, windows[:, 1:]))
+
+
+def load_training_data(path, seq_len):
+    """--data: a text file (tokenized in memory: int32 arrays) or a prepared
+    data set (TokenFiles, nothing read yet). -> (train, val, how)."""
+    header = token_files_header(path)
+    if header is None:
+        train, val = load_dataset(path, seq_len)
+        return train, val, "tokenized in memory"
+    train, val, _ = open_token_files(header)
+    for split, f in (("training", train), ("validation", val)):
+        if len(f) >= 2 ** 31:  # window starts are drawn as int32, as on the device
+            raise InputError(f"{f.path} holds {len(f):,} {split} tokens; llama_jax reads at "
+                             f"most 2^31 - 1 per file: --prepare the text in parts")
+        if len(f) < seq_len + 1:
+            raise InputError(f"{f.path} holds {len(f):,} {split} tokens; --seq-len {seq_len} "
+                             f"needs at least {seq_len + 1}: prepare more text or lower --seq-len")
+    return train, val, "token files, memory-mapped"
+
+
+# =============================================================================
+# 9. Checkpoints
 # =============================================================================
 
-CHECKPOINT_VERSION = 1
+# 2: the key is the run's seed key, from which run_keys derives its streams.
+# 1 (same arrays; the key was used directly) still loads, but resuming it
+# cannot repeat the batches its run would have drawn.
+CHECKPOINT_VERSION = 2
 
 
 class CheckpointError(InputError):
@@ -1135,6 +1625,16 @@ def _tree_mismatches(template, arrays, prefix):
     return problems
 
 
+def checkpoint_meta(path):
+    """A checkpoint's JSON metadata alone (configs, history, step), or None if
+    there is no readable checkpoint there (load_checkpoint says why)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return json.loads(npz["meta"].tobytes())
+    except Exception:  # missing or unreadable: the full load reports it
+        return None
+
+
 def load_checkpoint(path, config=None):
     """Reads a checkpoint written by save_checkpoint. With `config`, refuses
     (CheckpointError listing every mismatch) a file whose architecture, tree,
@@ -1155,7 +1655,7 @@ def load_checkpoint(path, config=None):
         raise CheckpointError(f"{path} is not a readable llama_jax checkpoint ({type(err).__name__}:"
                               f" {err}); it may be truncated or corrupted: delete it and "
                               "train again") from err
-    if version != CHECKPOINT_VERSION:
+    if version not in (1, CHECKPOINT_VERSION):
         raise CheckpointError(f"{path} has checkpoint format {version}; this llama_jax reads "
                               f"format {CHECKPOINT_VERSION}")
     problems = []
@@ -1178,7 +1678,8 @@ def load_checkpoint(path, config=None):
     opt_state = unflatten_like(opt_template, {k[4:]: jnp.asarray(v) for k, v in arrays.items()
                                               if k.startswith("opt/")})
     return {"params": params, "opt_state": opt_state, "key": jnp.asarray(arrays["key"]),
-            "config": use, "train_config": saved_tc, "history": meta["history"]}
+            "config": use, "train_config": saved_tc, "history": meta["history"],
+            "format_version": version}
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -1392,8 +1893,17 @@ def save_hf_checkpoint(path, params, config):
 
 
 # =============================================================================
-# 9. Command line
+# 10. Command line
 # =============================================================================
+
+
+def preset_help(field):
+    """'cpu preset: 256, gpu preset: 512' for a --help text, read from PRESETS
+    (a field a preset leaves out takes the config's default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    defaults.update({f.name: f.default for f in dataclasses.fields(TrainConfig)})
+    return ", ".join(f"{name} preset: {({**defaults, **model, **training})[field]}"
+                     for name, (model, training) in PRESETS.items())
 
 
 def build_parser():
@@ -1401,7 +1911,7 @@ def build_parser():
         prog="python llama_jax.py",
         description="Train a Llama on Shakespeare (the default), sample from a checkpoint "
                     "(--sample), or measure speed (--bench). With no flags: train the preset "
-                    "for this machine (cpu: about 10 minutes on 2 cores; gpu: a larger model "
+                    "for this machine (cpu: 10 to 13 minutes on 2 cores; gpu: a larger model "
                     "in bfloat16), evaluate and checkpoint to out/, draw out/loss.png, then "
                     "print a sample.",
         epilog="Model and training flags left out take the preset's value; the presets are "
@@ -1418,43 +1928,54 @@ def build_parser():
                       help="default model and training sizes (default: gpu when JAX sees a "
                            "GPU, else cpu)")
     files = p.add_argument_group("files")
-    files.add_argument("--data", default=str(DEFAULT_DATA),
-                       help="UTF-8 text to train on; the last 10%% is validation "
-                            "(default: shakespeare.txt beside this file)")
+    mode.add_argument("--prepare", nargs="+", metavar="INPUT",
+                      help="tokenize text files, folders (recursively: "
+                           + ", ".join(TEXT_SUFFIXES) + ") or globs once into the data set "
+                           "named by --data (NAME.json, NAME.train.bin, NAME.val.bin), then "
+                           "exit; each file is a document, and about 10%% of the documents "
+                           "(chosen by a hash of their path) are validation")
+    files.add_argument("--data",
+                       help="what to train on: a UTF-8 text file (tokenized at start; its last "
+                            "10%% is validation) or a data set made by --prepare (NAME.json or "
+                            "NAME; read from disk a batch at a time). With --prepare: the name "
+                            "to write. Default: shakespeare.txt beside this file")
     files.add_argument("--out-dir", default="out",
                        help="where ckpt.npz and loss.png go (default: out)")
     files.add_argument("--resume", action="store_true",
-                       help="continue training from --out-dir/ckpt.npz up to --steps")
+                       help="continue training from --out-dir/ckpt.npz up to --steps, with the "
+                            "same batches and dropout masks as an uninterrupted run. The "
+                            "learning-rate schedule stays the original run's: a larger --steps "
+                            "runs on at --min-lr after its end")
     model = p.add_argument_group("model (defaults from the preset)")
-    model.add_argument("--dim", type=int, help="model width D (cpu preset: 256)")
-    model.add_argument("--n-layers", type=int, help="transformer blocks (cpu preset: 6)")
-    model.add_argument("--n-heads", type=int, help="query heads H (cpu preset: 8)")
+    model.add_argument("--dim", type=int, help=f"model width D ({preset_help('dim')})")
+    model.add_argument("--n-layers", type=int, help=f"transformer blocks ({preset_help('n_layers')})")
+    model.add_argument("--n-heads", type=int, help=f"query heads H ({preset_help('n_heads')})")
     model.add_argument("--n-kv-heads", type=int,
-                       help="key/value heads K; H must be a multiple (cpu preset: 4)")
+                       help=f"key/value heads K; H must be a multiple ({preset_help('n_kv_heads')})")
     model.add_argument("--ffn-dim", type=int,
                        help="feed-forward width F (default: Llama's rule, 8/3 * D rounded up)")
     model.add_argument("--max-seq-len", type=int,
-                       help="context length and KV-cache size (cpu preset: 256)")
-    model.add_argument("--dropout", type=float, help="dropout rate (cpu preset: 0.0)")
+                       help=f"context length and KV-cache size ({preset_help('max_seq_len')})")
+    model.add_argument("--dropout", type=float, help=f"dropout rate ({preset_help('dropout_rate')})")
     model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                       help="share the input embedding with the output layer (presets: tied)")
+                       help=f"share the input embedding with the output layer ({preset_help('tie_embeddings')})")
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
-                       help="matmul dtype; weights and optimizer stay float32. auto measures "
-                            "both and takes bfloat16 if it is over 1.25x faster (cpu preset: "
-                            "auto, gpu preset: bfloat16)")
+                       help="matmul dtype; weights and optimizer stay float32. auto: "
+                            "bfloat16 on a GPU, or on a CPU with native bfloat16 instructions "
+                            "(avx512_bf16, amx_bf16), else float32; --resume keeps the run's "
+                            f"dtype ({preset_help('compute_dtype')})")
     training = p.add_argument_group("training (defaults from the preset)")
-    training.add_argument("--steps", type=int, help="optimizer steps in total (cpu preset: 600)")
-    training.add_argument("--batch-size", type=int, help="sequences per step (cpu preset: 8)")
-    training.add_argument("--seq-len", type=int, help="tokens per sequence (cpu preset: 128)")
-    training.add_argument("--lr", type=float, help="peak learning rate (cpu preset: 3e-3)")
-    training.add_argument("--min-lr", type=float, help="cosine floor (cpu preset: 1.5e-4)")
-    training.add_argument("--warmup-steps", type=int, help="linear warmup steps (cpu preset: 50)")
-    training.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1)")
+    training.add_argument("--steps", type=int, help=f"optimizer steps in total ({preset_help('steps')})")
+    training.add_argument("--batch-size", type=int, help=f"sequences per step ({preset_help('batch_size')})")
+    training.add_argument("--seq-len", type=int, help=f"tokens per sequence ({preset_help('seq_len')})")
+    training.add_argument("--lr", type=float, help=f"peak learning rate ({preset_help('lr')})")
+    training.add_argument("--min-lr", type=float, help=f"cosine floor ({preset_help('min_lr')})")
+    training.add_argument("--warmup-steps", type=int, help=f"linear warmup steps ({preset_help('warmup_steps')})")
+    training.add_argument("--weight-decay", type=float, help=f"AdamW weight decay ({preset_help('weight_decay')})")
     training.add_argument("--eval-every", type=int,
-                          help="evaluate, plot and checkpoint every N steps (cpu preset: 100)")
-    training.add_argument("--log-every", type=int, help="a progress line every N steps "
-                                                        "(default: 25)")
-    training.add_argument("--seed", type=int, help="seeds init, batches and dropout (default: 0)")
+                          help=f"evaluate, plot and checkpoint every N steps ({preset_help('eval_every')})")
+    training.add_argument("--log-every", type=int, help=f"a progress line every N steps ({preset_help('log_every')})")
+    training.add_argument("--seed", type=int, help=f"seeds the init, batch and dropout streams ({preset_help('seed')})")
     training.add_argument("--time-budget", type=float, metavar="MINUTES",
                           help="train for at most this much wall clock (compile included): "
                                "after 10 timed steps --steps is lowered so that the learning-"
@@ -1499,16 +2020,6 @@ def matmul_seconds(a, b, repeats=5):
     return time.perf_counter() - t0
 
 
-def bfloat16_speedup():
-    """How much faster a bfloat16 matmul of a model-like shape,
-    [1024, 256] @ [256, 4096], runs than a float32 one on the default device.
-    CPUs with native bfloat16 instructions (AVX512-BF16, AMX) gain 1.5-2x;
-    others can lose."""
-    seconds = {dtype: matmul_seconds(jnp.ones((1024, 256), dtype), jnp.ones((256, 4096), dtype))
-               for dtype in (jnp.float32, jnp.bfloat16)}
-    return seconds[jnp.float32] / seconds[jnp.bfloat16]
-
-
 def decoding_config(config):
     """The config to sample with. Decoding one token at a time reads every
     weight per token, so it is bound by memory, not matmul speed; on CPU,
@@ -1535,11 +2046,13 @@ def resolve_configs(args):
     if args.seq_len is not None and args.max_seq_len is None:
         model["max_seq_len"] = max(model["max_seq_len"], args.seq_len)
     if model.get("compute_dtype") == "auto":
-        # Measured, not assumed: bfloat16 only where this machine runs it faster.
-        speedup = bfloat16_speedup()
-        model["compute_dtype"] = "bfloat16" if speedup > 1.25 else "float32"
-        print(f"--dtype auto: bfloat16 matmuls run {speedup:.2f}x as fast as float32 here; "
-              f"using {model['compute_dtype']}", flush=True)
+        saved = checkpoint_meta(Path(args.out_dir) / "ckpt.npz") if args.resume else None
+        if saved:  # a resumed run keeps the dtype it started with
+            model["compute_dtype"] = saved["model_config"]["compute_dtype"]
+            why = "the dtype of the run being resumed"
+        else:
+            model["compute_dtype"], why = auto_compute_dtype()
+        print(f"--dtype auto: {model['compute_dtype']} matmuls ({why})", flush=True)
     training["min_lr"] = min(training.get("min_lr", TrainConfig.min_lr), training["lr"])
     return ModelConfig(**model), TrainConfig(**training)
 
@@ -1598,7 +2111,7 @@ def run_train(args):
     if args.time_budget is not None and args.time_budget <= 0:
         raise InputError(f"--time-budget must be a positive number of minutes, got "
                          f"{args.time_budget}")
-    result = train(config, tc, args.data, args.out_dir, resume=args.resume, log=log,
+    result = train(config, tc, args.data or DEFAULT_DATA, args.out_dir, resume=args.resume, log=log,
                    time_budget=args.time_budget)
     if result["stopped"] == "non-finite":
         return 1
@@ -1663,7 +2176,7 @@ def bench_train(config, tc, n_steps):
     data = jax.random.randint(jax.random.PRNGKey(0), (1_000_000,), 0, config.vocab_size)
     params = init_params(jax.random.PRNGKey(1), config)
     opt_state = adamw_init(params)
-    key = jax.random.PRNGKey(2)
+    key = run_keys(jax.random.PRNGKey(2))
     t0 = time.perf_counter()
     params, opt_state, loss = train_step(params, opt_state, data, key, config, tc)
     loss.block_until_ready()
@@ -1682,9 +2195,11 @@ def bench_train(config, tc, n_steps):
 
 
 def naive_generate(params, tokens, n_new, config):
-    """The old design's decoding, kept only as the benchmark's baseline: run the
-    whole model over the whole sequence for every new token. The input grows by
-    one token each step, so jax.jit compiles a new program every time."""
+    """Greedy decoding without a cache, the way a first implementation does it:
+    run the whole model over the whole sequence for every new token. The input
+    grows by one token each step, so jax.jit compiles a new program every time.
+    The baseline of --bench and of the notebook's KV-cache comparison.
+    tokens: int32[B, T] -> int32[B, T + n_new]."""
     forward = jax.jit(model_forward, static_argnames=("config",))
     tokens = jnp.asarray(tokens)
     for _ in range(n_new):
@@ -1757,6 +2272,12 @@ def run_bench(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        if args.prepare:
+            if not args.data:
+                raise InputError("--prepare needs --data NAME: the data set to write "
+                                 "(NAME.json, NAME.train.bin, NAME.val.bin)")
+            prepare_tokens(args.prepare, args.data, log=functools.partial(print, flush=True))
+            return 0
         if args.bench:
             return run_bench(args)
         if args.sample:

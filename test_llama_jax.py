@@ -393,8 +393,8 @@ def test_bfloat16_compute_agrees_with_float32():
     # The master weights stay float32 through a training step.
     tc = L.TrainConfig(batch_size=2, seq_len=8, steps=2)
     data = jnp.arange(200) % TINY.vocab_size
-    new, opt, _ = L.train_step(params, L.adamw_init(params), data, jax.random.PRNGKey(0),
-                                  bf16, tc)
+    new, opt, _ = L.train_step(params, L.adamw_init(params), data,
+                               L.run_keys(jax.random.PRNGKey(0)), bf16, tc)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))
 
 
@@ -1168,3 +1168,162 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     assert summary["decode_tokens_per_s_b1"] > 0 and summary["budget_val_loss"] is not None
     assert (out / "loss.png").is_file() and (out / "junit.xml").is_file()
     assert "Traceback" not in log
+
+
+# ----------------------------------------------------------------------------- token files
+
+
+def independent_split(name):
+    """The documented split rule, written out again: validation when the first
+    8 bytes of sha256(name), little-endian, fall in the first 10% of 2^64."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") < 0.1 * 2 ** 64
+
+
+def make_corpus_folder(root):
+    """20 plays' worth of small documents (some in a subfolder, one Markdown),
+    an empty file, a Latin-1 file and a binary file that is not text."""
+    text = (HERE / "shakespeare.txt").read_text(encoding="utf-8")
+    docs = {}
+    for i in range(20):
+        name = f"sub/play{i}.md" if i % 7 == 3 else f"play{i}.txt"
+        docs[name] = text[i * 3000:i * 3000 + 1000 + 97 * i]
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(docs[name], encoding="utf-8")
+    (root / "empty.txt").write_text("  \n")
+    (root / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    (root / "image.png").write_bytes(bytes(range(256)))
+    return docs
+
+
+def test_prepare_writes_tiktokens_ids_split_by_document_with_a_header(tmp_path):
+    docs = make_corpus_folder(tmp_path / "in")
+    lines = []
+    # Chunks of 64 bytes: many cuts inside each document, which must not change its ids.
+    header = L.prepare_tokens([str(tmp_path / "in")], tmp_path / "ds", log=lines.append,
+                              chunk_bytes=64, chunks_per_batch=3)
+    enc = L.get_tokenizer()
+    expected = {"train": [], "val": []}
+    for name in sorted(docs, key=lambda n: str(tmp_path / "in" / n)):
+        split = "val" if independent_split(name) else "train"
+        expected[split] += enc.encode_ordinary(docs[name]) + [50256]
+    assert expected["val"] and expected["train"]  # the names hash into both splits
+    for split in ("train", "val"):
+        got = np.fromfile(tmp_path / f"ds.{split}.bin", dtype=np.uint16)
+        assert got.tolist() == expected[split]
+        assert header[f"{split}_tokens"] == len(expected[split])
+    on_disk = json.loads((tmp_path / "ds.json").read_text())
+    assert on_disk == header and header["dtype"] == "uint16" and header["tokenizer"] == "gpt2"
+    assert header["tokenizer_sha256"] == L.tokenizer_fingerprint(enc)
+    assert header["documents"] == {"train": 20 - sum(map(independent_split, docs)),
+                                   "val": sum(map(independent_split, docs))}
+    assert sorted(s["reason"].split(" (")[0] for s in header["skipped"]) == ["empty", "not UTF-8"]
+    assert any("latin1.txt: not UTF-8 (byte 3)" in line for line in lines)
+    assert "image.png" not in json.dumps(header)  # not a text suffix: never read
+
+
+def write_token_files(tmp_path, train, val):
+    """A data set holding exactly these token arrays (as --prepare would write)."""
+    train.astype(np.uint16).tofile(tmp_path / "mem.train.bin")
+    val.astype(np.uint16).tofile(tmp_path / "mem.val.bin")
+    header = {"format": "llama_jax tokens", "version": 1, "tokenizer": "gpt2",
+              "tokenizer_sha256": L.tokenizer_fingerprint(L.get_tokenizer()), "dtype": "uint16",
+              "train_file": "mem.train.bin", "val_file": "mem.val.bin",
+              "train_tokens": len(train), "val_tokens": len(val)}
+    (tmp_path / "mem.json").write_text(json.dumps(header))
+    return tmp_path / "mem.json"
+
+
+def test_token_files_train_and_resume_exactly_like_the_same_tokens_in_memory(corpus, tmp_path):
+    config = dataclasses.replace(TRAIN_TINY, dropout_rate=0.1)  # dropout keys must agree too
+    tc = quick_tc(steps=8, eval_every=4)
+    in_memory = L.train(config, tc, corpus, tmp_path / "a", log=lambda s: None)
+    dataset = write_token_files(tmp_path, *L.load_dataset(corpus, tc.seq_len))
+
+    def interrupt_at_step_5(line):
+        if line.startswith("step     5/"):
+            raise KeyboardInterrupt
+
+    first = L.train(config, tc, dataset, tmp_path / "b", log=interrupt_at_step_5)
+    assert first["stopped"] == "interrupted"
+    resumed = L.train(config, tc, dataset, tmp_path / "b", resume=True, log=lambda s: None)
+    np.testing.assert_allclose(np.array(in_memory["history"]["train"]),
+                               np.array(resumed["history"]["train"]), atol=1e-6)
+    np.testing.assert_allclose(np.array(in_memory["history"]["eval"]),
+                               np.array(resumed["history"]["eval"]), atol=1e-6)
+
+
+def test_bad_token_files_and_inputs_get_clear_errors(corpus, tmp_path):
+    dataset = write_token_files(tmp_path, *L.load_dataset(corpus, 16))
+    train_bin = tmp_path / "mem.train.bin"
+    good = train_bin.read_bytes()
+    train_bin.write_bytes(good[:-1])
+    with pytest.raises(L.InputError, match=r"mem.train.bin has .* the file is truncated .*--prepare"):
+        L.open_token_files(dataset)
+    train_bin.write_bytes(good)
+    header = json.loads(dataset.read_text())
+    dataset.write_text(json.dumps({**header, "tokenizer": "llama3", "tokenizer_sha256": "ab" * 32}))
+    with pytest.raises(L.InputError, match="tokenized with 'llama3'.*not this model's tokenizer"):
+        L.train(TRAIN_TINY, quick_tc(), dataset, tmp_path / "out", log=lambda s: None)
+    dataset.write_text("{not json")
+    with pytest.raises(L.InputError, match="not a llama_jax token-file header"):
+        L.open_token_files(dataset)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(L.InputError, match="no text files in .*nothing"):
+        L.prepare_tokens([str(tmp_path / "nothing")], tmp_path / "x")
+    with pytest.raises(L.InputError, match="not a file, a folder, or a glob"):
+        L.prepare_tokens([str(tmp_path / "missing")], tmp_path / "x")
+    with pytest.raises(L.InputError, match="needs at least two files"):
+        L.prepare_tokens([str(corpus)], tmp_path / "x")
+
+
+def test_command_line_prepares_a_folder_then_trains_from_it(tmp_path):
+    make_corpus_folder(tmp_path / "in")
+    prepared = run_cli("--prepare", "in/*.txt", "in/sub", "--data", "ds", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "skipping" in prepared.stdout and "MB/s" in prepared.stdout
+    trained = run_cli("--data", "ds", "--out-dir", "run", "--dim", "32", "--n-layers", "2",
+                      "--n-heads", "4", "--n-kv-heads", "2", "--steps", "2", "--batch-size", "2",
+                      "--seq-len", "16", "--eval-every", "2", "--max-new-tokens", "4",
+                      "--preset", "cpu", "--dtype", "float32", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "token files, memory-mapped" in trained.stdout and "eval  step     2" in trained.stdout
+    no_name = run_cli("--prepare", "in", cwd=tmp_path)
+    assert no_name.returncode == 2 and "--prepare needs --data NAME" in no_name.stderr
+
+
+def test_resume_with_more_steps_keeps_the_schedule_and_runs_on_at_min_lr(corpus, tmp_path):
+    tc = quick_tc(steps=6, eval_every=100)
+    L.train(TRAIN_TINY, tc, corpus, tmp_path, log=lambda s: None)
+    lines = []
+    longer = dataclasses.replace(tc, steps=9)
+    result = L.train(TRAIN_TINY, longer, corpus, tmp_path, resume=True, log=lines.append)
+    assert any("goes past the 6-step schedule" in line for line in lines)
+    lrs = [line.split("| lr ")[1].split(" |")[0] for line in lines if line.startswith("step")]
+    assert lrs == ["1.50e-04"] * 2  # steps 8 and 9 (7 compiles, unreported) at the floor
+    saved = L.load_checkpoint(tmp_path / "ckpt.npz")["train_config"]
+    assert saved.schedule_steps == 6 and saved.steps == 9
+    for step in (5, 6, 7, 8):  # the last step of the schedule, then no jump back up
+        assert float(L.learning_rate(step, saved)) == pytest.approx(1.5e-4)
+    assert len(result["history"]["train"]) == 9
+
+
+def test_initialisation_statistics_per_matrix():
+    config = L.ModelConfig(vocab_size=1000, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                           max_seq_len=32, vocab_multiple=64, tie_embeddings=False)
+    params = L.init_params(jax.random.PRNGKey(0), config)
+    residual_std = 0.02 / np.sqrt(2 * config.n_layers)  # GPT-2 paper, section 2.3: 0.00707 here
+    for layer in params["layers"]:
+        for group, name, std in [("attention", "wq", 0.02), ("attention", "wk", 0.02),
+                                 ("attention", "wv", 0.02), ("attention", "wo", residual_std),
+                                 ("feed_forward", "w1", 0.02), ("feed_forward", "w3", 0.02),
+                                 ("feed_forward", "w2", residual_std)]:
+            w = np.asarray(layer[group][name])
+            assert abs(w.std() / std - 1) < 0.05, (group, name, w.std(), std)
+            assert abs(w.mean()) < 0.1 * std
+        np.testing.assert_array_equal(layer["attention_norm"], 1.0)
+        np.testing.assert_array_equal(layer["ffn_norm"], 1.0)
+    np.testing.assert_array_equal(params["norm"], 1.0)
+    emb, out = np.asarray(params["tok_embeddings"]), np.asarray(params["output"])
+    assert emb.shape == (1024, 128) and out.shape == (128, 1024)
+    assert not emb[1000:].any() and not out[:, 1000:].any()  # padding rows and columns are zero
+    assert abs(emb[:1000].std() / 0.02 - 1) < 0.05 and abs(out[:, :1000].std() / 0.02 - 1) < 0.05

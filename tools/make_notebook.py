@@ -1,7 +1,7 @@
 """Builds walkthrough.ipynb from the cells below, then runs it so that the
 committed notebook carries the outputs of a real default run.
 
-    python tools/make_notebook.py            # build and execute (about 10 minutes on 2 cores)
+    python tools/make_notebook.py            # build and execute (about 7 minutes on 2 cores)
     python tools/make_notebook.py --no-run   # build only, without outputs
 
 Edit the cells here, not in the .ipynb, so the notebook stays reviewable.
@@ -23,9 +23,9 @@ what each does: the tokenizer, embeddings, RMSNorm, rotary embeddings, grouped-q
 SwiGLU, the loss, training with a live loss curve, sampling with a KV cache, and checkpoints.
 Nothing is re-implemented here: every cell calls the module.
 
-It runs top to bottom on a 2-core CPU in about 10 minutes. Set the environment variable
-`LLAMA_JAX_FAST=1` before starting Jupyter to shrink the work (a smaller model, fewer steps)
-to under 2 minutes; nothing else changes."""),
+It runs top to bottom on a 2-core CPU in about 7 minutes (measured). Set the environment
+variable `LLAMA_JAX_FAST=1` before starting Jupyter to shrink the work (a smaller model, fewer
+steps) to under a minute; nothing else changes."""),
     ("code", """import inspect
 import os
 import time
@@ -59,8 +59,11 @@ print(f"train: the first {len(train_tokens):,} tokens; validation: the last {len
 
 The model's configuration is a frozen dataclass: the architecture only. `init_params` returns
 a nested dict of arrays (a pytree). The embedding table turns each token id into a vector of
-width `dim`; RMSNorm rescales each vector to unit root-mean-square, then multiplies by a learned
-gain (no mean subtraction, no bias)."""),
+width `dim`; RMSNorm divides each vector by its root-mean-square, then multiplies by a learned
+gain (no mean subtraction, no bias). The result is not quite 1 at initialisation: `eps` is
+added to the mean square before the square root, and the fresh embeddings are tiny (std 0.02,
+mean square 4e-4), so `eps = 1e-5` is not negligible: the RMS comes out as
+`sqrt(ms / (ms + eps))`, about 0.988. Trained activations are far larger than `eps`."""),
     ("code", """config = L.ModelConfig(dim=64 if FAST else 256, n_layers=2 if FAST else 4, n_heads=8,
                        n_kv_heads=4, max_seq_len=128, tie_embeddings=True)
 params = L.init_params(jax.random.PRNGKey(0), config)
@@ -69,7 +72,9 @@ x = params["tok_embeddings"][jnp.array([ids])]          # [B, T, D]
 normed = L.rms_norm(x, params["layers"][0]["attention_norm"], config.norm_eps)
 rms = lambda a: jnp.sqrt(jnp.mean(a ** 2, axis=-1))
 print("embeddings:", x.shape, " RMS of the first vectors:", np.round(rms(x)[0, :4], 4))
-print("after RMSNorm:", normed.shape, " RMS:", np.round(rms(normed)[0, :4], 4))"""),
+print("after RMSNorm:", normed.shape, " RMS:", np.round(rms(normed)[0, :4], 4))
+ms = jnp.mean(x ** 2, axis=-1)
+print("predicted sqrt(ms / (ms + eps)):", np.round(jnp.sqrt(ms / (ms + config.norm_eps))[0, :4], 4))"""),
     ("md", """## 3. Rotary embeddings
 
 RoPE encodes position by rotating pairs of query and key channels: pair *i* turns by
@@ -97,8 +102,9 @@ plt.show()"""),
 
 Each query may look only at itself and earlier tokens (the causal mask). With grouped-query
 attention, the `n_heads` query heads share `n_kv_heads` key/value heads: here 8 query heads
-use 4 K/V heads, each serving a group of 2, which halves the KV cache. `attention_weights`
-reshapes the queries into groups instead of copying K and V."""),
+use 4 K/V heads, each serving a group of 2, which halves the KV cache. `attention_qkv` makes
+the queries and keys (with their rotary positions) exactly as `attention` does, and
+`attention_weights` reshapes the queries into groups instead of copying K and V."""),
     ("code", """sentence = "Now is the winter of our discontent made glorious summer"
 sid = jnp.array([tokenizer.encode_ordinary(sentence)])
 T = sid.shape[1]
@@ -109,8 +115,7 @@ def layer0_attention(params):
     \"\"\"Layer 0's attention weights for the sentence: [B, K, G, T, S].\"\"\"
     layer = params["layers"][0]
     h = L.rms_norm(params["tok_embeddings"][sid], layer["attention_norm"], config.norm_eps)
-    q = L.apply_rope((h @ layer["attention"]["wq"]).reshape(1, T, H, Dh), cos[None, :T], sin[None, :T])
-    k = L.apply_rope((h @ layer["attention"]["wk"]).reshape(1, T, K, Dh), cos[None, :T], sin[None, :T])
+    q, k, v = L.attention_qkv(layer["attention"], h, cos[None, :T], sin[None, :T], config)
     print("q:", q.shape, " k:", k.shape, f" ({H // K} query heads per K/V head)")
     return L.attention_weights(q, k, causal)
 
@@ -140,7 +145,7 @@ a plain 4x MLP). A transformer block is pre-norm: `x + attention(norm(x))`, then
 `+ ffn(norm(x))`."""),
     ("code", """print(inspect.getsource(L.feed_forward))
 y = L.feed_forward(layer["feed_forward"], h, config)
-out, _ = L.transformer_block(layer, params["tok_embeddings"][sid], cos[None, :T], sin[None, :T], None, config)
+out, _ = L.transformer_block(layer, params["tok_embeddings"][sid], cos[None, :T], sin[None, :T], causal, config)
 print("feed_forward:", h.shape, "->", y.shape, f"(hidden width F = {config.ffn_width})")
 print("transformer_block:", out.shape)"""),
     ("code", """flat = L.flatten_tree(params)
@@ -163,12 +168,15 @@ print(f"loss at init: {L.evaluate(params, config, batches):.3f}   ln(50257) = {n
     ("md", """## 7. Training
 
 `train_step` is one jitted function: it draws a batch on the device, computes the loss and its
-gradients, clips them and applies AdamW with a warmup-then-cosine learning rate. The plot below
-redraws in place as training runs."""),
+gradients, clips them and applies AdamW with a warmup-then-cosine learning rate. Each use of
+randomness has its own stream (`run_keys`: initialisation, batches, dropout), and each step's
+keys are its stream's key folded with the step number, so a resumed run repeats exactly. The
+plot below redraws in place as training runs."""),
     ("code", """tc = L.TrainConfig(steps=40 if FAST else 320, batch_size=8, seq_len=64 if FAST else 128,
                    lr=3e-3, warmup_steps=10 if FAST else 30, eval_every=20 if FAST else 40)
-key = jax.random.PRNGKey(tc.seed)
-params = L.init_params(jax.random.fold_in(key, 1), config)
+seed_key = jax.random.PRNGKey(tc.seed)
+keys = L.run_keys(seed_key)
+params = L.init_params(keys["init"], config)
 before = L.generate(params, tokenizer.encode_ordinary("KING RICHARD."), 30, config, jax.random.PRNGKey(0),
                     temperature=0.8, top_k=50)
 opt_state = L.adamw_init(params)
@@ -180,7 +188,7 @@ fig, ax = plt.subplots(figsize=(8, 4))
 handle = display(fig, display_id=True)
 t0 = time.perf_counter()
 for step in range(tc.steps):
-    params, opt_state, loss = L.train_step(params, opt_state, data, key, config, tc)
+    params, opt_state, loss = L.train_step(params, opt_state, data, keys, config, tc)
     history["train"].append([step + 1, float(loss)])
     if (step + 1) % tc.eval_every == 0:
         history["eval"].append([step + 1, L.evaluate(params, config, evals["train"]),
@@ -232,7 +240,7 @@ the loss history, written atomically. Loading it back must give the same logits.
 from pathlib import Path
 
 path = Path(tempfile.mkdtemp()) / "ckpt.npz"
-L.save_checkpoint(path, params, opt_state, key, config, tc, history)
+L.save_checkpoint(path, params, opt_state, seed_key, config, tc, history)
 loaded = L.load_checkpoint(path, config)
 check = jnp.array([prompt])
 a, _ = L.model_forward(params, check, config)
@@ -255,8 +263,12 @@ def build():
 if __name__ == "__main__":
     notebook = build()
     if "--no-run" not in sys.argv:
+        import time
+
         from nbclient import NotebookClient
 
+        t0 = time.perf_counter()
         NotebookClient(notebook, timeout=1200, kernel_name="python3",
                        resources={"metadata": {"path": str(ROOT)}}).execute()
+        print(f"ran the notebook in {time.perf_counter() - t0:.0f}s")
     nbformat.write(notebook, ROOT / "walkthrough.ipynb")
