@@ -296,7 +296,8 @@ def load_text(path):
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file {path} not found: pass --data PATH to a UTF-8 text file "
-                         f"(the repository ships {DEFAULT_DATA.name})")
+                         f"(the repository ships {DEFAULT_DATA.name}) or to a data set made by "
+                         "--prepare (NAME.json)")
     raw = path.read_bytes()
     if not raw.strip():
         raise InputError(f"data file {path} is empty: it needs some text to train on")
@@ -1263,6 +1264,8 @@ def find_documents(inputs):
         elif any(c in item for c in "*?["):
             files = [(Path(f), Path(f).as_posix()) for f in sorted(glob.glob(item, recursive=True))
                      if Path(f).is_file()]
+            if not files:
+                raise InputError(f"--prepare: the pattern {item} matches no file")
         else:
             raise InputError(f"--prepare: {item} is not a file, a folder, or a glob that matches "
                              "anything")
