@@ -208,9 +208,9 @@ PRESETS = {
 def auto_compute_dtype():
     """What --dtype auto (the cpu preset) means on this machine: bfloat16 on a
     GPU or TPU; on a CPU, bfloat16 only when it has native bfloat16 dot-product
-    instructions (x86's avx512_bf16 or amx_bf16 in /proc/cpuinfo), where XLA's
-    bfloat16 matmuls ran 1.5 to 2x as fast as float32 here (README, Speed);
-    elsewhere bfloat16 is emulated and slower, so float32. Decided from the
+    instructions (x86's avx512_bf16 or amx_bf16 in /proc/cpuinfo), where the
+    bfloat16 training step ran 1.3 to 2x as fast as float32 (an Intel Xeon and an
+    AMD EPYC, README); elsewhere bfloat16 is emulated and slower, so float32. Decided from the
     hardware, not by a timing: five timings in a row on a shared 2-core machine
     gave 0.99x to 2.01x, and a run's dtype (and so its losses) must not depend
     on the machine's load. -> (dtype, the reason in words)."""
