@@ -332,19 +332,27 @@ def load_dataset(path, seq_len):
     return split_tokens(tokens, seq_len, name=f"data file {path}")
 
 
+def window_starts(key, n_tokens, batch_size, seq_len):
+    """Where a batch's windows start: int32[B] positions, uniform in
+    [0, n_tokens - seq_len). The one rule every batch is drawn by, on the
+    device (get_batch) and on the host (token files, evaluation windows), so
+    the same key gives the same windows everywhere."""
+    return jax.random.randint(key, (batch_size,), 0, n_tokens - seq_len)
+
+
 def read_windows(data, starts, length):
-    """Token windows on the host: data (int array, or a TokenFile, section 8),
-    starts int[B] -> int32[B, length]."""
+    """Token windows on the host: data (an int array or memmap, or a TokenFile,
+    section 8), starts int[B] -> int32[B, length]."""
     if isinstance(data, TokenFile):
         return data.windows(starts, length)
-    return np.asarray(data)[np.asarray(starts)[:, None] + np.arange(length)].astype(np.int32)
+    return np.asarray(data[np.asarray(starts)[:, None] + np.arange(length)], np.int32)
 
 
 def get_batch(key, data, batch_size, seq_len):
     """Random windows of a token array, drawn on the device (call it inside jit).
     data: int32[N] -> (inputs int32[B, T], targets int32[B, T]), where the
     targets are the inputs shifted one token to the left."""
-    starts = jax.random.randint(key, (batch_size,), 0, data.shape[0] - seq_len)
+    starts = window_starts(key, data.shape[0], batch_size, seq_len)
     windows = data[starts[:, None] + jnp.arange(seq_len + 1)]  # [B, T + 1]
     return windows[:, :-1], windows[:, 1:]
 
@@ -797,8 +805,8 @@ def fixed_windows(data, n_batches, batch_size, seq_len, seed=1234):
     pairs, int32[B, T]."""
     batches = []
     for k in jax.random.split(jax.random.PRNGKey(seed), n_batches):
-        starts = jax.random.randint(k, (batch_size,), 0, len(data) - seq_len)
-        windows = read_windows(data, starts, seq_len + 1)
+        windows = read_windows(data, window_starts(k, len(data), batch_size, seq_len),
+                               seq_len + 1)
         batches.append((jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:])))
     return batches
 
@@ -1321,21 +1329,22 @@ def safe_cut(buf):
 
 def document_chunks(path, chunk_bytes):
     """A file's text in pieces of about chunk_bytes, cut only where safe_cut
-    allows, so memory stays bounded however large the file is."""
+    allows, so memory stays bounded however large the file is.
+    -> (text, its size in bytes) pairs."""
     carry = b""
     with open(path, "rb") as f:
         while True:
             data = f.read(chunk_bytes)
             if not data:
                 if carry:
-                    yield carry.decode("utf-8")
+                    yield carry.decode("utf-8"), len(carry)
                 return
             buf = carry + data
             cut = safe_cut(buf)
             if cut is None:
                 carry = buf
                 continue
-            yield buf[:cut].decode("utf-8")
+            yield buf[:cut].decode("utf-8"), cut
             carry = buf[cut:]
 
 
@@ -1389,9 +1398,9 @@ def prepare_tokens(inputs, name, log=print, chunk_bytes=1 << 20, chunks_per_batc
         batch = []
         for path, _, val in docs:
             split = "val" if val else "train"
-            for text in document_chunks(path, chunk_bytes):
+            for text, size in document_chunks(path, chunk_bytes):
                 batch.append((split, text))
-                done_bytes += len(text.encode("utf-8"))
+                done_bytes += size
                 if len(batch) >= chunks_per_batch:
                     flush(batch)
                     batch = []
@@ -1452,7 +1461,7 @@ class TokenFile:
     def windows(self, starts, length):
         """int[B] start positions -> int32[B, length] token windows."""
         data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        out = data[np.asarray(starts)[:, None] + np.arange(length)].astype(np.int32)
+        out = read_windows(data, starts, length)
         del data
         return out
 
@@ -1505,9 +1514,9 @@ def open_token_files(header_path, enc=None):
     return files[0], files[1], header
 
 
-_window_starts = jax.jit(
-    lambda keys, step, n_tokens, batch_size, seq_len: jax.random.randint(
-        step_keys(keys, step)[0], (batch_size,), 0, n_tokens - seq_len),
+_step_window_starts = jax.jit(
+    lambda keys, step, n_tokens, batch_size, seq_len: window_starts(
+        step_keys(keys, step)[0], n_tokens, batch_size, seq_len),
     static_argnames=("batch_size", "seq_len"))
 
 
@@ -1518,7 +1527,8 @@ def host_batch(token_file, keys, step, batch_size, seq_len):
     its own rows only and jax.make_array_from_process_local_data assembles the
     global batch. -> (inputs, targets) int32[B, T]."""
     cpu_keys = jax.device_put(keys, jax.devices("cpu")[0])
-    starts = np.asarray(_window_starts(cpu_keys, step, len(token_file), batch_size, seq_len))
+    starts = np.asarray(_step_window_starts(cpu_keys, step, len(token_file), batch_size,
+                                            seq_len))
     rows = batch_size // jax.process_count()
     mine = starts[jax.process_index() * rows:(jax.process_index() + 1) * rows]
     windows = token_file.windows(mine, seq_len + 1)

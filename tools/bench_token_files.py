@@ -123,8 +123,7 @@ def bench_rss(tmp, n_tokens, n_steps):
     def windows_one_mapping(self, starts, length):
         if self.path not in kept:
             kept[self.path] = np.memmap(self.path, dtype=self.dtype, mode="r")
-        data = kept[self.path]
-        return data[np.asarray(starts)[:, None] + np.arange(length)].astype(np.int32)
+        return L.read_windows(kept[self.path], starts, length)
 
     for variant in ("fresh_mapping", "one_mapping"):
         samples = []
