@@ -86,6 +86,11 @@ class ModelConfig:
     # Numerics, not architecture: a checkpoint loads under any value of these.
     compute_dtype: str = "float32"  # "bfloat16": matmul inputs in bf16 (see dense)
     fused_attention: bool = True  # jax.nn.dot_product_attention (cuDNN on GPU)
+    # The training loss: "plain" (compute_loss's own logits), "blockwise"
+    # (blockwise_cross_entropy: never holds the [B*T, V] logits), or "auto":
+    # blockwise when the float32 logits would exceed BLOCKWISE_ABOVE_BYTES.
+    loss_impl: str = "auto"
+    loss_block: int = 512  # tokens per block of the blockwise loss
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
@@ -113,6 +118,11 @@ class ModelConfig:
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise InputError(f"ModelConfig.compute_dtype must be 'float32' or 'bfloat16', "
                              f"got {self.compute_dtype!r}")
+        if self.loss_impl not in ("auto", "plain", "blockwise"):
+            raise InputError(f"ModelConfig.loss_impl must be 'auto', 'plain' or 'blockwise', "
+                             f"got {self.loss_impl!r}")
+        if self.loss_block <= 0:
+            raise InputError(f"ModelConfig.loss_block must be positive, got {self.loss_block}")
         if self.rope_scaling is not None and len(self.rope_scaling) != 4:
             raise InputError("ModelConfig.rope_scaling must be (factor, low_freq_factor, "
                              "high_freq_factor, original_max_position_embeddings)")
@@ -691,14 +701,119 @@ def compute_loss(params, batch, config, training=False, key=None):
     """Mean next-token cross-entropy in nats. batch: (inputs, targets), each
     int32[B, T] -> float32 scalar. Computed as logsumexp(logits) - logit[target]
     in float32, which never exponentiates a large number. The padded
-    vocabulary entries are masked out, so they carry no probability."""
+    vocabulary entries are masked out, so they carry no probability.
+    This is the reference; with a large vocabulary or batch the same loss is
+    computed block by block (blockwise_cross_entropy, below), see use_blockwise."""
     inputs, targets = batch
     h, _ = forward_hidden(params, inputs, config, training=training, key=key)
+    if use_blockwise(config, targets.size):
+        return blockwise_cross_entropy(h.reshape(-1, h.shape[-1]), output_weight(params),
+                                       targets.reshape(-1), config)
     logits = output_logits(params, h, config)  # [B, T, V_padded]
     if config.padded_vocab != config.vocab_size:
         logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits, -jnp.inf)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target_logits)
+
+
+# The output layer without its logits. compute_loss holds float32 logits
+# [B*T, V_padded] and, in the backward pass, their gradient of the same size:
+# 2 x 8.4 GB for Llama 3's 128,256-token vocabulary at 8 x 2048 tokens, more
+# than the rest of a 1B model's training state. blockwise_cross_entropy runs
+# over blocks of `loss_block` tokens (a lax.scan), and for each block computes
+# the logits, the loss and, when differentiated, the gradient right away:
+# softmax minus one-hot is the gradient of cross-entropy with respect to the
+# logits, so dh = G W^T and dW = h^T G follow, and the block's logits are
+# dropped. Memory is O(loss_block x V) instead of O(B*T x V), and the FLOPs are
+# those of the plain path (one output matmul forward, two backward): the
+# gradient is computed in the forward pass and only scaled in the backward
+# one (the approach of Liger Kernel's fused linear cross-entropy; Levanter's
+# blockwise cross-entropy recomputes the logits in the backward pass instead,
+# one more matmul). Evaluation, which needs no gradient, runs the primal
+# function, from which jit drops the gradient's work.
+
+# "auto" takes the blockwise path above this many bytes of float32 logits.
+# On the CPU (seed architecture, 2,048 tokens, 412 MB of logits) both paths
+# ran within 5% of each other (README, "The output layer"), so the choice is
+# made by memory: the plain path's logits and their gradient hold twice this.
+BLOCKWISE_ABOVE_BYTES = 1 << 30
+
+
+def use_blockwise(config, n_tokens):
+    if config.loss_impl != "auto":
+        return config.loss_impl == "blockwise"
+    return n_tokens * config.padded_vocab * 4 > BLOCKWISE_ABOVE_BYTES
+
+
+def blockwise_cross_entropy(h, w, targets, config):
+    """The mean cross-entropy of compute_loss from the final hidden states, by
+    blocks of config.loss_block tokens. h: [N, D], w: [D, V_padded] (the output
+    weight), targets: int32[N] -> scalar. A custom VJP (below) returns the
+    gradients computed alongside the loss."""
+    return _blockwise_ce(h, w, targets, config)[0]
+
+
+def _blockwise_ce(h, w, targets, config, with_grads=False):
+    """-> (mean loss, (dL/dh [N, D], dL/dw [D, V_padded]) or None)."""
+    N, D = h.shape
+    n = min(config.loss_block, N)
+    blocks = -(-N // n)
+    pad = blocks * n - N  # the last block is padded with rows that count for nothing
+    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(blocks, n, D)
+    ts = jnp.pad(targets, (0, pad)).reshape(blocks, n)
+    valid = (jnp.arange(blocks * n) < N).reshape(blocks, n)
+    bf16 = config.compute_dtype == "bfloat16"
+    w_mm = w.astype(jnp.bfloat16) if bf16 else w  # rounded once, not once per block
+    vocab = jnp.arange(w.shape[1])
+
+    def matmul(a, b):  # as in dense: bfloat16 operands, float32 sums
+        if bf16:
+            return jnp.dot(a.astype(jnp.bfloat16), b, preferred_element_type=jnp.float32)
+        return jnp.dot(a, b)
+
+    def block(dw, xs):
+        hb, tb, vb = xs  # [n, D], [n], [n]
+        logits = at_least_f32(matmul(hb, w_mm))  # [n, V_padded]
+        logits = jnp.where(vocab < config.vocab_size, logits, -jnp.inf)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        e = jnp.exp(logits - m)
+        s = jnp.sum(e, axis=-1, keepdims=True)
+        target_logits = jnp.take_along_axis(logits, tb[:, None], axis=-1)[:, 0]
+        loss = jnp.sum(jnp.where(vb, m[:, 0] + jnp.log(s[:, 0]) - target_logits, 0.0))
+        if not with_grads:
+            return dw, (loss, None)
+        # dL/dlogits for the mean over N tokens: (softmax - one_hot) / N, and 0
+        # on padded rows; rounded to bfloat16 for the two matmuls, as in dense.
+        p = e / s
+        g = jnp.where(vocab == tb[:, None], p - 1, p) * (vb[:, None] / N)
+        g = g.astype(jnp.bfloat16) if bf16 else g.astype(logits.dtype)
+        # g @ w.T as a contraction over w's vocabulary axis: no transposed copy of w
+        dh = jax.lax.dot_general(g, w_mm, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32 if bf16 else None)  # [n, D]
+        dw = dw + (jnp.dot(hb.astype(jnp.bfloat16).T, g, preferred_element_type=jnp.float32)
+                   if bf16 else hb.T @ g)  # [D, V_padded]
+        return dw, (loss, dh)
+
+    dw0 = jnp.zeros(w.shape, jnp.promote_types(w.dtype, jnp.float32)) if with_grads else None
+    dw, (losses, dh) = jax.lax.scan(block, dw0, (hs, ts, valid))
+    loss = jnp.sum(losses) / N
+    if not with_grads:
+        return loss, None
+    return loss, (dh.reshape(blocks * n, D)[:N].astype(h.dtype), dw.astype(w.dtype))
+
+
+def _blockwise_ce_fwd(h, w, targets, config):
+    loss, grads = _blockwise_ce(h, w, targets, config, with_grads=True)
+    return loss, grads
+
+
+def _blockwise_ce_bwd(config, grads, g):
+    dh, dw = grads  # computed in the forward pass; the loss is linear in them
+    return dh * g, dw * g, None  # targets are integers: no gradient
+
+
+blockwise_cross_entropy = jax.custom_vjp(blockwise_cross_entropy, nondiff_argnums=(3,))
+blockwise_cross_entropy.defvjp(_blockwise_ce_fwd, _blockwise_ce_bwd)
 
 
 def learning_rate(step, tc):
@@ -1972,6 +2087,13 @@ def build_parser():
     model.add_argument("--dropout", type=float, help=f"dropout rate ({preset_help('dropout_rate')})")
     model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
                        help=f"share the input embedding with the output layer ({preset_help('tie_embeddings')})")
+    model.add_argument("--loss", choices=["auto", "plain", "blockwise"], dest="loss_impl",
+                       help="how the cross-entropy is computed: plain holds the [B*T, V] "
+                            "logits; blockwise takes loss_block tokens at a time and never "
+                            "does (for large vocabularies and batches); auto: blockwise once "
+                            "the float32 logits would exceed 1 GiB (default auto)")
+    model.add_argument("--loss-block", type=int,
+                       help=f"tokens per block of the blockwise loss (default {ModelConfig.loss_block})")
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
                        help="matmul dtype; weights and optimizer stay float32. auto: "
                             "bfloat16 on a GPU, or on a CPU with native bfloat16 instructions "
@@ -2049,7 +2171,7 @@ def resolve_configs(args):
     flags = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
              "n_kv_heads": "n_kv_heads", "ffn_dim": "ffn_dim", "max_seq_len": "max_seq_len",
              "dropout": "dropout_rate", "tie_embeddings": "tie_embeddings",
-             "dtype": "compute_dtype"}
+             "dtype": "compute_dtype", "loss_impl": "loss_impl", "loss_block": "loss_block"}
     model.update({field: getattr(args, flag) for flag, field in flags.items()
                   if getattr(args, flag) is not None})
     for field in ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
@@ -2207,6 +2329,29 @@ def bench_train(config, tc, n_steps):
             "recompiled": train_step._cache_size() > 1}, params
 
 
+def loss_buffer_bytes(config, n_tokens):
+    """Temporary bytes of the output layer's loss and gradient, from hidden
+    states [n_tokens, D] (XLA's memory analysis of the compiled function; no
+    run): {"plain": ..., "blockwise": ...}."""
+    shapes = (jax.ShapeDtypeStruct((n_tokens, config.dim), jnp.float32),
+              jax.ShapeDtypeStruct((config.dim, config.padded_vocab), jnp.float32),
+              jax.ShapeDtypeStruct((n_tokens,), jnp.int32))
+    plain = dataclasses.replace(config, loss_impl="plain")
+
+    def plain_loss(h, w, t):
+        logits = output_logits({"output": w}, h, plain)
+        logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits, -jnp.inf)
+        return jnp.mean(jax.nn.logsumexp(logits, -1)
+                        - jnp.take_along_axis(logits, t[:, None], -1)[:, 0])
+
+    def blockwise_loss(h, w, t):
+        return blockwise_cross_entropy(h, w, t, config)
+
+    return {name: jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*shapes).compile()
+            .memory_analysis().temp_size_in_bytes
+            for name, f in (("plain", plain_loss), ("blockwise", blockwise_loss))}
+
+
 def naive_generate(params, tokens, n_new, config):
     """Greedy decoding without a cache, the way a first implementation does it:
     run the whole model over the whole sequence for every new token. The input
@@ -2265,6 +2410,14 @@ def run_bench(args):
          f"{train_result['train_tokens_per_s']:,.0f} tok/s, {train_result['ms_per_step']:.0f} "
          f"ms/step, MFU {mfu:.1%} (of {peak / 1e12:.3g} TFLOP/s, {peak_source}; "
          f"{fpt / 1e6:.0f} MFLOP/token), compile {train_result['compile_s']:.1f}s")
+    n_tokens = tc.batch_size * tc.seq_len
+    loss_bytes = loss_buffer_bytes(config, n_tokens)
+    chosen = "blockwise" if use_blockwise(config, n_tokens) else "plain"
+    emit({"kind": "loss_memory", "loss_impl": chosen, "loss_block": config.loss_block,
+          "temp_bytes": loss_bytes},
+         f"loss   {chosen} ({config.loss_impl}) cross-entropy; temporary buffers of the loss "
+         f"and its gradient: plain {loss_bytes['plain'] / 2**20:,.0f} MiB, blockwise "
+         f"({config.loss_block} tokens per block) {loss_bytes['blockwise'] / 2**20:,.0f} MiB")
     n_new = min(128, config.max_seq_len - 16)
     decode = [] if args.max_new_tokens == 0 else [  # --max-new-tokens 0: training only
         bench_decode(params, decoding_config(config), b, n_new, n_naive=4 if on_gpu else 6)

@@ -452,6 +452,91 @@ def test_loss_is_mean_cross_entropy_against_numpy():
     assert float(L.eval_loss(params, (tokens, targets), TINY)) == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_blockwise_loss_and_gradients_equal_the_plain_path(tied, dtype):
+    # 3 x 11 = 33 tokens in blocks of 8: the last block holds one real row and
+    # seven padding rows; the vocabulary is padded 97 -> 128.
+    config = dataclasses.replace(TINY, tie_embeddings=tied, compute_dtype=dtype, loss_block=8)
+    params = random_params(config)
+    tokens = tokens_for(config, 3, 12)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    grad = jax.jit(jax.value_and_grad(L.compute_loss), static_argnames="config")
+    plain, g_plain = grad(params, batch, config=dataclasses.replace(config, loss_impl="plain"))
+    block, g_block = grad(params, batch, config=dataclasses.replace(config, loss_impl="blockwise"))
+    # float32: the same sums in another order; bfloat16: the gradient of the
+    # logits is rounded to bfloat16 on both paths, from slightly different sums.
+    tol = 1e-5 if dtype == "float32" else 1e-2  # of each gradient's largest entry
+    np.testing.assert_allclose(block, plain, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_plain),
+                            jax.tree_util.tree_leaves(g_block)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=tol * float(jnp.max(jnp.abs(a))),
+                                   err_msg=jax.tree_util.keystr(path))
+    # Evaluation runs the primal function (no gradient work): the same loss.
+    assert float(L.eval_loss(params, batch, dataclasses.replace(config, loss_impl="blockwise"))
+                 ) == pytest.approx(float(plain), rel=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_blockwise_gradients_against_a_float64_oracle(block):
+    # dL/dh and dL/dW of mean(logsumexp(h W) - (h W)[target]) with V = 13 of
+    # a padded 16, written out in NumPy: (softmax - one_hot) / N.
+    config = L.ModelConfig(vocab_size=13, dim=6, n_layers=1, n_heads=1, n_kv_heads=1,
+                           vocab_multiple=16, loss_block=block)
+    rng = np.random.default_rng(0)
+    N = 21
+    h, w = rng.normal(size=(N, 6)), rng.normal(size=(6, 16))
+    t = rng.integers(0, 13, N)
+    logits = (h @ w)[:, :13]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    loss = np.mean(-np.log(p[np.arange(N), t]))
+    g = p.copy()
+    g[np.arange(N), t] -= 1
+    g /= N
+    with jax.enable_x64(True):
+        value, (dh, dw) = jax.value_and_grad(L.blockwise_cross_entropy, argnums=(0, 1))(
+            jnp.asarray(h), jnp.asarray(w), jnp.asarray(t, jnp.int32), config)
+        assert dh.dtype == jnp.float64
+        np.testing.assert_allclose(value, loss, rtol=1e-12)
+        np.testing.assert_allclose(dh, g @ w[:, :13].T, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(dw[:, :13], h.T @ g, rtol=1e-10, atol=1e-14)
+        np.testing.assert_array_equal(dw[:, 13:], 0.0)  # padded columns get no gradient
+        # A scaled cotangent (a loss weighted by 3) scales both gradients.
+        dh3 = jax.grad(lambda h: 3 * L.blockwise_cross_entropy(h, jnp.asarray(w),
+                                                               jnp.asarray(t), config))(jnp.asarray(h))
+        np.testing.assert_allclose(dh3, 3 * dh, rtol=1e-12)
+
+
+def test_blockwise_loss_of_a_128k_vocabulary_fits_in_a_gigabyte():
+    # Llama 3's 128,256-token vocabulary at 8 x 2048 tokens (width 256, bfloat16
+    # matmuls): the compiled loss-and-gradient's temporary buffers, from XLA's
+    # memory analysis (nothing is run). The plain path holds the float32
+    # logits and their gradient, 2 x 8.4 GB.
+    D, N = 256, 8 * 2048
+
+    def temp_bytes(impl):
+        config = L.ModelConfig(vocab_size=128256, dim=D, compute_dtype="bfloat16", loss_impl=impl)
+        assert config.padded_vocab == 128256
+
+        def loss_from_hidden(h, w, t):  # compute_loss without the model in front
+            if impl == "blockwise":
+                return L.blockwise_cross_entropy(h, w, t, config)
+            logits = L.at_least_f32(L.dense(h, w, config))
+            return jnp.mean(jax.nn.logsumexp(logits, -1)
+                            - jnp.take_along_axis(logits, t[:, None], -1)[:, 0])
+
+        step = jax.jit(jax.value_and_grad(loss_from_hidden, argnums=(0, 1)))
+        compiled = step.lower(jax.ShapeDtypeStruct((N, D), jnp.float32),
+                              jax.ShapeDtypeStruct((D, 128256), jnp.float32),
+                              jax.ShapeDtypeStruct((N,), jnp.int32)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert L.use_blockwise(L.ModelConfig(vocab_size=128256), N)  # what "auto" picks here
+    assert temp_bytes("plain") > 16e9
+    assert temp_bytes("blockwise") < 1 << 30
+
+
 def test_learning_rate_schedule_warmup_peak_and_floor():
     tc = L.TrainConfig(steps=1000, lr=1e-3, min_lr=1e-4, warmup_steps=100)
     assert float(L.learning_rate(0, tc)) == pytest.approx(1e-5)
