@@ -393,7 +393,7 @@ def test_bfloat16_compute_agrees_with_float32():
     # The master weights stay float32 through a training step.
     tc = L.TrainConfig(batch_size=2, seq_len=8, steps=2)
     data = jnp.arange(200) % TINY.vocab_size
-    new, opt, _ = L.train_step(params, L.adamw_init(params), data,
+    new, opt, _, _ = L.train_step(params, L.adamw_init(params), data,
                                L.run_keys(jax.random.PRNGKey(0)), bf16, tc)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))
 
@@ -537,6 +537,30 @@ def test_blockwise_loss_of_a_128k_vocabulary_fits_in_a_gigabyte():
     assert temp_bytes("blockwise") < 1 << 30
 
 
+def test_evaluate_text_predicts_every_token_once_and_counts_its_bytes():
+    enc = L.get_tokenizer()
+    text = "KING RICHARD.\nA horse! a horse! my kingdom for a horse! Caf\u00e9, na\u00efve \u2014 done."
+    config = dataclasses.replace(TINY, vocab_size=enc.n_vocab, max_seq_len=64)
+    params = random_params(config)
+    ids = np.array([enc.eot_token] + enc.encode_ordinary(text))  # the start token is context
+    n = len(ids) - 1
+    assert n < 64
+    whole = L.evaluate_text(params, config, enc, text)
+    one_window = float(L.eval_loss(params, (ids[None, :-1], ids[None, 1:]), config))
+    assert whole["tokens"] == n and whole["bytes"] == len(text.encode("utf-8"))
+    assert whole["nats_per_token"] == pytest.approx(one_window, rel=1e-5)
+    assert whole["bits_per_byte"] == pytest.approx(one_window * n / np.log(2) / whole["bytes"],
+                                                   rel=1e-5)
+    # Windows of 7 predictions, batches of 3 windows (the last one padded): each
+    # window starts afresh; the total is the sum of the windows' own losses.
+    windows = L.evaluate_text(params, config, enc, text, seq_len=7, batch_size=3)
+    total = sum(float(L.eval_loss(params, (ids[None, i:min(i + 7, n)], ids[None, i + 1:i + 8]),
+                                  config)) * (min(i + 7, n) - i) for i in range(0, n, 7))
+    assert windows["nats_per_token"] == pytest.approx(total / n, rel=1e-5)
+    with pytest.raises(L.InputError, match="too short"):
+        L.evaluate_text(params, config, enc, "")
+
+
 def test_learning_rate_schedule_warmup_peak_and_floor():
     tc = L.TrainConfig(steps=1000, lr=1e-3, min_lr=1e-4, warmup_steps=100)
     assert float(L.learning_rate(0, tc)) == pytest.approx(1e-5)
@@ -660,6 +684,88 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
     b = np.array(resumed["history"]["train"])
     assert a.shape == b.shape == (8, 2)
     np.testing.assert_allclose(a, b, atol=1e-6)
+    # metrics.jsonl: one line per logged step (every step here) and per
+    # evaluation, none twice, none missing, the same figures as the straight run.
+    lines = {name: [json.loads(line) for line in
+                    (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("straight", "resumed")}
+    for records in lines.values():
+        assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+        assert [r["step"] for r in records if r["kind"] == "eval"] == [8]
+    for r, s in zip(lines["resumed"], lines["straight"]):
+        assert r["kind"] == s["kind"] and r["step"] == s["step"]
+        for name in ("loss", "grad_norm", "layer_grad_norm", "layer_rms", "layer_attn_entropy",
+                     "val_loss"):
+            if name in s:
+                np.testing.assert_allclose(r[name], s[name], rtol=1e-5, err_msg=name)
+    assert (tmp_path / "resumed" / "health.png").is_file()
+
+
+def test_unreadable_metrics_lines_are_dropped_with_a_message_and_the_run_goes_on(corpus, tmp_path):
+    L.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lambda s: None)
+    path = tmp_path / "metrics.jsonl"
+    # A crash in mid-write leaves half a line; a line past the checkpoint's step
+    # (written before a kill) must not be kept either, or step 4 would appear twice.
+    path.write_text(path.read_text() + '{"kind": "train", "step": 4, "loss": 1.0}\n{"kind": "tr')
+    lines = []
+    L.train(TRAIN_TINY, quick_tc(steps=5), corpus, tmp_path, resume=True, log=lines.append)
+    assert any("dropped 1 unreadable line" in line for line in lines)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+
+
+def test_step_health_equals_gradients_and_updates_computed_outside_the_step():
+    config = dataclasses.replace(TINY, n_layers=3)
+    params = random_params(config)
+    tokens = tokens_for(config, 2, 9)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    keys = L.run_keys(jax.random.PRNGKey(0))
+    grads = jax.grad(L.compute_loss)(params, batch, config)  # no dropout: no key needed
+    before = jax.tree_util.tree_map(np.array, params)  # train_step donates params
+
+    def norm(tree):
+        return np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                           for x in jax.tree_util.tree_leaves(tree)))
+
+    tc = L.TrainConfig(batch_size=2, seq_len=8, lr=1e-2, warmup_steps=0, grad_clip=1e3)
+    new, _, _, health = L.train_step(params, L.adamw_init(params), batch, keys, config, tc)
+    np.testing.assert_allclose(health["grad_norm"], norm(grads), rtol=1e-5)
+    np.testing.assert_allclose(health["layer_grad_norm"],
+                               [norm(g) for g in grads["layers"]], rtol=1e-5)
+    ratios = [norm(jax.tree_util.tree_map(lambda a, b: np.asarray(a) - b, n, o)) / norm(o)
+              for n, o in zip(new["layers"], before["layers"])]
+    np.testing.assert_allclose(health["layer_update_ratio"], ratios, rtol=1e-4)
+    assert not bool(health["clipped"])
+    # A clip threshold under the gradient norm clips; the flag says so.
+    params = jax.tree_util.tree_map(jnp.asarray, before)
+    tight = dataclasses.replace(tc, grad_clip=0.5 * float(norm(grads)))
+    assert bool(L.train_step(params, L.adamw_init(params), batch, keys, config, tight)[3]["clipped"])
+    # health=False: the same step without the figures.
+    params = jax.tree_util.tree_map(jnp.asarray, before)
+    off = L.train_step(params, L.adamw_init(params), batch, keys, config,
+                       dataclasses.replace(tc, health=False))
+    assert off[3] == {}
+    np.testing.assert_allclose(off[0]["norm"], new["norm"], rtol=1e-6)
+
+
+def test_block_health_on_blocks_with_known_answers():
+    # With wq = 0 every score is 0, so each query spreads evenly over the keys it
+    # may see: entropy log(t + 1) at position t. With wo = w2 = 0 each block adds
+    # nothing, so the residual stream after every block is the embedding.
+    config = dataclasses.replace(TINY, fused_attention=False)
+    params = random_params(config)
+    for layer in params["layers"]:
+        layer["attention"]["wq"] = jnp.zeros_like(layer["attention"]["wq"])
+        layer["attention"]["wo"] = jnp.zeros_like(layer["attention"]["wo"])
+        layer["feed_forward"]["w2"] = jnp.zeros_like(layer["feed_forward"]["w2"])
+    tokens = tokens_for(config, 2, 12)
+    stats = []
+    L.compute_loss(params, (tokens, tokens), config, stats=stats)
+    assert len(stats) == config.n_layers
+    embedded = np.asarray(params["tok_embeddings"])[np.asarray(tokens)]
+    for s in stats:
+        assert float(s["entropy"]) == pytest.approx(np.mean(np.log(np.arange(1, 13))), rel=1e-5)
+        assert float(s["rms"]) == pytest.approx(np.sqrt(np.mean(embedded ** 2)), rel=1e-5)
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(corpus, tmp_path, monkeypatch):
@@ -759,10 +865,20 @@ def test_command_line_trains_checkpoints_plots_and_samples(corpus, tmp_path):
     assert "eval  step     4 | train" in out
     assert "--- sample" in out
     assert (tmp_path / "run" / "ckpt.npz").is_file() and (tmp_path / "run" / "loss.png").is_file()
+    assert (tmp_path / "run" / "health.png").stat().st_size > 10_000
+    assert all(json.loads(line)["step"] for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     sample = run_cli("--sample", "--out-dir", "run", "--prompt", "ROMEO:", "--max-new-tokens", "5",
                      "--seed", "3", cwd=tmp_path)
     assert sample.returncode == 0, sample.stderr
     assert "ROMEO:" in sample.stdout
+    # --eval on the run's own corpus: one JSON line with every token counted.
+    evaluated = run_cli("--eval", str(corpus), "--out-dir", "run", "--json", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    figures = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert figures["bytes"] == len(corpus.read_bytes()) and 0 < figures["bits_per_byte"] < 20
+    no_model = run_cli("--eval", str(corpus), "--out-dir", "nothing", cwd=tmp_path)
+    assert no_model.returncode == 2 and "no checkpoint at" in no_model.stderr
     # A mismatched resume and a missing data file are one-line errors, not tracebacks.
     bad = run_cli(*args, "--resume", "--dim", "64", cwd=tmp_path)
     assert bad.returncode == 2 and "dim: 32 in the checkpoint, 64 requested" in bad.stderr
@@ -795,6 +911,28 @@ def test_greedy_generate_matches_naive_full_forward_loop_for_a_batch():
     out = L.generate(params, prompts, 22, TINY, jax.random.PRNGKey(0), temperature=0.0)
     for prompt, got in zip(prompts, out):
         assert got == naive_greedy(params, prompt, 22, TINY)
+
+
+def test_generation_sizes_its_cache_to_the_request_not_the_context(monkeypatch):
+    # Llama 3.x declares 131,072 positions; a 5-token prompt and 20 new tokens
+    # need a cache of the prompt's bucket (16) plus the new tokens' bucket (32).
+    long = dataclasses.replace(TINY, max_seq_len=131072)
+    params = random_params(TINY)
+    built, real_init_cache = [], L.init_cache
+
+    def recording_init_cache(config, batch_size, length=None):
+        cache = real_init_cache(config, batch_size, length)
+        built.append(cache[0]["k"].shape)
+        return cache
+
+    monkeypatch.setattr(L, "init_cache", recording_init_cache)
+    prompt = [5, 17, 3, 9, 60]
+    out_long = L.generate(params, prompt, 20, long, jax.random.PRNGKey(0), temperature=0.0)
+    assert built == [(1, 48, TINY.n_kv_heads, TINY.head_width)]
+    # The same tokens as with a short context: RoPE's angles at a position do
+    # not depend on how many positions the model declares.
+    out_short = L.generate(params, prompt, 20, TINY, jax.random.PRNGKey(0), temperature=0.0)
+    assert out_long == out_short == naive_greedy(params, prompt, 20, TINY)
 
 
 def test_top_k_1_equals_greedy():
@@ -1054,6 +1192,51 @@ def test_hf_unsupported_config_names_the_field(tmp_path, change, message):
     config = json.loads((folder / "config.json").read_text())
     config.update(change)
     (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(L.CheckpointError, match=message):
+        L.load_hf_checkpoint(folder)
+
+
+def damage_config_not_json(folder):
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,')
+    return r"config.json is not valid JSON"
+
+
+def damage_config_without_hidden_size(folder):
+    config = json.loads((folder / "config.json").read_text())
+    del config["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return r"config.json: hidden_size is missing or not an integer"
+
+
+def damage_header_entry_is_a_list(folder):
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["model.norm.weight"] = [1, 2, 3]
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+    return r"model.safetensors: the header entry of tensor model.norm.weight is \[1, 2, 3\]"
+
+
+def damage_index_names_a_missing_shard(folder):
+    names = L.read_safetensors(folder / "model.safetensors").keys()
+    weight_map = {name: ("model-00001-of-00002.safetensors" if i % 2 else
+                         "model-00002-of-00002.safetensors") for i, name in enumerate(names)}
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return (r"model.safetensors.index.json names model-00002-of-00002.safetensors, which is not "
+            r"in .*the download is incomplete")
+
+
+@pytest.mark.parametrize("damage", [damage_config_not_json, damage_config_without_hidden_size,
+                                    damage_header_entry_is_a_list,
+                                    damage_index_names_a_missing_shard])
+def test_damaged_hf_folders_get_a_message_naming_the_file(tmp_path, damage):
+    # Each of these was a Python traceback (JSONDecodeError, KeyError,
+    # AttributeError, FileNotFoundError) before the loader checked it.
+    folder = copy_fixture(tmp_path)
+    message = damage(folder)
     with pytest.raises(L.CheckpointError, match=message):
         L.load_hf_checkpoint(folder)
 

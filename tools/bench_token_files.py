@@ -83,7 +83,7 @@ def bench_training_paths(tmp, rounds=3, steps=6):
             for _ in range(steps):
                 data = on_device if path == "device" else L.host_batch(
                     token_file, key, step, tc.batch_size, tc.seq_len)
-                params, opt_state, loss = L.train_step(params, opt_state, data, key, config, tc)
+                params, opt_state, loss, _ = L.train_step(params, opt_state, data, key, config, tc)
                 step += 1
             loss.block_until_ready()
             if r:

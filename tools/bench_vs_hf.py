@@ -34,7 +34,7 @@ def jax_stepper(config, tc):
     keys = L.run_keys(jax.random.PRNGKey(2))
 
     def step():
-        state["params"], state["opt"], loss = L.train_step(state["params"], state["opt"], data,
+        state["params"], state["opt"], loss, _ = L.train_step(state["params"], state["opt"], data,
                                                            keys, config, tc)
         return loss
 

@@ -183,13 +183,15 @@ opt_state = L.adamw_init(params)
 data = jnp.asarray(train_tokens)
 evals = {name: L.fixed_windows(d, 4, tc.batch_size, tc.seq_len) for name, d in (("train", train_tokens), ("val", val_tokens))}
 history = {"train": [], "eval": []}
+healths = []  # each step's health figures (see the next section)
 
 fig, ax = plt.subplots(figsize=(8, 4))
 handle = display(fig, display_id=True)
 t0 = time.perf_counter()
 for step in range(tc.steps):
-    params, opt_state, loss = L.train_step(params, opt_state, data, keys, config, tc)
+    params, opt_state, loss, health = L.train_step(params, opt_state, data, keys, config, tc)
     history["train"].append([step + 1, float(loss)])
+    healths.append(health)
     if (step + 1) % tc.eval_every == 0:
         history["eval"].append([step + 1, L.evaluate(params, config, evals["train"]),
                                 L.evaluate(params, config, evals["val"])])
@@ -206,6 +208,59 @@ for step in range(tc.steps):
         handle.update(fig)
 plt.close(fig)
 print(f"final validation loss {history['eval'][-1][2]:.3f} after {time.perf_counter() - t0:.0f}s")"""),
+    ("md", """### Is the run healthy?
+
+The loss says whether a run learns, not why it stalls or blows up. `train_step` also returns a
+few numbers per block, computed inside the same jitted step (about 2% of its time): the
+gradient norm before clipping, the update's size relative to the weights, the RMS of the
+residual stream after the block, and the attention's entropy. `python llama_jax.py` writes
+them to `out/metrics.jsonl` and draws them in `out/health.png`; here we draw our own run's.
+Healthy looks like this: the gradient norm settles after warmup and clipping stops, updates
+are about 1e-3 to 1e-2 of the weights and shrink with the learning rate, the residual RMS
+grows smoothly with depth, and the entropy falls from its uniform start as heads learn where
+to look."""),
+    ("code", """records = [L.health_record(s + 1, l, float(L.learning_rate(s, tc)), None, 0, [h])
+           for s, ((_, l), h) in enumerate(zip(history["train"], jax.device_get(healths)))]
+fig = plt.figure(figsize=(10, 6.5))
+L.draw_health(fig, records)
+plt.show()"""),
+    ("md", """A learning rate far too large, for contrast: the same model and data for a few dozen
+steps at 3e-3 (as above) and at 1e-1. The large one moves the weights by more than half
+their size per step at first (the healthy run: a few percent), the residual stream's scale
+runs away by orders of magnitude, and the loss shoots far above its value at initialisation.
+RMSNorm in front of every block and AdamW's bounded step size then pull the loss back down:
+read at the end, the loss alone would hide how far off course the run went."""),
+    ("code", """def short_run(lr, steps=12 if FAST else 40):
+    run_tc = L.TrainConfig(steps=steps, batch_size=8, seq_len=tc.seq_len, lr=lr, warmup_steps=5)
+    p = L.init_params(keys["init"], config)
+    o = L.adamw_init(p)
+    out = []
+    for s in range(steps):
+        p, o, loss, h = L.train_step(p, o, data, keys, config, run_tc)
+        out.append(L.health_record(s + 1, float(loss), float(L.learning_rate(s, run_tc)), None, 0,
+                                   [jax.device_get(h)]))
+    return out
+
+runs = {"lr 3e-3": short_run(3e-3), "lr 1e-1 (too large)": short_run(1e-1)}
+fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+for (name, recs), colour in zip(runs.items(), ("tab:blue", "tab:red")):
+    steps = [r["step"] for r in recs]
+    axes[0].plot(steps, [r["loss"] for r in recs], color=colour, label=name)
+    axes[1].plot(steps, [r["grad_norm"] for r in recs], color=colour)
+    axes[2].plot(steps, [np.mean(r["layer_update_ratio"]) for r in recs], color=colour)
+    axes[3].plot(steps, [r["layer_rms"][-1] for r in recs], color=colour)
+for ax, title in zip(axes, ("loss", "gradient norm (clip at 1)", "|update| / |weights|, mean over blocks",
+                            "residual RMS after the last block")):
+    ax.set(title=title, xlabel="step")
+    ax.grid(alpha=0.3)
+for ax in axes[1:]:
+    ax.set_yscale("log")
+axes[0].legend()
+fig.tight_layout()
+plt.show()
+for name, recs in runs.items():
+    print(f"{name}: final loss {recs[-1]['loss']:.2f}, steps clipped "
+          f"{sum(r['clipped'] for r in recs)}/{len(recs)}")"""),
     ("code", """# After training, the same head no longer spreads its attention evenly.
 show_attention(layer0_attention(params), "layer 0, head 0, trained")"""),
     ("md", """## 8. Sampling
