@@ -2709,12 +2709,13 @@ def chat_prompt(messages, tokenizer, template=None):
                      "tokens, no chat template): it continues text instead; use --sample")
 
 
-def chat_turn(params, config, tokenizer, messages, args, key, template=None, out=sys.stdout):
+def chat_turn(params, config, tokenizer, messages, args, key, template=None, out=None):
     """Generates the assistant's reply to `messages`, printing it as it is
     drawn, and appends it to messages. Older turns are dropped (the system
     message kept) when the conversation no longer fits the context.
     -> (reply text, tokens drawn, seconds in all, seconds after the first
     token: the first waits for the prompt and, in a new shape, for compiling)."""
+    out = out or sys.stdout
     end = chat_end_token(tokenizer)
     while True:
         prompt = chat_prompt([dict(m) for m in messages], tokenizer, template)
@@ -3292,7 +3293,7 @@ def run_bench(args):
              f"naive full recompute {d['naive_tokens_per_s']:,.2f} tok/s "
              f"({d['speedup']:,.0f}x)")
     if decode:
-        long = bench_long_context(params, decoding_config(config), n_new)
+        long = bench_long_context(params, decoding_config(config), min(n_new, 64), rounds=3)
         emit({"kind": "decode_long_context", **long},
              f"decode batch 1, the model's context at 131,072 positions: "
              f"{long['long_tokens_per_s']:,.1f} tok/s; at 256: {long['short_tokens_per_s']:,.1f} "

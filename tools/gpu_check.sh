@@ -218,6 +218,7 @@ summary = {"kind": "summary", "seconds": seconds, "device": first("env").get("de
            "compile_s_b16": train.get("compile_s"),
            "decode_tokens_per_s_b1": decode1.get("decode_tokens_per_s"),
            "decode_tokens_per_s_b8": decode8.get("decode_tokens_per_s"),
+           "decode_long_context_ratio": first("bench_decode_long_context").get("ratio"),
            "budget_val_loss": budget.get("val_loss"), "budget_steps": budget.get("steps")}
 # The goals of the GPU issue; meaningful on an H100/H200 only.
 def at_least(value, goal):

@@ -230,7 +230,7 @@ their size per step at first (the healthy run: a few percent), the residual stre
 runs away by orders of magnitude, and the loss shoots far above its value at initialisation.
 RMSNorm in front of every block and AdamW's bounded step size then pull the loss back down:
 read at the end, the loss alone would hide how far off course the run went."""),
-    ("code", """def short_run(lr, steps=12 if FAST else 40):
+    ("code", """def short_run(lr, steps=6 if FAST else 40):
     run_tc = L.TrainConfig(steps=steps, batch_size=8, seq_len=tc.seq_len, lr=lr, warmup_steps=5)
     p = L.init_params(keys["init"], config)
     o = L.adamw_init(p)
