@@ -2558,6 +2558,10 @@ def load_gguf(path, dtype="float32"):
         raise CheckpointError(f"{path}: rope.scaling.type "
                               f"{gguf_value(reader, p + 'rope.scaling.type')!r} is not supported")
     tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:  # Llama 3.1+: scaling factors per RoPE frequency
+        raise CheckpointError(f"{path} carries RoPE frequency factors (rope_freqs.weight, "
+                              "Llama 3.1-style scaling), which llama_jax does not read from GGUF "
+                              "yet: load the model's Hugging Face folder with --hf-checkpoint")
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path} has no token_embd.weight tensor")
     vocab_size = gguf_value(reader, p + "vocab_size", required=False)
@@ -2771,10 +2775,12 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python llama_jax.py",
         description="Train a Llama on Shakespeare (the default), sample from a checkpoint "
-                    "(--sample), or measure speed (--bench). With no flags: train the preset "
-                    "for this machine (cpu: 10 to 13 minutes on 2 cores; gpu: a larger model "
-                    "in bfloat16), evaluate and checkpoint to out/, draw out/loss.png, then "
-                    "print a sample.",
+                    "(--sample), evaluate it on a text (--eval), chat with an instruction-tuned "
+                    "model (--chat with --gguf or --hf-checkpoint), or measure speed "
+                    "(--bench). With no flags: train the preset for this machine (cpu: 10 to "
+                    "13 minutes on 2 cores; gpu: a larger model in bfloat16), evaluate and "
+                    "checkpoint to out/, draw out/loss.png and out/health.png, then print a "
+                    "sample.",
         epilog="Model and training flags left out take the preset's value; the presets are "
                "listed in PRESETS at the top of llama_jax.py and in the README.")
     mode = p.add_argument_group("what to do")
@@ -2811,7 +2817,8 @@ def build_parser():
                             "NAME; read from disk a batch at a time). With --prepare: the name "
                             "to write. Default: shakespeare.txt beside this file")
     files.add_argument("--out-dir", default="out",
-                       help="where ckpt.npz and loss.png go (default: out)")
+                       help="where ckpt.npz, loss.png, health.png and metrics.jsonl go "
+                            "(default: out)")
     files.add_argument("--resume", action="store_true",
                        help="continue training from --out-dir/ckpt.npz up to --steps, with the "
                             "same batches and dropout masks as an uninterrupted run. The "
