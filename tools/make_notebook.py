@@ -172,8 +172,8 @@ gradients, clips them and applies AdamW with a warmup-then-cosine learning rate.
 randomness has its own stream (`run_keys`: initialisation, batches, dropout), and each step's
 keys are its stream's key folded with the step number, so a resumed run repeats exactly. The
 plot below redraws in place as training runs."""),
-    ("code", """tc = L.TrainConfig(steps=40 if FAST else 320, batch_size=8, seq_len=64 if FAST else 128,
-                   lr=3e-3, warmup_steps=10 if FAST else 30, eval_every=20 if FAST else 40)
+    ("code", """tc = L.TrainConfig(steps=24 if FAST else 320, batch_size=8, seq_len=64 if FAST else 128,
+                   lr=3e-3, warmup_steps=8 if FAST else 30, eval_every=12 if FAST else 40)
 seed_key = jax.random.PRNGKey(tc.seed)
 keys = L.run_keys(seed_key)
 params = L.init_params(keys["init"], config)
