@@ -262,13 +262,15 @@ def test_half_split_rope_equals_metas_interleaved_complex_rope_after_permutation
     k = meta_rope((x @ wk).reshape(T, H, Dh))
     meta_scores = np.einsum("thd,shd->hts", q, k)
     # Within each head, half-split channel j < Dh/2 is interleaved 2j, j >= Dh/2 is 2(j - Dh/2) + 1.
+    # The module's interleaved_to_half_split (which load_gguf applies) does exactly this.
     perm = np.concatenate([np.arange(0, Dh, 2), np.arange(1, Dh, 2)])
     cols = (np.arange(H)[:, None] * Dh + perm[None]).reshape(-1)
+    np.testing.assert_array_equal(L.interleaved_to_half_split(wq, H), wq[:, cols])
     cos, sin = L.precompute_rope(Dh, T, theta)
-    q2 = L.apply_rope(jnp.asarray((x @ wq[:, cols]).reshape(1, T, H, Dh), jnp.float32),
-                      cos[None], sin[None])
-    k2 = L.apply_rope(jnp.asarray((x @ wk[:, cols]).reshape(1, T, H, Dh), jnp.float32),
-                      cos[None], sin[None])
+    q2 = L.apply_rope(jnp.asarray((x @ L.interleaved_to_half_split(wq, H)).reshape(1, T, H, Dh),
+                                  jnp.float32), cos[None], sin[None])
+    k2 = L.apply_rope(jnp.asarray((x @ L.interleaved_to_half_split(wk, H)).reshape(1, T, H, Dh),
+                                  jnp.float32), cos[None], sin[None])
     ours = np.einsum("thd,shd->hts", np.asarray(q2[0]), np.asarray(k2[0]))
     np.testing.assert_allclose(ours, meta_scores, rtol=1e-4, atol=1e-3)
     # Without the permutation the two layouts disagree.
