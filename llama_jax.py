@@ -731,9 +731,7 @@ def init_cache(config, batch_size, length=None):
     """A KV cache with room for `length` positions (default max_seq_len): a
     list over layers of {"k", "v"}: zeros[B, S, K, Dh] in the compute dtype.
     Preallocated, so its shape never changes while decoding and nothing
-    recompiles per token. generate sizes it to the request, not to the model's
-    context: Llama 3.x declares 131,072 positions, and every decoded token
-    attends over all S slots."""
+    recompiles per token. generate sizes it to the request (decoding_shapes)."""
     shape = (batch_size, length or config.max_seq_len, config.n_kv_heads, config.head_width)
     return [{"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
             for _ in range(config.n_layers)]
@@ -1621,14 +1619,11 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
     each query see only slots up to its own position, and each new token is
     written at its row's next position (lengths + i), over the padding, before
     any query can see that slot.
-    The cache has cache_len slots: the prompt's bucket plus n_slots, at most
-    max_seq_len, so a model with a long context decodes a short request as
-    fast as a short-context model would.
+    The cache has cache_len slots (decoding_shapes), so a model with a long
+    context decodes a short request as fast as a short-context model would.
     -> int32[B, n_slots]: the new tokens (after a row's stop token: the stop token)."""
     B = prompts.shape[0]
-    if config.compute_dtype == "bfloat16":  # round the weights once, not once per token
-        params = jax.tree_util.tree_map(lambda w: w.astype(config.dtype) if w.ndim > 1 else w,
-                                        params)
+    params = decoding_weights(params, config)
     logits, cache = model_forward(params, prompts, config, init_cache(config, B, cache_len),
                                   position=0)
     last = logits[jnp.arange(B), lengths - 1]  # [B, V] each row's next-token logits
@@ -1654,6 +1649,31 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
 def _bucket(n, smallest=16):
     """Rounds up to a power of two, so that a handful of shapes get compiled."""
     return max(smallest, 1 << max(0, n - 1).bit_length())
+
+
+def decoding_shapes(longest, max_new_tokens, config):
+    """The compiled shapes of a request: (width, the prompts' bucket; n_slots,
+    the new tokens' bucket; cache_len, the KV cache's slots). The cache holds
+    the request, not the model's context: Llama 3.x declares 131,072
+    positions, and every new token attends over all cache slots."""
+    width = min(_bucket(longest), config.max_seq_len)
+    n_slots = _bucket(max_new_tokens, smallest=32)
+    return width, n_slots, min(width + n_slots, config.max_seq_len)
+
+
+def decoding_weights(params, config):
+    """With bfloat16 compute, the matrices rounded to bfloat16 once, not once
+    per token; otherwise params unchanged."""
+    if config.compute_dtype != "bfloat16":
+        return params
+    return jax.tree_util.tree_map(lambda w: w.astype(config.dtype) if w.ndim > 1 else w, params)
+
+
+def sampling_filters(top_k, top_p, config):
+    """generate's top_k and top_p as the static arguments of the compiled
+    programs: top_k at most the vocabulary, top_p 1.0 (off) for None."""
+    return (None if top_k is None else min(int(top_k), config.vocab_size),
+            1.0 if top_p is None else float(top_p))
 
 
 def check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top_p):
@@ -1693,18 +1713,17 @@ def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0
     check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return prompts[0] if single else prompts
-    longest = max(len(p) for p in prompts)
-    width = min(_bucket(longest), config.max_seq_len)
+    width, n_slots, cache_len = decoding_shapes(max(len(p) for p in prompts), max_new_tokens,
+                                                config)
     padded = np.zeros((len(prompts), width), np.int32)
     for row, p in enumerate(prompts):
         padded[row, :len(p)] = p
-    top_k = None if top_k is None else min(int(top_k), config.vocab_size)
+    top_k, top_p = sampling_filters(top_k, top_p, config)
     stop = -1 if stop_token is None else int(stop_token)
-    n_slots = _bucket(max_new_tokens, smallest=32)
     new = _generate(params, padded, np.array([len(p) for p in prompts], np.int32), key,
                     jnp.float32(temperature), jnp.int32(max_new_tokens), jnp.int32(stop),
-                    config=config, top_k=top_k, top_p=1.0 if top_p is None else float(top_p),
-                    n_slots=n_slots, cache_len=min(width + n_slots, config.max_seq_len))
+                    config=config, top_k=top_k, top_p=top_p, n_slots=n_slots,
+                    cache_len=cache_len)
     results = []
     for p, row in zip(prompts, np.asarray(new)):
         row = row[:max_new_tokens].tolist()
@@ -1746,21 +1765,18 @@ def stream_tokens(params, prompt, max_new_tokens, config, key, temperature=1.0, 
     check_generate_args([prompt], max_new_tokens, config, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return
-    width = min(_bucket(len(prompt)), config.max_seq_len)
-    cache_len = min(width + _bucket(max_new_tokens, smallest=32), config.max_seq_len)
+    width, _, cache_len = decoding_shapes(len(prompt), max_new_tokens, config)
     padded = np.zeros((1, width), np.int32)
     padded[0, :len(prompt)] = prompt
-    if config.compute_dtype == "bfloat16":  # as in _generate: round the weights once
-        params = jax.tree_util.tree_map(lambda w: w.astype(config.dtype) if w.ndim > 1 else w,
-                                        params)
+    params = decoding_weights(params, config)
     last, cache = _prefill(params, padded, jnp.int32(len(prompt)), config=config,
                            cache_len=cache_len)
-    top_k = None if top_k is None else min(int(top_k), config.vocab_size)
+    top_k, top_p = sampling_filters(top_k, top_p, config)
     for i in range(max_new_tokens):
         key, sub = jax.random.split(key)
         token, last, cache = _decode_step(params, last, cache, jnp.int32(len(prompt) + i), sub,
                                           jnp.float32(temperature), config=config, top_k=top_k,
-                                          top_p=1.0 if top_p is None else float(top_p))
+                                          top_p=top_p)
         token = int(token[0])
         yield token
         if token == stop_token:
