@@ -825,7 +825,12 @@ def compute_loss(params, batch, config, training=False, key=None, stats=None):
     if use_blockwise(config, targets.size):
         return blockwise_cross_entropy(h.reshape(-1, h.shape[-1]), output_weight(params),
                                        targets.reshape(-1), config)
-    logits = output_logits(params, h, config)  # [B, T, V_padded]
+    return cross_entropy(output_logits(params, h, config), targets, config)
+
+
+def cross_entropy(logits, targets, config):
+    """The plain path's mean cross-entropy: logits float32[..., V_padded],
+    targets int32[...] -> scalar, the padded vocabulary masked out."""
     if config.padded_vocab != config.vocab_size:
         logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits, -jnp.inf)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -3204,13 +3209,9 @@ def loss_buffer_bytes(config, n_tokens):
     shapes = (jax.ShapeDtypeStruct((n_tokens, config.dim), jnp.float32),
               jax.ShapeDtypeStruct((config.dim, config.padded_vocab), jnp.float32),
               jax.ShapeDtypeStruct((n_tokens,), jnp.int32))
-    plain = dataclasses.replace(config, loss_impl="plain")
 
     def plain_loss(h, w, t):
-        logits = output_logits({"output": w}, h, plain)
-        logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits, -jnp.inf)
-        return jnp.mean(jax.nn.logsumexp(logits, -1)
-                        - jnp.take_along_axis(logits, t[:, None], -1)[:, 0])
+        return cross_entropy(output_logits({"output": w}, h, config), t, config)
 
     def blockwise_loss(h, w, t):
         return blockwise_cross_entropy(h, w, t, config)
@@ -3234,9 +3235,14 @@ def naive_generate(params, tokens, n_new, config):
     return tokens
 
 
+def bench_prompts(config, batch):
+    """`batch` fixed 16-token prompts for the decoding benchmarks."""
+    return [[(7 * i + 3 * b) % config.vocab_size for i in range(16)] for b in range(batch)]
+
+
 def decode_speed(params, config, batch, n_new, seed=1):
     """Tokens/s of generate for `batch` 16-token prompts (compiled beforehand)."""
-    prompt = [[(7 * i + 3 * b) % config.vocab_size for i in range(16)] for b in range(batch)]
+    prompt = bench_prompts(config, batch)
     generate(params, prompt, n_new, config, jax.random.PRNGKey(0))  # compile
     t0 = time.perf_counter()
     generate(params, prompt, n_new, config, jax.random.PRNGKey(seed))
@@ -3258,10 +3264,10 @@ def bench_long_context(params, config, n_new, rounds=5):
 
 
 def bench_decode(params, config, batch, n_new, n_naive):
-    prompt = [[(7 * i + 3 * b) % config.vocab_size for i in range(16)] for b in range(batch)]
     cached = decode_speed(params, config, batch, n_new)
     t0 = time.perf_counter()
-    naive_generate(params, np.array(prompt), n_naive, config).block_until_ready()
+    naive_generate(params, np.array(bench_prompts(config, batch)), n_naive,
+                   config).block_until_ready()
     naive = batch * n_naive / (time.perf_counter() - t0)
     return {"batch": batch, "new_tokens": n_new, "decode_tokens_per_s": cached,
             "naive_tokens_per_s": naive, "speedup": cached / naive}
