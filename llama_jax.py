@@ -2525,6 +2525,17 @@ GGUF_LAYER_NAMES = [("attention_norm", "attn_norm", False), ("attention/wq", "at
                     ("feed_forward/w3", "ffn_up", True)]
 
 
+def gguf_name_map(config):
+    """-> [(our flat path, GGUF tensor name, transposed)], as hf_name_map."""
+    names = [("tok_embeddings", "token_embd.weight", False), ("norm", "output_norm.weight", False)]
+    for i in range(config.n_layers):
+        names += [(f"layers/{i}/{ours}", f"blk.{i}.{theirs}.weight", t)
+                  for ours, theirs, t in GGUF_LAYER_NAMES]
+    if not config.tie_embeddings:
+        names.append(("output", "output.weight", True))
+    return names
+
+
 def interleaved_to_half_split(w, n_heads):
     """w: [D, n_heads * Dh] whose output channels rotate as Meta's interleaved
     pairs (2j, 2j + 1), as llama.cpp stores wq and wk -> the same matrix with
@@ -2546,13 +2557,9 @@ def gguf_value(reader, key, required=True):
     return field.contents()
 
 
-def load_gguf(path, dtype="float32"):
-    """Reads a llama.cpp GGUF file of the llama architecture: every tensor type
-    that the gguf package dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the
-    K-quants, ...) becomes float32 (or bfloat16 with dtype="bfloat16"), the
-    hyperparameters come from the metadata, and the tokenizer (byte-level BPE)
-    from its token list and merges. Embeddings are tied when the file has no
-    output.weight. -> (params, ModelConfig, tiktoken Encoding)."""
+def open_gguf(path):
+    """A gguf.GGUFReader over the file (it parses the metadata, about 2 s for
+    SmolLM2's 49,152 tokens and merges, and maps the tensors), or a clear error."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"GGUF file {path} not found")
@@ -2562,10 +2569,24 @@ def load_gguf(path, dtype="float32"):
         raise InputError("reading GGUF files needs the gguf package (llama.cpp's reader): "
                          "pip install gguf") from err
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as err:  # the reader raises ValueError, IndexError, struct errors...
         raise CheckpointError(f"{path} is not a readable GGUF file ({type(err).__name__}: "
                               f"{err}); it may be truncated or not GGUF at all") from err
+
+
+def load_gguf(path, dtype="float32", reader=None):
+    """Reads a llama.cpp GGUF file of the llama architecture: every tensor type
+    that the gguf package dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the
+    K-quants, ...) becomes float32 (or bfloat16 with dtype="bfloat16"), the
+    hyperparameters come from the metadata, and the tokenizer (byte-level BPE)
+    from its token list and merges. Embeddings are tied when the file has no
+    output.weight. reader: the file's open_gguf, if the caller has it already.
+    -> (params, ModelConfig, tiktoken Encoding)."""
+    path = Path(path)
+    reader = reader or open_gguf(path)  # checks that gguf is installed
+    import gguf
+
     arch = gguf_value(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path} holds a {arch!r} model; llama_jax reads the 'llama' "
@@ -2574,10 +2595,9 @@ def load_gguf(path, dtype="float32"):
     n_heads = int(gguf_value(reader, p + "attention.head_count"))
     dim = int(gguf_value(reader, p + "embedding_length"))
     head_dim = gguf_value(reader, p + "attention.key_length", required=False)
-    scaling = None
-    if gguf_value(reader, p + "rope.scaling.type", required=False) not in (None, "none"):
-        raise CheckpointError(f"{path}: rope.scaling.type "
-                              f"{gguf_value(reader, p + 'rope.scaling.type')!r} is not supported")
+    rope_scaling = gguf_value(reader, p + "rope.scaling.type", required=False)
+    if rope_scaling not in (None, "none"):
+        raise CheckpointError(f"{path}: rope.scaling.type {rope_scaling!r} is not supported")
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:  # Llama 3.1+: scaling factors per RoPE frequency
         raise CheckpointError(f"{path} carries RoPE frequency factors (rope_freqs.weight, "
@@ -2598,7 +2618,7 @@ def load_gguf(path, dtype="float32"):
         # float32 in the file: 1e-5 reads 9.9999997e-06; 7 digits give it back
         norm_eps=float(f"{gguf_value(reader, p + 'attention.layer_norm_rms_epsilon'):.7g}"),
         rope_theta=float(gguf_value(reader, p + "rope.freq_base", required=False) or 10000.0),
-        rope_scaling=scaling, max_seq_len=int(gguf_value(reader, p + "context_length")),
+        max_seq_len=int(gguf_value(reader, p + "context_length")),
         tie_embeddings="output.weight" not in tensors, vocab_multiple=1,
         compute_dtype="bfloat16" if dtype == "bfloat16" else "float32")
     target = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -2620,20 +2640,14 @@ def load_gguf(path, dtype="float32"):
         return value
 
     shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
-    flat = {"tok_embeddings": read("token_embd.weight", shapes["tok_embeddings"].shape, False),
-            "norm": read("output_norm.weight", shapes["norm"].shape, False)}
-    if not config.tie_embeddings:
-        flat["output"] = read("output.weight", shapes["output"].shape, True)
-    H, K = config.n_heads, config.n_kv_heads
-    for i, layer in enumerate(shapes["layers"]):
-        for ours, theirs, transpose in GGUF_LAYER_NAMES:
-            group, _, leaf = ours.rpartition("/")
-            shape = (layer[group][leaf] if group else layer[leaf]).shape
-            value = read(f"blk.{i}.{theirs}.weight", shape, transpose)
-            if theirs in ("attn_q", "attn_k"):  # llama.cpp's converter interleaved these
-                value = interleaved_to_half_split(value, H if theirs == "attn_q" else K)
-            flat[f"layers/{i}/{ours}"] = value
-    params = unflatten_like(shapes, {k: jnp.asarray(v, target) for k, v in flat.items()})
+    template, flat = flatten_tree(shapes), {}
+    for ours, theirs, transposed in gguf_name_map(config):
+        value = read(theirs, template[ours].shape, transposed)
+        if ours.endswith(("/wq", "/wk")):  # llama.cpp's converter interleaved these rows
+            value = interleaved_to_half_split(
+                value, config.n_heads if ours.endswith("/wq") else config.n_kv_heads)
+        flat[ours] = jnp.asarray(value, target)
+    params = unflatten_like(shapes, flat)
     return params, config, gguf_tokenizer(reader, path)
 
 
@@ -3046,12 +3060,10 @@ def load_model(args):
     or None), "chat_template" (or None), "source"}."""
     model = {"seq_len": None, "chat_template": None}
     if args.gguf:
+        reader = open_gguf(args.gguf)  # once: parsing the metadata takes seconds
         params, config, tokenizer = load_gguf(args.gguf, "bfloat16" if args.dtype == "bfloat16"
-                                              else "float32")
-        import gguf
-
-        template = gguf_value(gguf.GGUFReader(args.gguf), "tokenizer.chat_template",
-                              required=False)
+                                              else "float32", reader=reader)
+        template = gguf_value(reader, "tokenizer.chat_template", required=False)
         model.update(params=params, config=config, tokenizer=tokenizer, source=args.gguf,
                      chat_template=template)
     elif args.hf_checkpoint:

@@ -1894,7 +1894,7 @@ def test_command_line_chats_with_smollm2_and_it_knows_paris(smollm2, monkeypatch
     # above checks the loading): the chat template from the file, streaming,
     # the stop at <|im_end|>.
     path, params, config, enc = smollm2
-    monkeypatch.setattr(L, "load_gguf", lambda *args: (params, config, enc))
+    monkeypatch.setattr(L, "load_gguf", lambda *args, **kwargs: (params, config, enc))
     code = L.main(["--gguf", str(path), "--chat", "--prompt", "What is the capital of France?",
                    "--temperature", "0", "--max-new-tokens", "24"])
     out, err = capsys.readouterr()
