@@ -1082,9 +1082,7 @@ def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=None
     and masked.
     log: called with a progress line every 5 seconds on long texts.
     -> {"tokens", "bytes", "nats_per_token", "perplexity", "bits_per_byte"}."""
-    start = special_token(tokenizer, ENDOFTEXT)
-    if start is None:
-        start = special_token(tokenizer, "<|begin_of_text|>")
+    start = special_token(tokenizer, ENDOFTEXT, "<|begin_of_text|>")
     # Without a start token the first token is only context, not predicted.
     ids = ([] if start is None else [start]) + list(tokenizer.encode_ordinary(text))
     if len(ids) < 2:
@@ -2691,8 +2689,7 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", ENDOFTEXT)
 
 def chat_end_token(tokenizer):
     """The token that ends the assistant's turn, or None."""
-    return next((special_token(tokenizer, t) for t in END_OF_TURN
-                 if special_token(tokenizer, t) is not None), None)
+    return special_token(tokenizer, *END_OF_TURN)
 
 
 def render_chat_template(template, messages):
@@ -2985,9 +2982,11 @@ def resolve_configs(args):
     return ModelConfig(**model), TrainConfig(**training)
 
 
-def special_token(tokenizer, name):
-    """The id of a special token, or None if the tokenizer has none of that name."""
-    return tokenizer.encode_single_token(name) if name in tokenizer.special_tokens_set else None
+def special_token(tokenizer, *names):
+    """The id of the first of these special tokens the tokenizer has, or None.
+    (An id can be 0, as SmolLM's <|endoftext|> is: test it against None.)"""
+    return next((tokenizer.encode_single_token(n) for n in names
+                 if n in tokenizer.special_tokens_set), None)
 
 
 def print_sample(params, config, tokenizer, args, key, log=print):
@@ -3015,7 +3014,7 @@ def print_sample(params, config, tokenizer, args, key, log=print):
             "context)")
     stop = None
     if tokenizer is not None:
-        stop = special_token(tokenizer, ENDOFTEXT) or special_token(tokenizer, "<|end_of_text|>")
+        stop = special_token(tokenizer, ENDOFTEXT, "<|end_of_text|>")
     t0 = time.perf_counter()
     out = generate(params, prompt, max_new, config, key, temperature=args.temperature,
                    top_k=args.top_k or None, top_p=args.top_p, stop_token=stop)

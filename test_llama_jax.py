@@ -1887,6 +1887,10 @@ def test_chat_formats_and_an_untrusted_template_in_the_sandbox():
         L.render_chat_template("{{ ''.__class__.__mro__[1].__subclasses__() }}", messages)
     with pytest.raises(L.InputError, match="no chat format"):
         L.chat_prompt(messages, L.get_tokenizer())
+    # A special token can have id 0 (SmolLM's <|endoftext|>): still found.
+    first = L.bpe_tokenizer(["<|endoftext|>"] + tokens[:-1], merges, [0], "gpt2")
+    assert L.special_token(first, "<|end_of_text|>", "<|endoftext|>") == 0
+    assert L.special_token(first, "<|im_end|>") is None
 
 
 def test_command_line_chats_with_smollm2_and_it_knows_paris(smollm2, monkeypatch, capsys):
