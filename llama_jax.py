@@ -924,8 +924,7 @@ def _blockwise_ce(h, w, targets, config, with_grads=False):
 
 
 def _blockwise_ce_fwd(h, w, targets, config):
-    loss, grads = _blockwise_ce(h, w, targets, config, with_grads=True)
-    return loss, grads
+    return _blockwise_ce(h, w, targets, config, with_grads=True)  # (loss, residuals: the grads)
 
 
 def _blockwise_ce_bwd(config, grads, g):
@@ -1289,8 +1288,7 @@ def block_health(p, x_in, x_out, cos, sin, mask, config):
     q, k, _ = attention_qkv(p["attention"], rms_norm(x_in, p["attention_norm"], config.norm_eps),
                             cos, sin, config)
     probs = attention_weights(q, k, mask)  # [B, K, G, T, S]
-    entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)),
-                                 0.0), axis=-1)
+    entropy = -jnp.sum(probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), axis=-1)  # 0 log 0 = 0
     rms = jnp.sqrt(jnp.mean(jnp.square(x_out.astype(jnp.float32))))
     return {"rms": rms, "entropy": jnp.mean(entropy)}
 
@@ -1366,10 +1364,12 @@ def draw_health(fig, records):
     gradient norm with the steps where clipping happened; the update/weight
     ratio, the residual stream's RMS and the attention entropy, one line per
     block (the same colour for a block in every panel). fig: a matplotlib
-    Figure (the notebook passes its own)."""
+    Figure (the notebook passes its own). -> False if there was nothing to draw."""
+    import matplotlib
+
     rows = [r for r in records if r.get("kind") == "train" and "layer_grad_norm" in r]
     if not rows:
-        return
+        return False
     steps = np.array([r["step"] for r in rows])
     axes = fig.subplots(2, 2).ravel()
     axes[0].plot(steps, [r["grad_norm"] for r in rows], color="black", lw=1)
@@ -1381,7 +1381,7 @@ def draw_health(fig, records):
     axes[0].set_yscale("log")
     axes[0].set_title("gradient norm before clipping", fontsize=10)
     n_layers = len(rows[0]["layer_grad_norm"])
-    colours = [matplotlib_colormap("viridis")(i / max(n_layers - 1, 1)) for i in range(n_layers)]
+    colours = [matplotlib.colormaps["viridis"](i / max(n_layers - 1, 1)) for i in range(n_layers)]
     panels = [("layer_update_ratio", "|update| / |weights| per block", True),
               ("layer_rms", "residual stream RMS after each block", False),
               ("layer_attn_entropy", "attention entropy per block (nats)", False)]
@@ -1397,25 +1397,18 @@ def draw_health(fig, records):
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return True
 
 
 def save_health_plot(records, path):
     """draw_health as a PNG, written atomically; nothing before the first record."""
     from matplotlib.figure import Figure
 
-    if not any("layer_grad_norm" in r for r in records):
-        return
     fig = Figure(figsize=(10, 6.5), dpi=100)
-    draw_health(fig, records)
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-
-
-def matplotlib_colormap(name):
-    import matplotlib
-
-    return matplotlib.colormaps[name]
+    if draw_health(fig, records):
+        tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+        fig.savefig(tmp)
+        os.replace(tmp, path)
 
 
 def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print,
