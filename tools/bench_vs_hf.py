@@ -80,6 +80,19 @@ def time_steps(step, wait, n):
     return (time.perf_counter() - t0) / n
 
 
+def best_of_rounds(contenders, tokens, steps, rounds, report):
+    """contenders: {name: (step, wait)}. Times `steps` steps of each in turn,
+    round after round, so that all see the same machine load, and calls
+    report(round, name, tokens/s) after each. -> {name: best tokens/s}."""
+    best = {}
+    for r in range(rounds):
+        for name, (step, wait) in contenders.items():
+            tps = tokens / time_steps(step, wait, steps)
+            best[name] = max(best.get(name, 0.0), tps)
+            report(r, name, tps)
+    return best
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -106,14 +119,13 @@ def main(argv=None):
                   for impl in args.loss}
     contenders.update({"transformers float32": hf_stepper(config, tc, autocast=False),
                        "transformers autocast bfloat16": hf_stepper(config, tc, autocast=True)})
-    best = {}
-    for r in range(args.rounds):
-        for name, (step, wait) in contenders.items():
-            tps = tokens / time_steps(step, wait, args.steps)
-            best[name] = max(best.get(name, 0.0), tps)
-            line = {"round": r, "name": name, "tokens_per_s": round(tps, 1)}
-            print(json.dumps(line) if args.json else f"round {r}: {name:32s} {tps:8,.0f} tokens/s",
-                  flush=True)
+
+    def report(r, name, tps):
+        line = {"round": r, "name": name, "tokens_per_s": round(tps, 1)}
+        print(json.dumps(line) if args.json else f"round {r}: {name:32s} {tps:8,.0f} tokens/s",
+              flush=True)
+
+    best = best_of_rounds(contenders, tokens, args.steps, args.rounds, report)
     hf = max(v for k, v in best.items() if k.startswith("transformers"))
     ours = max(v for k, v in best.items() if k.startswith("llama_jax"))
     summary = {"kind": "summary", "best_tokens_per_s": {k: round(v, 1) for k, v in best.items()},
