@@ -2337,15 +2337,23 @@ HF_LAYER_NAMES = [
 ]
 
 
+def name_map(config, embedding, norm, output, layer, layer_names):
+    """-> [(our flat path, the file's name, transposed)] for every parameter.
+    layer: the file's name of a block's tensor, formatted with the block's
+    index i and the name from layer_names; output is absent when tied."""
+    names = [("tok_embeddings", embedding, False), ("norm", norm, False)]
+    for i in range(config.n_layers):
+        names += [(f"layers/{i}/{ours}", layer.format(i=i, name=theirs), t)
+                  for ours, theirs, t in layer_names]
+    if not config.tie_embeddings:
+        names.append(("output", output, True))
+    return names
+
+
 def hf_name_map(config):
     """-> [(our flat path, Hugging Face name, transposed)] for every parameter."""
-    names = [("tok_embeddings", "model.embed_tokens.weight", False), ("norm", "model.norm.weight", False)]
-    for i in range(config.n_layers):
-        names += [(f"layers/{i}/{ours}", f"model.layers.{i}.{theirs}", t)
-                  for ours, theirs, t in HF_LAYER_NAMES]
-    if not config.tie_embeddings:
-        names.append(("output", "lm_head.weight", True))
-    return names
+    return name_map(config, "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                    "model.layers.{i}.{name}", HF_LAYER_NAMES)
 
 
 def read_json(path):
@@ -2517,14 +2525,9 @@ GGUF_LAYER_NAMES = [("attention_norm", "attn_norm", False), ("attention/wq", "at
 
 
 def gguf_name_map(config):
-    """-> [(our flat path, GGUF tensor name, transposed)], as hf_name_map."""
-    names = [("tok_embeddings", "token_embd.weight", False), ("norm", "output_norm.weight", False)]
-    for i in range(config.n_layers):
-        names += [(f"layers/{i}/{ours}", f"blk.{i}.{theirs}.weight", t)
-                  for ours, theirs, t in GGUF_LAYER_NAMES]
-    if not config.tie_embeddings:
-        names.append(("output", "output.weight", True))
-    return names
+    """-> [(our flat path, GGUF tensor name, transposed)] for every parameter."""
+    return name_map(config, "token_embd.weight", "output_norm.weight", "output.weight",
+                    "blk.{i}.{name}.weight", GGUF_LAYER_NAMES)
 
 
 def interleaved_to_half_split(w, n_heads):
