@@ -1086,7 +1086,11 @@ def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=None
     ids = ([] if start is None else [start]) + list(tokenizer.encode_ordinary(text))
     if len(ids) < 2:
         raise InputError("the text is too short to evaluate: it needs at least two tokens")
-    n_bytes = sum(len(tokenizer.decode_single_token_bytes(t)) for t in ids[1:])
+    # The tokens spell the text's bytes exactly, so the predicted ones (all but
+    # ids[0]) hold all of them, less the first token's when it is the text's.
+    n_bytes = len(text.encode("utf-8"))
+    if start is None:
+        n_bytes -= len(tokenizer.decode_single_token_bytes(ids[0]))
     T = min(seq_len or min(config.max_seq_len, 1024), config.max_seq_len)
     batch_size = batch_size or max(1, 4096 // T)
     n_pred = len(ids) - 1
