@@ -12,7 +12,8 @@ Read it top to bottom:
     8. token files            --prepare: your own text, tokenized once to disk
     9. checkpoints            our own .npz format, Hugging Face's safetensors, GGUF
    10. chat                   chat formats and a streaming terminal chat
-   11. command line           python llama_jax.py --help, and the --bench benchmark
+   11. fine-tuning            --init-from a pretrained model, LoRA, --export-hf
+   12. command line           python llama_jax.py --help, and the --bench benchmark
 
 Shapes are written with these letters: B batch, T time (tokens), S cache length
 (max_seq_len), D model width, H query heads, K key/value heads, G = H // K query
@@ -162,6 +163,11 @@ ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                        "rope_scaling", "max_seq_len", "tie_embeddings", "vocab_multiple")
 
 
+# The matrices LoRA can adapt, and the part of a block each belongs to.
+LORA_MATRICES = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+                 "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings: everything a training run needs beyond the model."""
@@ -185,6 +191,11 @@ class TrainConfig:
     # The cosine's length; None means steps. A resumed run keeps the schedule it
     # started with (keep_schedule): a longer --steps then runs on at min_lr.
     schedule_steps: int | None = None
+    # LoRA (section 11, fine-tuning): rank 0 trains every weight; rank R > 0
+    # trains only low-rank adapters A [I, R], B [R, O] on the named matrices.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: tuple = ("wq", "wk", "wv", "wo")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
@@ -197,6 +208,14 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise InputError("TrainConfig: warmup_steps and weight_decay must be >= 0, "
                              "grad_clip > 0")
+        if self.lora_rank < 0 or self.lora_alpha <= 0:
+            raise InputError(f"TrainConfig: need lora_rank >= 0 (--lora-rank) and lora_alpha "
+                             f"> 0 (--lora-alpha), got {self.lora_rank} and {self.lora_alpha}")
+        unknown = [t for t in self.lora_targets if t not in LORA_MATRICES]
+        if unknown or not self.lora_targets:
+            raise InputError(f"--lora-targets {','.join(self.lora_targets)}: choose among "
+                             f"{','.join(LORA_MATRICES)} (the attention's wq, wk, wv, wo and "
+                             "the feed-forward's w1, w2, w3)")
 
 
 # Defaults a new user gets, chosen by measurement (README, "Defaults").
@@ -444,10 +463,11 @@ def split_tokens(tokens, seq_len, name="the data"):
     return tokens[:n_train], tokens[n_train:]
 
 
-def load_dataset(path, seq_len):
-    """Text file -> (train, val) token arrays, int32."""
+def load_dataset(path, seq_len, enc=None):
+    """Text file -> (train, val) token arrays, int32, tokenized by enc (default
+    GPT-2's)."""
     text = load_text(path)
-    tokens = np.asarray(get_tokenizer().encode_ordinary(text), dtype=np.int32)
+    tokens = np.asarray((enc or get_tokenizer()).encode_ordinary(text), dtype=np.int32)
     return split_tokens(tokens, seq_len, name=f"data file {path}")
 
 
@@ -1004,7 +1024,7 @@ def step_keys(keys, step):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "tc"), donate_argnames=("params", "opt_state"))
-def train_step(params, opt_state, data, keys, config, tc):
+def train_step(params, opt_state, data, keys, config, tc, frozen=None):
     """One optimisation step, compiled once: draw a batch from `data` (int32[N],
     on the device), compute loss and gradients (with dropout), clip, AdamW.
     keys: the run's "batches" and "dropout" streams (run_keys); the step's own
@@ -1015,6 +1035,8 @@ def train_step(params, opt_state, data, keys, config, tc):
     are donated: XLA updates them in place instead of keeping two copies.
     With tc.health, the step also returns a few figures per layer, computed
     from what it already has (step_health, section 6); else health is {}.
+    With LoRA (tc.lora_rank > 0, section 11), params are the adapters, the
+    only weights trained, and frozen the pretrained weights they adapt.
     -> (params, opt_state, loss, health)."""
     batch_key, dropout_key = step_keys(keys, opt_state["step"])
     if isinstance(data, tuple):  # a batch read from a token file (host_batch)
@@ -1024,7 +1046,8 @@ def train_step(params, opt_state, data, keys, config, tc):
 
     def loss_fn(p):  # the blocks' health figures ride along as auxiliary outputs
         stats = [] if tc.health else None
-        return compute_loss(p, batch, config, True, dropout_key, stats), stats
+        weights = p if frozen is None else lora_merge(frozen, p, tc)
+        return compute_loss(weights, batch, config, True, dropout_key, stats), stats
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     lr = learning_rate(opt_state["step"], tc)
@@ -1250,18 +1273,20 @@ def keep_schedule(tc, saved, log):
     return dataclasses.replace(tc, schedule_steps=schedule)
 
 
-def start_or_resume(config, tc, ckpt_path, resume, log):
+def start_or_resume(config, tc, ckpt_path, resume, log, init=None):
     """A fresh run's state, or the state saved in ckpt_path for --resume.
+    init: the pretrained model a fine-tuning run starts from (section 11).
     -> (params, opt_state, history, seed_key, tc): the seed key (saved in the
     checkpoint) gives the run's key streams; a resumed tc keeps its schedule."""
     if not resume:
         seed_key = jax.random.PRNGKey(tc.seed)
-        params = init_params(run_keys(seed_key)["init"], config)
+        params = initial_weights(run_keys(seed_key)["init"], config, tc, init)
         return params, adamw_init(params), {"train": [], "eval": []}, seed_key, tc
     if not ckpt_path.is_file():
         raise InputError(f"--resume: no checkpoint at {ckpt_path}; train without --resume "
                          "first, or point --out-dir at the run to continue")
     ckpt = load_checkpoint(ckpt_path, config)
+    check_same_base(ckpt, init, ckpt_path)
     log(f"resumed from {ckpt_path} at step {int(ckpt['opt_state']['step'])}")
     if ckpt["format_version"] == 1:
         log("(a format-1 checkpoint: its key predates run_keys, so the resumed steps draw "
@@ -1416,8 +1441,9 @@ def save_health_plot(records, path):
 
 
 def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print,
-          time_budget=None):
-    """Trains a model and returns {"params", "opt_state", "history", "stopped"}.
+          time_budget=None, init=None):
+    """Trains a model and returns {"params", "opt_state", "history", "stopped",
+    "weights"} (weights: the model's, which are params except with LoRA).
     Writes out_dir/ckpt.npz (atomically) and out_dir/loss.png at every
     evaluation and at the end. With resume=True, continues from out_dir/ckpt.npz;
     it must have been written with the same architecture.
@@ -1425,14 +1451,22 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     fit: after 10 timed steps and one timed evaluation, tc.steps is lowered so
     that the cosine schedule ends inside the budget (the step recompiles once
     for the new schedule), and a run that still reaches the budget stops there
-    cleanly, evaluates and checkpoints."""
+    cleanly, evaluates and checkpoints.
+    init: fine-tune this pretrained model (load_source, section 11) instead of
+    starting from random weights; its tokenizer reads the data."""
     if tc.seq_len > config.max_seq_len:
         raise InputError(f"--seq-len {tc.seq_len} is longer than the model's context "
                          f"(max_seq_len {config.max_seq_len}): lower --seq-len")
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "ckpt.npz"
-    train_data, val_data, data_note = load_training_data(data_path, tc.seq_len)
-    params, opt_state, history, seed_key, tc = start_or_resume(config, tc, ckpt_path, resume, log)
+    if init is not None:
+        check_source_tokenizer(init, config)
+        init = {**init, "sha256": init.get("sha256") or tree_sha256(init["params"])}
+    frozen = frozen_base(init, config, tc)  # LoRA's fixed weights, else None
+    train_data, val_data, data_note = load_training_data(data_path, tc.seq_len,
+                                                         init and init["tokenizer"])
+    params, opt_state, history, seed_key, tc = start_or_resume(config, tc, ckpt_path, resume, log,
+                                                               init)
     keys = run_keys(seed_key)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
@@ -1443,9 +1477,11 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    log(f"model: {count_params(params) / 1e6:.2f}M parameters ({config.dim} wide, "
+    log(f"model: {count_params(frozen or params) / 1e6:.2f}M parameters ({config.dim} wide, "
         f"{config.n_layers} layers, {config.n_heads} heads, {config.n_kv_heads} kv heads), "
         f"{config.compute_dtype} compute, on {jax.devices()[0].platform.upper()}")
+    if init is not None:
+        log(describe_fine_tuning(init, params, frozen, tc))
     log(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens from "
         f"{data_path} ({data_note})")
     # A text file's tokens live on the device and each step draws its batch
@@ -1460,14 +1496,18 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     eval_sets = {name: fixed_windows(d, tc.eval_batches, tc.batch_size, tc.seq_len)
                  for name, d in (("train", train_data), ("val", val_data))}
 
+    def weights():  # what the model runs on: with LoRA, the base plus the adapters
+        return params if frozen is None else merged_weights(frozen, params, tc)
+
     def save():
-        save_checkpoint(ckpt_path, params, opt_state, seed_key, config, tc, history)
+        save_checkpoint(ckpt_path, params, opt_state, seed_key, config, tc, history,
+                        init and base_record(init))
         save_loss_plot(history, out_dir / "loss.png")
         save_health_plot(records, out_dir / "health.png")
 
     def evaluate_and_save(step):
-        train_loss = evaluate(params, config, eval_sets["train"])
-        val_loss = evaluate(params, config, eval_sets["val"])
+        train_loss = evaluate(weights(), config, eval_sets["train"])
+        val_loss = evaluate(weights(), config, eval_sets["val"])
         history["eval"].append([step, train_loss, val_loss])
         write_record({"kind": "eval", "step": step, "train_loss": train_loss,
                       "val_loss": val_loss})
@@ -1483,7 +1523,7 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
         try:
             while step < tc.steps:
                 params, opt_state, loss, health = train_step(params, opt_state, batch_for(step),
-                                                             keys, config, tc)
+                                                             keys, config, tc, frozen)
                 pending.append((step, loss, health))
                 done = step + 1
                 if step == start_step:  # the first call compiled the step: time it apart
@@ -1538,7 +1578,8 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
                 save()
     if stopped is None and start_step >= tc.steps:
         log(f"nothing to do: the checkpoint is at step {start_step} and --steps is {tc.steps}")
-    return {"params": params, "opt_state": opt_state, "history": history, "stopped": stopped}
+    return {"params": params, "opt_state": opt_state, "history": history, "stopped": stopped,
+            "weights": None if stopped == "interrupted" else weights()}
 
 
 # =============================================================================
@@ -2090,14 +2131,15 @@ def host_batch(token_file, keys, step, batch_size, seq_len):
             jax.make_array_from_process_local_data(sharding, windows[:, 1:]))
 
 
-def load_training_data(path, seq_len):
-    """--data: a text file (tokenized in memory: int32 arrays) or a prepared
-    data set (TokenFiles, nothing read yet). -> (train, val, how)."""
+def load_training_data(path, seq_len, enc=None):
+    """--data: a text file (tokenized in memory by enc, default GPT-2's: int32
+    arrays) or a prepared data set (TokenFiles, nothing read yet; refused if
+    another tokenizer made it). -> (train, val, how)."""
     header = token_files_header(path)
     if header is None:
-        train, val = load_dataset(path, seq_len)
+        train, val = load_dataset(path, seq_len, enc)
         return train, val, "tokenized in memory"
-    train, val, _ = open_token_files(header)
+    train, val, _ = open_token_files(header, enc)
     for split, f in (("training", train), ("validation", val)):
         if len(f) >= 2 ** 31:  # window starts are drawn as int32, as on the device
             raise InputError(f"{f.path} holds {len(f):,} {split} tokens; llama_jax reads at "
@@ -2146,22 +2188,25 @@ def unflatten_like(template, flat, prefix=""):
 
 def config_from_json(cls, d):
     d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = tuple(d["rope_scaling"])
+    for name in ("rope_scaling", "lora_targets"):  # JSON has lists; configs hold tuples
+        if d.get(name) is not None:
+            d[name] = tuple(d[name])
     known = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def save_checkpoint(path, params, opt_state, key, config, tc, history):
+def save_checkpoint(path, params, opt_state, key, config, tc, history, base=None):
     """Writes everything a resume needs into one .npz file: parameters,
     optimizer state, the step, the PRNG key, both configs, the loss history
     and a format version. No pickle: arrays plus one JSON string. The file is
     written beside its final name, flushed to disk, then renamed over it
-    (os.replace is atomic), so a crash mid-save leaves the old one intact."""
+    (os.replace is atomic), so a crash mid-save leaves the old one intact.
+    base: for a fine-tuning run, where its pretrained model came from and the
+    hash of its weights (base_record, section 11)."""
     path = Path(path)
     meta = {"format_version": CHECKPOINT_VERSION, "model_config": dataclasses.asdict(config),
             "train_config": dataclasses.asdict(tc), "history": history,
-            "step": int(opt_state["step"])}
+            "step": int(opt_state["step"]), "base": base}
     arrays = {"params/" + k: v for k, v in flatten_tree(params).items()}
     arrays.update({"opt/" + k: v for k, v in flatten_tree(opt_state).items()})
     arrays = {k: np.asarray(v) for k, v in jax.device_get(arrays).items()}
@@ -2205,7 +2250,9 @@ def load_checkpoint(path, config=None):
     """Reads a checkpoint written by save_checkpoint. With `config`, refuses
     (CheckpointError listing every mismatch) a file whose architecture, tree,
     shapes or dtypes differ from it; without, uses the file's own config.
-    -> {"params", "opt_state", "key", "config", "train_config", "history"}."""
+    -> {"params", "opt_state", "key", "config", "train_config", "history",
+    "format_version", "base" (a fine-tuning run's base_record, else None)}.
+    With LoRA, params are the adapters alone (load_source merges them)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train first (python llama_jax.py "
@@ -2231,7 +2278,9 @@ def load_checkpoint(path, config=None):
             if a != b:
                 problems.append(f"{field}: {a} in the checkpoint, {b} requested")
     use = config or saved_config
-    template = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), use))
+    template = jax.eval_shape(lambda: (lora_init(jax.random.PRNGKey(0), use, saved_tc)
+                                       if saved_tc.lora_rank else
+                                       init_params(jax.random.PRNGKey(0), use)))
     opt_template = jax.eval_shape(adamw_init, template)
     problems += _tree_mismatches(template, arrays, "params/")
     problems += _tree_mismatches(opt_template, arrays, "opt/")
@@ -2245,7 +2294,7 @@ def load_checkpoint(path, config=None):
                                               if k.startswith("opt/")})
     return {"params": params, "opt_state": opt_state, "key": jnp.asarray(arrays["key"]),
             "config": use, "train_config": saved_tc, "history": meta["history"],
-            "format_version": version}
+            "format_version": version, "base": meta.get("base")}
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -2787,7 +2836,289 @@ def chat_turn(params, config, tokenizer, messages, args, key, template=None, out
 
 
 # =============================================================================
-# 11. Command line
+# 11. Fine-tuning: start from a pretrained model, fully or with LoRA
+# =============================================================================
+# --init-from SOURCE trains from a model's weights instead of random ones. The
+# source is a Hugging Face folder, a GGUF file or one of our runs; it brings
+# the architecture and the tokenizer, and everything else is section 6's loop:
+# evaluation, plots, atomic checkpoints, exact --resume.
+#
+# LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+# arXiv:2106.09685) freezes the pretrained weights and learns a low-rank change
+# to a few matrices: W [I, O] becomes W + (alpha / R) A B, with A [I, R] drawn
+# at random and B [R, O] starting at zero, so that at step 0 the model is the
+# base model exactly. Only A and B are trained and have optimizer moments. It
+# is written here as functions over the same parameter pytree: lora_merge
+# builds ordinary weights from the base and the adapters inside the jitted
+# step, the model runs on them unchanged, and differentiating through the merge
+# gives the gradients of A and B. (Libraries add x A B beside x W instead,
+# which skips forming dL/dW' for the adapted matrices: an [I, O] product each.)
+
+
+def lora_init(key, config, tc):
+    """Adapters for every block: {"layers": [{name: {"a": [I, R], "b": [R, O]}}]}
+    for each name in tc.lora_targets. A ~ N(0, 1/I) (the paper: "a random
+    Gaussian initialization for A and zero for B"), B = 0."""
+    shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
+    layers = []
+    for i, layer in enumerate(shapes["layers"]):
+        adapters = {}
+        for j, name in enumerate(tc.lora_targets):
+            I, O = layer[LORA_MATRICES[name]][name].shape
+            k = jax.random.fold_in(key, i * len(LORA_MATRICES) + j)
+            adapters[name] = {"a": jax.random.normal(k, (I, tc.lora_rank)) / math.sqrt(I),
+                              "b": jnp.zeros((tc.lora_rank, O))}
+        layers.append(adapters)
+    return {"layers": layers}
+
+
+def lora_merge(base, adapters, tc):
+    """The model's weights: base with each adapted matrix W [I, O] replaced by
+    W + (lora_alpha / lora_rank) A B. -> a params pytree of the usual shapes."""
+    scale = tc.lora_alpha / tc.lora_rank
+    layers = []
+    for layer, adapted in zip(base["layers"], adapters["layers"]):
+        layer = {**layer, "attention": dict(layer["attention"]),
+                 "feed_forward": dict(layer["feed_forward"])}
+        for name, ab in adapted.items():
+            part = layer[LORA_MATRICES[name]]
+            part[name] = part[name] + scale * (ab["a"] @ ab["b"])
+        layers.append(layer)
+    return {**base, "layers": layers}
+
+
+merged_weights = jax.jit(lora_merge, static_argnames=("tc",))
+
+
+def check_lora(config, tc):
+    """Refuses a LoRA rank above an adapted matrix's smaller side: A B could
+    then be any matrix, and training the full matrix is simpler and smaller."""
+    shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))["layers"][0]
+    for name in tc.lora_targets:
+        I, O = shapes[LORA_MATRICES[name]][name].shape
+        if tc.lora_rank > min(I, O):
+            raise InputError(f"--lora-rank {tc.lora_rank} is larger than {name}'s smaller side "
+                             f"({name} is [{I}, {O}]): use a rank of at most {min(I, O)}, or "
+                             "--lora-rank 0 to train every weight")
+
+
+def tree_sha256(params):
+    """sha256 of a params pytree (names, shapes and float32 values, in a fixed
+    order): a LoRA checkpoint records its base's, and refuses any other base."""
+    h = hashlib.sha256()
+    for name, value in flatten_tree(params).items():
+        value = np.asarray(value, np.float32)
+        h.update(f"{name}{list(value.shape)}".encode() + value.tobytes())
+    return h.hexdigest()
+
+
+def base_record(init):
+    """What a fine-tuning checkpoint says about its base: {"source": path,
+    "kind", "sha256"}. The base is read again from there to resume, sample or
+    export (a LoRA checkpoint holds only the adapters)."""
+    return {"source": str(Path(init["source"]).resolve()), "kind": init["kind"],
+            "sha256": init["sha256"]}
+
+
+def frozen_base(init, config, tc):
+    """LoRA's fixed weights: the matrices that dense multiplies by, in the
+    compute dtype (bfloat16 halves their memory, and dense would round them to
+    it anyway); the embedding table (looked up, not multiplied) and the norms'
+    vectors in float32. None when every weight is trained."""
+    if not tc.lora_rank:
+        return None
+    if init is None:
+        raise InputError("--lora-rank adapts a pretrained model: pass --init-from SOURCE")
+    check_lora(config, tc)
+    dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+    base = jax.tree_util.tree_map(lambda w: w.astype(dtype if w.ndim > 1 else jnp.float32),
+                                  init["params"])
+    base["tok_embeddings"] = init["params"]["tok_embeddings"].astype(jnp.float32)
+    return base
+
+
+def initial_weights(key, config, tc, init):
+    """The trainable weights a run starts from: random (init_params) without a
+    base, LoRA's adapters (lora_init), or the base's weights in float32 (the
+    optimizer's updates are too small for bfloat16)."""
+    if init is None:
+        return init_params(key, config)
+    if tc.lora_rank:
+        return lora_init(key, config, tc)
+    return jax.tree_util.tree_map(lambda w: jnp.asarray(w, jnp.float32), init["params"])
+
+
+def check_same_base(ckpt, init, path):
+    """On --resume: the checkpoint and the run must agree on the base model."""
+    base = ckpt["base"]
+    if base is None and init is None:
+        return
+    if base is None:
+        raise CheckpointError(f"{path} was trained from random weights, not from "
+                              f"{init['source']}: use another --out-dir for the fine-tuning run")
+    if init is None:
+        raise CheckpointError(f"{path} fine-tunes {base['source']}: pass --init-from "
+                              f"{base['source']} to resume it")
+    if base["sha256"] != init["sha256"]:
+        raise CheckpointError(f"{path} was trained on a base model with other weights "
+                              f"({base['source']}, sha256 {base['sha256'][:12]}...) than "
+                              f"{init['source']} (sha256 {init['sha256'][:12]}...): resume with "
+                              "the base it was trained on, or use another --out-dir")
+
+
+def check_source_tokenizer(init, config):
+    """A fine-tuning run reads its data with the source's tokenizer, which must
+    exist and fit the model's vocabulary."""
+    enc = init["tokenizer"]
+    if enc is None:
+        raise InputError(f"{init['source']} comes without a tokenizer llama_jax can read "
+                         "(tokenizer.model in tiktoken format or a byte-level BPE "
+                         "tokenizer.json), so its training text cannot be tokenized")
+    if enc.n_vocab > config.vocab_size:
+        raise InputError(f"{init['source']}: its tokenizer has {enc.n_vocab:,} tokens but the "
+                         f"model only {config.vocab_size:,} embeddings")
+
+
+def describe_fine_tuning(init, params, frozen, tc):
+    """One log line: the base, and how much of it is trained."""
+    if frozen is None:
+        return f"fine-tuning every weight of {init['source']}"
+    n, total = count_params(params), count_params(frozen)
+    return (f"fine-tuning {init['source']} with LoRA: rank {tc.lora_rank}, alpha "
+            f"{tc.lora_alpha:g}, on {','.join(tc.lora_targets)}: {n:,} trained parameters "
+            f"({100 * n / total:.2f}% of {total:,}); the base stays frozen")
+
+
+# ----------------------------------------------------------------------------- sources
+# One loader for every model a command can start from.
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "generation_config.json")
+
+
+def source_kind(path):
+    """"hf" (a folder with config.json), "ckpt" (one of our runs: a folder with
+    ckpt.npz, or the .npz) or "gguf" (a file that starts with GGUF's magic)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "hf"
+        if (path / "ckpt.npz").is_file():
+            return "ckpt"
+        raise InputError(f"{path} holds neither a Hugging Face model (config.json) nor a "
+                         "llama_jax run (ckpt.npz)")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file or folder (a model source is a Hugging Face "
+                         "folder, a GGUF file or a llama_jax run)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return "gguf"
+    if magic == b"PK\x03\x04":  # .npz files are zip archives
+        return "ckpt"
+    raise InputError(f"{path} is neither a GGUF file, a llama_jax checkpoint (.npz) nor a "
+                     "Hugging Face folder")
+
+
+def hf_folder_tokenizer(folder, gpt2=False):
+    """A Hugging Face folder's tokenizer: tiktoken's tokenizer.model (Llama 3),
+    else a byte-level BPE tokenizer.json, else None (also for SentencePiece
+    models, Llama 1 and 2). gpt2=True: GPT-2's, whatever the folder holds."""
+    if gpt2:
+        return get_tokenizer()
+    for f in (folder / "tokenizer.model", folder / "original" / "tokenizer.model"):
+        if f.is_file():
+            try:
+                return llama3_tokenizer(f)
+            except InputError:
+                return None  # a SentencePiece model, not tiktoken format
+    if (folder / "tokenizer.json").is_file():
+        return hf_bpe_tokenizer(folder / "tokenizer.json")
+    return None
+
+
+def load_source(path, kind=None, dtype="float32", gpt2_tokenizer=False):
+    """A model to sample, evaluate, chat with, fine-tune or export: a Hugging
+    Face folder, a GGUF file or a llama_jax run (kind: as source_kind says, by
+    default). A fine-tuned run brings its base's tokenizer and chat format, and
+    a LoRA run is merged into its base, which is read again and checked
+    against the hash the run recorded.
+    -> {"params", "config", "tokenizer" (or None), "chat_template" (or None),
+    "seq_len" (the length a run trained at, or None), "source", "kind",
+    "tokenizer_files" (a Hugging Face base's, for --export-hf)}."""
+    kind = kind or source_kind(path)
+    model = {"seq_len": None, "chat_template": None, "source": str(path), "kind": kind,
+             "tokenizer_files": []}
+    if kind == "gguf":
+        reader = open_gguf(path)  # once: parsing the metadata takes seconds
+        params, config, tokenizer = load_gguf(path, dtype, reader=reader)
+        template = gguf_value(reader, "tokenizer.chat_template", required=False)
+        model.update(params=params, config=config, tokenizer=tokenizer, chat_template=template)
+    elif kind == "hf":
+        folder = Path(path)
+        params, config = load_hf_checkpoint(folder)
+        settings = folder / "tokenizer_config.json"
+        template = read_json(settings).get("chat_template") if settings.is_file() else None
+        model.update(params=params, config=config,
+                     tokenizer=hf_folder_tokenizer(folder, gpt2_tokenizer),
+                     chat_template=template if isinstance(template, str) else None,
+                     tokenizer_files=[folder / f for f in TOKENIZER_FILES
+                                      if (folder / f).is_file()])
+    else:
+        path = Path(path)
+        path = path / "ckpt.npz" if path.is_dir() else path
+        ckpt = load_checkpoint(path)
+        model.update(params=ckpt["params"], config=ckpt["config"], tokenizer=get_tokenizer(),
+                     seq_len=ckpt["train_config"].seq_len, source=str(path))
+        if ckpt["base"] is not None:
+            model.update(base_model(ckpt, path, dtype))
+    return model
+
+
+def base_model(ckpt, path, dtype):
+    """A fine-tuned run's weights (a LoRA run's merged into its base), with its
+    base's tokenizer, chat format and tokenizer files."""
+    record = ckpt["base"]
+    if not Path(record["source"]).exists():
+        raise CheckpointError(f"{path} was fine-tuned from {record['source']}, which is gone: "
+                              "its tokenizer (and, for LoRA, its weights) are read from there; "
+                              "put the base model back at that path")
+    base = load_source(record["source"], record["kind"], dtype)
+    params = ckpt["params"]
+    tc = ckpt["train_config"]
+    if tc.lora_rank:
+        if tree_sha256(base["params"]) != record["sha256"]:
+            raise CheckpointError(f"{record['source']} has changed since {path} was trained on "
+                                  "it (its weights' sha256 differs): the adapters belong to the "
+                                  "old weights")
+        params = merged_weights(base["params"], params, tc)
+    return {"params": params, "tokenizer": base["tokenizer"],
+            "chat_template": base["chat_template"], "tokenizer_files": base["tokenizer_files"]}
+
+
+def export_hf(model, folder, log=print):
+    """--export-hf: writes a model (load_source's dict; LoRA already merged) as
+    a Hugging Face folder, with its base's tokenizer files when it has them.
+    Refuses a folder that is not empty, so nothing is overwritten."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise InputError(f"--export-hf {folder}: the folder exists and is not empty; choose a "
+                         "new one (nothing was written)")
+    save_hf_checkpoint(folder, model["params"], model["config"])
+    for f in model["tokenizer_files"]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    names = [f.name for f in model["tokenizer_files"]]
+    if names:
+        note = f", and the base's {', '.join(names)}"
+    elif model["tokenizer"] is not None and model["tokenizer"].name == "gpt2":
+        note = "; its tokenizer is GPT-2's (in transformers: AutoTokenizer.from_pretrained('gpt2'))"
+    else:
+        note = "; no tokenizer files (the model did not come from a Hugging Face folder)"
+    log(f"wrote {folder / 'config.json'} and {folder / 'model.safetensors'} (float32){note}")
+
+
+# =============================================================================
+# 12. Command line
 # =============================================================================
 
 
@@ -2831,6 +3162,11 @@ def build_parser():
                       help="chat with an instruction-tuned model (--gguf, --hf-checkpoint) in "
                            "its own chat format, the reply printed as it is generated; with "
                            "--prompt: one reply, for scripts")
+    mode.add_argument("--export-hf", metavar="DIR",
+                      help="write the run in --out-dir (a LoRA run merged into its base), or "
+                           "--gguf / --hf-checkpoint, as a Hugging Face folder (config.json, "
+                           "model.safetensors and the base's tokenizer files) that "
+                           "transformers loads; DIR must be new or empty")
     mode.add_argument("--json", action="store_true",
                       help="with --bench or --eval: print JSON instead of text")
     mode.add_argument("--preset", choices=sorted(PRESETS),
@@ -2856,6 +3192,23 @@ def build_parser():
                             "same batches and dropout masks as an uninterrupted run. The "
                             "learning-rate schedule stays the original run's: a larger --steps "
                             "runs on at --min-lr after its end")
+    tune = p.add_argument_group("fine-tuning")
+    tune.add_argument("--init-from", metavar="SOURCE",
+                      help="start training from a pretrained model instead of random weights: "
+                           "a Hugging Face folder, a GGUF file or a llama_jax run (its folder "
+                           "or ckpt.npz). Its architecture and tokenizer are used (--data is "
+                           "tokenized with it; with --prepare, the data set is written with "
+                           "it); defaults become --lr 5e-5 (LoRA: 1e-3), --min-lr lr/10, "
+                           "--warmup-steps 10")
+    tune.add_argument("--lora-rank", type=int, metavar="R",
+                      help="with --init-from: train only rank-R LoRA adapters on "
+                           "--lora-targets and keep the base frozen (default 0: train every "
+                           "weight)")
+    tune.add_argument("--lora-alpha", type=float,
+                      help="LoRA's update is scaled by alpha / R (default 16)")
+    tune.add_argument("--lora-targets", metavar="NAMES",
+                      help="comma-separated matrices to adapt, among wq,wk,wv,wo (attention) "
+                           "and w1,w2,w3 (feed-forward) (default: wq,wk,wv,wo)")
     model = p.add_argument_group("model (defaults from the preset)")
     model.add_argument("--dim", type=int, help=f"model width D ({preset_help('dim')})")
     model.add_argument("--n-layers", type=int, help=f"transformer blocks ({preset_help('n_layers')})")
@@ -3032,68 +3385,124 @@ def print_sample(params, config, tokenizer, args, key, log=print):
             .replace("<|begin_of_text|>", ""))
 
 
+# Fine-tuning's defaults where the preset's (made for random weights) do not
+# fit: a pretrained model needs far smaller steps than one trained from
+# scratch, and LoRA's few, freshly initialised weights take larger ones (the
+# LoRA paper used 2e-4 to 5e-4 on GPT-2 Medium and RoBERTa; a short CPU run of a
+# small model takes the top of that range and more: README "Fine-tuning").
+FINE_TUNING = {"full": dict(lr=5e-5, min_lr=5e-6, warmup_steps=10),
+               "lora": dict(lr=1e-3, min_lr=1e-4, warmup_steps=10)}
+ARCHITECTURE_FLAGS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
+                      "n_kv_heads": "n_kv_heads", "ffn_dim": "ffn_width",
+                      "max_seq_len": "max_seq_len", "tie_embeddings": "tie_embeddings"}
+
+
+def fine_tuning_configs(args, source):
+    """--init-from: the source's architecture with the run's compute settings,
+    and the training flags over fine-tuning's defaults. An architecture flag
+    that disagrees with the source is refused, naming it.
+    -> (ModelConfig, TrainConfig)."""
+    for flag, field in ARCHITECTURE_FLAGS.items():
+        given, theirs = getattr(args, flag), getattr(source["config"], field)
+        if given is not None and given != theirs:
+            raise InputError(f"--{flag.replace('_', '-')} {given} disagrees with "
+                             f"{source['source']}, whose {field} is {theirs}: the architecture "
+                             f"comes from --init-from, so leave --{flag.replace('_', '-')} out")
+    run_args = argparse.Namespace(**{**vars(args), **{flag: None for flag in ARCHITECTURE_FLAGS}})
+    preset, tc = resolve_configs(run_args)  # compute dtype, dropout, loss; training flags
+    config = dataclasses.replace(source["config"], compute_dtype=preset.compute_dtype,
+                                 dropout_rate=preset.dropout_rate, loss_impl=preset.loss_impl,
+                                 loss_block=preset.loss_block)
+    lora = dict(lora_rank=args.lora_rank or 0, lora_alpha=args.lora_alpha or 16.0,
+                lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets
+                else TrainConfig.lora_targets)
+    saved = checkpoint_meta(Path(args.out_dir) / "ckpt.npz") if args.resume else None
+    if saved:  # a resumed run keeps its adapters' shape; a flag may only repeat it
+        for name in lora:
+            ours, theirs = lora[name], saved["train_config"][name]
+            theirs = tuple(theirs) if isinstance(theirs, list) else theirs
+            if getattr(args, name) is not None and ours != theirs:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: the run "
+                                 f"being resumed has {name} {theirs}; leave the flag out")
+            lora[name] = theirs
+    defaults = FINE_TUNING["lora" if lora["lora_rank"] else "full"]
+    given = {name: getattr(args, name) for name in defaults if getattr(args, name) is not None}
+    tc = dataclasses.replace(tc, **{**defaults, **given}, **lora)
+    return config, dataclasses.replace(tc, min_lr=min(tc.min_lr, tc.lr))
+
+
 def run_train(args):
-    config, tc = resolve_configs(args)
     log = functools.partial(print, flush=True)
     if args.time_budget is not None and args.time_budget <= 0:
         raise InputError(f"--time-budget must be a positive number of minutes, got "
                          f"{args.time_budget}")
-    result = train(config, tc, args.data or DEFAULT_DATA, args.out_dir, resume=args.resume, log=log,
-                   time_budget=args.time_budget)
+    source = args.init_from
+    if source is None and args.resume:  # a fine-tuning run resumes from its own base
+        saved = checkpoint_meta(Path(args.out_dir) / "ckpt.npz")
+        source = saved and saved.get("base") and saved["base"]["source"]
+    init = None
+    if source:
+        init = load_source(source)
+        config, tc = fine_tuning_configs(args, init)
+    else:
+        if args.lora_rank:
+            raise InputError("--lora-rank adapts a pretrained model: pass --init-from SOURCE")
+        config, tc = resolve_configs(args)
+    result = train(config, tc, args.data or DEFAULT_DATA, args.out_dir, resume=args.resume,
+                   log=log, time_budget=args.time_budget, init=init)
     if result["stopped"] == "non-finite":
         return 1
     if result["stopped"] == "interrupted":
         return 130
     out = Path(args.out_dir)
     log(f"wrote {out / 'ckpt.npz'}, {out / 'loss.png'}, {out / 'health.png'} and "
-        f"{out / 'metrics.jsonl'}")
-    print_sample(result["params"], decoding_config(config), get_tokenizer(), args,
-                 jax.random.PRNGKey(tc.seed), log)
+        f"{out / 'metrics.jsonl'}; peak host memory {peak_rss_gb():.2f} GB")
+    key = jax.random.PRNGKey(tc.seed)
+    if init is None:
+        print_sample(result["weights"], decoding_config(config), get_tokenizer(), args, key, log)
+    else:
+        sample_model(dict(init, params=result["weights"], config=config), args, key, log)
     return 0
 
 
+def peak_rss_gb():
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+FINE_TUNED_CHAT_PROMPT = "Write a few lines of a play."
+
+
+def sample_model(model, args, key, log=print):
+    """A sample from a model (load_source's dict): a chat reply to --prompt
+    when the model has a chat format, else a continuation of it."""
+    config, tokenizer = decoding_config(model["config"]), model["tokenizer"]
+    try:
+        chat_prompt([{"role": "user", "content": "hi"}], tokenizer, model["chat_template"])
+    except (InputError, AttributeError):  # no chat format (or no tokenizer)
+        return print_sample(model["params"], config, tokenizer, args, key, log)
+    text = FINE_TUNED_CHAT_PROMPT if args.prompt == PROMPT_DEFAULT else args.prompt
+    log(f"--- chat sample (temperature {args.temperature}, top-k {args.top_k or 'off'}) ---")
+    log(f"user> {text}")
+    print("model> ", end="", flush=True)
+    chat_turn(model["params"], config, tokenizer, [{"role": "user", "content": text}], args,
+              key, model["chat_template"])
+
+
 def load_model(args):
-    """The model that --sample, --eval and --chat use: --gguf FILE,
-    --hf-checkpoint DIR, or else the checkpoint in --out-dir. -> {"params",
-    "config", "tokenizer" (or None), "seq_len" (the length it was trained at,
-    or None), "chat_template" (or None), "source"}."""
-    model = {"seq_len": None, "chat_template": None}
+    """The model that --sample, --eval, --chat and --export-hf use: --gguf FILE,
+    --hf-checkpoint DIR, or else the run in --out-dir (load_source)."""
     if args.gguf:
-        reader = open_gguf(args.gguf)  # once: parsing the metadata takes seconds
-        params, config, tokenizer = load_gguf(args.gguf, "bfloat16" if args.dtype == "bfloat16"
-                                              else "float32", reader=reader)
-        template = gguf_value(reader, "tokenizer.chat_template", required=False)
-        model.update(params=params, config=config, tokenizer=tokenizer, source=args.gguf,
-                     chat_template=template)
-    elif args.hf_checkpoint:
-        params, config = load_hf_checkpoint(args.hf_checkpoint)
-        folder = Path(args.hf_checkpoint)
-        found = [f for f in (folder / "tokenizer.model", folder / "original" / "tokenizer.model")
-                 if f.is_file()]
-        if args.tokenizer == "gpt2":
-            tokenizer = get_tokenizer()
-        elif found:
-            try:
-                tokenizer = llama3_tokenizer(found[0])
-            except InputError:
-                tokenizer = None  # a SentencePiece model (Llama 1/2), not tiktoken format
-        elif (folder / "tokenizer.json").is_file():
-            tokenizer = hf_bpe_tokenizer(folder / "tokenizer.json")
-        else:
-            tokenizer = None
-        settings = folder / "tokenizer_config.json"
-        template = read_json(settings).get("chat_template") if settings.is_file() else None
-        model.update(params=params, config=config, tokenizer=tokenizer, source=str(folder),
-                     chat_template=template if isinstance(template, str) else None)
-    else:
-        path = Path(args.out_dir) / "ckpt.npz"
-        if not path.is_file():
-            raise InputError(f"no checkpoint at {path}: train first (python llama_jax.py), "
-                             "point --out-dir at a run, or pass --hf-checkpoint DIR or --gguf FILE")
-        ckpt = load_checkpoint(path)
-        model.update(params=ckpt["params"], config=ckpt["config"], tokenizer=get_tokenizer(),
-                     seq_len=ckpt["train_config"].seq_len, source=str(path))
-    return model
+        return load_source(args.gguf, "gguf", "bfloat16" if args.dtype == "bfloat16"
+                           else "float32")
+    if args.hf_checkpoint:
+        return load_source(args.hf_checkpoint, "hf", gpt2_tokenizer=args.tokenizer == "gpt2")
+    path = Path(args.out_dir) / "ckpt.npz"
+    if not path.is_file():
+        raise InputError(f"no checkpoint at {path}: train first (python llama_jax.py), "
+                         "point --out-dir at a run, or pass --hf-checkpoint DIR or --gguf FILE")
+    return load_source(path, "ckpt")
 
 
 def run_sample(args):
@@ -3101,6 +3510,13 @@ def run_sample(args):
     model = load_model(args)
     print_sample(model["params"], decoding_config(model["config"]), model["tokenizer"], args, key,
                  functools.partial(print, flush=True))
+    return 0
+
+
+def run_export(args):
+    """--export-hf DIR: the run in --out-dir (LoRA merged), or --gguf /
+    --hf-checkpoint, as a Hugging Face folder."""
+    export_hf(load_model(args), args.export_hf, functools.partial(print, flush=True))
     return 0
 
 
@@ -3353,7 +3769,12 @@ def main(argv=None):
             if not args.data:
                 raise InputError("--prepare needs --data NAME: the data set to write "
                                  "(NAME.json, NAME.train.bin, NAME.val.bin)")
-            prepare_tokens(args.prepare, args.data, log=functools.partial(print, flush=True))
+            enc = load_source(args.init_from)["tokenizer"] if args.init_from else None
+            if args.init_from and enc is None:
+                raise InputError(f"--init-from {args.init_from} has no tokenizer llama_jax can "
+                                 "read, so --prepare cannot tokenize for it")
+            prepare_tokens(args.prepare, args.data, log=functools.partial(print, flush=True),
+                           enc=enc)
             return 0
         if args.bench:
             return run_bench(args)
@@ -3363,6 +3784,8 @@ def main(argv=None):
             return run_eval(args)
         if args.chat:
             return run_chat(args)
+        if args.export_hf:
+            return run_export(args)
         return run_train(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
