@@ -2059,6 +2059,18 @@ def test_command_line_fine_tunes_an_hf_folder_and_exports_it(bpe_model, corpus, 
                                forward(adapted["params"], tokens, config)[0], atol=1e-5)
     assert (tmp_path / "export" / "tokenizer.json").read_text() == \
         (bpe_model / "tokenizer.json").read_text()
+    try:  # optional (not in requirements.txt): transformers reads the export the same way
+        import torch
+        import transformers
+    except ImportError:
+        pass
+    else:
+        hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export",
+                                                           attn_implementation="eager").eval()
+        with torch.no_grad():
+            theirs = hf(torch.from_numpy(np.array(tokens))).logits.numpy()
+        np.testing.assert_allclose(theirs, forward(adapted["params"], tokens, config)[0],
+                                   atol=1e-4, rtol=1e-4)
     # Bad input: one line each, nothing overwritten.
     assert L.main(["--export-hf", "export", "--out-dir", "run"]) == 2
     assert "is not empty" in capsys.readouterr().err
