@@ -3466,9 +3466,11 @@ def run_train(args):
 
 
 def peak_rss_gb():
-    """This process's peak resident memory so far (Linux reports KiB)."""
+    """This process's peak resident memory so far, in GB (ru_maxrss is in KiB
+    on Linux, in bytes on macOS)."""
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
 
 
 FINE_TUNED_CHAT_PROMPT = "Write a few lines of a play."
