@@ -2091,5 +2091,9 @@ def test_command_line_fine_tunes_an_hf_folder_and_exports_it(bpe_model, corpus, 
     assert L.prepare_tokens([str(tmp_path / "docs")], tmp_path / "gpt2set", log=lambda s: None)
     assert L.main([*args, "--out-dir", "tok", "--data", "gpt2set"]) == 2
     assert "not this model's tokenizer" in capsys.readouterr().err
+    # --prepare with --init-from writes the data set with the source's tokenizer.
+    assert L.main(["--prepare", "docs", "--data", "bpeset", "--init-from", str(bpe_model)]) == 0
+    header = json.loads((tmp_path / "bpeset.json").read_text())
+    assert header["tokenizer_sha256"] == L.tokenizer_fingerprint(adapted["tokenizer"])
     assert L.main([*args, "--out-dir", "none", "--init-from", str(FIXTURES / "hf_tiny")]) == 2
     assert "comes without a tokenizer" in capsys.readouterr().err
