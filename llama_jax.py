@@ -743,6 +743,12 @@ def init_params(key, config):
     return params
 
 
+def param_shapes(config):
+    """init_params's tree as jax.ShapeDtypeStructs, computed without
+    allocating: the template that loaders fill and check against."""
+    return jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
+
+
 def count_params(params):
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
 
@@ -1461,7 +1467,7 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     ckpt_path = out_dir / "ckpt.npz"
     if init is not None:
         check_source_tokenizer(init, config)
-        init = {**init, "sha256": init.get("sha256") or tree_sha256(init["params"])}
+        init = {**init, "sha256": tree_sha256(init["params"])}
     frozen = frozen_base(init, config, tc)  # LoRA's fixed weights, else None
     train_data, val_data, data_note = load_training_data(data_path, tc.seq_len,
                                                          init and init["tokenizer"])
@@ -1506,8 +1512,9 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
         save_health_plot(records, out_dir / "health.png")
 
     def evaluate_and_save(step):
-        train_loss = evaluate(weights(), config, eval_sets["train"])
-        val_loss = evaluate(weights(), config, eval_sets["val"])
+        model_weights = weights()
+        train_loss = evaluate(model_weights, config, eval_sets["train"])
+        val_loss = evaluate(model_weights, config, eval_sets["val"])
         history["eval"].append([step, train_loss, val_loss])
         write_record({"kind": "eval", "step": step, "train_loss": train_loss,
                       "val_loss": val_loss})
@@ -2278,9 +2285,8 @@ def load_checkpoint(path, config=None):
             if a != b:
                 problems.append(f"{field}: {a} in the checkpoint, {b} requested")
     use = config or saved_config
-    template = jax.eval_shape(lambda: (lora_init(jax.random.PRNGKey(0), use, saved_tc)
-                                       if saved_tc.lora_rank else
-                                       init_params(jax.random.PRNGKey(0), use)))
+    template = (jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), use, saved_tc))
+                if saved_tc.lora_rank else param_shapes(use))
     opt_template = jax.eval_shape(adamw_init, template)
     problems += _tree_mismatches(template, arrays, "params/")
     problems += _tree_mismatches(opt_template, arrays, "opt/")
@@ -2515,7 +2521,7 @@ def load_hf_checkpoint(path):
     tensors = {}
     for name in files:
         tensors.update(read_safetensors(path / name))
-    shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
+    shapes = param_shapes(config)
     template, flat = flatten_tree(shapes), {}
     for ours, theirs, transposed in hf_name_map(config):
         if theirs not in tensors:
@@ -2686,7 +2692,7 @@ def load_gguf(path, dtype="float32", reader=None):
                                   f"dequantizing, but the metadata implies {list(shape)}")
         return value
 
-    shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
+    shapes = param_shapes(config)
     template, flat = flatten_tree(shapes), {}
     for ours, theirs, transposed in gguf_name_map(config):
         value = read(theirs, template[ours].shape, transposed)
@@ -2859,7 +2865,7 @@ def lora_init(key, config, tc):
     """Adapters for every block: {"layers": [{name: {"a": [I, R], "b": [R, O]}}]}
     for each name in tc.lora_targets. A ~ N(0, 1/I) (the paper: "a random
     Gaussian initialization for A and zero for B"), B = 0."""
-    shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
+    shapes = param_shapes(config)
     layers = []
     for i, layer in enumerate(shapes["layers"]):
         adapters = {}
@@ -2893,7 +2899,7 @@ merged_weights = jax.jit(lora_merge, static_argnames=("tc",))
 def check_lora(config, tc):
     """Refuses a LoRA rank above an adapted matrix's smaller side: A B could
     then be any matrix, and training the full matrix is simpler and smaller."""
-    shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))["layers"][0]
+    shapes = param_shapes(config)["layers"][0]
     for name in tc.lora_targets:
         I, O = shapes[LORA_MATRICES[name]][name].shape
         if tc.lora_rank > min(I, O):
@@ -2931,10 +2937,9 @@ def frozen_base(init, config, tc):
         raise InputError("--lora-rank adapts a pretrained model: pass --init-from SOURCE")
     check_lora(config, tc)
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-    base = jax.tree_util.tree_map(lambda w: w.astype(dtype if w.ndim > 1 else jnp.float32),
-                                  init["params"])
-    base["tok_embeddings"] = init["params"]["tok_embeddings"].astype(jnp.float32)
-    return base
+    rest = {k: v for k, v in init["params"].items() if k != "tok_embeddings"}
+    base = jax.tree_util.tree_map(lambda w: w.astype(dtype if w.ndim > 1 else jnp.float32), rest)
+    return {**base, "tok_embeddings": init["params"]["tok_embeddings"].astype(jnp.float32)}
 
 
 def initial_weights(key, config, tc, init):
@@ -3068,10 +3073,10 @@ def load_source(path, kind=None, dtype="float32", gpt2_tokenizer=False):
         path = Path(path)
         path = path / "ckpt.npz" if path.is_dir() else path
         ckpt = load_checkpoint(path)
-        model.update(params=ckpt["params"], config=ckpt["config"], tokenizer=get_tokenizer(),
+        model.update(params=ckpt["params"], config=ckpt["config"],
                      seq_len=ckpt["train_config"].seq_len, source=str(path))
-        if ckpt["base"] is not None:
-            model.update(base_model(ckpt, path, dtype))
+        model.update(base_model(ckpt, path, dtype) if ckpt["base"] is not None
+                     else {"tokenizer": get_tokenizer()})
     return model
 
 
@@ -3418,9 +3423,9 @@ def fine_tuning_configs(args, source):
                 else TrainConfig.lora_targets)
     saved = checkpoint_meta(Path(args.out_dir) / "ckpt.npz") if args.resume else None
     if saved:  # a resumed run keeps its adapters' shape; a flag may only repeat it
+        saved_tc = config_from_json(TrainConfig, saved["train_config"])
         for name in lora:
-            ours, theirs = lora[name], saved["train_config"][name]
-            theirs = tuple(theirs) if isinstance(theirs, list) else theirs
+            ours, theirs = lora[name], getattr(saved_tc, name)
             if getattr(args, name) is not None and ours != theirs:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: the run "
                                  f"being resumed has {name} {theirs}; leave the flag out")
