@@ -13,7 +13,8 @@ Read it top to bottom:
     9. checkpoints            our own .npz format, Hugging Face's safetensors, GGUF
    10. chat                   chat formats and a streaming terminal chat
    11. fine-tuning            --init-from a pretrained model, LoRA, --export-hf
-   12. command line           python llama_jax.py --help, and the --bench benchmark
+   12. many devices           a mesh, data parallel and FSDP, --plan, many hosts
+   13. command line           python llama_jax.py --help, and the --bench benchmark
 
 Shapes are written with these letters: B batch, T time (tokens), S cache length
 (max_seq_len), D model width, H query heads, K key/value heads, G = H // K query
@@ -36,6 +37,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -46,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes  # installed with jax: gives NumPy a bfloat16 dtype
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 HERE = Path(__file__).resolve().parent
 GPT2_TIKTOKEN = HERE / "gpt2.tiktoken"
@@ -94,6 +98,9 @@ class ModelConfig:
     # blockwise when the float32 logits would exceed BLOCKWISE_ABOVE_BYTES.
     loss_impl: str = "auto"
     loss_block: int = 512  # tokens per block of the blockwise loss
+    # jax.checkpoint around each block: the backward pass recomputes a block's
+    # activations from its input instead of keeping them (--remat).
+    remat: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
@@ -196,9 +203,13 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_targets: tuple = ("wq", "wk", "wv", "wo")
+    # Micro-batches per optimizer step (--grad-accum): the batch is split in
+    # this many parts, run one after the other, and their gradients averaged.
+    grad_accum: int = 1
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
+                     "grad_accum"):
             if getattr(self, name) <= 0:
                 raise InputError(f"TrainConfig.{name} (--{name.replace('_', '-')}) must be "
                                  f"positive, got {getattr(self, name)}")
@@ -804,10 +815,13 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
     layer_keys = list(jax.random.split(key, config.n_layers)) if dropout_on else [None] * config.n_layers
     if dropout_on:
         h = dropout(h, config.dropout_rate, jax.random.fold_in(key, config.n_layers))
+    # --remat: keep only each block's input for the backward pass.
+    block = (jax.checkpoint(transformer_block, static_argnums=(5,)) if config.remat
+             else transformer_block)
     new_cache = []
     for i, layer in enumerate(params["layers"]):
         h_in = h
-        h, layer_cache = transformer_block(layer, h, cos, sin, mask, config,
+        h, layer_cache = block(layer, h, cos, sin, mask, config,
                                            None if cache is None else cache[i], position,
                                            layer_keys[i])
         new_cache.append(layer_cache)
@@ -1029,8 +1043,32 @@ def step_keys(keys, step):
     return jax.random.fold_in(keys["batches"], step), jax.random.fold_in(keys["dropout"], step)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "tc"), donate_argnames=("params", "opt_state"))
-def train_step(params, opt_state, data, keys, config, tc, frozen=None):
+def accumulate_gradients(grad_fn, params, batch, key, n, mesh=None):
+    """grad_fn's loss, health figures and gradients for a whole batch, computed
+    over n micro-batches one after the other (a lax.scan): only one
+    micro-batch's activations exist at a time. Micro-batches are equal in size,
+    so the mean of their mean losses and gradients is the whole batch's. Micro-
+    batch i takes rows i, i + n, i + 2n, ...: with the batch split over devices
+    in contiguous blocks, each device then holds its share of every one. Its
+    dropout key is key folded with i, so the masks differ from one big batch's.
+    batch: (inputs, targets) int32[B, T] -> ((loss, stats), grads)."""
+    micro = jax.tree_util.tree_map(lambda x: x.reshape(-1, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def add_one(total, xs):
+        i, micro_batch = xs
+        (loss, stats), grads = grad_fn(params, split_batch(micro_batch, mesh),
+                                       jax.random.fold_in(key, i))
+        return jax.tree_util.tree_map(jnp.add, total, grads), (loss, stats)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    total, (losses, stats) = jax.lax.scan(add_one, zeros, (jnp.arange(n), micro))
+    mean = functools.partial(jax.tree_util.tree_map, lambda x: x.mean(0))
+    return (losses.mean(), mean(stats)), jax.tree_util.tree_map(lambda g: g / n, total)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "tc", "mesh"),
+                   donate_argnames=("params", "opt_state"))
+def train_step(params, opt_state, data, keys, config, tc, frozen=None, mesh=None):
     """One optimisation step, compiled once: draw a batch from `data` (int32[N],
     on the device), compute loss and gradients (with dropout), clip, AdamW.
     keys: the run's "batches" and "dropout" streams (run_keys); the step's own
@@ -1043,6 +1081,10 @@ def train_step(params, opt_state, data, keys, config, tc, frozen=None):
     from what it already has (step_health, section 6); else health is {}.
     With LoRA (tc.lora_rank > 0, section 11), params are the adapters, the
     only weights trained, and frozen the pretrained weights they adapt.
+    With tc.grad_accum > 1, the batch is run in that many micro-batches
+    (accumulate_gradients). mesh: the devices to split the work over (section
+    12): the batch is split over all of them, and params and opt_state come
+    back split as they came in; None runs where the inputs are.
     -> (params, opt_state, loss, health)."""
     batch_key, dropout_key = step_keys(keys, opt_state["step"])
     if isinstance(data, tuple):  # a batch read from a token file (host_batch)
@@ -1050,15 +1092,21 @@ def train_step(params, opt_state, data, keys, config, tc, frozen=None):
     else:
         batch = get_batch(batch_key, data, tc.batch_size, tc.seq_len)
 
-    def loss_fn(p):  # the blocks' health figures ride along as auxiliary outputs
+    def loss_fn(p, batch, key):  # the blocks' health figures ride along as auxiliary outputs
         stats = [] if tc.health else None
         weights = p if frozen is None else lora_merge(frozen, p, tc)
-        return compute_loss(weights, batch, config, True, dropout_key, stats), stats
+        return compute_loss(weights, batch, config, True, key, stats), stats
 
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if tc.grad_accum == 1:
+        (loss, stats), grads = grad_fn(params, split_batch(batch, mesh), dropout_key)
+    else:
+        (loss, stats), grads = accumulate_gradients(grad_fn, params, batch, dropout_key,
+                                                    tc.grad_accum, mesh)
     lr = learning_rate(opt_state["step"], tc)
     new_params, opt_state = adamw_update(params, grads, opt_state, lr, tc)
     health = step_health(params, new_params, grads, stats, tc) if tc.health else {}
+    new_params, opt_state = keep_split(mesh, (new_params, opt_state))
     return new_params, opt_state, loss, health
 
 
@@ -1279,15 +1327,20 @@ def keep_schedule(tc, saved, log):
     return dataclasses.replace(tc, schedule_steps=schedule)
 
 
-def start_or_resume(config, tc, ckpt_path, resume, log, init=None):
+def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
     """A fresh run's state, or the state saved in ckpt_path for --resume.
     init: the pretrained model a fine-tuning run starts from (section 11).
+    mesh: where the weights and optimizer state live, each split by
+    state_shardings (section 12; default: every device, pure data parallel).
+    A checkpoint loads onto any mesh, whatever the devices that wrote it.
     -> (params, opt_state, history, seed_key, tc): the seed key (saved in the
     checkpoint) gives the run's key streams; a resumed tc keeps its schedule."""
+    mesh = mesh or make_mesh()
     if not resume:
         seed_key = jax.random.PRNGKey(tc.seed)
-        params = initial_weights(run_keys(seed_key)["init"], config, tc, init)
-        return params, adamw_init(params), {"train": [], "eval": []}, seed_key, tc
+        params = initial_weights(run_keys(seed_key)["init"], config, tc, init, mesh)
+        return (params, sharded_adamw_init(params, mesh), {"train": [], "eval": []}, seed_key,
+                tc)
     if not ckpt_path.is_file():
         raise InputError(f"--resume: no checkpoint at {ckpt_path}; train without --resume "
                          "first, or point --out-dir at the run to continue")
@@ -1297,7 +1350,9 @@ def start_or_resume(config, tc, ckpt_path, resume, log, init=None):
     if ckpt["format_version"] == 1:
         log("(a format-1 checkpoint: its key predates run_keys, so the resumed steps draw "
             "other batches than the original run would have)")
-    return (ckpt["params"], ckpt["opt_state"], ckpt["history"], ckpt["key"],
+    state = (ckpt["params"], ckpt["opt_state"])
+    params, opt_state = place(state, state_shardings(mesh, state))
+    return (params, opt_state, ckpt["history"], ckpt["key"],
             keep_schedule(tc, ckpt["train_config"], log))
 
 
@@ -1369,9 +1424,10 @@ def start_metrics(path, resume, step, log):
     if bad:
         log(f"{path}: dropped {bad} unreadable line(s), left by a crash in mid-write? "
             f"Kept {len(records)} records up to step {step}; continuing")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    if jax.process_index() == 0:  # with several processes, process 0 writes the files
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, path)
     return records
 
 
@@ -1447,7 +1503,7 @@ def save_health_plot(records, path):
 
 
 def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print,
-          time_budget=None, init=None):
+          time_budget=None, init=None, mesh=None):
     """Trains a model and returns {"params", "opt_state", "history", "stopped",
     "weights"} (weights: the model's, which are params except with LoRA).
     Writes out_dir/ckpt.npz (atomically) and out_dir/loss.png at every
@@ -1459,47 +1515,68 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     for the new schedule), and a run that still reaches the budget stops there
     cleanly, evaluates and checkpoints.
     init: fine-tune this pretrained model (load_source, section 11) instead of
-    starting from random weights; its tokenizer reads the data."""
+    starting from random weights; its tokenizer reads the data.
+    mesh: the devices to train on (make_mesh, section 12; default: all of
+    them, data parallel). With several processes, every one calls train;
+    only process 0 logs and writes files."""
     if tc.seq_len > config.max_seq_len:
         raise InputError(f"--seq-len {tc.seq_len} is longer than the model's context "
                          f"(max_seq_len {config.max_seq_len}): lower --seq-len")
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "ckpt.npz"
+    mesh = mesh or make_mesh()
+    main_process = jax.process_index() == 0
+    if not main_process:
+        log = lambda *args, **kwargs: None  # noqa: E731 (process 0 speaks for all)
+    check_batch_split(tc, mesh)
     if init is not None:
         check_source_tokenizer(init, config)
         init = {**init, "sha256": tree_sha256(init["params"])}
+    # Will it fit? From shapes alone, before any data is read or code compiled.
+    lora_shapes = (jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), config, tc))
+                   if tc.lora_rank else None)
+    plan = memory_plan(config, tc, mesh, lora_shapes, lora_shapes and param_shapes(config))
+    check_plan_fits(plan, config, tc, mesh, lora_shapes)
     frozen = frozen_base(init, config, tc)  # LoRA's fixed weights, else None
+    if frozen is not None:
+        frozen = place(frozen, state_shardings(mesh, frozen))
     train_data, val_data, data_note = load_training_data(data_path, tc.seq_len,
                                                          init and init["tokenizer"])
     params, opt_state, history, seed_key, tc = start_or_resume(config, tc, ckpt_path, resume, log,
-                                                               init)
-    keys = run_keys(seed_key)
-    out_dir.mkdir(parents=True, exist_ok=True)
+                                                               init, mesh)
+    keys = replicated(mesh, run_keys(seed_key))
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     records = start_metrics(metrics_path, resume, int(opt_state["step"]), log)
 
     def write_record(record):
         records.append(record)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if main_process:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
     log(f"model: {count_params(frozen or params) / 1e6:.2f}M parameters ({config.dim} wide, "
         f"{config.n_layers} layers, {config.n_heads} heads, {config.n_kv_heads} kv heads), "
-        f"{config.compute_dtype} compute, on {jax.devices()[0].platform.upper()}")
+        f"{config.compute_dtype} compute{', --remat' if config.remat else ''}")
+    log(describe_step(tc, mesh, plan))
     if init is not None:
         log(describe_fine_tuning(init, params, frozen, tc))
     log(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens from "
         f"{data_path} ({data_note})")
-    # A text file's tokens live on the device and each step draws its batch
-    # there; a token file's batches are read on the host, one step at a time.
+    # A text file's tokens live on every device and each step draws its batch
+    # there; a token file's batches are read on the host, one step at a time,
+    # and each device receives its rows.
     on_device = isinstance(train_data, np.ndarray)
-    train_dev = jnp.asarray(train_data) if on_device else None
+    train_dev = replicated(mesh, train_data) if on_device else None
+    rows = (batch_sharding(mesh),) * 2
 
     def batch_for(step):
-        return train_dev if on_device else host_batch(train_data, keys, step, tc.batch_size,
-                                                      tc.seq_len)
+        return train_dev if on_device else place(host_batch(train_data, keys, step,
+                                                            tc.batch_size, tc.seq_len), rows)
 
-    eval_sets = {name: fixed_windows(d, tc.eval_batches, tc.batch_size, tc.seq_len)
+    eval_sets = {name: [place(b, rows) for b in fixed_windows(d, tc.eval_batches, tc.batch_size,
+                                                               tc.seq_len)]
                  for name, d in (("train", train_data), ("val", val_data))}
 
     def weights():  # what the model runs on: with LoRA, the base plus the adapters
@@ -1508,8 +1585,9 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     def save():
         save_checkpoint(ckpt_path, params, opt_state, seed_key, config, tc, history,
                         init and base_record(init))
-        save_loss_plot(history, out_dir / "loss.png")
-        save_health_plot(records, out_dir / "health.png")
+        if main_process:
+            save_loss_plot(history, out_dir / "loss.png")
+            save_health_plot(records, out_dir / "health.png")
 
     def evaluate_and_save(step):
         model_weights = weights()
@@ -1530,7 +1608,7 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
         try:
             while step < tc.steps:
                 params, opt_state, loss, health = train_step(params, opt_state, batch_for(step),
-                                                             keys, config, tc, frozen)
+                                                             keys, config, tc, frozen, mesh)
                 pending.append((step, loss, health))
                 done = step + 1
                 if step == start_step:  # the first call compiled the step: time it apart
@@ -1540,7 +1618,12 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
                     log(f"compiled and ran the first step in {t_first - t_start:.1f}s")
                 # With a time budget, the schedule is fitted after 10 timed steps.
                 calibrate = deadline is not None and done == start_step + 11 and done < tc.steps
-                out_of_time = deadline is not None and time.perf_counter() > deadline
+                # With several processes, all must take the same branches at the same step,
+                # agreed by a collective of their own; the step's collectives must finish
+                # first, or the two could interleave differently on different processes.
+                if jax.process_count() > 1:
+                    loss.block_until_ready()
+                out_of_time = deadline is not None and any_process(time.perf_counter() > deadline)[0]
                 last = done == tc.steps or out_of_time
                 evaluate_now = done % tc.eval_every == 0 or last or calibrate
                 if done % tc.log_every == 0 or evaluate_now:
@@ -1565,7 +1648,9 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
                         tc = fit_schedule_to_budget(
                             tc, done, deadline - t_last - (t_first - t_start), per_step,
                             t_last - now, time_budget, log)
-                if stop:
+                        tc = dataclasses.replace(tc, steps=from_process_0(tc.steps),
+                                                 warmup_steps=from_process_0(tc.warmup_steps))
+                if any_process(bool(stop))[0]:
                     raise KeyboardInterrupt
                 step = done
                 if out_of_time:
@@ -2209,15 +2294,20 @@ def save_checkpoint(path, params, opt_state, key, config, tc, history, base=None
     written beside its final name, flushed to disk, then renamed over it
     (os.replace is atomic), so a crash mid-save leaves the old one intact.
     base: for a fine-tuning run, where its pretrained model came from and the
-    hash of its weights (base_record, section 11)."""
+    hash of its weights (base_record, section 11).
+    On a mesh, each array is gathered to the host one at a time (gather,
+    section 12): the whole state is never copied onto one device. With several
+    processes, all take part in gathering and process 0 writes."""
     path = Path(path)
     meta = {"format_version": CHECKPOINT_VERSION, "model_config": dataclasses.asdict(config),
             "train_config": dataclasses.asdict(tc), "history": history,
             "step": int(opt_state["step"]), "base": base}
     arrays = {"params/" + k: v for k, v in flatten_tree(params).items()}
     arrays.update({"opt/" + k: v for k, v in flatten_tree(opt_state).items()})
-    arrays = {k: np.asarray(v) for k, v in jax.device_get(arrays).items()}
-    arrays["key"] = np.asarray(key)  # a raw uint32[2] key from jax.random.PRNGKey
+    arrays = {k: gather(v) for k, v in arrays.items()}
+    arrays["key"] = gather(key)  # a raw uint32[2] key from jax.random.PRNGKey
+    if jax.process_index() != 0:
+        return
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -2259,6 +2349,8 @@ def load_checkpoint(path, config=None):
     shapes or dtypes differ from it; without, uses the file's own config.
     -> {"params", "opt_state", "key", "config", "train_config", "history",
     "format_version", "base" (a fine-tuning run's base_record, else None)}.
+    The arrays are NumPy arrays on the host: a run on a mesh places each
+    one straight into its shards (place, section 12).
     With LoRA, params are the adapters alone (load_source merges them)."""
     path = Path(path)
     if not path.is_file():
@@ -2294,11 +2386,11 @@ def load_checkpoint(path, config=None):
         raise CheckpointError(f"checkpoint {path} does not match this model:\n  - "
                               + "\n  - ".join(problems)
                               + "\nuse the flags it was trained with, or another --out-dir")
-    params = unflatten_like(template, {k[7:]: jnp.asarray(v) for k, v in arrays.items()
+    params = unflatten_like(template, {k[7:]: v for k, v in arrays.items()
                                        if k.startswith("params/")})
-    opt_state = unflatten_like(opt_template, {k[4:]: jnp.asarray(v) for k, v in arrays.items()
+    opt_state = unflatten_like(opt_template, {k[4:]: v for k, v in arrays.items()
                                               if k.startswith("opt/")})
-    return {"params": params, "opt_state": opt_state, "key": jnp.asarray(arrays["key"]),
+    return {"params": params, "opt_state": opt_state, "key": arrays["key"],
             "config": use, "train_config": saved_tc, "history": meta["history"],
             "format_version": version, "base": meta.get("base")}
 
@@ -2942,15 +3034,18 @@ def frozen_base(init, config, tc):
     return {**base, "tok_embeddings": init["params"]["tok_embeddings"].astype(jnp.float32)}
 
 
-def initial_weights(key, config, tc, init):
-    """The trainable weights a run starts from: random (init_params) without a
-    base, LoRA's adapters (lora_init), or the base's weights in float32 (the
-    optimizer's updates are too small for bfloat16)."""
+def initial_weights(key, config, tc, init, mesh):
+    """The trainable weights a run starts from, split over the mesh (section
+    12): random (init_params) without a base, LoRA's adapters (lora_init), or
+    the base's weights in float32 (the optimizer's updates are too small for
+    bfloat16)."""
     if init is None:
-        return init_params(key, config)
+        return sharded_init(key, config, mesh)
     if tc.lora_rank:
-        return lora_init(key, config, tc)
-    return jax.tree_util.tree_map(lambda w: jnp.asarray(w, jnp.float32), init["params"])
+        weights = lora_init(key, config, tc)
+    else:
+        weights = jax.tree_util.tree_map(lambda w: np.asarray(w, np.float32), init["params"])
+    return place(weights, state_shardings(mesh, weights))
 
 
 def check_same_base(ckpt, init, path):
@@ -3123,7 +3218,442 @@ def export_hf(model, folder, log=print):
 
 
 # =============================================================================
-# 12. Command line
+# 12. Many devices and many hosts
+# =============================================================================
+# One code path for 1 to N devices, with JAX's own machinery (the "How to
+# think in JAX" and "Distributed arrays and automatic parallelization" guides
+# on docs.jax.dev). The devices form a 2-D mesh with axes ("data", "fsdp"):
+#   - the batch is split over every device (both axes): each one computes the
+#     loss and gradients of its rows, and XLA inserts the communication that
+#     makes the update the one of the whole batch;
+#   - the weights and AdamW moments are split over "fsdp" (ZeRO-3 / fully
+#     sharded data parallel: Rajbhandari et al. 2020, arXiv:1910.02054) and
+#     copied over "data". --fsdp 1 (the default) is pure data parallelism:
+#     every device holds everything and the gradients are all-reduced.
+#     --fsdp all shards over every device: each holds 1/N of every matrix,
+#     gathered just in time for its matmul, and the gradients are
+#     reduce-scattered so that each device updates only its own part.
+# Nothing below section 5 knows about any of it: the layers, model and loss
+# are written for one device, jax.jit compiles them for the mesh from the
+# shardings of their inputs (GSPMD), and the results are those of one device
+# to float32 rounding (test_llama_jax.py checks 1, 8, FSDP and 2 x 4). The
+# mesh's axes are "auto": jax 0.10's default, "explicit", would make every
+# einsum in the model say how its output is split.
+# Several hosts (processes) join one mesh through jax.distributed; every
+# process runs the same program on its own devices, reads the same batches,
+# and only process 0 prints and writes files.
+
+def make_mesh(fsdp=1, devices=None):
+    """The ("data", "fsdp") mesh over `devices` (default: every device of
+    every process). fsdp: devices per FSDP group, a divisor of their number,
+    or "all"."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
+    fsdp = n if fsdp == "all" else int(fsdp)
+    if fsdp < 1 or n % fsdp:
+        raise InputError(f"--fsdp {fsdp} does not divide the {n} devices: choose one of "
+                         f"{', '.join(str(d) for d in range(1, n + 1) if n % d == 0)} or all")
+    return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def fsdp_spec(shape, n):
+    """How one array is split over a mesh whose "fsdp" axis has n devices: a
+    matrix along its largest dimension that n divides (the embedding and
+    output layer along the vocabulary, the others along their wider side);
+    vectors (norm gains, the step count), and matrices n divides nowhere, are
+    copied to every device. -> a PartitionSpec."""
+    if n > 1 and len(shape) >= 2:
+        for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[d] % n == 0:
+                return P(*[("fsdp" if i == d else None) for i in range(len(shape))])
+    return P()
+
+
+def state_shardings(mesh, tree):
+    """The NamedSharding of every leaf of a pytree of arrays (or shapes):
+    parameters, optimizer state, LoRA adapters, keys. Replicated over
+    "data", split over "fsdp" by fsdp_spec."""
+    n = mesh.shape["fsdp"]
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, n)), tree)
+
+
+def batch_sharding(mesh):
+    """Rows of a batch [B, ...] split over every device of the mesh."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def split_batch(batch, mesh):
+    """Inside a jitted step: a batch's rows split over every device of the
+    mesh (None: left as it is)."""
+    if mesh is None:
+        return batch
+    return jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
+
+
+def keep_split(mesh, tree):
+    """Inside a jitted step: new weights and optimizer state split as the
+    old ones were (state_shardings), so that a step's outputs are the next
+    step's inputs as they are, and donation can reuse their buffers."""
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, state_shardings(mesh, tree))
+
+
+def place(tree, shardings):
+    """Host or device arrays -> global arrays with these shardings. Each
+    device receives only its own slice (make_array_from_callback), which also
+    works when the mesh spans several processes that each hold the same
+    values."""
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def replicated(mesh, tree):
+    """A pytree copied to every device of the mesh."""
+    return place(tree, jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), tree))
+
+
+def gather(x):
+    """One global array -> a NumPy array on every process (a collective when
+    the array spans processes: every process must call it)."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def sharded_init(key, config, mesh):
+    """init_params compiled to write each device's shard where it lives: the
+    full weights are never on one device."""
+    shardings = state_shardings(mesh, param_shapes(config))
+    return jax.jit(init_params, static_argnums=1, out_shardings=shardings)(key, config)
+
+
+def sharded_adamw_init(params, mesh):
+    """adamw_init with the moments split like the weights."""
+    shapes = jax.eval_shape(adamw_init, params)
+    return jax.jit(adamw_init, out_shardings=state_shardings(mesh, shapes))(params)
+
+
+def describe_mesh(mesh):
+    kind = mesh.devices.flat[0].platform.upper()
+    hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return (f"{mesh.size} {kind} device{'s' if mesh.size > 1 else ''}{hosts} as data "
+            f"{mesh.shape['data']} x fsdp {mesh.shape['fsdp']}")
+
+
+def check_batch_split(tc, mesh):
+    """The global batch must split evenly over the devices and micro-batches."""
+    parts = mesh.size * tc.grad_accum
+    if tc.batch_size % parts:
+        fit = parts * max(1, round(tc.batch_size / parts))
+        accum = f" x --grad-accum {tc.grad_accum}" if tc.grad_accum > 1 else ""
+        raise InputError(f"--batch-size {tc.batch_size} does not split over {mesh.size} "
+                         f"device(s){accum}: use a multiple of {parts}, e.g. --batch-size {fit}")
+
+
+def describe_step(tc, mesh, plan):
+    """The progress header: tokens per optimizer step, per device and in
+    total, and the per-device memory plan."""
+    tokens = tc.batch_size * tc.seq_len
+    micro = (f", in {tc.grad_accum} micro-batches of {tokens // tc.grad_accum:,}"
+             if tc.grad_accum > 1 else "")
+    limit, source = device_memory()
+    of = f" of {gb(limit)} ({source})" if limit else ""
+    return (f"batch: {tc.batch_size} x {tc.seq_len} = {tokens:,} tokens per optimizer step on "
+            f"{describe_mesh(mesh)}: {tokens // mesh.size:,} per device{micro}; per device "
+            f"about {gb(plan['total'])}{of}: weights {gb(plan['params'])}, gradients "
+            f"{gb(plan['grads'])}, AdamW {gb(plan['optimizer'])}, activations "
+            f"{gb(plan['activations'])} (--plan for more)")
+
+
+# ----------------------------------------------------------------------------- the plan
+# "Will it fit?" before a run compiles. Per device, in bytes: the weights,
+# gradients and AdamW moments (their shard shapes on the mesh), and the
+# activations the backward pass keeps. Those are found without running or
+# compiling anything: jax.vjp's backward function holds the forward's saved
+# values (its "residuals") as arrays, and jax.eval_shape traces it for their
+# shapes alone. They grow linearly with the rows of a batch, so two traces (1
+# and 2 rows) give the bytes per row. --plan also compiles the step and quotes
+# XLA's own memory analysis, and the bytes each step sends between devices.
+
+
+def tree_bytes(tree, shardings=None):
+    """Bytes of a pytree of arrays or shapes; with shardings, of one device's
+    shards."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    shards = (jax.tree_util.tree_leaves(shardings) if shardings is not None
+              else [None] * len(leaves))
+    return sum(math.prod(s.shard_shape(x.shape) if s is not None else x.shape)
+               * np.dtype(x.dtype).itemsize for x, s in zip(leaves, shards))
+
+
+def activation_bytes_per_row(config, tc):
+    """Bytes the backward pass keeps per sequence of tc.seq_len tokens."""
+    params = param_shapes(config)
+
+    def saved(rows):
+        batch = (jax.ShapeDtypeStruct((rows, tc.seq_len), jnp.int32),) * 2
+        vjp = jax.eval_shape(lambda p, b: jax.vjp(
+            lambda q: compute_loss(q, b, config, True, jax.random.PRNGKey(0)), p)[1],
+            params, batch)
+        return tree_bytes(vjp)
+
+    return saved(2) - saved(1)
+
+
+def memory_plan(config, tc, mesh, trained_shapes=None, frozen_shapes=None):
+    """Per-device bytes of a training run on this mesh, computed from shapes.
+    trained_shapes: what the optimizer updates (default: the model's
+    parameters; with LoRA, the adapters); frozen_shapes: LoRA's fixed base.
+    -> dict of bytes per device, and the rows each device computes at once."""
+    trained = param_shapes(config) if trained_shapes is None else trained_shapes
+    sh = state_shardings(mesh, trained)
+    weights = tree_bytes(trained, sh)
+    frozen = 0 if frozen_shapes is None else tree_bytes(frozen_shapes,
+                                                        state_shardings(mesh, frozen_shapes))
+    rows = tc.batch_size // (mesh.size * tc.grad_accum)
+    plan = {"params": weights + frozen, "grads": weights * (2 if tc.grad_accum > 1 else 1),
+            "optimizer": 2 * weights, "activations": activation_bytes_per_row(config, tc) * rows,
+            "rows_per_device": rows}
+    plan["total"] = sum(plan[k] for k in ("params", "grads", "optimizer", "activations"))
+    return plan
+
+
+def communication_bytes(config, tc, mesh, trained_shapes=None):
+    """Bytes each device sends per optimizer step with ring collectives
+    (float32 weights): data parallel all-reduces the gradients, 2 (n-1)/n of
+    them; FSDP over g devices all-gathers the weights twice (forward and
+    backward, per micro-batch), reduce-scatters the gradients ((g-1)/g each)
+    and all-reduces the gradient shards over the data axis."""
+    trained = param_shapes(config) if trained_shapes is None else trained_shapes
+    full = tree_bytes(trained)
+    d, g = mesh.shape["data"], mesh.shape["fsdp"]
+    if g == 1:
+        return {"all-reduce": 2 * (d - 1) / d * full}
+    return {"all-gather": 2 * tc.grad_accum * (g - 1) / g * full,
+            "reduce-scatter": (g - 1) / g * full,
+            "all-reduce": 2 * (d - 1) / d * full / g}
+
+
+def device_memory():
+    """-> (bytes one device may use, where the figure comes from)."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"], f"{getattr(device, 'device_kind', device.platform)} memory"
+    try:  # CPU devices share the host's memory
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+    n = jax.local_device_count()
+    return total // n, f"host memory / {n} CPU device{'s' if n > 1 else ''}"
+
+
+def gb(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def compiled_memory(config, tc, mesh, lora_shapes=None):
+    """XLA's memory analysis of the compiled train_step on this mesh, per
+    device (a token file's batch, so no corpus among the arguments).
+    -> {"arguments", "outputs", "aliased", "temporaries"} in bytes."""
+    trained = param_shapes(config) if lora_shapes is None else lora_shapes
+    opt = jax.eval_shape(adamw_init, trained)
+    shaped = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    rows = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32,
+                                sharding=batch_sharding(mesh))
+    keys = jax.eval_shape(run_keys, jax.random.PRNGKey(0))
+    keys = shaped(keys, jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), keys))
+    frozen = None
+    if lora_shapes is not None:
+        base = param_shapes(config)
+        frozen = shaped(base, state_shardings(mesh, base))
+    m = train_step.lower(shaped(trained, state_shardings(mesh, trained)),
+                         shaped(opt, state_shardings(mesh, opt)), (rows, rows), keys, config, tc,
+                         frozen, mesh).compile().memory_analysis()
+    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+
+
+def plan_report(config, tc, mesh, lora_shapes=None):
+    """--plan's lines: the mesh, the memory per device, the communication."""
+    plan = memory_plan(config, tc, mesh, lora_shapes, lora_shapes and param_shapes(config))
+    limit, source = device_memory()
+    lines = [describe_step(tc, mesh, plan).split("; per device")[0],
+             "per device, computed from the shapes:",
+             f"  weights      {gb(plan['params']):>10}",
+             f"  gradients    {gb(plan['grads']):>10}",
+             f"  AdamW        {gb(plan['optimizer']):>10}  (two moments)",
+             f"  activations  {gb(plan['activations']):>10}  ({plan['rows_per_device']} "
+             f"sequence(s) of {tc.seq_len} tokens kept for the backward pass"
+             f"{', --remat' if config.remat else ''})",
+             f"  total        {gb(plan['total']):>10}"
+             + (f"  of {gb(limit)} ({source})" if limit else "")]
+    try:
+        m = compiled_memory(config, tc, mesh, lora_shapes)
+        peak = m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+        lines.append(f"per device, XLA's memory analysis of the compiled step: arguments "
+                     f"{gb(m['arguments'])}, outputs {gb(m['outputs'])} ({gb(m['aliased'])} "
+                     f"reuse donated inputs), temporaries {gb(m['temporaries'])}: about "
+                     f"{gb(peak)} in all")
+    except Exception as err:  # noqa: BLE001 (a plan without it is still useful)
+        lines.append(f"(XLA's memory analysis unavailable: {type(err).__name__}: {err})")
+    comm = communication_bytes(config, tc, mesh, lora_shapes)
+    if mesh.size == 1:
+        lines.append("communication: none (one device)")
+    else:
+        lines.append("communication per optimizer step, sent by each device (ring "
+                     "algorithms, float32): " + ", ".join(f"{k} {gb(v)}" for k, v in comm.items()
+                                                          if v))
+    try:
+        check_plan_fits(plan, config, tc, mesh, lora_shapes)
+        lines.append("fits: yes")
+    except InputError as err:
+        lines.append(f"fits: no. {err}")
+    return lines
+
+
+def check_plan_fits(plan, config, tc, mesh, lora_shapes=None):
+    """Stops a run that would not fit in a device's memory, before it runs,
+    naming the flags that would make it fit. The shapes' estimate counts
+    every value the backward pass keeps, some of which XLA fuses away, so it
+    errs high: when it exceeds 90% of the memory, the step is compiled (not
+    run) and XLA's own analysis decides."""
+    limit, source = device_memory()
+    if limit is None or plan["total"] <= 0.9 * limit:
+        return
+    try:
+        m = compiled_memory(config, tc, mesh, lora_shapes)
+    except Exception as err:  # noqa: BLE001 (e.g. more tokens than int32 indexes)
+        m = {"arguments": plan["total"] - plan["activations"], "outputs": 0, "aliased": 0,
+             "temporaries": plan["activations"]}
+        source += f"; the step did not compile: {type(err).__name__}"
+    need = m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+    if need <= 0.9 * limit:
+        return
+    rows = plan["rows_per_device"]
+    per_row, fixed = m["temporaries"] / rows, need - m["temporaries"]
+    fixes = []
+    rows_fit = int((0.9 * limit - fixed) // per_row)
+    if rows_fit >= 1:
+        fixes.append(f"--batch-size {rows_fit * mesh.size * tc.grad_accum} (at most "
+                     f"{rows_fit} sequence(s) per device)")
+        fixes.append(f"--grad-accum {-(-rows // rows_fit) * tc.grad_accum} (the same batch, "
+                     "in micro-batches)")
+    if not config.remat:
+        fixes.append("--remat (recompute activations in the backward pass)")
+    if mesh.shape["fsdp"] < mesh.size:
+        fixes.append("--fsdp all (split weights and optimizer state over every device)")
+    fixes.append("more devices, or a smaller model")
+    raise InputError(f"this run needs about {gb(need)} per device (weights, gradients and "
+                     f"AdamW {gb(fixed)}, temporaries "
+                     f"for {rows} sequence(s) of {tc.seq_len} tokens {gb(m['temporaries'])}) "
+                     f"but a device has {gb(limit)} ({source}). To fit, try: "
+                     + "; ".join(fixes))
+
+
+# ----------------------------------------------------------------------------- many hosts
+# Every process runs the same command. jax.distributed connects them through
+# process 0 (the coordinator), after which jax.devices() lists the devices of
+# all of them and one mesh spans them. Flags name the coordinator; without
+# them, a SLURM job step of several tasks is detected from its environment.
+# Decisions a process takes alone (a signal arrived, the time budget ran out)
+# are agreed on at every step (any_process), so that all processes stop at the
+# same step: a collective that only some processes enter never returns.
+
+# How long to wait for every process to join, and for a silent process before
+# the others stop: JAX's coordination service then ends them, its message
+# naming the lost process ("tasks are unhealthy (stopped sending heartbeats)").
+COORDINATOR_TIMEOUT_S = 60
+
+
+def wait_for_port(address, timeout):
+    """True once a TCP connection to HOST:PORT succeeds, False after timeout."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
+def start_distributed(args):
+    """Joins this process to a run of several (before JAX starts its backend).
+    Returns True when it did."""
+    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    if all(v is None for v in given.values()):
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # srun: JAX reads SLURM_* itself
+            jax.distributed.initialize(initialization_timeout=int(args.coordinator_timeout),
+                                       heartbeat_timeout_seconds=int(args.coordinator_timeout))
+            return True
+        return False
+    missing = [flag for flag, v in given.items() if v is None]
+    if missing:
+        raise InputError(f"{' and '.join(missing)} missing: a run on several processes needs "
+                         "--coordinator HOST:PORT (process 0's address), --num-processes N and "
+                         "--process-id I (0 to N-1), the same on every process except I")
+    n, i = args.num_processes, args.process_id
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--process-id {i} must be between 0 and --num-processes - 1 ({n - 1})")
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--coordinator {args.coordinator}: expected HOST:PORT, e.g. "
+                         "10.0.0.1:1234")
+    # A process that cannot reach the coordinator would wait, then abort inside
+    # XLA without a word; check the address first, and name it.
+    if i != 0 and not wait_for_port(args.coordinator, args.coordinator_timeout):
+        raise InputError(f"could not reach the coordinator at {args.coordinator} within "
+                         f"{args.coordinator_timeout:g}s: start process 0 there (it listens on "
+                         "that port), check the address and the firewall")
+    jax.distributed.initialize(args.coordinator, n, i,
+                               initialization_timeout=int(args.coordinator_timeout),
+                               heartbeat_timeout_seconds=int(args.coordinator_timeout))
+    return True
+
+
+def lost_processes():
+    """The processes the coordinator no longer hears from, in words. Of two,
+    the other one; of more, the coordinator is asked, which takes up to
+    --coordinator-timeout (its client's get_live_nodes is not public API: used
+    only to name the lost process in an error message)."""
+    if jax.process_count() == 2:
+        return str(1 - jax.process_index())
+    try:
+        from jax._src import distributed
+        live = distributed.global_state.client.get_live_nodes(list(range(jax.process_count())))
+        return ", ".join(str(i) for i in range(jax.process_count()) if i not in live) or "?"
+    except Exception:  # noqa: BLE001
+        return "? (JAX's own message above names it)"
+
+
+def any_process(*flags):
+    """Each flag, made true on every process if it is true on any (a
+    collective when there are several processes: all must call it at the
+    same point). -> a tuple of bools."""
+    flags = np.asarray(flags, np.int32)
+    if jax.process_count() > 1:
+        flags = np.any(multihost_utils.process_allgather(flags), axis=0)
+    return tuple(bool(f) for f in flags)
+
+
+def from_process_0(value):
+    """Process 0's value of an integer, on every process."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+
+
+# =============================================================================
+# 13. Command line
 # =============================================================================
 
 
@@ -3260,6 +3790,36 @@ def build_parser():
                                "after 10 timed steps --steps is lowered so that the learning-"
                                "rate schedule ends inside the budget, and the run stops "
                                "cleanly at the budget (evaluate, checkpoint, sample)")
+    scale = p.add_argument_group("many devices and hosts (README, \"Scaling out\")")
+    scale.add_argument("--fsdp", default="1", metavar="N",
+                       help="devices per FSDP group: weights and AdamW moments are split over N "
+                            "devices and gathered when used (1, the default: pure data parallel, "
+                            "every device holds them all; all: split over every device). The "
+                            "batch is always split over every device")
+    scale.add_argument("--grad-accum", type=int, metavar="N",
+                       help="split each optimizer step's batch into N micro-batches run one "
+                            "after the other: the same update, less activation memory "
+                            "(default 1)")
+    scale.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute each block's activations in the backward pass instead "
+                            "of keeping them (jax.checkpoint): less memory, about a third more "
+                            "compute")
+    scale.add_argument("--plan", action="store_true",
+                       help="print the mesh, the memory per device (weights, gradients, AdamW, "
+                            "activations; XLA's analysis of the compiled step) and the bytes "
+                            "each step sends between devices, then exit without training")
+    scale.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="several processes (hosts): process 0's address; give the same "
+                            "command on every process with its own --process-id (under SLURM's "
+                            "srun the three flags can be left out)")
+    scale.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    scale.add_argument("--process-id", type=int, metavar="I",
+                       help="this process's number, 0 to N-1; 0 prints and writes the files")
+    scale.add_argument("--coordinator-timeout", type=float, default=COORDINATOR_TIMEOUT_S,
+                       metavar="SECONDS",
+                       help=f"how long to wait for the coordinator and for every process to "
+                            f"join; a process silent this long is declared lost and the others "
+                            f"stop, naming it (default {COORDINATOR_TIMEOUT_S})")
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--prompt", default=PROMPT_DEFAULT,
                           help="text to continue (default: a newline, i.e. a fresh speech)")
@@ -3319,11 +3879,12 @@ def resolve_configs(args):
     flags = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
              "n_kv_heads": "n_kv_heads", "ffn_dim": "ffn_dim", "max_seq_len": "max_seq_len",
              "dropout": "dropout_rate", "tie_embeddings": "tie_embeddings",
-             "dtype": "compute_dtype", "loss_impl": "loss_impl", "loss_block": "loss_block"}
+             "dtype": "compute_dtype", "loss_impl": "loss_impl", "loss_block": "loss_block",
+             "remat": "remat"}
     model.update({field: getattr(args, flag) for flag, field in flags.items()
                   if getattr(args, flag) is not None})
     for field in ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
-                  "weight_decay", "eval_every", "log_every", "seed", "health"):
+                  "weight_decay", "eval_every", "log_every", "seed", "health", "grad_accum"):
         if getattr(args, field) is not None:
             training[field] = getattr(args, field)
     if args.seq_len is not None and args.max_seq_len is None:
@@ -3417,7 +3978,7 @@ def fine_tuning_configs(args, source):
     preset, tc = resolve_configs(run_args)  # compute dtype, dropout, loss; training flags
     config = dataclasses.replace(source["config"], compute_dtype=preset.compute_dtype,
                                  dropout_rate=preset.dropout_rate, loss_impl=preset.loss_impl,
-                                 loss_block=preset.loss_block)
+                                 loss_block=preset.loss_block, remat=preset.remat)
     lora = dict(lora_rank=args.lora_rank or 0, lora_alpha=args.lora_alpha or 16.0,
                 lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets
                 else TrainConfig.lora_targets)
@@ -3436,25 +3997,31 @@ def fine_tuning_configs(args, source):
     return config, dataclasses.replace(tc, min_lr=min(tc.min_lr, tc.lr))
 
 
-def run_train(args):
-    log = functools.partial(print, flush=True)
-    if args.time_budget is not None and args.time_budget <= 0:
-        raise InputError(f"--time-budget must be a positive number of minutes, got "
-                         f"{args.time_budget}")
+def training_configs(args):
+    """The run's configs, from the flags, or from --init-from's source (a
+    resumed fine-tuning run finds its base in its checkpoint).
+    -> (ModelConfig, TrainConfig, the source or None)."""
     source = args.init_from
     if source is None and args.resume:  # a fine-tuning run resumes from its own base
         saved = checkpoint_meta(Path(args.out_dir) / "ckpt.npz")
         source = saved and saved.get("base") and saved["base"]["source"]
-    init = None
     if source:
         init = load_source(source)
-        config, tc = fine_tuning_configs(args, init)
-    else:
-        if args.lora_rank:
-            raise InputError("--lora-rank adapts a pretrained model: pass --init-from SOURCE")
-        config, tc = resolve_configs(args)
+        return (*fine_tuning_configs(args, init), init)
+    if args.lora_rank:
+        raise InputError("--lora-rank adapts a pretrained model: pass --init-from SOURCE")
+    return (*resolve_configs(args), None)
+
+
+def run_train(args):
+    log = functools.partial(print, flush=True) if jax.process_index() == 0 else lambda *a: None
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise InputError(f"--time-budget must be a positive number of minutes, got "
+                         f"{args.time_budget}")
+    config, tc, init = training_configs(args)
+    mesh = make_mesh(args.fsdp)
     result = train(config, tc, args.data or DEFAULT_DATA, args.out_dir, resume=args.resume,
-                   log=log, time_budget=args.time_budget, init=init)
+                   log=log, time_budget=args.time_budget, init=init, mesh=mesh)
     if result["stopped"] == "non-finite":
         return 1
     if result["stopped"] == "interrupted":
@@ -3462,11 +4029,42 @@ def run_train(args):
     out = Path(args.out_dir)
     log(f"wrote {out / 'ckpt.npz'}, {out / 'loss.png'}, {out / 'health.png'} and "
         f"{out / 'metrics.jsonl'}; peak host memory {peak_rss_gb():.2f} GB")
+    weights = result["weights"]
+    if jax.process_count() > 1:  # process 0 samples alone, on its own device, from a copy
+        weights = jax.tree_util.tree_map(gather, weights)
+        if jax.process_index() != 0:
+            return 0
     key = jax.random.PRNGKey(tc.seed)
     if init is None:
-        print_sample(result["weights"], decoding_config(config), get_tokenizer(), args, key, log)
+        print_sample(weights, decoding_config(config), get_tokenizer(), args, key, log)
     else:
-        sample_model(dict(init, params=result["weights"], config=config), args, key, log)
+        sample_model(dict(init, params=weights, config=config), args, key, log)
+    return 0
+
+
+def run_on_many_processes(args):
+    """run_train as one of several processes. When a process dies, the
+    others' next collective fails: they say so, name the lost process, and
+    stop, instead of waiting for it."""
+    try:
+        return run_train(args)
+    except jax.errors.JaxRuntimeError as err:
+        me = jax.process_index()
+        print(f"error: process {me}: a collective failed ({str(err).splitlines()[0][:200]}); "
+              "asking the coordinator which process was lost", file=sys.stderr, flush=True)
+        print(f"error: process {me}: lost contact with process {lost_processes()}; stopping. "
+              "Restart every process with --resume to continue from the last checkpoint",
+              file=sys.stderr, flush=True)
+        os._exit(3)  # not sys.exit: JAX's shutdown would wait for the lost process
+
+
+def run_plan(args):
+    """--plan: the memory and communication of a training run, then exit."""
+    config, tc, _ = training_configs(args)
+    mesh = make_mesh(args.fsdp)
+    check_batch_split(tc, mesh)
+    for line in plan_report(config, tc, mesh):
+        print(line, flush=True)
     return 0
 
 
@@ -3772,6 +4370,15 @@ def run_bench(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        many = start_distributed(args)  # before anything asks JAX for its devices
+        if many and (args.prepare or args.bench or args.sample or args.eval or args.chat
+                     or args.export_hf):
+            raise InputError("several processes train (or --plan) together; run the other "
+                             "modes as one process")
+        if args.plan:
+            return run_plan(args)
+        if many:
+            return run_on_many_processes(args)
         if args.prepare:
             if not args.data:
                 raise InputError("--prepare needs --data NAME: the data set to write "

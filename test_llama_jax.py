@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -2094,3 +2095,244 @@ def test_command_line_fine_tunes_an_hf_folder_and_exports_it(bpe_model, corpus, 
     assert header["tokenizer_sha256"] == L.tokenizer_fingerprint(adapted["tokenizer"])
     assert L.main([*args, "--out-dir", "none", "--init-from", str(FIXTURES / "hf_tiny")]) == 2
     assert "comes without a tokenizer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- many devices
+# XLA's CPU backend pretends to have N devices when told so before JAX starts
+# (XLA_FLAGS=--xla_force_host_platform_device_count=N). The tests marked
+# EIGHT_DEVICES run in one pytest subprocess started with 8 devices
+# (test_one_device_and_eight_train_the_same_model); in this process they skip.
+EIGHT_DEVICES = pytest.mark.skipif(jax.device_count() != 8,
+                                   reason="runs in a subprocess with 8 CPU devices")
+MESH_TINY = L.ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                          max_seq_len=16, dropout_rate=0.1)
+
+
+def steps_on_mesh(mesh, config, tc, n_steps=5):
+    """n_steps of train_step on a mesh, from the same init, keys and data
+    -> (losses, params, opt_state)."""
+    params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
+    opt_state = L.sharded_adamw_init(params, mesh)
+    data = L.replicated(mesh, np.random.RandomState(0).randint(0, 256, 5000).astype(np.int32))
+    keys = L.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
+    losses = []
+    for _ in range(n_steps):
+        params, opt_state, loss, _ = L.train_step(params, opt_state, data, keys, config, tc,
+                                                  None, mesh)
+        losses.append(float(loss))
+    return np.array(losses), params, opt_state
+
+
+def one_device():
+    return L.make_mesh(1, jax.devices()[:1])
+
+
+def on_device_0(tree):
+    """Bytes of a pytree's shards that live on the first device."""
+    return sum(s.data.nbytes for x in jax.tree_util.tree_leaves(tree)
+               for s in x.addressable_shards if s.device == jax.devices()[0])
+
+
+@EIGHT_DEVICES
+def test_data_parallel_fsdp_and_2x4_give_one_devices_losses():
+    tc = L.TrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
+    ref, ref_params, _ = steps_on_mesh(one_device(), MESH_TINY, tc)  # dropout 0.1 included
+    assert ref[-1] < ref[0] - 0.02  # it learns: the comparison is not of constants
+    for fsdp in (1, 4, "all"):  # 8 x 1, 2 x 4, 1 x 8
+        mesh = L.make_mesh(fsdp)
+        losses, params, opt_state = steps_on_mesh(mesh, MESH_TINY, tc)
+        np.testing.assert_allclose(losses, ref, atol=1e-5, err_msg=str(mesh.shape))
+        n = mesh.shape["fsdp"]
+        for tree in (params, opt_state["mu"], opt_state["nu"]):
+            for x in jax.tree_util.tree_leaves(tree):
+                shard = x.addressable_shards[0].data.shape
+                if x.ndim == 2:  # every matrix of this config: 1/n of it per device
+                    assert math.prod(shard) * n == x.size, (x.shape, shard)
+                else:  # norm gains: a copy on every device
+                    assert shard == x.shape
+        # --plan's figures are the bytes the devices hold
+        plan = L.memory_plan(MESH_TINY, tc, mesh)
+        assert plan["params"] == on_device_0(params)
+        assert plan["optimizer"] == on_device_0((opt_state["mu"], opt_state["nu"]))
+        assert plan["rows_per_device"] == 2
+    full = L.tree_bytes(ref_params)
+    assert L.memory_plan(MESH_TINY, tc, L.make_mesh("all"))["params"] < full / 7
+
+
+def test_gradient_accumulation_gives_the_losses_of_the_whole_batch():
+    """On one device here; on 8 (FSDP) in the 8-device process."""
+    config = dataclasses.replace(MESH_TINY, dropout_rate=0.0)  # masks differ per micro-batch
+    tc = L.TrainConfig(batch_size=32, seq_len=8, lr=1e-2, warmup_steps=1)
+    ref, _, _ = steps_on_mesh(one_device(), config, tc)
+    mesh = L.make_mesh("all")  # every device of this process: 1 here, 8 there
+    losses, _, _ = steps_on_mesh(mesh, config, dataclasses.replace(tc, grad_accum=4))
+    np.testing.assert_allclose(losses, ref, atol=1e-5, err_msg=str(mesh.shape))
+    with pytest.raises(L.InputError, match=f"use a multiple of {8 * mesh.size}"):
+        L.check_batch_split(dataclasses.replace(tc, grad_accum=8, batch_size=36), mesh)
+
+
+@EIGHT_DEVICES
+def test_checkpoints_move_between_one_device_and_eight(corpus, tmp_path):
+    # One TrainConfig throughout (schedule_steps set, as a resume sets it), so
+    # that each mesh compiles the step once.
+    tc = quick_tc(steps=4, batch_size=8, eval_every=100, schedule_steps=4, health=False)
+    config = dataclasses.replace(TRAIN_TINY, dropout_rate=0.1)
+
+    def stop_at_step_2(line):
+        if line.startswith("step     2/"):
+            raise KeyboardInterrupt
+
+    straight = L.train(config, tc, corpus, tmp_path / "straight", log=lambda s: None,
+                       mesh=one_device())
+    for first, then, name in ((L.make_mesh("all"), one_device(), "8 then 1"),
+                              (one_device(), L.make_mesh(4), "1 then 2 x 4")):
+        out = tmp_path / name
+        L.train(config, tc, corpus, out, log=stop_at_step_2, mesh=first)
+        resumed = L.train(config, tc, corpus, out, resume=True, log=lambda s: None, mesh=then)
+        np.testing.assert_allclose(resumed["history"]["train"], straight["history"]["train"],
+                                   atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(resumed["history"]["eval"], straight["history"]["eval"],
+                                   atol=1e-5, err_msg=name)
+
+
+@EIGHT_DEVICES
+def test_plan_on_eight_devices_and_bad_meshes_get_clear_errors(capsys):
+    tiny = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
+            "--batch-size", "16", "--seq-len", "16", "--dtype", "float32"]
+    assert L.main(["--plan", "--fsdp", "all", *tiny]) == 0
+    out = capsys.readouterr().out
+    config, tc = L.resolve_configs(L.build_parser().parse_args(tiny))
+    weights = L.tree_bytes(L.param_shapes(config), L.state_shardings(L.make_mesh("all"),
+                                                                      L.param_shapes(config)))
+    assert "on 8 CPU devices as data 1 x fsdp 8: 32 per device" in out
+    assert f"weights      {L.gb(weights):>10}" in out and f"AdamW        {L.gb(2 * weights):>10}" in out
+    assert "XLA's memory analysis of the compiled step: arguments" in out and "fits: yes" in out
+    assert "all-gather" in out and "reduce-scatter" in out
+    assert L.main(["--fsdp", "3"]) == 2
+    assert "--fsdp 3 does not divide the 8 devices: choose one of 1, 2, 4, 8 or all" in \
+        capsys.readouterr().err
+    assert L.main(["--batch-size", "12", "--plan"]) == 2
+    assert "--batch-size 12 does not split over 8 device(s): use a multiple of 8" in \
+        capsys.readouterr().err
+
+
+def test_one_device_and_eight_train_the_same_model():
+    """Runs the EIGHT_DEVICES tests above in a process with 8 CPU devices."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(HERE / "test_llama_jax.py"), "-k",
+                             "2x4 or accumulation or between_one_device or bad_meshes"],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=HERE)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    assert "4 passed" in result.stdout, result.stdout[-2000:]
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    config = dataclasses.replace(TINY, dropout_rate=0.1)
+    params = random_params(config)
+    batch = (tokens_for(config, 2, 16, seed=1), tokens_for(config, 2, 16, seed=2))
+    grad = jax.jit(jax.value_and_grad(L.compute_loss), static_argnames=("config", "training"))
+    key = jax.random.PRNGKey(3)
+    loss, grads = grad(params, batch, config, True, key)
+    loss_r, grads_r = grad(params, batch, dataclasses.replace(config, remat=True), True, key)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(grads_r), jax.tree_util.tree_leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # and it keeps less for the backward pass
+    tc = L.TrainConfig(batch_size=2, seq_len=16)
+    assert (L.activation_bytes_per_row(dataclasses.replace(config, remat=True), tc)
+            < L.activation_bytes_per_row(config, tc))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start_two_processes(flags, cwd, devices_each=4, timeout=60):
+    """The same command as processes 0 and 1 of one run, joined by
+    jax.distributed on localhost -> [Popen, Popen] writing to cwd/p{i}.log."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+    common = [sys.executable, str(HERE / "llama_jax.py"), *flags, "--coordinator",
+              f"localhost:{free_port()}", "--num-processes", "2", "--coordinator-timeout",
+              str(timeout)]
+    return [subprocess.Popen([*common, "--process-id", str(i)], cwd=cwd, env=env,
+                             stdout=open(cwd / f"p{i}.log", "w"), stderr=subprocess.STDOUT)
+            for i in range(2)]
+
+
+def wait_for_line(path, text, processes, timeout=120):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and text in path.read_text():
+            return
+        if any(p.poll() is not None for p in processes):
+            break
+        time.sleep(0.2)
+    for p in processes:
+        p.kill()
+    raise AssertionError(f"{text!r} not seen in {path}:\n" + path.read_text()[-3000:])
+
+
+def test_two_processes_train_like_one_device_stop_together_and_resume_anywhere(corpus, tmp_path):
+    import signal
+    flags = ["--data", str(corpus), "--out-dir", "run", "--dim", "32", "--n-layers", "2",
+             "--n-heads", "4", "--n-kv-heads", "2", "--steps", "200", "--batch-size", "8",
+             "--seq-len", "16", "--eval-every", "1000", "--log-every", "1", "--dtype",
+             "float32", "--dropout", "0.1", "--tie-embeddings", "--max-new-tokens", "4"]
+    procs = start_two_processes(flags, tmp_path)
+    wait_for_line(tmp_path / "p0.log", "step     3/", procs)
+    for p in procs:  # as SLURM does before preemption: SIGTERM to every process
+        p.send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=120) for p in procs]
+    log0 = (tmp_path / "p0.log").read_text()
+    assert codes == [130, 130], log0[-3000:] + (tmp_path / "p1.log").read_text()[-3000:]
+    assert "8 CPU devices on 2 processes as data 8 x fsdp 1" in log0
+    assert "step     1/" not in (tmp_path / "p1.log").read_text()  # process 0 speaks for all
+    saved = L.checkpoint_meta(tmp_path / "run" / "ckpt.npz")
+    stopped_at = saved["step"]
+    assert stopped_at >= 3 and len(saved["history"]["train"]) == stopped_at
+    # The same run on this process's one device, two steps further
+    config, tc = L.resolve_configs(L.build_parser().parse_args(flags))
+
+    def stop_at(step):
+        def log(line):
+            if line.startswith(f"step {step:5d}/"):
+                raise KeyboardInterrupt
+        return log
+
+    reference = L.train(config, tc, corpus, tmp_path / "reference", log=stop_at(stopped_at + 2))
+    ref = np.array(reference["history"]["train"])
+    np.testing.assert_allclose(saved["history"]["train"], ref[:stopped_at], atol=1e-5)
+    # The two processes' checkpoint resumes on one device, exactly
+    resumed = L.train(config, dataclasses.replace(tc, steps=stopped_at + 2), corpus,
+                      tmp_path / "run", resume=True, log=lambda s: None)
+    np.testing.assert_allclose(resumed["history"]["train"], ref, atol=1e-5)
+
+    # A process that dies: the other stops, naming it, instead of waiting forever
+    # (JAX's coordination service ends it once the lost process has been
+    # silent for --coordinator-timeout; our own message when a collective fails
+    # first).
+    procs = start_two_processes([*flags[:3], "killed", *flags[4:]], tmp_path, timeout=10)
+    wait_for_line(tmp_path / "p0.log", "step     2/", procs)
+    procs[1].kill()
+    assert procs[0].wait(timeout=60) != 0
+    log0 = (tmp_path / "p0.log").read_text()
+    assert ("lost contact with process 1" in log0
+            or "tasks are unhealthy (stopped sending heartbeats):\n1\n" in log0), log0[-2000:]
+
+
+def test_many_process_flags_are_checked_before_anything_starts(capsys):
+    assert L.main(["--num-processes", "2"]) == 2
+    assert "--coordinator and --process-id missing" in capsys.readouterr().err
+    assert L.main(["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"]) == 2
+    assert "--process-id 2 must be between 0 and --num-processes - 1 (1)" in capsys.readouterr().err
+    port = free_port()  # nobody listens there
+    assert L.main(["--coordinator", f"localhost:{port}", "--num-processes", "2",
+                   "--process-id", "1", "--coordinator-timeout", "1"]) == 2
+    assert f"could not reach the coordinator at localhost:{port} within 1s" in \
+        capsys.readouterr().err

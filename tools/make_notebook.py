@@ -302,6 +302,41 @@ a, _ = L.model_forward(params, check, config)
 b, _ = L.model_forward(loaded["params"], check, config)
 print(f"{path.stat().st_size / 1e6:.1f} MB, step {int(loaded['opt_state']['step'])}, "
       f"max logit difference {float(jnp.max(jnp.abs(a - b)))}")"""),
+    ("md", """## 10. Many devices
+
+The same `train_step` runs on a mesh of devices: the batch is split over all of them and,
+with FSDP, every matrix and its AdamW moments too (`state_shardings` in section 12 of the
+module holds the rule). The layers and the loss do not change; `jax.jit` compiles them for
+the mesh. A CPU can pretend to have 8 devices, but only if told before JAX starts, so this
+cell runs a fresh Python with `XLA_FLAGS=--xla_force_host_platform_device_count=8`: it shows
+where the pieces of one matrix live, and that one step on 8 devices gives the loss of one
+device."""),
+    ("code", """import os, subprocess, sys
+
+script = '''
+import jax, numpy as np, llama_jax as L
+config = L.ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+tc = L.TrainConfig(batch_size=16, seq_len=16, health=False)
+data = np.random.RandomState(0).randint(0, 256, 4000).astype(np.int32)
+for mesh in (L.make_mesh(1, jax.devices()[:1]), L.make_mesh("all")):
+    params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
+    opt_state = L.sharded_adamw_init(params, mesh)
+    keys = L.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
+    wq = params["layers"][0]["attention"]["wq"]
+    print(f"{mesh.size} device(s): wq {wq.shape} is held as", wq.sharding.shard_shape(wq.shape),
+          "on each of", len(wq.sharding.device_set))
+    if mesh.size > 1:
+        try:
+            jax.debug.visualize_array_sharding(wq)  # draws with the rich package
+        except ImportError:
+            print([str(s.device) for s in wq.addressable_shards])
+    _, _, loss, _ = L.train_step(params, opt_state, L.replicated(mesh, data), keys, config, tc,
+                                 None, mesh)
+    print(f"loss of the first step: {float(loss):.6f}")
+'''
+env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+print(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                     check=True).stdout)"""),
 ]
 
 
