@@ -4211,26 +4211,33 @@ def measured_matmul_peak(dtype, n=2048, repeats=5):
     return 2 * n ** 3 * repeats / matmul_seconds(a, a, repeats)
 
 
-def bench_train(config, tc, n_steps):
-    """-> dict with compile time, ms/step and tokens/s of train_step."""
-    data = jax.random.randint(jax.random.PRNGKey(0), (1_000_000,), 0, config.vocab_size)
-    params = init_params(jax.random.PRNGKey(1), config)
-    opt_state = adamw_init(params)
-    key = run_keys(jax.random.PRNGKey(2))
+def bench_train(config, tc, n_steps, mesh=None):
+    """-> dict with compile time, ms/step and tokens/s of train_step (in
+    total, and per device of the mesh; default: every device)."""
+    mesh = mesh or make_mesh()
+    data = replicated(mesh, np.random.RandomState(0).randint(0, config.vocab_size, 1_000_000,
+                                                             dtype=np.int32))
+    params = sharded_init(jax.random.PRNGKey(1), config, mesh)
+    opt_state = sharded_adamw_init(params, mesh)
+    key = replicated(mesh, run_keys(jax.random.PRNGKey(2)))
     t0 = time.perf_counter()
-    params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc)
+    params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc, None, mesh)
     loss.block_until_ready()
     compile_s = time.perf_counter() - t0
     for _ in range(2):
-        params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc)
+        params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc, None,
+                                                mesh)
     loss.block_until_ready()
     t0 = time.perf_counter()
     for _ in range(n_steps):
-        params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc)
+        params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc, None,
+                                                mesh)
     loss.block_until_ready()
     per_step = (time.perf_counter() - t0) / n_steps
+    tokens_per_s = tc.batch_size * tc.seq_len / per_step
     return {"compile_s": compile_s, "ms_per_step": per_step * 1e3,
-            "train_tokens_per_s": tc.batch_size * tc.seq_len / per_step,
+            "train_tokens_per_s": tokens_per_s, "devices": mesh.size,
+            "train_tokens_per_s_per_device": tokens_per_s / mesh.size,
             "recompiled": train_step._cache_size() > 1}, params
 
 
@@ -4313,6 +4320,8 @@ def run_bench(args):
     if args.seq_len is None:
         args.seq_len = 1024 if on_gpu else 256
     config, tc = resolve_configs(args)
+    mesh = make_mesh(args.fsdp)
+    check_batch_split(tc, mesh)
     device = jax.devices()[0]
     name = getattr(device, "device_kind", device.platform)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
@@ -4324,17 +4333,19 @@ def run_bench(args):
     def emit(record, text):
         print(json.dumps({"device": name, **record}) if args.json else text, flush=True)
 
-    train_result, params = bench_train(config, tc, n_steps=30 if on_gpu else 8)
+    train_result, params = bench_train(config, tc, n_steps=30 if on_gpu else 8, mesh=mesh)
     fpt = flops_per_token(config, tc.seq_len)
-    mfu = fpt * train_result["train_tokens_per_s"] / peak
+    mfu = fpt * train_result["train_tokens_per_s_per_device"] / peak  # per device
     emit({"kind": "train", "dim": config.dim, "n_layers": config.n_layers,
           "params": count_params(params), "batch_size": tc.batch_size, "seq_len": tc.seq_len,
           "dtype": config.compute_dtype, **train_result, "mfu": mfu, "peak_flops": peak,
           "peak_source": peak_source},
          f"train  {name}, {count_params(params) / 1e6:.1f}M params, {tc.batch_size} x "
          f"{tc.seq_len} tokens, {config.compute_dtype}: "
-         f"{train_result['train_tokens_per_s']:,.0f} tok/s, {train_result['ms_per_step']:.0f} "
-         f"ms/step, MFU {mfu:.1%} (of {peak / 1e12:.3g} TFLOP/s, {peak_source}; "
+         f"{train_result['train_tokens_per_s']:,.0f} tok/s"
+         + (f" ({train_result['train_tokens_per_s_per_device']:,.0f} per device on "
+            f"{describe_mesh(mesh)})" if mesh.size > 1 else "")
+         + f", {train_result['ms_per_step']:.0f} ms/step, MFU {mfu:.1%} (per device, of {peak / 1e12:.3g} TFLOP/s, {peak_source}; "
          f"{fpt / 1e6:.0f} MFLOP/token), compile {train_result['compile_s']:.1f}s")
     n_tokens = tc.batch_size * tc.seq_len
     loss_bytes = loss_buffer_bytes(config, n_tokens)
