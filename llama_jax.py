@@ -1533,8 +1533,7 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
         check_source_tokenizer(init, config)
         init = {**init, "sha256": tree_sha256(init["params"])}
     # Will it fit? From shapes alone, before any data is read or code compiled.
-    lora_shapes = (jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), config, tc))
-                   if tc.lora_rank else None)
+    lora_shapes = adapter_shapes(config, tc)
     plan = memory_plan(config, tc, mesh, lora_shapes, lora_shapes and param_shapes(config))
     check_plan_fits(plan, config, tc, mesh, lora_shapes)
     frozen = frozen_base(init, config, tc)  # LoRA's fixed weights, else None
@@ -3220,9 +3219,9 @@ def export_hf(model, folder, log=print):
 # =============================================================================
 # 12. Many devices and many hosts
 # =============================================================================
-# One code path for 1 to N devices, with JAX's own machinery (the "How to
-# think in JAX" and "Distributed arrays and automatic parallelization" guides
-# on docs.jax.dev). The devices form a 2-D mesh with axes ("data", "fsdp"):
+# One code path for 1 to N devices, with JAX's own machinery (see the guide
+# "Distributed arrays and automatic parallelization" on docs.jax.dev). The
+# devices form a 2-D mesh with axes ("data", "fsdp"):
 #   - the batch is split over every device (both axes): each one computes the
 #     loss and gradients of its rows, and XLA inserts the communication that
 #     makes the update the one of the whole batch;
@@ -3233,8 +3232,8 @@ def export_hf(model, folder, log=print):
 #     --fsdp all shards over every device: each holds 1/N of every matrix,
 #     gathered just in time for its matmul, and the gradients are
 #     reduce-scattered so that each device updates only its own part.
-# Nothing below section 5 knows about any of it: the layers, model and loss
-# are written for one device, jax.jit compiles them for the mesh from the
+# The layers, model and loss (sections 3 to 5) know nothing of it: they are
+# written for one device, jax.jit compiles them for the mesh from the
 # shardings of their inputs (GSPMD), and the results are those of one device
 # to float32 rounding (test_llama_jax.py checks 1, 8, FSDP and 2 x 4). The
 # mesh's axes are "auto": jax 0.10's default, "explicit", would make every
@@ -3242,6 +3241,7 @@ def export_hf(model, folder, log=print):
 # Several hosts (processes) join one mesh through jax.distributed; every
 # process runs the same program on its own devices, reads the same batches,
 # and only process 0 prints and writes files.
+
 
 def make_mesh(fsdp=1, devices=None):
     """The ("data", "fsdp") mesh over `devices` (default: every device of
@@ -3319,7 +3319,7 @@ def replicated(mesh, tree):
 def gather(x):
     """One global array -> a NumPy array on every process (a collective when
     the array spans processes: every process must call it)."""
-    if jax.process_count() > 1 and not x.is_fully_addressable:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
@@ -3402,6 +3402,14 @@ def activation_bytes_per_row(config, tc):
         return tree_bytes(vjp)
 
     return saved(2) - saved(1)
+
+
+def adapter_shapes(config, tc):
+    """LoRA's adapters' shapes for a LoRA run (what its optimizer updates),
+    else None."""
+    if not tc.lora_rank:
+        return None
+    return jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), config, tc))
 
 
 def memory_plan(config, tc, mesh, trained_shapes=None, frozen_shapes=None):
@@ -3493,6 +3501,10 @@ def plan_report(config, tc, mesh, lora_shapes=None):
              f"{', --remat' if config.remat else ''})",
              f"  total        {gb(plan['total']):>10}"
              + (f"  of {gb(limit)} ({source})" if limit else "")]
+    other = dataclasses.replace(config, remat=not config.remat)  # what --remat changes
+    other_bytes = activation_bytes_per_row(other, tc) * plan["rows_per_device"]
+    lines.append(f"  ({'without' if config.remat else 'with'} --remat the activations would "
+                 f"be {gb(other_bytes)})")
     try:
         m = compiled_memory(config, tc, mesh, lora_shapes)
         peak = m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
@@ -4063,7 +4075,7 @@ def run_plan(args):
     config, tc, _ = training_configs(args)
     mesh = make_mesh(args.fsdp)
     check_batch_split(tc, mesh)
-    for line in plan_report(config, tc, mesh):
+    for line in plan_report(config, tc, mesh, adapter_shapes(config, tc)):
         print(line, flush=True)
     return 0
 
