@@ -1622,7 +1622,8 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
                 # first, or the two could interleave differently on different processes.
                 if jax.process_count() > 1:
                     loss.block_until_ready()
-                out_of_time = deadline is not None and any_process(time.perf_counter() > deadline)[0]
+                out_of_time = (deadline is not None
+                               and any_process(time.perf_counter() > deadline)[0])
                 last = done == tc.steps or out_of_time
                 evaluate_now = done % tc.eval_every == 0 or last or calibrate
                 if done % tc.log_every == 0 or evaluate_now:
@@ -3249,10 +3250,15 @@ def make_mesh(fsdp=1, devices=None):
     or "all"."""
     devices = jax.devices() if devices is None else list(devices)
     n = len(devices)
-    fsdp = n if fsdp == "all" else int(fsdp)
+    if fsdp == "all":
+        fsdp = n
+    elif not str(fsdp).isdigit():
+        raise InputError(f"--fsdp {fsdp}: give a number of devices per FSDP group, or all")
+    fsdp = int(fsdp)
     if fsdp < 1 or n % fsdp:
-        raise InputError(f"--fsdp {fsdp} does not divide the {n} devices: choose one of "
-                         f"{', '.join(str(d) for d in range(1, n + 1) if n % d == 0)} or all")
+        choices = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+        raise InputError(f"--fsdp {fsdp} does not divide the {n} device{'s' * (n > 1)}: "
+                         f"choose one of {choices} or all")
     return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
@@ -3370,14 +3376,16 @@ def describe_step(tc, mesh, plan):
 
 
 # ----------------------------------------------------------------------------- the plan
-# "Will it fit?" before a run compiles. Per device, in bytes: the weights,
+# "Will it fit?" before a run starts. Per device, in bytes: the weights,
 # gradients and AdamW moments (their shard shapes on the mesh), and the
 # activations the backward pass keeps. Those are found without running or
 # compiling anything: jax.vjp's backward function holds the forward's saved
 # values (its "residuals") as arrays, and jax.eval_shape traces it for their
 # shapes alone. They grow linearly with the rows of a batch, so two traces (1
-# and 2 rows) give the bytes per row. --plan also compiles the step and quotes
-# XLA's own memory analysis, and the bytes each step sends between devices.
+# and 2 rows) give the bytes per row. The count errs high (XLA fuses some of
+# those values away), so a run it says will not fit is compiled, not run, and
+# XLA's own memory analysis decides (check_plan_fits). --plan prints both, and
+# the bytes each step sends between devices.
 
 
 def tree_bytes(tree, shardings=None):
@@ -4076,7 +4084,8 @@ def run_plan(args):
     mesh = make_mesh(args.fsdp)
     check_batch_split(tc, mesh)
     for line in plan_report(config, tc, mesh, adapter_shapes(config, tc)):
-        print(line, flush=True)
+        if jax.process_index() == 0:
+            print(line, flush=True)
     return 0
 
 
