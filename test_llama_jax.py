@@ -1957,7 +1957,7 @@ def test_lora_at_step_0_is_the_base_model_exactly(dtype):
 
 
 def test_lora_gradients_reach_only_the_adapters_by_the_chain_rule():
-    config, tc = TRAIN_TINY, quick_tc(**LORA_TC, lora_targets=("wq", "w2"))
+    config, tc = TRAIN_TINY, quick_tc(**LORA_TC, lora_targets=("wq", "w2"), health=True)
     base = random_params(config)
     adapters = random_adapters(config, tc)
     data = jnp.asarray(tokens_for(config, 1, 200)[0])
