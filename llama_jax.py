@@ -1350,8 +1350,7 @@ def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
     if ckpt["format_version"] == 1:
         log("(a format-1 checkpoint: its key predates run_keys, so the resumed steps draw "
             "other batches than the original run would have)")
-    state = (ckpt["params"], ckpt["opt_state"])
-    params, opt_state = place(state, state_shardings(mesh, state))
+    params, opt_state = place_state(mesh, (ckpt["params"], ckpt["opt_state"]))
     return (params, opt_state, ckpt["history"], ckpt["key"],
             keep_schedule(tc, ckpt["train_config"], log))
 
@@ -1533,12 +1532,11 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
         check_source_tokenizer(init, config)
         init = {**init, "sha256": tree_sha256(init["params"])}
     # Will it fit? From shapes alone, before any data is read or code compiled.
-    lora_shapes = adapter_shapes(config, tc)
-    plan = memory_plan(config, tc, mesh, lora_shapes, lora_shapes and param_shapes(config))
-    check_plan_fits(plan, config, tc, mesh, lora_shapes)
+    plan = memory_plan(config, tc, mesh)
+    check_plan_fits(plan, config, tc, mesh)
     frozen = frozen_base(init, config, tc)  # LoRA's fixed weights, else None
     if frozen is not None:
-        frozen = place(frozen, state_shardings(mesh, frozen))
+        frozen = place_state(mesh, frozen)
     train_data, val_data, data_note = load_training_data(data_path, tc.seq_len,
                                                          init and init["tokenizer"])
     params, opt_state, history, seed_key, tc = start_or_resume(config, tc, ckpt_path, resume, log,
@@ -1558,7 +1556,7 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     log(f"model: {count_params(frozen or params) / 1e6:.2f}M parameters ({config.dim} wide, "
         f"{config.n_layers} layers, {config.n_heads} heads, {config.n_kv_heads} kv heads), "
         f"{config.compute_dtype} compute{', --remat' if config.remat else ''}")
-    log(describe_step(tc, mesh, plan))
+    log(f"{describe_batch(tc, mesh)}; {describe_plan(plan)}")
     if init is not None:
         log(describe_fine_tuning(init, params, frozen, tc))
     log(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens from "
@@ -3045,7 +3043,7 @@ def initial_weights(key, config, tc, init, mesh):
         weights = lora_init(key, config, tc)
     else:
         weights = jax.tree_util.tree_map(lambda w: np.asarray(w, np.float32), init["params"])
-    return place(weights, state_shardings(mesh, weights))
+    return place_state(mesh, weights)
 
 
 def check_same_base(ckpt, init, path):
@@ -3317,9 +3315,20 @@ def place(tree, shardings):
     return jax.tree_util.tree_map(put, tree, shardings)
 
 
+def place_state(mesh, tree):
+    """Weights or optimizer state (host or device arrays) split over the mesh
+    by state_shardings."""
+    return place(tree, state_shardings(mesh, tree))
+
+
+def copies(mesh, tree):
+    """A copy-on-every-device NamedSharding for each leaf of a pytree."""
+    return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), tree)
+
+
 def replicated(mesh, tree):
     """A pytree copied to every device of the mesh."""
-    return place(tree, jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), tree))
+    return place(tree, copies(mesh, tree))
 
 
 def gather(x):
@@ -3360,18 +3369,21 @@ def check_batch_split(tc, mesh):
                          f"device(s){accum}: use a multiple of {parts}, e.g. --batch-size {fit}")
 
 
-def describe_step(tc, mesh, plan):
-    """The progress header: tokens per optimizer step, per device and in
-    total, and the per-device memory plan."""
+def describe_batch(tc, mesh):
+    """Tokens per optimizer step, in total and per device, and where."""
     tokens = tc.batch_size * tc.seq_len
     micro = (f", in {tc.grad_accum} micro-batches of {tokens // tc.grad_accum:,}"
              if tc.grad_accum > 1 else "")
+    return (f"batch: {tc.batch_size} x {tc.seq_len} = {tokens:,} tokens per optimizer step on "
+            f"{describe_mesh(mesh)}: {tokens // mesh.size:,} per device{micro}")
+
+
+def describe_plan(plan):
+    """The memory plan (memory_plan) in one clause."""
     limit, source = device_memory()
     of = f" of {gb(limit)} ({source})" if limit else ""
-    return (f"batch: {tc.batch_size} x {tc.seq_len} = {tokens:,} tokens per optimizer step on "
-            f"{describe_mesh(mesh)}: {tokens // mesh.size:,} per device{micro}; per device "
-            f"about {gb(plan['total'])}{of}: weights {gb(plan['params'])}, gradients "
-            f"{gb(plan['grads'])}, AdamW {gb(plan['optimizer'])}, activations "
+    return (f"per device about {gb(plan['total'])}{of}: weights {gb(plan['params'])}, "
+            f"gradients {gb(plan['grads'])}, AdamW {gb(plan['optimizer'])}, activations "
             f"{gb(plan['activations'])} (--plan for more)")
 
 
@@ -3412,22 +3424,21 @@ def activation_bytes_per_row(config, tc):
     return saved(2) - saved(1)
 
 
-def adapter_shapes(config, tc):
-    """LoRA's adapters' shapes for a LoRA run (what its optimizer updates),
-    else None."""
+def run_shapes(config, tc):
+    """-> (the shapes of what the optimizer updates, of the frozen weights or
+    None): the model's parameters and None; with LoRA (tc.lora_rank), the
+    adapters and the base's parameters."""
     if not tc.lora_rank:
-        return None
-    return jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), config, tc))
+        return param_shapes(config), None
+    return (jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), config, tc)),
+            param_shapes(config))
 
 
-def memory_plan(config, tc, mesh, trained_shapes=None, frozen_shapes=None):
+def memory_plan(config, tc, mesh):
     """Per-device bytes of a training run on this mesh, computed from shapes.
-    trained_shapes: what the optimizer updates (default: the model's
-    parameters; with LoRA, the adapters); frozen_shapes: LoRA's fixed base.
     -> dict of bytes per device, and the rows each device computes at once."""
-    trained = param_shapes(config) if trained_shapes is None else trained_shapes
-    sh = state_shardings(mesh, trained)
-    weights = tree_bytes(trained, sh)
+    trained, frozen_shapes = run_shapes(config, tc)
+    weights = tree_bytes(trained, state_shardings(mesh, trained))
     frozen = 0 if frozen_shapes is None else tree_bytes(frozen_shapes,
                                                         state_shardings(mesh, frozen_shapes))
     rows = tc.batch_size // (mesh.size * tc.grad_accum)
@@ -3438,14 +3449,13 @@ def memory_plan(config, tc, mesh, trained_shapes=None, frozen_shapes=None):
     return plan
 
 
-def communication_bytes(config, tc, mesh, trained_shapes=None):
+def communication_bytes(config, tc, mesh):
     """Bytes each device sends per optimizer step with ring collectives
     (float32 weights): data parallel all-reduces the gradients, 2 (n-1)/n of
     them; FSDP over g devices all-gathers the weights twice (forward and
     backward, per micro-batch), reduce-scatters the gradients ((g-1)/g each)
     and all-reduces the gradient shards over the data axis."""
-    trained = param_shapes(config) if trained_shapes is None else trained_shapes
-    full = tree_bytes(trained)
+    full = tree_bytes(run_shapes(config, tc)[0])
     d, g = mesh.shape["data"], mesh.shape["fsdp"]
     if g == 1:
         return {"all-reduce": 2 * (d - 1) / d * full}
@@ -3472,34 +3482,35 @@ def gb(n):
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def compiled_memory(config, tc, mesh, lora_shapes=None):
+@functools.lru_cache(maxsize=None)  # --plan and check_plan_fits may both ask
+def compiled_memory(config, tc, mesh):
     """XLA's memory analysis of the compiled train_step on this mesh, per
     device (a token file's batch, so no corpus among the arguments).
-    -> {"arguments", "outputs", "aliased", "temporaries"} in bytes."""
-    trained = param_shapes(config) if lora_shapes is None else lora_shapes
+    -> {"arguments", "outputs", "aliased", "temporaries", "total"} in bytes,
+    total being what the step holds at once."""
+    trained, base = run_shapes(config, tc)
     opt = jax.eval_shape(adamw_init, trained)
     shaped = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
     rows = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32,
                                 sharding=batch_sharding(mesh))
     keys = jax.eval_shape(run_keys, jax.random.PRNGKey(0))
-    keys = shaped(keys, jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), keys))
-    frozen = None
-    if lora_shapes is not None:
-        base = param_shapes(config)
-        frozen = shaped(base, state_shardings(mesh, base))
+    frozen = None if base is None else shaped(base, state_shardings(mesh, base))
     m = train_step.lower(shaped(trained, state_shardings(mesh, trained)),
-                         shaped(opt, state_shardings(mesh, opt)), (rows, rows), keys, config, tc,
-                         frozen, mesh).compile().memory_analysis()
+                         shaped(opt, state_shardings(mesh, opt)), (rows, rows),
+                         shaped(keys, copies(mesh, keys)), config, tc, frozen,
+                         mesh).compile().memory_analysis()
+    held = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
     return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+            "total": held + m.temp_size_in_bytes}
 
 
-def plan_report(config, tc, mesh, lora_shapes=None):
+def plan_report(config, tc, mesh):
     """--plan's lines: the mesh, the memory per device, the communication."""
-    plan = memory_plan(config, tc, mesh, lora_shapes, lora_shapes and param_shapes(config))
+    plan = memory_plan(config, tc, mesh)
     limit, source = device_memory()
-    lines = [describe_step(tc, mesh, plan).split("; per device")[0],
+    lines = [describe_batch(tc, mesh),
              "per device, computed from the shapes:",
              f"  weights      {gb(plan['params']):>10}",
              f"  gradients    {gb(plan['grads']):>10}",
@@ -3514,15 +3525,14 @@ def plan_report(config, tc, mesh, lora_shapes=None):
     lines.append(f"  ({'without' if config.remat else 'with'} --remat the activations would "
                  f"be {gb(other_bytes)})")
     try:
-        m = compiled_memory(config, tc, mesh, lora_shapes)
-        peak = m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+        m = compiled_memory(config, tc, mesh)
         lines.append(f"per device, XLA's memory analysis of the compiled step: arguments "
                      f"{gb(m['arguments'])}, outputs {gb(m['outputs'])} ({gb(m['aliased'])} "
                      f"reuse donated inputs), temporaries {gb(m['temporaries'])}: about "
-                     f"{gb(peak)} in all")
+                     f"{gb(m['total'])} in all")
     except Exception as err:  # noqa: BLE001 (a plan without it is still useful)
         lines.append(f"(XLA's memory analysis unavailable: {type(err).__name__}: {err})")
-    comm = communication_bytes(config, tc, mesh, lora_shapes)
+    comm = communication_bytes(config, tc, mesh)
     if mesh.size == 1:
         lines.append("communication: none (one device)")
     else:
@@ -3530,14 +3540,14 @@ def plan_report(config, tc, mesh, lora_shapes=None):
                      "algorithms, float32): " + ", ".join(f"{k} {gb(v)}" for k, v in comm.items()
                                                           if v))
     try:
-        check_plan_fits(plan, config, tc, mesh, lora_shapes)
+        check_plan_fits(plan, config, tc, mesh)
         lines.append("fits: yes")
     except InputError as err:
         lines.append(f"fits: no. {err}")
     return lines
 
 
-def check_plan_fits(plan, config, tc, mesh, lora_shapes=None):
+def check_plan_fits(plan, config, tc, mesh):
     """Stops a run that would not fit in a device's memory, before it runs,
     naming the flags that would make it fit. The shapes' estimate counts
     every value the backward pass keeps, some of which XLA fuses away, so it
@@ -3547,12 +3557,11 @@ def check_plan_fits(plan, config, tc, mesh, lora_shapes=None):
     if limit is None or plan["total"] <= 0.9 * limit:
         return
     try:
-        m = compiled_memory(config, tc, mesh, lora_shapes)
+        m = compiled_memory(config, tc, mesh)
     except Exception as err:  # noqa: BLE001 (e.g. more tokens than int32 indexes)
-        m = {"arguments": plan["total"] - plan["activations"], "outputs": 0, "aliased": 0,
-             "temporaries": plan["activations"]}
+        m = {"temporaries": plan["activations"], "total": plan["total"]}
         source += f"; the step did not compile: {type(err).__name__}"
-    need = m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+    need = m["total"]
     if need <= 0.9 * limit:
         return
     rows = plan["rows_per_device"]
@@ -4083,7 +4092,7 @@ def run_plan(args):
     config, tc, _ = training_configs(args)
     mesh = make_mesh(args.fsdp)
     check_batch_split(tc, mesh)
-    for line in plan_report(config, tc, mesh, adapter_shapes(config, tc)):
+    for line in plan_report(config, tc, mesh):
         if jax.process_index() == 0:
             print(line, flush=True)
     return 0

@@ -2117,7 +2117,7 @@ def steps_on_mesh(mesh, config, tc, n_steps=5, state=None):
         params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
         opt_state = L.sharded_adamw_init(params, mesh)
     else:
-        params, opt_state = L.place(state, L.state_shardings(mesh, state))
+        params, opt_state = L.place_state(mesh, state)
     data = L.replicated(mesh, np.random.RandomState(0).randint(0, 256, 5000).astype(np.int32))
     keys = L.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
     losses = []
