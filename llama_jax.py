@@ -95,7 +95,7 @@ class ModelConfig:
     fused_attention: bool = True  # jax.nn.dot_product_attention (cuDNN on GPU)
     # The training loss: "plain" (compute_loss's own logits), "blockwise"
     # (blockwise_cross_entropy: never holds the [B*T, V] logits), or "auto":
-    # blockwise when the float32 logits would exceed BLOCKWISE_ABOVE_BYTES.
+    # blockwise where it is needed or faster (use_blockwise).
     loss_impl: str = "auto"
     loss_block: int = 512  # tokens per block of the blockwise loss
     # jax.checkpoint around each block: the backward pass recomputes a block's
@@ -232,11 +232,15 @@ class TrainConfig:
 # Defaults a new user gets, chosen by measurement (README, "Defaults").
 # compute_dtype "auto" is decided per machine by auto_compute_dtype, below.
 PRESETS = {
-    # 2-core CPU: 10 to 13 minutes. Less than two passes over the corpus, so no
-    # dropout; small batches give more optimizer steps in the time.
-    "cpu": (dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256,
+    # 2-core CPU: 10 to 13 minutes. Narrow (128), so that the output layer,
+    # most of the FLOPs, costs half what it does at 256 and the same minutes
+    # give twice the steps: on Shakespeare the model has not met, that beat
+    # width 256 by 0.2 nats per token (README, "Defaults and results"). Under
+    # four passes over the corpus, so no dropout; small batches give more
+    # optimizer steps in the time.
+    "cpu": (dict(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=256,
                  dropout_rate=0.0, tie_embeddings=True, compute_dtype="auto"),
-            dict(steps=600, batch_size=8, seq_len=128, lr=3e-3, min_lr=1.5e-4, warmup_steps=50,
+            dict(steps=1100, batch_size=8, seq_len=128, lr=3e-3, min_lr=1.5e-4, warmup_steps=50,
                  eval_every=100)),
     # One H100/H200, bfloat16 compute. Not yet measured (README): a wider,
     # deeper model with dropout, for about 20 passes over the corpus.
@@ -248,25 +252,36 @@ PRESETS = {
 }
 
 
-def auto_compute_dtype():
+def auto_compute_dtype(cpuinfo=None):
     """What --dtype auto (the cpu preset) means on this machine: bfloat16 on a
-    GPU or TPU; on a CPU, bfloat16 only when it has native bfloat16 dot-product
-    instructions (x86's avx512_bf16 or amx_bf16 in /proc/cpuinfo), where the
-    bfloat16 training step ran 1.3 to 2x as fast as float32 (an Intel Xeon and an
-    AMD EPYC, README); elsewhere bfloat16 is emulated and slower, so float32. Decided from the
-    hardware, not by a timing: five timings in a row on a shared 2-core machine
-    gave 0.99x to 2.01x, and a run's dtype (and so its losses) must not depend
-    on the machine's load. -> (dtype, the reason in words)."""
+    GPU or TPU. On a CPU it depends on the chip, as measured with XLA's CPU
+    backend (README, "Speed"): on an AMD EPYC with avx512_bf16 a 2048^3
+    bfloat16 matmul ran at 370 GFLOP/s against 189 in float32, so bfloat16;
+    on an Intel Xeon with avx512_bf16 but no AMX it ran at 155 against 274
+    (Intel's bfloat16 dot-product instruction does no more multiply-adds per
+    cycle than its float32 FMA, and converting costs time), so float32; with
+    Intel's AMX tiles (amx_bf16; not measured here) bfloat16, which they run
+    at several times the float32 rate. Decided from /proc/cpuinfo (or the
+    text `cpuinfo`), not by a timing: five timings in a row on a shared
+    2-core machine gave 0.99x to 2.01x, and a run's dtype (and so its
+    losses) must not depend on the machine's load.
+    -> (dtype, the reason in words)."""
     backend = jax.default_backend()
     if backend != "cpu":
         return "bfloat16", f"a {backend.upper()} runs bfloat16 matmuls natively"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    if native:
-        return "bfloat16", f"this CPU has native bfloat16 instructions ({', '.join(native)})"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    words = set(cpuinfo.split())
+    if "amx_bf16" in words:
+        return "bfloat16", "this CPU has AMX bfloat16 tiles (amx_bf16)"
+    if "avx512_bf16" in words and "AuthenticAMD" in words:
+        return "bfloat16", "this AMD CPU has native bfloat16 dot products (avx512_bf16)"
+    if "avx512_bf16" in words:
+        return "float32", ("on an Intel CPU without AMX, avx512_bf16 is no faster than float32 "
+                           "and XLA's bfloat16 matmul ran at 0.57x its float32 speed")
     return "float32", "this CPU has no native bfloat16 instructions (avx512_bf16, amx_bf16)"
 
 
@@ -893,17 +908,24 @@ def cross_entropy(logits, targets, config):
 # one more matmul). Evaluation, which needs no gradient, runs the primal
 # function, from which jit drops the gradient's work.
 
-# "auto" takes the blockwise path above this many bytes of float32 logits.
-# On the CPU (seed architecture, 2,048 tokens, 412 MB of logits) both paths
-# ran within 5% of each other (README, "The output layer"), so the choice is
-# made by memory: the plain path's logits and their gradient hold twice this.
+# "auto" takes the blockwise path above this many bytes of float32 logits,
+# where the plain path's logits and their gradient would hold twice this.
 BLOCKWISE_ABOVE_BYTES = 1 << 30
 
 
 def use_blockwise(config, n_tokens):
+    """Whether compute_loss takes the blockwise path for n_tokens tokens.
+    "auto": above BLOCKWISE_ABOVE_BYTES of logits, for memory; and, for speed,
+    float32 compute on a CPU, where its hand-written gradient (one fused pass
+    for softmax minus one-hot) beat the plain path's autodiff (a scatter for
+    the target logits, a select for the padding, a transposed copy of the
+    logits' gradient): 1.1 to 1.3x the whole training step (README, "The output
+    layer"). With bfloat16 on the CPU both ran within noise, so plain."""
     if config.loss_impl != "auto":
         return config.loss_impl == "blockwise"
-    return n_tokens * config.padded_vocab * 4 > BLOCKWISE_ABOVE_BYTES
+    if n_tokens * config.padded_vocab * 4 > BLOCKWISE_ABOVE_BYTES:
+        return True
+    return config.compute_dtype == "float32" and jax.default_backend() == "cpu"
 
 
 def blockwise_cross_entropy(h, w, targets, config):
@@ -3790,7 +3812,8 @@ def build_parser():
                        help="how the cross-entropy is computed: plain holds the [B*T, V] "
                             "logits; blockwise takes loss_block tokens at a time and never "
                             "does (for large vocabularies and batches); auto: blockwise once "
-                            "the float32 logits would exceed 1 GiB (default auto)")
+                            "the float32 logits would exceed 1 GiB, or for float32 compute on "
+                            "a CPU, where it is faster (default auto)")
     model.add_argument("--loss-block", type=int,
                        help=f"tokens per block of the blockwise loss (default {ModelConfig.loss_block})")
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],

@@ -525,6 +525,24 @@ def test_blockwise_loss_of_a_128k_vocabulary_fits_in_a_gigabyte():
     assert temp["blockwise"] < 1 << 30
 
 
+def test_auto_choices_follow_the_hardware_and_the_dtype():
+    # --dtype auto on a CPU, from /proc/cpuinfo's words (the tests run on a CPU).
+    amd = "vendor_id : AuthenticAMD\nflags : fpu avx512f avx512_bf16 avx512_vnni\n"
+    intel = "vendor_id : GenuineIntel\nflags : fpu avx512f avx512_bf16 avx512_fp16\n"
+    amx = intel.replace("avx512_fp16", "avx512_fp16 amx_bf16 amx_tile")
+    old = "vendor_id : GenuineIntel\nflags : fpu avx2 fma\n"
+    assert [L.auto_compute_dtype(text)[0] for text in (amd, intel, amx, old, "")] == [
+        "bfloat16", "float32", "bfloat16", "float32", "float32"]
+    assert "0.57x" in L.auto_compute_dtype(intel)[1]  # the reason names the measurement
+    # --loss auto: blockwise for float32 on a CPU (faster) and for large logits
+    # (memory); plain for small bfloat16 ones; an explicit choice is kept.
+    f32, bf16 = L.ModelConfig(), L.ModelConfig(compute_dtype="bfloat16")
+    assert L.use_blockwise(f32, 1024) and not L.use_blockwise(bf16, 1024)
+    assert L.use_blockwise(bf16, (L.BLOCKWISE_ABOVE_BYTES // (4 * bf16.padded_vocab)) + 1)
+    assert not L.use_blockwise(dataclasses.replace(f32, loss_impl="plain"), 1024)
+    assert L.use_blockwise(dataclasses.replace(bf16, loss_impl="blockwise"), 8)
+
+
 def test_evaluate_text_predicts_every_token_once_and_counts_its_bytes():
     enc = L.get_tokenizer()
     text = "KING RICHARD.\nA horse! a horse! my kingdom for a horse! Caf\u00e9, na\u00efve \u2014 done."

@@ -8,9 +8,9 @@ Needs torch and transformers (optional packages; this script is the only
 place that imports them outside the tests). The architecture is the
 benchmark configuration of the README (width 256, 6 layers, 8 heads, 4 K/V
 heads, FFN 704, untied, vocabulary 50,257). transformers runs in float32 and
-under torch.autocast(bfloat16); llama_jax with --dtype bfloat16, with the
-plain and the blockwise cross-entropy (--loss). Prints one line per measurement and a summary; --json
-writes JSON lines instead.
+under torch.autocast(bfloat16); llama_jax in float32 and bfloat16 (--dtype),
+each with the plain and the blockwise cross-entropy (--loss). Prints one line
+per measurement and a summary; --json writes JSON lines instead.
 """
 import argparse
 import dataclasses
@@ -101,6 +101,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--loss", nargs="+", default=["plain", "blockwise"],
                    choices=["plain", "blockwise"], help="llama_jax's cross-entropy(s) to time")
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                   choices=["float32", "bfloat16"], help="llama_jax's compute dtype(s) to time")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -110,13 +112,13 @@ def main(argv=None):
         sys.exit("error: this benchmark needs torch and transformers: "
                  "pip install torch transformers")
     torch.set_num_threads(os.cpu_count())
-    config = L.ModelConfig(tie_embeddings=False, compute_dtype="bfloat16",
-                           max_seq_len=args.seq_len)
-    tc = L.TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len)
+    config = L.ModelConfig(tie_embeddings=False, max_seq_len=args.seq_len)
+    # No health figures (section 6): transformers computes nothing of the kind.
+    tc = L.TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, health=False)
     tokens = args.batch_size * args.seq_len
-    contenders = {f"llama_jax bfloat16, {impl} loss":
-                  jax_stepper(dataclasses.replace(config, loss_impl=impl), tc)
-                  for impl in args.loss}
+    contenders = {f"llama_jax {dtype}, {impl} loss":
+                  jax_stepper(dataclasses.replace(config, compute_dtype=dtype, loss_impl=impl), tc)
+                  for dtype in args.dtype for impl in args.loss}
     contenders.update({"transformers float32": hf_stepper(config, tc, autocast=False),
                        "transformers autocast bfloat16": hf_stepper(config, tc, autocast=True)})
 
