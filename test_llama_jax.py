@@ -870,8 +870,18 @@ def test_command_line_evaluates_a_checkpoint_on_a_text_file(corpus, tmp_path, mo
     # The --eval command line in this process: one JSON line, every byte counted.
     L.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path / "run", log=lambda s: None)
     monkeypatch.chdir(tmp_path)
+    evaluate_text = L.evaluate_text
+
+    def with_progress(*args, log, **kwargs):  # a long text's progress line, at once
+        log("eval 1/2 windows")
+        return evaluate_text(*args, log=log, **kwargs)
+
+    monkeypatch.setattr(L, "evaluate_text", with_progress)
     assert L.main(["--eval", str(corpus), "--out-dir", "run", "--json"]) == 0
-    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr()
+    assert "eval 1/2 windows" in out.err  # stdout holds only the JSON line
+    [line] = out.out.strip().splitlines()
+    figures = json.loads(line)
     assert figures["bytes"] == len(corpus.read_bytes()) and 0 < figures["bits_per_byte"] < 20
     assert figures["tokens"] == len(L.get_tokenizer().encode_ordinary(corpus.read_text()))
     assert L.main(["--eval", str(corpus), "--out-dir", "nothing"]) == 2
