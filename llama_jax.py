@@ -3546,6 +3546,16 @@ def plan_report(config, tc, mesh):
     other_bytes = activation_bytes_per_row(other, tc) * plan["rows_per_device"]
     lines.append(f"  ({'without' if config.remat else 'with'} --remat the activations would "
                  f"be {gb(other_bytes)})")
+    n_tokens = plan["rows_per_device"] * tc.seq_len  # what one device's loss sees at once
+    chosen, other = ("blockwise", "plain") if use_blockwise(config, n_tokens) else \
+        ("plain", "blockwise")
+    try:
+        loss = loss_buffer_bytes(config, n_tokens)
+        lines.append(f"  loss         {gb(loss[chosen]):>10}  (XLA's temporary buffers of the "
+                     f"{chosen} cross-entropy and its gradient over {n_tokens} tokens; "
+                     f"{other}: {gb(loss[other])})")
+    except Exception as err:  # noqa: BLE001 (a plan without it is still useful)
+        lines.append(f"  (the loss's buffers unavailable: {type(err).__name__}: {err})")
     try:
         m = compiled_memory(config, tc, mesh)
         lines.append(f"per device, XLA's memory analysis of the compiled step: arguments "

@@ -2236,6 +2236,10 @@ def test_plan_on_eight_devices_and_bad_meshes_get_clear_errors(capsys):
     assert "on 8 CPU devices as data 1 x fsdp 8: 32 per device" in out
     assert f"weights      {L.gb(weights):>10}" in out and f"AdamW        {L.gb(2 * weights):>10}" in out
     assert "XLA's memory analysis of the compiled step: arguments" in out and "fits: yes" in out
+    loss = L.loss_buffer_bytes(config, 2 * 16)  # 2 rows of 16 tokens per device
+    assert (f"loss         {L.gb(loss['blockwise']):>10}  (XLA's temporary buffers of the "
+            f"blockwise cross-entropy and its gradient over 32 tokens; plain: "
+            f"{L.gb(loss['plain'])})") in out
     assert "all-gather" in out and "reduce-scatter" in out
     assert L.main(["--fsdp", "3"]) == 2
     assert "--fsdp 3 does not divide the 8 devices: choose one of 1, 2, 4, 8 or all" in \
