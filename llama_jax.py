@@ -260,8 +260,8 @@ def auto_compute_dtype(cpuinfo=None):
     on an Intel Xeon with avx512_bf16 but no AMX it ran at 155 against 274
     (Intel's bfloat16 dot-product instruction does no more multiply-adds per
     cycle than its float32 FMA, and converting costs time), so float32; with
-    Intel's AMX tiles (amx_bf16; not measured here) bfloat16, which they run
-    at several times the float32 rate. Decided from /proc/cpuinfo (or the
+    Intel's AMX (amx_bf16), tile instructions made for bfloat16 matmuls,
+    bfloat16 (not measured here). Decided from /proc/cpuinfo (or the
     text `cpuinfo`), not by a timing: five timings in a row on a shared
     2-core machine gave 0.99x to 2.01x, and a run's dtype (and so its
     losses) must not depend on the machine's load.
@@ -280,8 +280,8 @@ def auto_compute_dtype(cpuinfo=None):
     if "avx512_bf16" in words and "AuthenticAMD" in words:
         return "bfloat16", "this AMD CPU has native bfloat16 dot products (avx512_bf16)"
     if "avx512_bf16" in words:
-        return "float32", ("on an Intel CPU without AMX, avx512_bf16 is no faster than float32 "
-                           "and XLA's bfloat16 matmul ran at 0.57x its float32 speed")
+        return "float32", ("on an Intel CPU with avx512_bf16 but no AMX, XLA's bfloat16 matmul "
+                           "ran at 0.57x its float32 speed")
     return "float32", "this CPU has no native bfloat16 instructions (avx512_bf16, amx_bf16)"
 
 
@@ -919,7 +919,7 @@ def use_blockwise(config, n_tokens):
     float32 compute on a CPU, where its hand-written gradient (one fused pass
     for softmax minus one-hot) beat the plain path's autodiff (a scatter for
     the target logits, a select for the padding, a transposed copy of the
-    logits' gradient): 1.1 to 1.3x the whole training step (README, "The output
+    logits' gradient): 1.1 to 1.6x the whole training step (README, "The output
     layer"). With bfloat16 on the CPU both ran within noise, so plain."""
     if config.loss_impl != "auto":
         return config.loss_impl == "blockwise"
@@ -3828,8 +3828,9 @@ def build_parser():
                        help=f"tokens per block of the blockwise loss (default {ModelConfig.loss_block})")
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
                        help="matmul dtype; weights and optimizer stay float32. auto: "
-                            "bfloat16 on a GPU, or on a CPU with native bfloat16 instructions "
-                            "(avx512_bf16, amx_bf16), else float32; --resume keeps the run's "
+                            "bfloat16 on a GPU, or on a CPU where it is faster (AMD with "
+                            "avx512_bf16, Intel with AMX), else float32 (as on an Intel CPU "
+                            "with avx512_bf16 and no AMX); --resume keeps the run's "
                             f"dtype ({preset_help('compute_dtype')})")
     training = p.add_argument_group("training (defaults from the preset)")
     training.add_argument("--steps", type=int, help=f"optimizer steps in total ({preset_help('steps')})")
