@@ -3547,13 +3547,13 @@ def plan_report(config, tc, mesh):
     lines.append(f"  ({'without' if config.remat else 'with'} --remat the activations would "
                  f"be {gb(other_bytes)})")
     n_tokens = plan["rows_per_device"] * tc.seq_len  # what one device's loss sees at once
-    chosen, other = ("blockwise", "plain") if use_blockwise(config, n_tokens) else \
-        ("plain", "blockwise")
+    chosen, alternative = (("blockwise", "plain") if use_blockwise(config, n_tokens)
+                           else ("plain", "blockwise"))
     try:
         loss = loss_buffer_bytes(config, n_tokens)
         lines.append(f"  loss         {gb(loss[chosen]):>10}  (XLA's temporary buffers of the "
                      f"{chosen} cross-entropy and its gradient over {n_tokens} tokens; "
-                     f"{other}: {gb(loss[other])})")
+                     f"{alternative}: {gb(loss[alternative])})")
     except Exception as err:  # noqa: BLE001 (a plan without it is still useful)
         lines.append(f"  (the loss's buffers unavailable: {type(err).__name__}: {err})")
     try:
@@ -3869,7 +3869,8 @@ def build_parser():
                             "compute")
     scale.add_argument("--plan", action="store_true",
                        help="print the mesh, the memory per device (weights, gradients, AdamW, "
-                            "activations; XLA's analysis of the compiled step) and the bytes "
+                            "activations, the loss's buffers; XLA's analysis of the compiled "
+                            "step) and the bytes "
                             "each step sends between devices, then exit without training")
     scale.add_argument("--coordinator", metavar="HOST:PORT",
                        help="several processes (hosts): process 0's address; give the same "
