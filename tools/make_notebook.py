@@ -314,7 +314,7 @@ device."""),
     ("code", """import os, subprocess, sys
 
 script = '''
-import jax, numpy as np, llama_jax as L
+import importlib.util, jax, numpy as np, llama_jax as L
 config = L.ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
 tc = L.TrainConfig(batch_size=16, seq_len=16, health=False)
 data = np.random.RandomState(0).randint(0, 256, 4000).astype(np.int32)
@@ -325,11 +325,10 @@ for mesh in (L.make_mesh(1, jax.devices()[:1]), L.make_mesh("all")):
     wq = params["layers"][0]["attention"]["wq"]
     print(f"{mesh.size} device(s): wq {wq.shape} is held as", wq.sharding.shard_shape(wq.shape),
           "on each of", len(wq.sharding.device_set))
-    if mesh.size > 1:
-        try:
-            jax.debug.visualize_array_sharding(wq)  # draws with the rich package
-        except ImportError:
-            print([str(s.device) for s in wq.addressable_shards])
+    if mesh.size > 1 and importlib.util.find_spec("rich"):  # optional: draws the split
+        jax.debug.visualize_array_sharding(wq)
+    elif mesh.size > 1:  # without rich, the devices holding a piece each
+        print([str(s.device) for s in wq.addressable_shards])
     _, _, loss, _ = L.train_step(params, opt_state, L.replicated(mesh, data), keys, config, tc,
                                  None, mesh)
     print(f"loss of the first step: {float(loss):.6f}")
