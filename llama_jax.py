@@ -1,55 +1,67 @@
 """llama_jax: the Llama architecture as one readable, pure-functional JAX module.
 
-Read it top to bottom:
+It is written in two parts. Part I is the reading path: everything a learner
+needs to understand Llama and train it on one device, top to bottom.
 
     1. configuration          ModelConfig (architecture), TrainConfig (optimisation)
     2. tokenizer and data     an offline GPT-2 tokenizer, text loading, batches
     3. layers                 rms_norm, rotary embeddings, attention, SwiGLU
     4. model                  init_params, init_cache, model_forward
-    5. loss and optimizer     cross-entropy, AdamW, the jitted train_step
-    6. training               the loop: progress, evaluation, plots, checkpoints
+    5. loss and optimizer     cross-entropy, AdamW, a jitted train_step
+    6. training               train_loop: a plain loop with evaluation
     7. sampling               generate: a KV cache and one compiled decode loop
-    8. token files            --prepare: your own text, tokenized once to disk
-    9. checkpoints            our own .npz format, Hugging Face's safetensors, GGUF
-   10. chat                   chat formats and a streaming terminal chat
-   11. fine-tuning            --init-from a pretrained model, LoRA, --export-hf
-   12. many devices           a mesh, data parallel and FSDP, --plan, many hosts
-   13. command line           python llama_jax.py --help, and the --bench benchmark
+
+Part I alone trains and samples a model:
+
+    import jax, llama_jax as L
+    config, tc = L.ModelConfig(), L.TrainConfig()  # the cpu preset's model and run
+    train, val = L.load_dataset(L.DEFAULT_DATA, tc.seq_len)  # Shakespeare, GPT-2 tokens
+    params, opt_state, history = L.train_loop(config, tc, train, val)
+    enc = L.get_tokenizer()
+    tokens = L.generate(params, enc.encode_ordinary("ROMEO:"), 100, config,
+                        jax.random.PRNGKey(0), temperature=0.8, top_k=50)
+    print(enc.decode(tokens))
+
+Part II grows it. Each feature composes with Part I from outside: it wraps a
+Part I function, passes its own function where Part I takes one with a plain
+default, or places arrays on devices around a jitted call. No Part I function
+asks which feature is on, and Part I never names anything Part II defines.
+
+    8. settings               RunModelConfig, RunTrainConfig: Part II's options
+    9. speed                  a bfloat16 matmul gradient, the blockwise loss, remat
+   10. run health             per-layer figures from each step, metrics.jsonl
+   11. token files            --prepare: your own text, tokenized once to disk
+   12. checkpoints, formats   our .npz, Hugging Face safetensors, GGUF, tokenizers
+   13. chat                   chat formats and streaming
+   14. fine-tuning            --init-from a pretrained model, LoRA, --export-hf
+   15. many devices           a mesh, data parallel and FSDP, --plan, many hosts
+   16. the full run           train(): resume, signals, time budgets; --eval
+   17. command line           python llama_jax.py --help, and the --bench benchmark
 
 Shapes are written with these letters: B batch, T time (tokens), S cache length
 (max_seq_len), D model width, H query heads, K key/value heads, G = H // K query
-heads per key/value head, Dh head width, F feed-forward width, V vocabulary.
+heads per key/value head, N either H or K (a function used for both), Dh head
+width, F feed-forward width, V vocabulary.
 
-Parameters are a nested dict of arrays (a pytree); every function is pure and
-takes what it needs as arguments. Importing this module does no work.
+Parameters are a nested dict of arrays (a pytree); every Part I function is
+pure (it mutates none of its arguments) and takes what it needs as arguments.
+One thing to know: train_step donates its params and opt_state to XLA, which
+writes the new ones into the same memory, so the caller keeps the returned
+ones (as every loop here does). Importing this module does no work.
 """
 
-import argparse
 import base64
-import codecs
-import contextlib
 import dataclasses
 import functools
-import glob
-import hashlib
-import itertools
-import json
 import math
 import os
-import signal
-import socket
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # installed with jax: gives NumPy a bfloat16 dtype
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 HERE = Path(__file__).resolve().parent
 GPT2_TIKTOKEN = HERE / "gpt2.tiktoken"
@@ -69,38 +81,38 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture. Frozen, so it is hashable and can be a static argument
-    of jax.jit. Field names follow Meta's reference model.py."""
+    of jax.jit. Field names follow Meta's reference model.py where it has the
+    field. The defaults are the cpu preset's model (PRESETS, section 17: what
+    `python llama_jax.py` trains on a CPU), in float32."""
 
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
-    dim: int = 256  # D, the width of the residual stream
+    dim: int = 128  # D, the width of the residual stream
     n_layers: int = 6
-    n_heads: int = 8  # H query heads
-    n_kv_heads: int = 4  # K key/value heads; K < H is grouped-query attention
-    head_dim: int | None = None  # Dh; None means dim // n_heads (Llama 3.2 1B sets it)
+    n_heads: int = 4  # H query heads
+    n_kv_heads: int = 2  # K key/value heads; K < H is grouped-query attention
+    # Dh; None means dim // n_heads. Hugging Face configs may state it apart
+    # from dim (config.json's head_dim), and then it is read from there.
+    head_dim: int | None = None
     ffn_dim: int | None = None  # F; None means Llama's rule, see ffn_width
     ffn_dim_multiplier: float | None = None  # Llama's rule, e.g. 1.3 in Llama 2 70B
-    multiple_of: int = 32  # Llama's rule rounds F up to this (256 in Meta's 7B)
-    norm_eps: float = 1e-5  # Llama 2 uses 1e-5, Llama 3 uses 1e-5 too
+    # Llama's rule rounds F up to a multiple of this: 256 in Meta's 7B; 32 keeps
+    # a small model's F near 8/3 D (D = 128: 341 -> 352, not 512).
+    multiple_of: int = 32
+    norm_eps: float = 1e-5  # the RMSNorm epsilon of Llama 2 and Llama 3
     rope_theta: float = 10000.0  # Llama 2: 1e4, Llama 3: 5e5
     # Llama 3.1's RoPE frequency scaling: (factor, low_freq_factor,
     # high_freq_factor, original_max_position_embeddings), or None for plain RoPE.
     rope_scaling: tuple | None = None
     max_seq_len: int = 256  # S, the longest sequence; the KV cache has S slots
-    dropout_rate: float = 0.0  # Llama itself has no dropout; it helps small data
-    tie_embeddings: bool = False  # share the input embedding with the output layer
+    # Llama itself has no dropout; a small model that sees its data many
+    # times may need it (the gpu preset uses 0.2).
+    dropout_rate: float = 0.0
+    tie_embeddings: bool = True  # share the input embedding with the output layer
     # Padding, part of the architecture: it sets the embedding's shape.
     vocab_multiple: int = 64  # pad the vocabulary to a multiple of this for speed
     # Numerics, not architecture: a checkpoint loads under any value of these.
     compute_dtype: str = "float32"  # "bfloat16": matmul inputs in bf16 (see dense)
     fused_attention: bool = True  # jax.nn.dot_product_attention (cuDNN on GPU)
-    # The training loss: "plain" (compute_loss's own logits), "blockwise"
-    # (blockwise_cross_entropy: never holds the [B*T, V] logits), or "auto":
-    # blockwise where it is needed or faster (use_blockwise).
-    loss_impl: str = "auto"
-    loss_block: int = 512  # tokens per block of the blockwise loss
-    # jax.checkpoint around each block: the backward pass recomputes a block's
-    # activations from its input instead of keeping them (--remat).
-    remat: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
@@ -128,11 +140,6 @@ class ModelConfig:
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise InputError(f"ModelConfig.compute_dtype must be 'float32' or 'bfloat16', "
                              f"got {self.compute_dtype!r}")
-        if self.loss_impl not in ("auto", "plain", "blockwise"):
-            raise InputError(f"ModelConfig.loss_impl must be 'auto', 'plain' or 'blockwise', "
-                             f"got {self.loss_impl!r}")
-        if self.loss_block <= 0:
-            raise InputError(f"ModelConfig.loss_block must be positive, got {self.loss_block}")
         if self.rope_scaling is not None and len(self.rope_scaling) != 4:
             raise InputError("ModelConfig.rope_scaling must be (factor, low_freq_factor, "
                              "high_freq_factor, original_max_position_embeddings)")
@@ -163,23 +170,24 @@ class ModelConfig:
     def dtype(self):
         return jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
 
-
-# The fields that define the parameters' meaning; the rest can change between runs.
-ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                       "ffn_dim", "ffn_dim_multiplier", "multiple_of", "norm_eps", "rope_theta",
-                       "rope_scaling", "max_seq_len", "tie_embeddings", "vocab_multiple")
-
-
-# The matrices LoRA can adapt, and the part of a block each belongs to.
-LORA_MATRICES = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
-                 "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+    def matmul(self, x, w):
+        """The layers' x @ w (see dense). With bfloat16 compute, both operands
+        are rounded to bfloat16 and the products summed in float32 (mixed
+        precision: half the bytes moved, and a GPU's tensor cores); JAX
+        derives the backward pass. Part II's RunModelConfig (section 8)
+        replaces this method with one whose gradient is written by hand."""
+        if self.compute_dtype == "bfloat16":
+            return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                           preferred_element_type=jnp.float32)
+        return x @ w
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings: everything a training run needs beyond the model."""
+    """Optimisation settings: everything a training run needs beyond the model.
+    The defaults are the cpu preset's (PRESETS, section 17)."""
 
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 8  # B sequences per step
     seq_len: int = 128  # T tokens per sequence (at most max_seq_len)
     lr: float = 3e-3  # peak learning rate
@@ -190,26 +198,13 @@ class TrainConfig:
     beta2: float = 0.95  # 0.95 rather than 0.999, as in Llama and GPT-3 training
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping, as in the Llama papers
-    eval_every: int = 100  # evaluate, plot and checkpoint every this many steps
+    eval_every: int = 100  # evaluate (and, in Part II, plot and checkpoint) this often
     eval_batches: int = 8  # fixed windows per split for each evaluation
     log_every: int = 25  # a progress line every this many steps
-    health: bool = True  # per-layer health figures from each step (section 6, run health)
     seed: int = 0
-    # The cosine's length; None means steps. A resumed run keeps the schedule it
-    # started with (keep_schedule): a longer --steps then runs on at min_lr.
-    schedule_steps: int | None = None
-    # LoRA (section 11, fine-tuning): rank 0 trains every weight; rank R > 0
-    # trains only low-rank adapters A [I, R], B [R, O] on the named matrices.
-    lora_rank: int = 0
-    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
-    lora_targets: tuple = ("wq", "wk", "wv", "wo")
-    # Micro-batches per optimizer step (--grad-accum): the batch is split in
-    # this many parts, run one after the other, and their gradients averaged.
-    grad_accum: int = 1
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
-                     "grad_accum"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
             if getattr(self, name) <= 0:
                 raise InputError(f"TrainConfig.{name} (--{name.replace('_', '-')}) must be "
                                  f"positive, got {getattr(self, name)}")
@@ -219,70 +214,6 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise InputError("TrainConfig: warmup_steps and weight_decay must be >= 0, "
                              "grad_clip > 0")
-        if self.lora_rank < 0 or self.lora_alpha <= 0:
-            raise InputError(f"TrainConfig: need lora_rank >= 0 (--lora-rank) and lora_alpha "
-                             f"> 0 (--lora-alpha), got {self.lora_rank} and {self.lora_alpha}")
-        unknown = [t for t in self.lora_targets if t not in LORA_MATRICES]
-        if unknown or not self.lora_targets:
-            raise InputError(f"--lora-targets {','.join(self.lora_targets)}: choose among "
-                             f"{','.join(LORA_MATRICES)} (the attention's wq, wk, wv, wo and "
-                             "the feed-forward's w1, w2, w3)")
-
-
-# Defaults a new user gets, chosen by measurement (README, "Defaults").
-# compute_dtype "auto" is decided per machine by auto_compute_dtype, below.
-PRESETS = {
-    # 2-core CPU: 10 to 13 minutes. Narrow (128), so that the output layer,
-    # most of the FLOPs, costs half what it does at 256 and the same minutes
-    # hold 1,000 steps instead of 600: on Shakespeare the model has not met,
-    # that beat width 256 by about 0.2 nats per token (README, "Defaults and
-    # results"). About three passes over the corpus, so no dropout; small
-    # batches give more optimizer steps in the time.
-    "cpu": (dict(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=256,
-                 dropout_rate=0.0, tie_embeddings=True, compute_dtype="auto"),
-            dict(steps=1000, batch_size=8, seq_len=128, lr=3e-3, min_lr=1.5e-4, warmup_steps=50,
-                 eval_every=100)),
-    # One H100/H200, bfloat16 compute. Not yet measured (README): a wider,
-    # deeper model with dropout, for about 20 passes over the corpus.
-    "gpu": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512,
-                 dropout_rate=0.2, tie_embeddings=True, compute_dtype="bfloat16",
-                 vocab_multiple=128),
-            dict(steps=800, batch_size=32, seq_len=256, lr=1e-3, min_lr=1e-4,
-                 warmup_steps=100, eval_every=100)),
-}
-
-
-def auto_compute_dtype(cpuinfo=None):
-    """What --dtype auto (the cpu preset) means on this machine: bfloat16 on a
-    GPU or TPU. On a CPU it depends on the chip, as measured with XLA's CPU
-    backend (README, "Speed"): on an AMD EPYC with avx512_bf16 a 2048^3
-    bfloat16 matmul ran at 370 GFLOP/s against 189 in float32, so bfloat16;
-    on an Intel Xeon with avx512_bf16 but no AMX it ran at 155 against 274
-    (Intel's bfloat16 dot-product instruction does no more multiply-adds per
-    cycle than its float32 FMA, and converting costs time), so float32; with
-    Intel's AMX (amx_bf16), tile instructions made for bfloat16 matmuls,
-    bfloat16 (not measured here). Decided from /proc/cpuinfo (or the
-    text `cpuinfo`), not by a timing: five timings in a row on a shared
-    2-core machine gave 0.99x to 2.01x, and a run's dtype (and so its
-    losses) must not depend on the machine's load.
-    -> (dtype, the reason in words)."""
-    backend = jax.default_backend()
-    if backend != "cpu":
-        return "bfloat16", f"a {backend.upper()} runs bfloat16 matmuls natively"
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    words = set(cpuinfo.split())
-    if "amx_bf16" in words:
-        return "bfloat16", "this CPU has AMX bfloat16 tiles (amx_bf16)"
-    if "avx512_bf16" in words and "AuthenticAMD" in words:
-        return "bfloat16", "this AMD CPU has native bfloat16 dot products (avx512_bf16)"
-    if "avx512_bf16" in words:
-        return "float32", ("on an Intel CPU with avx512_bf16 but no AMX, XLA's bfloat16 matmul "
-                           "ran at 0.57x its float32 speed")
-    return "float32", "this CPU has no native bfloat16 instructions (avx512_bf16, amx_bf16)"
 
 
 # =============================================================================
@@ -327,132 +258,6 @@ def get_tokenizer():
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_SPLIT_PATTERN,
                              mergeable_ranks=read_bpe_ranks(GPT2_TIKTOKEN),
                              special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
-
-
-def llama3_tokenizer(path):
-    """A tiktoken Encoding for Llama 3's tokenizer.model (tiktoken format, 128,000
-    ranks) with Llama 3's split pattern and its 256 special tokens, numbered
-    after the ranks, named as in Llama 3.1 and later (Meta's tokenizer.py).
-    Llama 3.0 named a few unused slots differently; the ids of
-    <|begin_of_text|>, <|end_of_text|>, the header tokens and <|eot_id|> agree."""
-    import tiktoken
-
-    ranks = read_bpe_ranks(path)
-    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
-             "<|python_tag|>"]
-    names += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(names))]
-    return tiktoken.Encoding(name="llama3", pat_str=PRE_TOKENIZERS["llama-bpe"],
-                             mergeable_ranks=ranks,
-                             special_tokens={n: len(ranks) + i for i, n in enumerate(names)})
-
-
-# Pre-tokenizers by the names llama.cpp writes to GGUF (tokenizer.ggml.pre): how
-# text is split into pieces before BPE merges run inside each piece.
-PRE_TOKENIZERS = {
-    "gpt2": GPT2_SPLIT_PATTERN,
-    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),  # Llama 3
-    # SmolLM, StarCoder and others: every digit alone, then GPT-2's rules.
-    # llama.cpp splits in two passes (digits, then GPT-2's pattern inside the
-    # rest); in one pattern, whitespace before a digit must count as the end
-    # of a piece, hence (?![^\s\p{N}]) where GPT-2 has (?!\S).
-    "smollm": (r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|"
-               r"\s+(?![^\s\p{N}])|\s+"),
-}
-for _name in ("starcoder", "refact", "codeshell"):
-    PRE_TOKENIZERS[_name] = PRE_TOKENIZERS["smollm"]
-PRE_TOKENIZERS["default"] = PRE_TOKENIZERS["gpt2"]
-
-
-def byte_level_alphabet():
-    """GPT-2's byte-level BPE writes each byte as a printable character (its
-    encoder.py, bytes_to_unicode): printable Latin-1 bytes as themselves, the
-    other 68 as chr(256 + n) in byte order. -> {character: byte}."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    table = {chr(b): b for b in printable}
-    table.update({chr(256 + n): b for n, b in enumerate(others)})
-    return table
-
-
-def bpe_tokenizer(tokens, merges, special, pre, name="bpe", pattern=None):
-    """A byte-level BPE given as a token list (id = position, in byte-level
-    characters), its merges ("a b", in priority order) and the ids of its
-    special tokens, as a tiktoken Encoding. tiktoken merges the pair whose
-    result has the lowest rank and uses ranks as ids; that is the same BPE when
-    each merge's result has a larger id than every earlier merge's, which
-    trained BPE vocabularies satisfy (checked here). pre: the pre-tokenizer's
-    name (PRE_TOKENIZERS), or pattern: its regular expression."""
-    import tiktoken
-
-    if pattern is None and pre not in PRE_TOKENIZERS:
-        raise InputError(f"pre-tokenizer {pre!r} is not supported (llama_jax knows "
-                         f"{', '.join(sorted(PRE_TOKENIZERS))})")
-    alphabet = byte_level_alphabet()
-    special = set(special)
-    ranks = {}
-    for i, token in enumerate(tokens):
-        if i in special:
-            continue
-        try:
-            ranks[bytes(alphabet[c] for c in token)] = i
-        except KeyError as err:
-            raise InputError(f"token {i} ({token!r}) is not written in byte-level characters: "
-                             "this is not a byte-level BPE vocabulary") from err
-    previous = -1
-    for merge in merges:
-        left, _, right = merge.partition(" ")
-        merged = ranks.get(bytes(alphabet[c] for c in left + right))
-        if merged is None or merged <= previous:
-            raise InputError(f"merge {merge!r} does not produce a token whose id follows the "
-                             "previous merge's: tiktoken cannot reproduce this BPE")
-        previous = merged
-    return tiktoken.Encoding(name=name, pat_str=pattern or PRE_TOKENIZERS[pre],
-                             mergeable_ranks=ranks,
-                             special_tokens={tokens[i]: i for i in sorted(special)})
-
-
-def hf_bpe_tokenizer(path):
-    """A Hugging Face tokenizer.json holding a byte-level BPE (model "BPE" with
-    vocab and merges; pre-tokenizer ByteLevel, Digits then ByteLevel, or a
-    Split regex then ByteLevel, as in Llama 3) -> a tiktoken Encoding."""
-    spec = read_json(path)
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise CheckpointError(f"{path}: model type {model.get('type')!r}; llama_jax reads "
-                              "byte-level BPE tokenizers (model type 'BPE')")
-    tokens = [None] * (max(model["vocab"].values()) + 1)
-    for token, i in model["vocab"].items():
-        tokens[i] = token
-    special = []
-    for added in spec.get("added_tokens") or []:
-        if added["id"] >= len(tokens):
-            tokens += [None] * (added["id"] + 1 - len(tokens))
-        tokens[added["id"]] = added["content"]
-        special.append(added["id"])
-    if None in tokens:
-        raise CheckpointError(f"{path}: token id {tokens.index(None)} has no token")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    pre = spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    pattern = None
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        name = "gpt2"
-    elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        name = "smollm"
-    elif kinds == ["Split", "ByteLevel"] and "Regex" in (steps[0].get("pattern") or {}):
-        name, pattern = "split", steps[0]["pattern"]["Regex"]
-    else:
-        raise CheckpointError(f"{path}: pre-tokenizer {' then '.join(map(str, kinds))} is not "
-                              "supported (ByteLevel; Digits then ByteLevel; Split then ByteLevel)")
-    try:
-        return bpe_tokenizer(tokens, merges, special, name, name=Path(path).parent.name,
-                             pattern=pattern)
-    except InputError as err:
-        raise CheckpointError(f"{path}: {err}") from err
 
 
 def load_text(path):
@@ -506,10 +311,9 @@ def window_starts(key, n_tokens, batch_size, seq_len):
 
 
 def read_windows(data, starts, length):
-    """Token windows on the host: data (an int array or memmap, or a TokenFile,
-    section 8), starts int[B] -> int32[B, length]."""
-    if isinstance(data, TokenFile):
-        return data.windows(starts, length)
+    """Token windows on the host: data int[N] (an array, a memmap, or anything
+    indexed as one, such as Part II's token files), starts int[B]
+    -> int32[B, length]."""
     return np.asarray(data[np.asarray(starts)[:, None] + np.arange(length)], np.int32)
 
 
@@ -534,48 +338,19 @@ def at_least_f32(x):
 
 
 def dense(x, w, config):
-    """x @ w: [..., I] @ [I, O] -> [..., O]. With bfloat16 compute, both
-    operands are rounded to bfloat16 and the products summed in float32, in the
-    forward pass and in both backward products (_dense_bf16); activations
-    between matmuls stay float32. Otherwise a plain matmul in x's dtype."""
-    if config.compute_dtype == "bfloat16":
-        return _dense_bf16(x, w)
-    return x @ w
-
-
-@jax.custom_vjp
-def _dense_bf16(x, w):
-    return _dense_bf16_fwd(x, w)[0]
-
-
-# In PyTorch terms: autocast to bfloat16 plus a torch.autograd.Function whose
-# backward is written by hand. The forward keeps the bfloat16 operands for the
-# backward; the two empty arrays carry only the input dtypes (residuals must
-# be arrays), so the gradients come back in x's and w's own dtypes.
-def _dense_bf16_fwd(x, w):
-    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
-    return out, (xb, wb, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
-
-
-def _dense_bf16_bwd(residuals, g):
-    # JAX's own rule would multiply the float32 gradient with float32 copies of
-    # the operands; rounding g to bfloat16 keeps both products on the fast path.
-    xb, wb, x_like, w_like = residuals
-    gb = g.astype(jnp.bfloat16)
-    dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
-    dw = jnp.dot(xb.reshape(-1, xb.shape[-1]).T, gb.reshape(-1, gb.shape[-1]),
-                 preferred_element_type=jnp.float32)
-    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
-
-
-_dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
+    """x @ w: [..., I] @ [I, O] -> [..., O], as config.matmul computes it: under
+    bfloat16 compute, both operands rounded to bfloat16 and the products summed
+    into a float32 result, so activations between matmuls stay float32;
+    otherwise a plain matmul in x's dtype. (A method of the config, so that
+    Part II can give bfloat16 runs a faster gradient without a branch here.)"""
+    return config.matmul(x, w)
 
 
 def rms_norm(x, weight, eps):
     """Root-mean-square layer norm (Zhang & Sennrich 2019): no mean subtraction,
-    no bias. x: [..., D], weight: [D] -> [..., D]. Statistics in float32 so that
-    bfloat16 activations do not lose the small variance terms."""
+    no bias. x: [..., D], weight: [D] -> [..., D]. Statistics in at least
+    float32, whatever x's dtype (bfloat16 weights while decoding give bfloat16
+    embeddings), so that small variance terms are not lost."""
     x32 = at_least_f32(x)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (normed * weight).astype(x.dtype)
@@ -606,7 +381,8 @@ def apply_rope(x, cos, sin):
     x: [B, T, N, Dh], cos/sin: [B, T, Dh / 2] -> [B, T, N, Dh].
     The "half-split" layout pairs channel i with channel i + Dh/2 (Hugging
     Face's rotate_half). Meta's reference pairs 2i with 2i + 1 instead; the two
-    agree once the rows of wq and wk are permuted (see the tests)."""
+    agree once each head's output channels of wq and wk (our columns, Meta's
+    rows) are permuted (test_llama_jax.py checks it)."""
     x1, x2 = jnp.split(at_least_f32(x), 2, axis=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -657,7 +433,8 @@ def attention(p, x, cos, sin, mask, config, cache=None, position=None):
     p: {"wq": [D, H*Dh], "wk": [D, K*Dh], "wv": [D, K*Dh], "wo": [H*Dh, D]},
     x: [B, T, D], cos/sin: [B or 1, T, Dh/2], mask: bool[B or 1, T, S], True
     where a query may attend to a key. Without a cache, S = T and the mask is
-    causal. With a cache ({"k", "v"}: [B, S, K, Dh]), the new keys and values
+    causal (the fused kernel applies that causal mask itself and ignores
+    `mask`). With a cache ({"k", "v"}: [B, S, K, Dh]), the new keys and values
     are written at `position` (int32[B]) and the queries attend to the cache.
     -> ([B, T, D], updated cache or None)."""
     B, T, _ = x.shape
@@ -670,11 +447,12 @@ def attention(p, x, cos, sin, mask, config, cache=None, position=None):
                  "v": write(cache["v"], v.astype(cache["v"].dtype), position)}
         out = attention_reference(q, cache["k"], cache["v"], mask)
     elif config.fused_attention:
-        # XLA's or cuDNN's fused kernel; supports K < H without copying K/V.
-        # It applies the same causal mask itself (is_causal), which lets cuDNN
-        # skip the blocks above the diagonal instead of reading a mask.
-        # (cuDNN takes bfloat16 inputs: the cast is free on the fast path.)
-        dt = config.dtype if config.compute_dtype == "bfloat16" else q.dtype
+        # jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU, XLA's
+        # own implementation elsewhere; it supports K < H without copying K/V.
+        # It applies the causal mask itself (is_causal), which lets cuDNN skip
+        # the blocks above the diagonal instead of reading a mask. cuDNN takes
+        # bfloat16 inputs, hence the cast under bfloat16 compute.
+        dt = jnp.bfloat16 if config.compute_dtype == "bfloat16" else q.dtype
         out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt),
                                            is_causal=True)
     else:
@@ -717,23 +495,6 @@ def transformer_block(p, x, cos, sin, mask, config, cache=None, position=None, k
 # 4. Model
 # =============================================================================
 
-# Our names and Hugging Face's (LlamaForCausalLM), one to one. Our matrices are
-# stored [in, out] so that layers compute x @ w; Hugging Face stores torch's
-# nn.Linear weight, [out, in], so the loader transposes ("T" below).
-#   tok_embeddings                    model.embed_tokens.weight
-#   layers.{i}.attention_norm         model.layers.{i}.input_layernorm.weight
-#   layers.{i}.attention.wq  (T)      model.layers.{i}.self_attn.q_proj.weight
-#   layers.{i}.attention.wk  (T)      model.layers.{i}.self_attn.k_proj.weight
-#   layers.{i}.attention.wv  (T)      model.layers.{i}.self_attn.v_proj.weight
-#   layers.{i}.attention.wo  (T)      model.layers.{i}.self_attn.o_proj.weight
-#   layers.{i}.ffn_norm               model.layers.{i}.post_attention_layernorm.weight
-#   layers.{i}.feed_forward.w1 (T)    model.layers.{i}.mlp.gate_proj.weight
-#   layers.{i}.feed_forward.w2 (T)    model.layers.{i}.mlp.down_proj.weight
-#   layers.{i}.feed_forward.w3 (T)    model.layers.{i}.mlp.up_proj.weight
-#   norm                              model.norm.weight
-#   output   (T)                      lm_head.weight (absent when embeddings are tied)
-
-
 def init_params(key, config):
     """-> the parameter pytree, float32. Weights are normal with std 0.02 (GPT-2
     and nanoGPT); the two projections that write into the residual stream (wo,
@@ -763,16 +524,12 @@ def init_params(key, config):
                              "w3": normal((D, F))},
         })
     params["norm"] = jnp.ones((D,))
+    # Drawn even when tied and unused, so that a tied and an untied model get
+    # the same keys, and so the same values, for every other weight.
     output = normal((D, config.padded_vocab))
     if not config.tie_embeddings:
         params["output"] = pad_vocab(output, 1)
     return params
-
-
-def param_shapes(config):
-    """init_params's tree as jax.ShapeDtypeStructs, computed without
-    allocating: the template that loaders fill and check against."""
-    return jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
 
 
 def count_params(params):
@@ -804,10 +561,13 @@ def output_weight(params):
 
 
 def forward_hidden(params, tokens, config, cache=None, position=0, training=False, key=None,
-                   stats=None):
+                   block=transformer_block):
     """The transformer up to the final norm. tokens: int32[B, T] -> (h [B, T, D],
-    cache). See model_forward for the arguments. stats: a list to which each
-    block appends its health figures (block_health, section 6), or None."""
+    a list over layers of each block's second output: its updated cache, or
+    None without one). See model_forward for the other arguments. block: the
+    function each layer runs, transformer_block unless the caller passes its
+    own with the same arguments (Part II wraps it to recompute activations,
+    section 9, or to return health figures in place of the cache, section 10)."""
     B, T = tokens.shape
     dropout_on = training and config.dropout_rate > 0
     if dropout_on and key is None:
@@ -827,22 +587,16 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
         # Slots past p may hold the keys of a shorter prompt's padding (see
         # generate); they are masked now and overwritten before they are seen.
         mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    layer_keys = list(jax.random.split(key, config.n_layers)) if dropout_on else [None] * config.n_layers
+    layer_keys = [None] * config.n_layers
     if dropout_on:
+        layer_keys = list(jax.random.split(key, config.n_layers))
         h = dropout(h, config.dropout_rate, jax.random.fold_in(key, config.n_layers))
-    # --remat: keep only each block's input for the backward pass.
-    block = (jax.checkpoint(transformer_block, static_argnums=(5,)) if config.remat
-             else transformer_block)
-    new_cache = []
+    outputs = []
     for i, layer in enumerate(params["layers"]):
-        h_in = h
-        h, layer_cache = block(layer, h, cos, sin, mask, config,
-                                           None if cache is None else cache[i], position,
-                                           layer_keys[i])
-        new_cache.append(layer_cache)
-        if stats is not None:
-            stats.append(block_health(layer, h_in, h, cos, sin, mask, config))
-    return rms_norm(h, params["norm"], config.norm_eps), (None if cache is None else new_cache)
+        h, out = block(layer, h, cos, sin, mask, config, None if cache is None else cache[i],
+                       position, layer_keys[i])
+        outputs.append(out)
+    return rms_norm(h, params["norm"], config.norm_eps), outputs
 
 
 def output_logits(params, h, config):
@@ -858,29 +612,14 @@ def model_forward(params, tokens, config, cache=None, position=0, training=False
     keys and values are written there, and they attend to every earlier slot.
     training=True applies dropout with `key`.
     -> (logits float32[B, T, vocab_size], the updated cache or None)."""
-    h, cache = forward_hidden(params, tokens, config, cache, position, training, key)
-    return output_logits(params, h, config)[..., :config.vocab_size], cache
+    h, new_cache = forward_hidden(params, tokens, config, cache, position, training, key)
+    logits = output_logits(params, h, config)[..., :config.vocab_size]
+    return logits, (None if cache is None else new_cache)
 
 
 # =============================================================================
 # 5. Loss and optimizer
 # =============================================================================
-
-
-def compute_loss(params, batch, config, training=False, key=None, stats=None):
-    """Mean next-token cross-entropy in nats. batch: (inputs, targets), each
-    int32[B, T] -> float32 scalar. Computed as logsumexp(logits) - logit[target]
-    in float32, which never exponentiates a large number. The padded
-    vocabulary entries are masked out, so they carry no probability.
-    This is the reference; with a large vocabulary or batch the same loss is
-    computed block by block (blockwise_cross_entropy, below), see use_blockwise.
-    stats: see forward_hidden."""
-    inputs, targets = batch
-    h, _ = forward_hidden(params, inputs, config, training=training, key=key, stats=stats)
-    if use_blockwise(config, targets.size):
-        return blockwise_cross_entropy(h.reshape(-1, h.shape[-1]), output_weight(params),
-                                       targets.reshape(-1), config)
-    return cross_entropy(output_logits(params, h, config), targets, config)
 
 
 def cross_entropy(logits, targets, config):
@@ -892,117 +631,23 @@ def cross_entropy(logits, targets, config):
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target_logits)
 
 
-# The output layer without its logits. compute_loss holds float32 logits
-# [B*T, V_padded] and, in the backward pass, their gradient of the same size:
-# 2 x 8.4 GB for Llama 3's 128,256-token vocabulary at 8 x 2048 tokens, more
-# than the rest of a 1B model's training state. blockwise_cross_entropy runs
-# over blocks of `loss_block` tokens (a lax.scan), and for each block computes
-# the logits, the loss and, when differentiated, the gradient right away:
-# softmax minus one-hot is the gradient of cross-entropy with respect to the
-# logits, so dh = G W^T and dW = h^T G follow, and the block's logits are
-# dropped. Memory is O(loss_block x V) instead of O(B*T x V), and the FLOPs are
-# those of the plain path (one output matmul forward, two backward): the
-# gradient is computed in the forward pass and only scaled in the backward
-# one (the approach of Liger Kernel's fused linear cross-entropy; Levanter's
-# blockwise cross-entropy recomputes the logits in the backward pass instead,
-# one more matmul). Evaluation, which needs no gradient, runs the primal
-# function, from which jit drops the gradient's work.
-
-# "auto" takes the blockwise path above this many bytes of float32 logits,
-# where the plain path's logits and their gradient would hold twice this.
-BLOCKWISE_ABOVE_BYTES = 1 << 30
-
-
-def use_blockwise(config, n_tokens):
-    """Whether compute_loss takes the blockwise path for n_tokens tokens.
-    "auto": above BLOCKWISE_ABOVE_BYTES of logits, for memory; and, for speed,
-    float32 compute on a CPU, where its hand-written gradient (one fused pass
-    for softmax minus one-hot) beat the plain path's autodiff (a scatter for
-    the target logits, a select for the padding, a transposed copy of the
-    logits' gradient): 1.1 to 1.6x the whole training step (README, "The output
-    layer"). With bfloat16 on the CPU both ran within noise, so plain."""
-    if config.loss_impl != "auto":
-        return config.loss_impl == "blockwise"
-    if n_tokens * config.padded_vocab * 4 > BLOCKWISE_ABOVE_BYTES:
-        return True
-    return config.compute_dtype == "float32" and jax.default_backend() == "cpu"
-
-
-def blockwise_cross_entropy(h, w, targets, config):
-    """The mean cross-entropy of compute_loss from the final hidden states, by
-    blocks of config.loss_block tokens. h: [N, D], w: [D, V_padded] (the output
-    weight), targets: int32[N] -> scalar. A custom VJP (below) returns the
-    gradients computed alongside the loss."""
-    return _blockwise_ce(h, w, targets, config)[0]
-
-
-def _blockwise_ce(h, w, targets, config, with_grads=False):
-    """-> (mean loss, (dL/dh [N, D], dL/dw [D, V_padded]) or None)."""
-    N, D = h.shape
-    n = min(config.loss_block, N)
-    blocks = -(-N // n)
-    pad = blocks * n - N  # the last block is padded with rows that count for nothing
-    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(blocks, n, D)
-    ts = jnp.pad(targets, (0, pad)).reshape(blocks, n)
-    valid = (jnp.arange(blocks * n) < N).reshape(blocks, n)
-    bf16 = config.compute_dtype == "bfloat16"
-    w_mm = w.astype(jnp.bfloat16) if bf16 else w  # rounded once, not once per block
-    vocab = jnp.arange(w.shape[1])
-
-    def matmul(a, b):  # as in dense: bfloat16 operands, float32 sums
-        if bf16:
-            return jnp.dot(a.astype(jnp.bfloat16), b, preferred_element_type=jnp.float32)
-        return jnp.dot(a, b)
-
-    def block(dw, xs):
-        hb, tb, vb = xs  # [n, D], [n], [n]
-        logits = at_least_f32(matmul(hb, w_mm))  # [n, V_padded]
-        logits = jnp.where(vocab < config.vocab_size, logits, -jnp.inf)
-        m = jnp.max(logits, axis=-1, keepdims=True)
-        e = jnp.exp(logits - m)
-        s = jnp.sum(e, axis=-1, keepdims=True)
-        target_logits = jnp.take_along_axis(logits, tb[:, None], axis=-1)[:, 0]
-        loss = jnp.sum(jnp.where(vb, m[:, 0] + jnp.log(s[:, 0]) - target_logits, 0.0))
-        if not with_grads:
-            return dw, (loss, None)
-        # dL/dlogits for the mean over N tokens: (softmax - one_hot) / N, and 0
-        # on padded rows; rounded to bfloat16 for the two matmuls, as in dense.
-        p = e / s
-        g = jnp.where(vocab == tb[:, None], p - 1, p) * (vb[:, None] / N)
-        g = g.astype(jnp.bfloat16) if bf16 else g.astype(logits.dtype)
-        # g @ w.T as a contraction over w's vocabulary axis: no transposed copy of w
-        dh = jax.lax.dot_general(g, w_mm, (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32 if bf16 else None)  # [n, D]
-        dw = dw + (jnp.dot(hb.astype(jnp.bfloat16).T, g, preferred_element_type=jnp.float32)
-                   if bf16 else hb.T @ g)  # [D, V_padded]
-        return dw, (loss, dh)
-
-    dw0 = jnp.zeros(w.shape, jnp.promote_types(w.dtype, jnp.float32)) if with_grads else None
-    dw, (losses, dh) = jax.lax.scan(block, dw0, (hs, ts, valid))
-    loss = jnp.sum(losses) / N
-    if not with_grads:
-        return loss, None
-    return loss, (dh.reshape(blocks * n, D)[:N].astype(h.dtype), dw.astype(w.dtype))
-
-
-def _blockwise_ce_fwd(h, w, targets, config):
-    return _blockwise_ce(h, w, targets, config, with_grads=True)  # (loss, residuals: the grads)
-
-
-def _blockwise_ce_bwd(config, grads, g):
-    dh, dw = grads  # computed in the forward pass; the loss is linear in them
-    return dh * g, dw * g, None  # targets are integers: no gradient
-
-
-blockwise_cross_entropy = jax.custom_vjp(blockwise_cross_entropy, nondiff_argnums=(3,))
-blockwise_cross_entropy.defvjp(_blockwise_ce_fwd, _blockwise_ce_bwd)
+def compute_loss(params, batch, config, training=False, key=None):
+    """Mean next-token cross-entropy in nats. batch: (inputs, targets), each
+    int32[B, T] -> float32 scalar. Computed as logsumexp(logits) - logit[target]
+    in float32, which never exponentiates a large number. The padded
+    vocabulary entries are masked out, so they carry no probability. This is
+    the reference; Part II computes the same loss block by block, without
+    ever holding the [B*T, V] logits (blockwise_cross_entropy, section 9)."""
+    inputs, targets = batch
+    h, _ = forward_hidden(params, inputs, config, training=training, key=key)
+    return cross_entropy(output_logits(params, h, config), targets, config)
 
 
 def learning_rate(step, tc):
     """Linear warmup to tc.lr over warmup_steps, then a cosine down to tc.min_lr
-    at the schedule's last step (tc.steps, or tc.schedule_steps when set), and
-    min_lr after it. step counts from 0; works on ints and traced arrays."""
-    total = tc.schedule_steps or tc.steps
+    at the last step, tc.steps, and min_lr after it. step counts from 0; works
+    on ints and traced arrays."""
+    total = tc.steps
     step = jnp.asarray(step, jnp.float32)
     warm = tc.lr * (step + 1) / max(tc.warmup_steps, 1)
     progress = jnp.clip((step - tc.warmup_steps) / max(total - 1 - tc.warmup_steps, 1), 0, 1)
@@ -1065,71 +710,19 @@ def step_keys(keys, step):
     return jax.random.fold_in(keys["batches"], step), jax.random.fold_in(keys["dropout"], step)
 
 
-def accumulate_gradients(grad_fn, params, batch, key, n, mesh=None):
-    """grad_fn's loss, health figures and gradients for a whole batch, computed
-    over n micro-batches one after the other (a lax.scan): only one
-    micro-batch's activations exist at a time. Micro-batches are equal in size,
-    so the mean of their mean losses and gradients is the whole batch's. Micro-
-    batch i takes rows i, i + n, i + 2n, ...: with the batch split over devices
-    in contiguous blocks, each device then holds its share of every one. Its
-    dropout key is key folded with i, so the masks differ from one big batch's.
-    batch: (inputs, targets) int32[B, T] -> ((loss, stats), grads)."""
-    micro = jax.tree_util.tree_map(lambda x: x.reshape(-1, n, *x.shape[1:]).swapaxes(0, 1), batch)
-
-    def add_one(total, xs):
-        i, micro_batch = xs
-        (loss, stats), grads = grad_fn(params, split_batch(micro_batch, mesh),
-                                       jax.random.fold_in(key, i))
-        return jax.tree_util.tree_map(jnp.add, total, grads), (loss, stats)
-
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    total, (losses, stats) = jax.lax.scan(add_one, zeros, (jnp.arange(n), micro))
-    mean = functools.partial(jax.tree_util.tree_map, lambda x: x.mean(0))
-    return (losses.mean(), mean(stats)), jax.tree_util.tree_map(lambda g: g / n, total)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "tc", "mesh"),
+@functools.partial(jax.jit, static_argnames=("config", "tc"),
                    donate_argnames=("params", "opt_state"))
-def train_step(params, opt_state, data, keys, config, tc, frozen=None, mesh=None):
-    """One optimisation step, compiled once: draw a batch from `data` (int32[N],
-    on the device), compute loss and gradients (with dropout), clip, AdamW.
-    keys: the run's "batches" and "dropout" streams (run_keys); the step's own
-    keys come from them and the step number (step_keys). For data too large
-    for the device, `data` is instead the batch (inputs, targets), int32[B, T],
-    that host_batch read from a token file with the same keys: the same tokens
-    give the same batch either way. params and opt_state
-    are donated: XLA updates them in place instead of keeping two copies.
-    With tc.health, the step also returns a few figures per layer, computed
-    from what it already has (step_health, section 6); else health is {}.
-    With LoRA (tc.lora_rank > 0, section 11), params are the adapters, the
-    only weights trained, and frozen the pretrained weights they adapt.
-    With tc.grad_accum > 1, the batch is run in that many micro-batches
-    (accumulate_gradients). mesh: the devices to split the work over (section
-    12): the batch is split over all of them, and params and opt_state come
-    back split as they came in; None runs where the inputs are.
-    -> (params, opt_state, loss, health)."""
-    batch_key, dropout_key = step_keys(keys, opt_state["step"])
-    if isinstance(data, tuple):  # a batch read from a token file (host_batch)
-        batch = data
-    else:
-        batch = get_batch(batch_key, data, tc.batch_size, tc.seq_len)
-
-    def loss_fn(p, batch, key):  # the blocks' health figures ride along as auxiliary outputs
-        stats = [] if tc.health else None
-        weights = p if frozen is None else lora_merge(frozen, p, tc)
-        return compute_loss(weights, batch, config, True, key, stats), stats
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if tc.grad_accum == 1:
-        (loss, stats), grads = grad_fn(params, split_batch(batch, mesh), dropout_key)
-    else:
-        (loss, stats), grads = accumulate_gradients(grad_fn, params, batch, dropout_key,
-                                                    tc.grad_accum, mesh)
+def train_step(params, opt_state, batch, key, config, tc):
+    """One optimisation step, compiled once: the loss of a batch and its
+    gradients (dropout drawn with `key`), then AdamW at the schedule's
+    learning rate. batch: (inputs, targets) int32[B, T]. params and opt_state
+    are donated: XLA updates them in place instead of keeping two copies, so
+    the caller must use the returned ones.
+    -> (params, opt_state, loss)."""
+    loss, grads = jax.value_and_grad(compute_loss)(params, batch, config, True, key)
     lr = learning_rate(opt_state["step"], tc)
-    new_params, opt_state = adamw_update(params, grads, opt_state, lr, tc)
-    health = step_health(params, new_params, grads, stats, tc) if tc.health else {}
-    new_params, opt_state = keep_split(mesh, (new_params, opt_state))
-    return new_params, opt_state, loss, health
+    params, opt_state = adamw_update(params, grads, opt_state, lr, tc)
+    return params, opt_state, loss
 
 
 eval_loss = jax.jit(compute_loss, static_argnames=("config",))
@@ -1158,226 +751,614 @@ def evaluate(params, config, batches):
     return float(np.mean([float(eval_loss(params, b, config)) for b in batches]))
 
 
-def token_nats(params, inputs, targets, config):
-    """Each target's cross-entropy: int32[B, T] twice -> float32[B, T] nats."""
-    logits, _ = model_forward(params, inputs, config)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
-
-token_nats_jit = jax.jit(token_nats, static_argnames=("config",))
-
-
-def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=None, log=None):
-    """The model's loss on every token of `text`, so that models with different
-    tokenizers can be compared (bits per byte). The text is encoded, the
-    tokenizer's start token (<|endoftext|> for GPT-2, <|begin_of_text|> for
-    Llama 3) put in front as the first token's context, and the tokens cut
-    into windows of seq_len predictions (default: the model's context, at most
-    1,024) that do not overlap: every token is predicted once, from the tokens
-    before it in its window. Batches hold about 4,096 tokens (their float32
-    logits: 0.8 GB at V = 50,257). One compiled shape: the last batch is padded
-    and masked.
-    log: called with a progress line every 5 seconds on long texts.
-    -> {"tokens", "bytes", "nats_per_token", "perplexity", "bits_per_byte"}."""
-    start = special_token(tokenizer, ENDOFTEXT, "<|begin_of_text|>")
-    # Without a start token the first token is only context, not predicted.
-    ids = ([] if start is None else [start]) + list(tokenizer.encode_ordinary(text))
-    if len(ids) < 2:
-        raise InputError("the text is too short to evaluate: it needs at least two tokens")
-    # The tokens spell the text's bytes exactly, so the predicted ones (all but
-    # ids[0]) hold all of them, less the first token's when it is the text's.
-    n_bytes = len(text.encode("utf-8"))
-    if start is None:
-        n_bytes -= len(tokenizer.decode_single_token_bytes(ids[0]))
-    T = min(seq_len or min(config.max_seq_len, 1024), config.max_seq_len)
-    batch_size = batch_size or max(1, 4096 // T)
-    n_pred = len(ids) - 1
-    n_windows = -(-n_pred // T)
-    padded = np.zeros(n_windows * T + 1, np.int32)
-    padded[:len(ids)] = ids
-    inputs = padded[:-1].reshape(n_windows, T)
-    targets = padded[1:].reshape(n_windows, T)
-    mask = (np.arange(n_windows * T) < n_pred).reshape(n_windows, T)
-    total, t0, shown = 0.0, time.perf_counter(), time.perf_counter()
-    for i in range(0, n_windows, batch_size):
-        rows = slice(i, i + batch_size)
-        x, y, m = inputs[rows], targets[rows], mask[rows]
-        if len(x) < batch_size:  # pad the last batch to the compiled shape
-            pad = batch_size - len(x)
-            x, y = np.pad(x, ((0, pad), (0, 0))), np.pad(y, ((0, pad), (0, 0)))
-            m = np.pad(m, ((0, pad), (0, 0)))
-        nats = np.asarray(token_nats_jit(params, jnp.asarray(x), jnp.asarray(y), config),
-                          np.float64)
-        total += float(np.sum(nats * m))
-        done = min(i + batch_size, n_windows)
-        if log is not None and time.perf_counter() - shown > 5 and done < n_windows:
-            shown = time.perf_counter()
-            rate = done / (shown - t0)
-            log(f"eval {done}/{n_windows} windows of {T} tokens | "
-                f"ETA {format_duration((n_windows - done) / rate)}")
-    nats_per_token = total / n_pred
-    return {"tokens": n_pred, "bytes": n_bytes, "nats_per_token": nats_per_token,
-            "perplexity": math.exp(nats_per_token),
-            "bits_per_byte": total / math.log(2) / max(n_bytes, 1)}
-
-
 def format_duration(seconds):
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def save_loss_plot(history, path):
-    """Train (per step, smoothed) and validation loss against step, as a PNG.
-    Uses matplotlib's Figure directly: no pyplot, no GUI backend needed."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot()
-    if history["train"]:
-        steps, losses = np.array(history["train"], dtype=np.float64).T
-        window = max(1, len(losses) // 50)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8)
-        ax.plot(steps[window - 1:], smooth, color="tab:blue", label="train (per step)")
-    if history["eval"]:
-        steps, train_eval, val_eval = np.array(history["eval"], dtype=np.float64).T
-        ax.plot(steps, train_eval, "o-", color="tab:green", label="train (fixed windows)")
-        ax.plot(steps, val_eval, "o-", color="tab:red", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def stop_requests(log):
-    """While training: Ctrl-C (SIGINT) or a polite kill (SIGTERM, as SLURM sends
-    before preemption) only appends to the yielded list, which the loop reads
-    between steps. Raising inside train_step instead could leave params
-    pointing at buffers already donated to the step. A second Ctrl-C aborts
-    at once. The previous handlers come back on exit."""
-    requests = []
-
-    def request_stop(signum, frame):
-        if requests:
-            raise KeyboardInterrupt
-        requests.append(signum)
-        log("stopping after this step (press Ctrl-C again to abort without saving)")
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():  # signals reach only it
-        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requests
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
-def read_losses(pending, history):
-    """Moves the losses of dispatched steps, [(step, loss, health) on the
-    device], into history["train"] as [step + 1, float] and returns their
-    health dicts (on the host). Reading a loss waits for its step, so this
-    runs only when a line is printed, and the device is never idle waiting for
-    Python. Raises FloatingPointError(step) at a non-finite loss."""
-    fetched = jax.device_get(pending)
-    pending.clear()
-    for step, value, _ in fetched:
-        if not np.isfinite(value):
-            raise FloatingPointError(step)
-        history["train"].append([step + 1, float(value)])
-    return [health for _, _, health in fetched]
-
-
-def progress_line(done, tc, record, seconds_per_step):
-    """The one-line report: step, loss, learning rate, speed, time left, and
-    the gradient norm with the number of clipped steps since the last line.
-    record: the step's metrics (health_record)."""
-    line = (f"step {done:5d}/{tc.steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+def progress_line(done, tc, loss, lr, seconds_per_step):
+    """The one-line report of step `done`: loss, learning rate, speed and the
+    time left at that speed."""
+    return (f"step {done:5d}/{tc.steps} | loss {loss:.4f} | lr {lr:.2e} | "
             f"{seconds_per_step * 1e3:6.0f} ms/step | "
             f"{tc.batch_size * tc.seq_len / seconds_per_step:8,.0f} tok/s | "
             f"ETA {format_duration(seconds_per_step * (tc.steps - done))}")
-    if "grad_norm" in record:
-        line += f" | grad {record['grad_norm']:.2f}"
-        if record["clipped_steps"]:
-            line += f" ({record['clipped_steps']}/{record['steps']} clipped)"
-    return line
 
 
-def steps_within_budget(tc, step, seconds_left, per_step, eval_seconds):
-    """How many steps in total fit a wall-clock budget: the steps already done,
-    plus as many more as the time left allows at the measured seconds per step,
-    an evaluation's cost counted every tc.eval_every steps and 5% kept in hand.
-    Never more than tc.steps: a budget only shortens a run."""
-    per_step_with_evals = per_step + eval_seconds / tc.eval_every
-    more = int(0.95 * seconds_left / per_step_with_evals)
-    return max(step + 1, min(tc.steps, step + more))
+# The training loop, flat as nanoGPT's train.py: keys, a batch, a step, now and
+# then a progress line and an evaluation. It reads a loss (which waits for the
+# device) only when it prints one, so Python queues the next steps meanwhile.
+# `python llama_jax.py` runs Part II's train() (section 16) instead: the same
+# pieces (step_keys, learning_rate, adamw_update, fixed_windows, evaluate,
+# progress_line), plus checkpoints and exact resume, Ctrl-C, token files, many
+# devices, time budgets and health figures. Written as hooks into this loop,
+# they would bury it; so this loop stays the lesson, and Part II's is the tool.
+
+_get_batch = jax.jit(get_batch, static_argnums=(2, 3))
 
 
-def fit_schedule_to_budget(tc, done, seconds_left, per_step, eval_seconds, budget, log):
-    """-> tc with fewer steps if the rest of the run would overrun the budget,
-    so that the cosine ends inside it (the warmup is kept, or cut to a fifth
-    of the run if it is longer)."""
-    fit = steps_within_budget(tc, done, seconds_left, per_step, eval_seconds)
-    if fit >= tc.steps:
+def train_loop(config, tc, train_data, val_data, log=print):
+    """Trains a fresh model on token arrays (load_dataset) and returns (params,
+    opt_state, history): history["train"] holds [step, loss] for every step,
+    history["eval"] [step, train loss, validation loss] for each evaluation."""
+    if tc.seq_len > config.max_seq_len:
+        raise InputError(f"--seq-len {tc.seq_len} is longer than the model's context "
+                         f"(max_seq_len {config.max_seq_len}): lower --seq-len")
+    keys = run_keys(jax.random.PRNGKey(tc.seed))
+    params = init_params(keys["init"], config)
+    opt_state = adamw_init(params)
+    data = jnp.asarray(train_data)  # on the device, where each step draws its windows
+    eval_sets = {name: fixed_windows(d, tc.eval_batches, tc.batch_size, tc.seq_len)
+                 for name, d in (("train", train_data), ("val", val_data))}
+    history, losses = {"train": [], "eval": []}, []  # losses: device scalars not read yet
+    t_last = time.perf_counter()
+    for step in range(tc.steps):
+        batch_key, dropout_key = step_keys(keys, step)
+        batch = _get_batch(batch_key, data, tc.batch_size, tc.seq_len)
+        params, opt_state, loss = train_step(params, opt_state, batch, dropout_key, config, tc)
+        losses.append(loss)
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            history["train"] += [[done - len(losses) + 1 + i, float(x)]
+                                 for i, x in enumerate(losses)]
+            now = time.perf_counter()
+            log(progress_line(done, tc, history["train"][-1][1], float(learning_rate(step, tc)),
+                              (now - t_last) / len(losses)))
+            losses, t_last = [], now
+        if done % tc.eval_every == 0 or done == tc.steps:
+            train_loss, val_loss = (evaluate(params, config, eval_sets[s]) for s in ("train", "val"))
+            history["eval"].append([done, train_loss, val_loss])
+            log(f"eval  step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f}")
+            t_last = time.perf_counter()  # evaluation time is not training speed
+    return params, opt_state, history
+
+
+# =============================================================================
+# 7. Sampling
+# =============================================================================
+
+
+def largest_threshold(values, count_at_least, target, iterations=40):
+    """Bisection, per row, for the largest t with count_at_least(values, t) >=
+    target, where count_at_least(values, t) shrinks as t grows. values:
+    float32[B, V] -> t: float32[B, 1]. 40 halvings of the value range reach
+    float32 resolution: 40 passes of V comparisons per row, where sorting
+    50,257 logits for every token would cost V log V and a sort's data
+    movement."""
+    lo = jnp.min(values, axis=-1, keepdims=True)  # count_at_least(lo) is everything
+    hi = jnp.max(values, axis=-1, keepdims=True) + 1.0  # count_at_least(hi) is nothing
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        enough = count_at_least(values, mid) >= target
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    return jax.lax.fori_loop(0, iterations, halve, (lo, hi))[0]
+
+
+def top_k_filter(logits, top_k):
+    """Keeps the top_k largest logits of each row (and any tied with the k-th);
+    the rest get -inf. logits: float32[B, V] -> float32[B, V]."""
+    # -inf entries (masked tokens) count as just below the row's smallest
+    # finite logit, so the bisection's range stays the finite logits' range.
+    low = jnp.min(jnp.where(jnp.isfinite(logits), logits, jnp.inf), axis=-1, keepdims=True)
+    finite = jnp.where(jnp.isfinite(logits), logits, low - 1.0)
+    kth = largest_threshold(finite, lambda x, t: jnp.sum(x >= t, axis=-1, keepdims=True), top_k)
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def top_p_filter(logits, top_p):
+    """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most
+    likely tokens whose probability reaches top_p (tokens tied with the last
+    one kept are kept too); the rest get -inf. That set is every token with
+    probability >= t for the largest t whose set still holds top_p of the mass.
+    logits: float32[B, V] -> float32[B, V]."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    target = top_p * (1 - 1e-6)  # forgive float rounding in sums that should equal top_p
+    t = largest_threshold(probs, lambda p, t: jnp.sum(jnp.where(p >= t, p, 0.0), axis=-1,
+                                                      keepdims=True), target)
+    return jnp.where(probs >= t, logits, -jnp.inf)
+
+
+def sample_token(key, logits, temperature, top_k=None, top_p=1.0):
+    """Draws one token per row. logits: float32[B, V] -> int32[B].
+    temperature 0 is greedy (argmax); otherwise logits / temperature, then the
+    top_k most likely (if given), then the top_p nucleus (if < 1), then one
+    draw by inverting the cumulative distribution with a single uniform number
+    per row (jax.random.categorical would draw V Gumbel numbers per row)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, V]
+    u = jax.random.uniform(key, (logits.shape[0], 1), minval=1e-7) * cdf[:, -1:]
+    sampled = jnp.sum(cdf < u, axis=-1)  # the first token whose cdf reaches u
+    return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
+
+
+def _bucket(n, smallest=16):
+    """Rounds up to a power of two, so that a handful of shapes get compiled."""
+    return max(smallest, 1 << max(0, n - 1).bit_length())
+
+
+def decoding_shapes(longest, max_new_tokens, config):
+    """The compiled shapes of a request: (width, the prompts' bucket; n_slots,
+    the new tokens' bucket; cache_len, the KV cache's slots). The cache holds
+    the request, not the model's context: Llama 3.1 and 3.2 declare 131,072
+    positions, and every new token attends over all cache slots."""
+    width = min(_bucket(longest), config.max_seq_len)
+    n_slots = _bucket(max_new_tokens, smallest=32)
+    return width, n_slots, min(width + n_slots, config.max_seq_len)
+
+
+def decoding_weights(params, config):
+    """With bfloat16 compute, the matrices rounded to bfloat16 once, not once
+    per token; otherwise params unchanged."""
+    if config.compute_dtype != "bfloat16":
+        return params
+    return jax.tree_util.tree_map(lambda w: w.astype(config.dtype) if w.ndim > 1 else w, params)
+
+
+def sampling_filters(top_k, top_p, config):
+    """generate's top_k and top_p as the static arguments of the compiled
+    programs: top_k at most the vocabulary, top_p 1.0 (off) for None."""
+    return (None if top_k is None else min(int(top_k), config.vocab_size),
+            1.0 if top_p is None else float(top_p))
+
+
+def check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top_p):
+    """Raises InputError naming the first bad argument of generate."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InputError("generate: every prompt needs at least one token (e.g. <|endoftext|>)")
+    if any(t < 0 or t >= config.vocab_size for p in prompts for t in p):
+        raise InputError(f"generate: token ids must be in [0, {config.vocab_size})")
+    if max_new_tokens < 0:
+        raise InputError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise InputError(f"generate: temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"generate: top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"generate: top_p must be in (0, 1] or None, got {top_p}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_seq_len:
+        raise InputError(f"generate: the prompt ({longest} tokens) plus max_new_tokens "
+                         f"({max_new_tokens}) is {longest + max_new_tokens}, more than the "
+                         f"model's context of {config.max_seq_len} tokens: shorten the prompt "
+                         "or ask for fewer tokens")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "n_slots", "cache_len"))
+def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, config, top_k,
+              top_p, n_slots, cache_len):
+    """The compiled part of generate. prompts: int32[B, P] (right-padded),
+    lengths: int32[B], n_new: how many tokens to draw (traced, <= n_slots).
+    The cache is created here, so it never leaves the device; the decode loop is
+    one lax.while_loop, so the whole generation is one XLA program.
+    temperature, n_new and stop_token are traced: any value reuses the program.
+    top_k and top_p are static (each new value compiles once) because they
+    change the program's shape: whether a filter runs at all, and top_k is a
+    count the bisection compares against.
+    Right padding is harmless: the prefill writes the padding's keys and
+    values into a short row's cache slots past its length, but the mask lets
+    each query see only slots up to its own position, and each new token is
+    written at its row's next position (lengths + i), over the padding, before
+    any query can see that slot.
+    The cache has cache_len slots (decoding_shapes), so a model with a long
+    context decodes a short request as fast as a short-context model would.
+    -> int32[B, n_slots]: the new tokens (after a row's stop token: the stop token)."""
+    B = prompts.shape[0]
+    params = decoding_weights(params, config)
+    logits, cache = model_forward(params, prompts, config, init_cache(config, B, cache_len),
+                                  position=0)
+    last = logits[jnp.arange(B), lengths - 1]  # [B, V] each row's next-token logits
+    out = jnp.full((B, n_slots), stop_token, jnp.int32)
+
+    def cond(state):
+        i, _, _, _, done, _ = state
+        return (i < n_new) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, last, out, done, key = state
+        key, sub = jax.random.split(key)
+        token = jnp.where(done, stop_token, sample_token(sub, last, temperature, top_k, top_p))
+        out = out.at[:, i].set(token)
+        done = done | (token == stop_token)
+        logits, cache = model_forward(params, token[:, None], config, cache, lengths + i)
+        return i + 1, cache, logits[:, 0], out, done, key
+
+    state = (jnp.int32(0), cache, last, out, jnp.zeros((B,), bool), key)
+    return jax.lax.while_loop(cond, body, state)[3]
+
+
+def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0, top_k=None,
+             top_p=None, stop_token=None):
+    """Continues one prompt (a list of token ids) or a batch of them (a list of
+    lists, lengths may differ). The prompts are prefilled into a KV cache in
+    one forward pass, then tokens are drawn one at a time inside one compiled
+    loop; compilation happens once per (batch size, prompt-length bucket,
+    max_new_tokens bucket, top_k, top_p), never per token. Rows that draw
+    stop_token stop there (the stop token ends their list).
+    -> the prompt plus its new tokens, as a list of ints (or a list of such
+    lists for a batch)."""
+    single = len(prompt_tokens) > 0 and not isinstance(prompt_tokens[0], (list, tuple, np.ndarray))
+    prompts = [list(map(int, p)) for p in ([prompt_tokens] if single else prompt_tokens)]
+    check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top_p)
+    if max_new_tokens == 0:
+        return prompts[0] if single else prompts
+    width, n_slots, cache_len = decoding_shapes(max(len(p) for p in prompts), max_new_tokens,
+                                                config)
+    padded = np.zeros((len(prompts), width), np.int32)
+    for row, p in enumerate(prompts):
+        padded[row, :len(p)] = p
+    top_k, top_p = sampling_filters(top_k, top_p, config)
+    stop = -1 if stop_token is None else int(stop_token)
+    new = _generate(params, padded, np.array([len(p) for p in prompts], np.int32), key,
+                    jnp.float32(temperature), jnp.int32(max_new_tokens), jnp.int32(stop),
+                    config=config, top_k=top_k, top_p=top_p, n_slots=n_slots,
+                    cache_len=cache_len)
+    results = []
+    for p, row in zip(prompts, np.asarray(new)):
+        row = row[:max_new_tokens].tolist()
+        if stop in row:
+            row = row[:row.index(stop) + 1]
+        results.append(p + row)
+    return results[0] if single else results
+
+
+# #############################################################################
+#
+#                          Part II: growing it
+#
+# Everything below composes with Part I from outside. A reader of Part I can
+# stop here: the model, its training and its sampling are complete above.
+# #############################################################################
+
+# What Part II needs beyond Part I's imports (here, so that Part I's list is
+# only what the reading path uses).
+import argparse  # noqa: E402
+import codecs  # noqa: E402
+import contextlib  # noqa: E402
+import glob  # noqa: E402
+import hashlib  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+import ml_dtypes  # noqa: E402,F401  (installed with jax: gives NumPy a bfloat16 dtype)
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+
+# =============================================================================
+# 8. Settings: Part I's configs plus the options of Part II's features
+# =============================================================================
+# Subclasses, so that every Part I function takes them where it takes a
+# ModelConfig or TrainConfig, and the frozen dataclasses stay static
+# arguments of jax.jit. Checkpoints store their fields, as they always have.
+
+
+@dataclass(frozen=True)
+class RunModelConfig(ModelConfig):
+    """ModelConfig plus the speed and memory options of section 9."""
+
+    # The training loss: "plain" (Part I's compute_loss), "blockwise"
+    # (blockwise_cross_entropy: never holds the [B*T, V] logits), or "auto":
+    # blockwise where it is needed or faster (use_blockwise).
+    loss_impl: str = "auto"
+    loss_block: int = 512  # tokens per block of the blockwise loss
+    # jax.checkpoint around each block: the backward pass recomputes a block's
+    # activations from its input instead of keeping them (--remat).
+    remat: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_impl not in ("auto", "plain", "blockwise"):
+            raise InputError(f"ModelConfig.loss_impl must be 'auto', 'plain' or 'blockwise', "
+                             f"got {self.loss_impl!r}")
+        if self.loss_block <= 0:
+            raise InputError(f"ModelConfig.loss_block must be positive, got {self.loss_block}")
+
+    def matmul(self, x, w):
+        """Part I's matmul, with the hand-written bfloat16 gradient of section 9."""
+        if self.compute_dtype == "bfloat16":
+            return _dense_bf16(x, w)
+        return x @ w
+
+
+# The matrices LoRA can adapt, and the part of a block each belongs to.
+LORA_MATRICES = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+                 "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+
+
+@dataclass(frozen=True)
+class RunTrainConfig(TrainConfig):
+    """TrainConfig plus the options of Part II's training: health figures
+    (section 10), LoRA (section 14) and gradient accumulation (section 16)."""
+
+    health: bool = True  # per-layer health figures from each step (section 10)
+    # LoRA: rank 0 trains every weight; rank R > 0 trains only low-rank
+    # adapters A [I, R], B [R, O] on the named matrices.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: tuple = ("wq", "wk", "wv", "wo")
+    # Micro-batches per optimizer step (--grad-accum): the batch is split in
+    # this many parts, run one after the other, and their gradients averaged.
+    grad_accum: int = 1
+    # The cosine's length; None means steps. A resumed run keeps the schedule
+    # it started with (keep_schedule, section 16): a longer --steps then runs
+    # on at min_lr. learning_rate reads it through lr_schedule.
+    schedule_steps: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.grad_accum <= 0:
+            raise InputError(f"TrainConfig.grad_accum (--grad-accum) must be positive, "
+                             f"got {self.grad_accum}")
+        if self.lora_rank < 0 or self.lora_alpha <= 0:
+            raise InputError(f"TrainConfig: need lora_rank >= 0 (--lora-rank) and lora_alpha "
+                             f"> 0 (--lora-alpha), got {self.lora_rank} and {self.lora_alpha}")
+        unknown = [t for t in self.lora_targets if t not in LORA_MATRICES]
+        if unknown or not self.lora_targets:
+            raise InputError(f"--lora-targets {','.join(self.lora_targets)}: choose among "
+                             f"{','.join(LORA_MATRICES)} (the attention's wq, wk, wv, wo and "
+                             "the feed-forward's w1, w2, w3)")
+
+
+def lr_schedule(tc):
+    """The TrainConfig whose steps are the learning-rate schedule's length:
+    Part I's learning_rate ends its cosine at tc.steps, and a resumed run's
+    schedule may be longer or shorter than the steps it runs now."""
+    if getattr(tc, "schedule_steps", None) is None:
         return tc
-    log(f"time budget {budget:g} min: at {per_step * 1e3:.0f} ms/step and {eval_seconds:.1f}s "
-        f"per evaluation, {fit} of {tc.steps} steps fit; the schedule now ends at step {fit}")
-    return dataclasses.replace(tc, steps=fit, warmup_steps=min(tc.warmup_steps,
-                                                               max(done, fit // 5)))
+    return dataclasses.replace(tc, steps=tc.schedule_steps)
 
 
-def keep_schedule(tc, saved, log):
-    """On --resume: the learning-rate schedule stays the one the run started
-    with (saved, the checkpoint's TrainConfig), whatever --steps says now.
-    Stretching the cosine to a new --steps would send the learning rate back
-    up mid-run (600 -> 1000 steps: from 1.5e-4 to 1.2e-3 at step 600); steps
-    past the schedule's end run at min_lr instead, and a smaller --steps just
-    stops early. -> tc with schedule_steps set."""
-    schedule = saved.schedule_steps or saved.steps
-    if tc.steps > schedule:
-        log(f"--steps {tc.steps} goes past the {schedule}-step schedule of the run being "
-            f"resumed: steps {schedule + 1} to {tc.steps} continue at the floor, lr "
-            f"{tc.min_lr:.2e} (the cosine is kept, not stretched)")
-    elif tc.steps < schedule:
-        log(f"--steps {tc.steps} stops before the end of the run's {schedule}-step schedule")
-    return dataclasses.replace(tc, schedule_steps=schedule)
+def run_configs(config, tc=None):
+    """Part I configs as Part II's (a Run config is returned as it is), with
+    Part II's defaults for the options. -> (RunModelConfig, RunTrainConfig
+    or None)."""
+    if not isinstance(config, RunModelConfig):
+        config = RunModelConfig(**{f.name: getattr(config, f.name)
+                                   for f in dataclasses.fields(config)})
+    if tc is not None and not isinstance(tc, RunTrainConfig):
+        tc = RunTrainConfig(**{f.name: getattr(tc, f.name) for f in dataclasses.fields(tc)})
+    return config, tc
 
 
-def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
-    """A fresh run's state, or the state saved in ckpt_path for --resume.
-    init: the pretrained model a fine-tuning run starts from (section 11).
-    mesh: where the weights and optimizer state live, each split by
-    state_shardings (section 12; default: every device, pure data parallel).
-    A checkpoint loads onto any mesh, whatever the devices that wrote it.
-    -> (params, opt_state, history, seed_key, tc): the seed key (saved in the
-    checkpoint) gives the run's key streams; a resumed tc keeps its schedule."""
-    mesh = mesh or make_mesh()
-    if not resume:
-        seed_key = jax.random.PRNGKey(tc.seed)
-        params = initial_weights(run_keys(seed_key)["init"], config, tc, init, mesh)
-        return (params, sharded_adamw_init(params, mesh), {"train": [], "eval": []}, seed_key,
-                tc)
-    if not ckpt_path.is_file():
-        raise InputError(f"--resume: no checkpoint at {ckpt_path}; train without --resume "
-                         "first, or point --out-dir at the run to continue")
-    ckpt = load_checkpoint(ckpt_path, config)
-    check_same_base(ckpt, init, ckpt_path)
-    log(f"resumed from {ckpt_path} at step {int(ckpt['opt_state']['step'])}")
-    if ckpt["format_version"] == 1:
-        log("(a format-1 checkpoint: its key predates run_keys, so the resumed steps draw "
-            "other batches than the original run would have)")
-    params, opt_state = place_state(mesh, (ckpt["params"], ckpt["opt_state"]))
-    return (params, opt_state, ckpt["history"], ckpt["key"],
-            keep_schedule(tc, ckpt["train_config"], log))
+# =============================================================================
+# 9. Speed: a bfloat16 matmul gradient, the blockwise loss, the auto choices
+# =============================================================================
 
 
-# ----------------------------------------------------------------------------- run health
+@jax.custom_vjp
+def _dense_bf16(x, w):
+    return _dense_bf16_fwd(x, w)[0]
+
+
+# In PyTorch terms: autocast to bfloat16 plus a torch.autograd.Function whose
+# backward is written by hand. The forward keeps the bfloat16 operands for the
+# backward; the two empty arrays carry only the input dtypes (residuals must
+# be arrays), so the gradients come back in x's and w's own dtypes.
+def _dense_bf16_fwd(x, w):
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
+    return out, (xb, wb, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+
+
+def _dense_bf16_bwd(residuals, g):
+    # JAX's own rule would multiply the float32 gradient with float32 copies of
+    # the operands; rounding g to bfloat16 keeps both products on the fast path.
+    xb, wb, x_like, w_like = residuals
+    gb = g.astype(jnp.bfloat16)
+    dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
+    dw = jnp.dot(xb.reshape(-1, xb.shape[-1]).T, gb.reshape(-1, gb.shape[-1]),
+                 preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+_dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
+
+
+def auto_compute_dtype(cpuinfo=None):
+    """What --dtype auto (the cpu preset) means on this machine: bfloat16 on a
+    GPU or TPU. On a CPU it depends on the chip, as measured with XLA's CPU
+    backend (docs/speed.md, `python llama_jax.py --bench --dtype bfloat16`
+    against `--dtype float32`): on an AMD EPYC with avx512_bf16 a 2048^3
+    bfloat16 matmul ran at 370 GFLOP/s against 189 in float32, so bfloat16;
+    on an Intel Xeon with avx512_bf16 but no AMX it ran at 155 against 274
+    (Intel's bfloat16 dot-product instruction does no more multiply-adds per
+    cycle than its float32 FMA, and converting costs time), so float32; with
+    Intel's AMX (amx_bf16), tile instructions made for bfloat16 matmuls,
+    bfloat16 (not measured here). Decided from /proc/cpuinfo (or the
+    text `cpuinfo`), not by a timing: timings on a shared 2-core machine
+    vary from run to run, and a run's dtype (and so its losses) must not
+    depend on the machine's load.
+    -> (dtype, the reason in words)."""
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return "bfloat16", f"a {backend.upper()} runs bfloat16 matmuls natively"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    words = set(cpuinfo.split())
+    if "amx_bf16" in words:
+        return "bfloat16", "this CPU has AMX bfloat16 tiles (amx_bf16)"
+    if "avx512_bf16" in words and "AuthenticAMD" in words:
+        return "bfloat16", "this AMD CPU has native bfloat16 dot products (avx512_bf16)"
+    if "avx512_bf16" in words:
+        return "float32", ("on an Intel CPU with avx512_bf16 but no AMX, XLA's bfloat16 matmul "
+                           "ran at 0.57x its float32 speed")
+    return "float32", "this CPU has no native bfloat16 instructions (avx512_bf16, amx_bf16)"
+
+
+# The output layer without its logits. compute_loss holds float32 logits
+# [B*T, V_padded] and, in the backward pass, their gradient of the same size:
+# 2 x 8.4 GB for Llama 3's 128,256-token vocabulary at 8 x 2048 tokens, more
+# than the rest of a 1B model's training state. blockwise_cross_entropy runs
+# over blocks of `loss_block` tokens (a lax.scan), and for each block computes
+# the logits, the loss and, when differentiated, the gradient right away:
+# softmax minus one-hot is the gradient of cross-entropy with respect to the
+# logits, so dh = G W^T and dW = h^T G follow, and the block's logits are
+# dropped. Memory is O(loss_block x V) instead of O(B*T x V), and the FLOPs are
+# those of the plain path (one output matmul forward, two backward): the
+# gradient is computed in the forward pass and only scaled in the backward
+# one (the approach of Liger Kernel's fused linear cross-entropy; Levanter's
+# blockwise cross-entropy recomputes the logits in the backward pass instead,
+# one more matmul). Evaluation, which needs no gradient, runs the primal
+# function, from which jit drops the gradient's work.
+
+# "auto" takes the blockwise path above this many bytes of float32 logits,
+# where the plain path's logits and their gradient would hold twice this.
+BLOCKWISE_ABOVE_BYTES = 1 << 30
+
+
+def use_blockwise(config, n_tokens):
+    """Whether run_loss takes the blockwise path for n_tokens tokens.
+    "auto": above BLOCKWISE_ABOVE_BYTES of logits, for memory; and, for speed,
+    float32 compute on a CPU, where its hand-written gradient (one fused pass
+    for softmax minus one-hot) beat the plain path's autodiff (a scatter for
+    the target logits, a select for the padding, a transposed copy of the
+    logits' gradient): 1.57x the whole training step at the benchmark
+    configuration on an Intel Xeon (`python tools/bench_vs_hf.py`; docs/speed.md).
+    With bfloat16 on the CPU both ran within noise, so plain."""
+    if config.loss_impl != "auto":
+        return config.loss_impl == "blockwise"
+    if n_tokens * config.padded_vocab * 4 > BLOCKWISE_ABOVE_BYTES:
+        return True
+    return config.compute_dtype == "float32" and jax.default_backend() == "cpu"
+
+
+def blockwise_cross_entropy(h, w, targets, config):
+    """The mean cross-entropy of compute_loss from the final hidden states, by
+    blocks of config.loss_block tokens. h: [N, D], w: [D, V_padded] (the output
+    weight), targets: int32[N] (IGNORE: no loss) -> scalar, the mean over the
+    targets that count. A custom VJP (below) returns the gradients computed
+    alongside the loss."""
+    return _blockwise_ce(h, w, targets, config)[0]
+
+
+def _blockwise_ce(h, w, targets, config, with_grads=False):
+    """-> (mean loss, (dL/dh [N, D], dL/dw [D, V_padded]) or None)."""
+    N, D = h.shape
+    n = min(config.loss_block, N)
+    blocks = -(-N // n)
+    pad = blocks * n - N  # the last block is padded with rows that count for nothing
+    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(blocks, n, D)
+    ts = jnp.pad(targets, (0, pad), constant_values=IGNORE).reshape(blocks, n)
+    valid = ts != IGNORE  # padding rows, and the prompts of chat data (section 14)
+    ts = jnp.where(valid, ts, 0)
+    count = jnp.maximum(jnp.sum(valid), 1)  # the tokens the mean is over: N for text
+    bf16 = config.compute_dtype == "bfloat16"
+    w_mm = w.astype(jnp.bfloat16) if bf16 else w  # rounded once, not once per block
+    vocab = jnp.arange(w.shape[1])
+
+    def matmul(a, b):  # as in dense: bfloat16 operands, float32 sums
+        if bf16:
+            return jnp.dot(a.astype(jnp.bfloat16), b, preferred_element_type=jnp.float32)
+        return jnp.dot(a, b)
+
+    def block(dw, xs):
+        hb, tb, vb = xs  # [n, D], [n], [n]
+        logits = at_least_f32(matmul(hb, w_mm))  # [n, V_padded]
+        logits = jnp.where(vocab < config.vocab_size, logits, -jnp.inf)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        e = jnp.exp(logits - m)
+        s = jnp.sum(e, axis=-1, keepdims=True)
+        target_logits = jnp.take_along_axis(logits, tb[:, None], axis=-1)[:, 0]
+        loss = jnp.sum(jnp.where(vb, m[:, 0] + jnp.log(s[:, 0]) - target_logits, 0.0))
+        if not with_grads:
+            return dw, (loss, None)
+        # dL/dlogits for the mean over the counted tokens: (softmax - one_hot)
+        # / count, and 0 on rows that do not count; rounded to bfloat16 for the
+        # two matmuls, as in dense.
+        p = e / s
+        g = jnp.where(vocab == tb[:, None], p - 1, p) * (vb[:, None] / count)
+        g = g.astype(jnp.bfloat16) if bf16 else g.astype(logits.dtype)
+        # g @ w.T as a contraction over w's vocabulary axis: no transposed copy of w
+        dh = jax.lax.dot_general(g, w_mm, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32 if bf16 else None)  # [n, D]
+        dw = dw + (jnp.dot(hb.astype(jnp.bfloat16).T, g, preferred_element_type=jnp.float32)
+                   if bf16 else hb.T @ g)  # [D, V_padded]
+        return dw, (loss, dh)
+
+    dw0 = jnp.zeros(w.shape, jnp.promote_types(w.dtype, jnp.float32)) if with_grads else None
+    dw, (losses, dh) = jax.lax.scan(block, dw0, (hs, ts, valid))
+    loss = jnp.sum(losses) / count
+    if not with_grads:
+        return loss, None
+    return loss, (dh.reshape(blocks * n, D)[:N].astype(h.dtype), dw.astype(w.dtype))
+
+
+def _blockwise_ce_fwd(h, w, targets, config):
+    return _blockwise_ce(h, w, targets, config, with_grads=True)  # (loss, residuals: the grads)
+
+
+def _blockwise_ce_bwd(config, grads, g):
+    dh, dw = grads  # computed in the forward pass; the loss is linear in them
+    return dh * g, dw * g, None  # targets are integers: no gradient
+
+
+blockwise_cross_entropy = jax.custom_vjp(blockwise_cross_entropy, nondiff_argnums=(3,))
+blockwise_cross_entropy.defvjp(_blockwise_ce_fwd, _blockwise_ce_bwd)
+
+
+# --remat: keep only each block's input for the backward pass, and recompute
+# the rest of its activations there (config, argument 5, is static).
+remat_block = jax.checkpoint(transformer_block, static_argnums=(5,))
+
+
+def run_loss_aux(params, batch, config, training=False, key=None, health=False):
+    """Part I's compute_loss with the options of RunModelConfig: each block
+    wrapped in jax.checkpoint for --remat, the blockwise cross-entropy where
+    use_blockwise picks it, and with health=True each block's health figures
+    (health_block, section 10). Targets of IGNORE (the prompts of chat data,
+    section 14) carry no loss. -> (loss, [per-block figures] or [None] * L)."""
+    config, _ = run_configs(config)
+    inputs, targets = batch
+    block = remat_block if config.remat else transformer_block
+    if health:
+        block = functools.partial(health_block, block=block)
+    h, stats = forward_hidden(params, inputs, config, training=training, key=key, block=block)
+    if use_blockwise(config, targets.size):
+        loss = blockwise_cross_entropy(h.reshape(-1, h.shape[-1]), output_weight(params),
+                                       targets.reshape(-1), config)
+    else:  # Part I's cross_entropy, but targets of IGNORE count for nothing (chat data)
+        loss = masked_cross_entropy(output_logits(params, h, config), targets, config)
+    return loss, stats
+
+
+def run_loss(params, batch, config, training=False, key=None):
+    """run_loss_aux's loss alone: compute_loss's signature, Part II's choices."""
+    return run_loss_aux(params, batch, config, training, key)[0]
+
+
+run_eval_loss = jax.jit(run_loss, static_argnames=("config",))
+
+
+def evaluate_run(params, config, batches):
+    """Part I's evaluate with run_loss: the mean loss per counted target over
+    fixed batches, each batch weighted by its targets that are not IGNORE (for
+    text, all of them: the mean of the batches' means)."""
+    total = count = 0.0
+    for batch in batches:
+        n = float(np.sum(np.asarray(batch[1]) != IGNORE))
+        total += n * float(run_eval_loss(params, batch, config))
+        count += n
+    return total / max(count, 1.0)
+
+
+# =============================================================================
+# 10. Run health
+# =============================================================================
 # A loss curve says that a run diverged or stalled, not why. Each training
 # step also returns a few numbers per block, from what the step already has:
 # the gradient's norm (before clipping), the size of the update relative to
@@ -1388,13 +1369,22 @@ def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
 # it may see). They go to out/metrics.jsonl and out/health.png.
 
 
+def health_block(p, x, cos, sin, mask, config, cache=None, position=None, key=None,
+                 block=transformer_block):
+    """A block for forward_hidden (section 4) that runs `block` and returns
+    its health figures where the plain block returns its cache (training runs
+    without one). -> ([B, T, D], {"rms", "entropy"})."""
+    y, _ = block(p, x, cos, sin, mask, config, cache, position, key)
+    return y, block_health(p, x, y, cos, sin, mask, config)
+
+
 def block_health(p, x_in, x_out, cos, sin, mask, config):
     """One block's figures, called by forward_hidden when it is asked for them.
     p: the block's weights, x_in/x_out: [B, T, D] the residual stream before and
     after it -> {"rms": scalar, "entropy": scalar}. The fused attention kernel
     does not return its weights, so the queries, keys and scores are computed
-    again here (three matmuls per block, forward only: about 2% of a step at
-    the cpu preset); stop_gradient keeps all of it out of the backward pass."""
+    again here (three matmuls per block, forward only; tools/bench_health.py
+    measures the cost); stop_gradient keeps all of it out of the backward pass."""
     p, x_in, x_out = jax.lax.stop_gradient((p, x_in, x_out))
     q, k, _ = attention_qkv(p["attention"], rms_norm(x_in, p["attention_norm"], config.norm_eps),
                             cos, sin, config)
@@ -1523,421 +1513,8 @@ def save_health_plot(records, path):
         os.replace(tmp, path)
 
 
-def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print,
-          time_budget=None, init=None, mesh=None):
-    """Trains a model and returns {"params", "opt_state", "history", "stopped",
-    "weights"} (weights: the model's, which are params except with LoRA).
-    Writes out_dir/ckpt.npz (atomically) and out_dir/loss.png at every
-    evaluation and at the end. With resume=True, continues from out_dir/ckpt.npz;
-    it must have been written with the same architecture.
-    time_budget (minutes of wall clock, compile included) shortens the run to
-    fit: after 10 timed steps and one timed evaluation, tc.steps is lowered so
-    that the cosine schedule ends inside the budget (the step recompiles once
-    for the new schedule), and a run that still reaches the budget stops there
-    cleanly, evaluates and checkpoints.
-    init: fine-tune this pretrained model (load_source, section 11) instead of
-    starting from random weights; its tokenizer reads the data.
-    mesh: the devices to train on (make_mesh, section 12; default: all of
-    them, data parallel). With several processes, every one calls train;
-    only process 0 logs and writes files."""
-    if tc.seq_len > config.max_seq_len:
-        raise InputError(f"--seq-len {tc.seq_len} is longer than the model's context "
-                         f"(max_seq_len {config.max_seq_len}): lower --seq-len")
-    out_dir = Path(out_dir)
-    ckpt_path = out_dir / "ckpt.npz"
-    mesh = mesh or make_mesh()
-    main_process = jax.process_index() == 0
-    if not main_process:
-        log = lambda *args, **kwargs: None  # noqa: E731 (process 0 speaks for all)
-    check_batch_split(tc, mesh)
-    if init is not None:
-        check_source_tokenizer(init, config)
-        init = {**init, "sha256": tree_sha256(init["params"])}
-    # Will it fit? From shapes alone, before any data is read or code compiled.
-    plan = memory_plan(config, tc, mesh)
-    check_plan_fits(plan, config, tc, mesh)
-    frozen = frozen_base(init, config, tc)  # LoRA's fixed weights, else None
-    if frozen is not None:
-        frozen = place_state(mesh, frozen)
-    train_data, val_data, data_note = load_training_data(data_path, tc.seq_len,
-                                                         init and init["tokenizer"])
-    params, opt_state, history, seed_key, tc = start_or_resume(config, tc, ckpt_path, resume, log,
-                                                               init, mesh)
-    keys = replicated(mesh, run_keys(seed_key))
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.jsonl"
-    records = start_metrics(metrics_path, resume, int(opt_state["step"]), log)
-
-    def write_record(record):
-        records.append(record)
-        if main_process:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    log(f"model: {count_params(frozen or params) / 1e6:.2f}M parameters ({config.dim} wide, "
-        f"{config.n_layers} layers, {config.n_heads} heads, {config.n_kv_heads} kv heads), "
-        f"{config.compute_dtype} compute{', --remat' if config.remat else ''}")
-    log(f"{describe_batch(tc, mesh)}; {describe_plan(plan)}")
-    if init is not None:
-        log(describe_fine_tuning(init, params, frozen, tc))
-    log(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens from "
-        f"{data_path} ({data_note})")
-    # A text file's tokens live on every device and each step draws its batch
-    # there; a token file's batches are read on the host, one step at a time,
-    # and each device receives its rows.
-    on_device = isinstance(train_data, np.ndarray)
-    train_dev = replicated(mesh, train_data) if on_device else None
-    rows = (batch_sharding(mesh),) * 2
-
-    def batch_for(step):
-        return train_dev if on_device else place(host_batch(train_data, keys, step,
-                                                            tc.batch_size, tc.seq_len), rows)
-
-    eval_sets = {name: [place(b, rows) for b in fixed_windows(d, tc.eval_batches, tc.batch_size,
-                                                               tc.seq_len)]
-                 for name, d in (("train", train_data), ("val", val_data))}
-
-    def weights():  # what the model runs on: with LoRA, the base plus the adapters
-        return params if frozen is None else merged_weights(frozen, params, tc)
-
-    def save():
-        save_checkpoint(ckpt_path, params, opt_state, seed_key, config, tc, history,
-                        init and base_record(init))
-        if main_process:
-            save_loss_plot(history, out_dir / "loss.png")
-            save_health_plot(records, out_dir / "health.png")
-
-    def evaluate_and_save(step):
-        model_weights = weights()
-        train_loss = evaluate(model_weights, config, eval_sets["train"])
-        val_loss = evaluate(model_weights, config, eval_sets["val"])
-        history["eval"].append([step, train_loss, val_loss])
-        write_record({"kind": "eval", "step": step, "train_loss": train_loss,
-                      "val_loss": val_loss})
-        log(f"eval  step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f}")
-        save()
-
-    start_step = step = int(opt_state["step"])
-    pending = []  # (step, loss) still on the device
-    t_start = time.perf_counter()
-    deadline = None if time_budget is None else t_start + 60.0 * time_budget
-    stopped = None
-    with stop_requests(log) as stop:
-        try:
-            while step < tc.steps:
-                params, opt_state, loss, health = train_step(params, opt_state, batch_for(step),
-                                                             keys, config, tc, frozen, mesh)
-                pending.append((step, loss, health))
-                done = step + 1
-                if step == start_step:  # the first call compiled the step: time it apart
-                    loss.block_until_ready()
-                    t_first = t_last = time.perf_counter()
-                    step_last = done
-                    log(f"compiled and ran the first step in {t_first - t_start:.1f}s")
-                # With a time budget, the schedule is fitted after 10 timed steps.
-                calibrate = deadline is not None and done == start_step + 11 and done < tc.steps
-                # With several processes, all must take the same branches at the same step,
-                # agreed by a collective of their own; the step's collectives must finish
-                # first, or the two could interleave differently on different processes.
-                if jax.process_count() > 1:
-                    loss.block_until_ready()
-                out_of_time = (deadline is not None
-                               and any_process(time.perf_counter() > deadline)[0])
-                last = done == tc.steps or out_of_time
-                evaluate_now = done % tc.eval_every == 0 or last or calibrate
-                if done % tc.log_every == 0 or evaluate_now:
-                    healths = read_losses(pending, history)
-                    now = time.perf_counter()
-                    per_step = (now - t_last) / (done - step_last) if done > step_last else None
-                    record = health_record(done, history["train"][-1][1],
-                                           float(learning_rate(done - 1, tc)), per_step,
-                                           tc.batch_size * tc.seq_len, healths)
-                    write_record(record)
-                    if per_step is not None:
-                        log(progress_line(done, tc, record, per_step))
-                    t_last, step_last = now, done
-                if evaluate_now:
-                    if out_of_time and done < tc.steps:
-                        log(f"time budget of {time_budget:g} min reached at step {done}: "
-                            "evaluating and saving")
-                    evaluate_and_save(done)
-                    t_last = time.perf_counter()  # evaluation time is not training speed
-                    if calibrate:  # a new schedule recompiles: count one more compile
-                        per_step = (now - t_first) / (done - start_step - 1)
-                        tc = fit_schedule_to_budget(
-                            tc, done, deadline - t_last - (t_first - t_start), per_step,
-                            t_last - now, time_budget, log)
-                        tc = dataclasses.replace(tc, steps=from_process_0(tc.steps),
-                                                 warmup_steps=from_process_0(tc.warmup_steps))
-                if any_process(bool(stop))[0]:
-                    raise KeyboardInterrupt
-                step = done
-                if out_of_time:
-                    break
-        except FloatingPointError as err:
-            log(f"stopped: the loss became non-finite at step {int(err.args[0]) + 1}; the last "
-                f"good checkpoint ({ckpt_path}) was kept. Lower --lr or check the data.")
-            stopped = "non-finite"
-        except KeyboardInterrupt:
-            stopped = "interrupted"
-            if any(x.is_deleted() for x in jax.tree_util.tree_leaves((params, opt_state))):
-                log(f"aborted inside a step: {ckpt_path} keeps the last saved state")
-            else:
-                history["train"] += [[s + 1, float(v)] for s, v, _ in jax.device_get(pending)]
-                log(f"interrupted: saving a checkpoint at step {int(opt_state['step'])} to "
-                    f"{ckpt_path}; continue with --resume")
-                save()
-    if stopped is None and start_step >= tc.steps:
-        log(f"nothing to do: the checkpoint is at step {start_step} and --steps is {tc.steps}")
-    return {"params": params, "opt_state": opt_state, "history": history, "stopped": stopped,
-            "weights": None if stopped == "interrupted" else weights()}
-
-
 # =============================================================================
-# 7. Sampling
-# =============================================================================
-
-
-def largest_threshold(values, count_at_least, target, iterations=40):
-    """Bisection, per row, for the largest t with count_at_least(values, t) >=
-    target, where count_at_least(values, t) shrinks as t grows. values:
-    float32[B, V] -> t: float32[B, 1]. 40 halvings of the value range reach
-    float32 resolution. On CPU this is 20 to 40 times faster than sorting 50,257
-    logits for every token (measured: README, Speed)."""
-    lo = jnp.min(values, axis=-1, keepdims=True)  # count_at_least(lo) is everything
-    hi = jnp.max(values, axis=-1, keepdims=True) + 1.0  # count_at_least(hi) is nothing
-
-    def halve(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) / 2
-        enough = count_at_least(values, mid) >= target
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    return jax.lax.fori_loop(0, iterations, halve, (lo, hi))[0]
-
-
-def top_k_filter(logits, top_k):
-    """Keeps the top_k largest logits of each row (and any tied with the k-th);
-    the rest get -inf. logits: float32[B, V] -> float32[B, V]."""
-    finite = jnp.where(jnp.isfinite(logits), logits, jnp.finfo(jnp.float32).min)
-    kth = largest_threshold(finite, lambda x, t: jnp.sum(x >= t, axis=-1, keepdims=True), top_k)
-    return jnp.where(logits >= kth, logits, -jnp.inf)
-
-
-def top_p_filter(logits, top_p):
-    """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most
-    likely tokens whose probability reaches top_p (tokens tied with the last
-    one kept are kept too); the rest get -inf. That set is every token with
-    probability >= t for the largest t whose set still holds top_p of the mass.
-    logits: float32[B, V] -> float32[B, V]."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    target = top_p * (1 - 1e-6)  # forgive float rounding in sums that should equal top_p
-    t = largest_threshold(probs, lambda p, t: jnp.sum(jnp.where(p >= t, p, 0.0), axis=-1,
-                                                      keepdims=True), target)
-    return jnp.where(probs >= t, logits, -jnp.inf)
-
-
-def sample_token(key, logits, temperature, top_k=None, top_p=1.0):
-    """Draws one token per row. logits: float32[B, V] -> int32[B].
-    temperature 0 is greedy (argmax); otherwise logits / temperature, then the
-    top_k most likely (if given), then the top_p nucleus (if < 1), then one
-    draw by inverting the cumulative distribution with a single uniform number
-    per row (jax.random.categorical would draw V Gumbel numbers: 10x slower)."""
-    greedy = jnp.argmax(logits, axis=-1)
-    logits = logits / jnp.maximum(temperature, 1e-6)
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, V]
-    u = jax.random.uniform(key, (logits.shape[0], 1), minval=1e-7) * cdf[:, -1:]
-    sampled = jnp.sum(cdf < u, axis=-1)  # the first token whose cdf reaches u
-    return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "n_slots", "cache_len"))
-def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, config, top_k,
-              top_p, n_slots, cache_len):
-    """The compiled part of generate. prompts: int32[B, P] (right-padded),
-    lengths: int32[B], n_new: how many tokens to draw (traced, <= n_slots).
-    The cache is created here, so it never leaves the device; the decode loop is
-    one lax.while_loop, so the whole generation is one XLA program.
-    temperature, n_new and stop_token are traced: any value reuses the program.
-    top_k and top_p are static (each new value compiles once) because they
-    change the program's shape: whether a filter runs at all, and top_k is a
-    count the bisection compares against.
-    Right padding is harmless: the prefill writes the padding's keys and
-    values into a short row's cache slots past its length, but the mask lets
-    each query see only slots up to its own position, and each new token is
-    written at its row's next position (lengths + i), over the padding, before
-    any query can see that slot.
-    The cache has cache_len slots (decoding_shapes), so a model with a long
-    context decodes a short request as fast as a short-context model would.
-    -> int32[B, n_slots]: the new tokens (after a row's stop token: the stop token)."""
-    B = prompts.shape[0]
-    params = decoding_weights(params, config)
-    logits, cache = model_forward(params, prompts, config, init_cache(config, B, cache_len),
-                                  position=0)
-    last = logits[jnp.arange(B), lengths - 1]  # [B, V] each row's next-token logits
-    out = jnp.full((B, n_slots), stop_token, jnp.int32)
-
-    def cond(state):
-        i, _, _, _, done, _ = state
-        return (i < n_new) & ~jnp.all(done)
-
-    def body(state):
-        i, cache, last, out, done, key = state
-        key, sub = jax.random.split(key)
-        token = jnp.where(done, stop_token, sample_token(sub, last, temperature, top_k, top_p))
-        out = out.at[:, i].set(token)
-        done = done | (token == stop_token)
-        logits, cache = model_forward(params, token[:, None], config, cache, lengths + i)
-        return i + 1, cache, logits[:, 0], out, done, key
-
-    state = (jnp.int32(0), cache, last, out, jnp.zeros((B,), bool), key)
-    return jax.lax.while_loop(cond, body, state)[3]
-
-
-def _bucket(n, smallest=16):
-    """Rounds up to a power of two, so that a handful of shapes get compiled."""
-    return max(smallest, 1 << max(0, n - 1).bit_length())
-
-
-def decoding_shapes(longest, max_new_tokens, config):
-    """The compiled shapes of a request: (width, the prompts' bucket; n_slots,
-    the new tokens' bucket; cache_len, the KV cache's slots). The cache holds
-    the request, not the model's context: Llama 3.x declares 131,072
-    positions, and every new token attends over all cache slots."""
-    width = min(_bucket(longest), config.max_seq_len)
-    n_slots = _bucket(max_new_tokens, smallest=32)
-    return width, n_slots, min(width + n_slots, config.max_seq_len)
-
-
-def decoding_weights(params, config):
-    """With bfloat16 compute, the matrices rounded to bfloat16 once, not once
-    per token; otherwise params unchanged."""
-    if config.compute_dtype != "bfloat16":
-        return params
-    return jax.tree_util.tree_map(lambda w: w.astype(config.dtype) if w.ndim > 1 else w, params)
-
-
-def sampling_filters(top_k, top_p, config):
-    """generate's top_k and top_p as the static arguments of the compiled
-    programs: top_k at most the vocabulary, top_p 1.0 (off) for None."""
-    return (None if top_k is None else min(int(top_k), config.vocab_size),
-            1.0 if top_p is None else float(top_p))
-
-
-def check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top_p):
-    """Raises InputError naming the first bad argument of generate."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise InputError("generate: every prompt needs at least one token (e.g. <|endoftext|>)")
-    if any(t < 0 or t >= config.vocab_size for p in prompts for t in p):
-        raise InputError(f"generate: token ids must be in [0, {config.vocab_size})")
-    if max_new_tokens < 0:
-        raise InputError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise InputError(f"generate: temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise InputError(f"generate: top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InputError(f"generate: top_p must be in (0, 1] or None, got {top_p}")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.max_seq_len:
-        raise InputError(f"generate: the prompt ({longest} tokens) plus max_new_tokens "
-                         f"({max_new_tokens}) is {longest + max_new_tokens}, more than the "
-                         f"model's context of {config.max_seq_len} tokens: shorten the prompt "
-                         "or ask for fewer tokens")
-
-
-def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0, top_k=None,
-             top_p=None, stop_token=None):
-    """Continues one prompt (a list of token ids) or a batch of them (a list of
-    lists, lengths may differ). The prompts are prefilled into a KV cache in
-    one forward pass, then tokens are drawn one at a time inside one compiled
-    loop; compilation happens once per (batch size, prompt-length bucket,
-    max_new_tokens bucket, top_k, top_p), never per token. Rows that draw
-    stop_token stop there (the stop token ends their list).
-    -> the prompt plus its new tokens, as a list of ints (or a list of such
-    lists for a batch)."""
-    single = len(prompt_tokens) > 0 and not isinstance(prompt_tokens[0], (list, tuple, np.ndarray))
-    prompts = [list(map(int, p)) for p in ([prompt_tokens] if single else prompt_tokens)]
-    check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top_p)
-    if max_new_tokens == 0:
-        return prompts[0] if single else prompts
-    width, n_slots, cache_len = decoding_shapes(max(len(p) for p in prompts), max_new_tokens,
-                                                config)
-    padded = np.zeros((len(prompts), width), np.int32)
-    for row, p in enumerate(prompts):
-        padded[row, :len(p)] = p
-    top_k, top_p = sampling_filters(top_k, top_p, config)
-    stop = -1 if stop_token is None else int(stop_token)
-    new = _generate(params, padded, np.array([len(p) for p in prompts], np.int32), key,
-                    jnp.float32(temperature), jnp.int32(max_new_tokens), jnp.int32(stop),
-                    config=config, top_k=top_k, top_p=top_p, n_slots=n_slots,
-                    cache_len=cache_len)
-    results = []
-    for p, row in zip(prompts, np.asarray(new)):
-        row = row[:max_new_tokens].tolist()
-        if stop in row:
-            row = row[:row.index(stop) + 1]
-        results.append(p + row)
-    return results[0] if single else results
-
-
-# Streaming: the same sampling, one token per call, so that a chat can print
-# each token as it is drawn. Two programs, each compiled once per shape: the
-# prefill (per prompt-length bucket) and one decoding step (the position is
-# traced). With the same key, the tokens equal generate's (a test checks it).
-
-
-@functools.partial(jax.jit, static_argnames=("config", "cache_len"))
-def _prefill(params, prompt, length, *, config, cache_len):
-    """prompt: int32[1, P] right-padded, length: its real length (traced)
-    -> (the next token's logits [1, V], a cache of cache_len slots)."""
-    logits, cache = model_forward(params, prompt, config, init_cache(config, 1, cache_len),
-                                  position=0)
-    return logits[:, length - 1], cache
-
-
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p"),
-                   donate_argnames=("cache",))
-def _decode_step(params, last, cache, position, key, temperature, *, config, top_k, top_p):
-    """Draws a token from `last` [1, V] and runs it through the model at
-    `position` -> (token int32[1], the next logits [1, V], cache)."""
-    token = sample_token(key, last, temperature, top_k, top_p)
-    logits, cache = model_forward(params, token[:, None], config, cache, position)
-    return token, logits[:, 0], cache
-
-
-def stream_tokens(params, prompt, max_new_tokens, config, key, temperature=1.0, top_k=None,
-                  top_p=None, stop_token=None):
-    """Like generate for one prompt, but yields each new token id as soon as it
-    is drawn (the stop token, if drawn, is the last)."""
-    check_generate_args([prompt], max_new_tokens, config, temperature, top_k, top_p)
-    if max_new_tokens == 0:
-        return
-    width, _, cache_len = decoding_shapes(len(prompt), max_new_tokens, config)
-    padded = np.zeros((1, width), np.int32)
-    padded[0, :len(prompt)] = prompt
-    params = decoding_weights(params, config)
-    last, cache = _prefill(params, padded, jnp.int32(len(prompt)), config=config,
-                           cache_len=cache_len)
-    top_k, top_p = sampling_filters(top_k, top_p, config)
-    for i in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        token, last, cache = _decode_step(params, last, cache, jnp.int32(len(prompt) + i), sub,
-                                          jnp.float32(temperature), config=config, top_k=top_k,
-                                          top_p=top_p)
-        token = int(token[0])
-        yield token
-        if token == stop_token:
-            return
-
-
-# =============================================================================
-# 8. Token files: your own data at any size
+# 11. Token files: your own data at any size
 # =============================================================================
 # `--prepare INPUT... --data NAME` tokenizes text once into NAME.train.bin and
 # NAME.val.bin (raw token ids, uint16 when the vocabulary fits) plus a JSON
@@ -2164,12 +1741,17 @@ class TokenFile:
     def __len__(self):
         return self.n_tokens
 
-    def windows(self, starts, length):
-        """int[B] start positions -> int32[B, length] token windows."""
+    def __getitem__(self, index):
+        """The tokens at int positions (an array of any shape), so that Part
+        I's read_windows reads a TokenFile as it reads an array."""
         data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        out = read_windows(data, starts, length)
+        out = np.asarray(data[index])
         del data
         return out
+
+    def windows(self, starts, length):
+        """int[B] start positions -> int32[B, length] token windows."""
+        return read_windows(self, starts, length)
 
 
 def token_files_header(path):
@@ -2227,20 +1809,28 @@ _step_window_starts = jax.jit(
 
 
 def host_batch(token_file, keys, step, batch_size, seq_len):
-    """The batch train_step would draw from the same tokens on the device, read
+    """The batch run_step would draw from the same tokens on the device, read
     from a token file: the same start positions (computed by jax.random on the
     CPU, so that a GPU's queue is never waited on), then this process reads
     its own rows only and jax.make_array_from_process_local_data assembles the
-    global batch. -> (inputs, targets) int32[B, T]."""
+    global batch. Chat data (ChatWindows, section 14) is read the same way:
+    the draw picks conversations, uniform over its N rows.
+    -> (inputs, targets) int32[B, T]."""
+    chats = isinstance(token_file, ChatWindows)
+    # window_starts draws in [0, n - seq_len): n = N + seq_len draws a row in [0, N)
+    n = len(token_file) + seq_len if chats else len(token_file)
     cpu_keys = jax.device_put(keys, jax.devices("cpu")[0])
-    starts = np.asarray(_step_window_starts(cpu_keys, step, len(token_file), batch_size,
-                                            seq_len))
+    starts = np.asarray(_step_window_starts(cpu_keys, step, n, batch_size, seq_len))
     rows = batch_size // jax.process_count()
     mine = starts[jax.process_index() * rows:(jax.process_index() + 1) * rows]
-    windows = token_file.windows(mine, seq_len + 1)
+    if chats:
+        inputs, targets = token_file.rows(mine)
+    else:
+        windows = token_file.windows(mine, seq_len + 1)
+        inputs, targets = windows[:, :-1], windows[:, 1:]
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return (jax.make_array_from_process_local_data(sharding, windows[:, :-1]),
-            jax.make_array_from_process_local_data(sharding, windows[:, 1:]))
+    return (jax.make_array_from_process_local_data(sharding, inputs),
+            jax.make_array_from_process_local_data(sharding, targets))
 
 
 def load_training_data(path, seq_len, enc=None):
@@ -2263,7 +1853,7 @@ def load_training_data(path, seq_len, enc=None):
 
 
 # =============================================================================
-# 9. Checkpoints
+# 12. Checkpoints and file formats
 # =============================================================================
 
 # 2: the key is the run's seed key, from which run_keys derives its streams.
@@ -2274,6 +1864,12 @@ CHECKPOINT_VERSION = 2
 
 class CheckpointError(InputError):
     """A checkpoint that cannot be used: unreadable, or made for another model."""
+
+
+def param_shapes(config):
+    """init_params's tree as jax.ShapeDtypeStructs, computed without
+    allocating: the template that loaders fill and check against."""
+    return jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
 
 
 def flatten_tree(tree, prefix=""):
@@ -2314,9 +1910,9 @@ def save_checkpoint(path, params, opt_state, key, config, tc, history, base=None
     written beside its final name, flushed to disk, then renamed over it
     (os.replace is atomic), so a crash mid-save leaves the old one intact.
     base: for a fine-tuning run, where its pretrained model came from and the
-    hash of its weights (base_record, section 11).
+    hash of its weights (base_record, section 14).
     On a mesh, each array is gathered to the host one at a time (gather,
-    section 12): the whole state is never copied onto one device. With several
+    section 15): the whole state is never copied onto one device. With several
     processes, all take part in gathering and process 0 writes."""
     path = Path(path)
     meta = {"format_version": CHECKPOINT_VERSION, "model_config": dataclasses.asdict(config),
@@ -2370,7 +1966,7 @@ def load_checkpoint(path, config=None):
     -> {"params", "opt_state", "key", "config", "train_config", "history",
     "format_version", "base" (a fine-tuning run's base_record, else None)}.
     The arrays are NumPy arrays on the host: a run on a mesh places each
-    one straight into its shards (place, section 12).
+    one straight into its shards (place, section 15).
     With LoRA, params are the adapters alone (load_source merges them)."""
     path = Path(path)
     if not path.is_file():
@@ -2381,8 +1977,8 @@ def load_checkpoint(path, config=None):
             arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(arrays.pop("meta").tobytes())
         version = meta["format_version"]
-        saved_config = config_from_json(ModelConfig, meta["model_config"])
-        saved_tc = config_from_json(TrainConfig, meta["train_config"])
+        saved_config = config_from_json(RunModelConfig, meta["model_config"])
+        saved_tc = config_from_json(RunTrainConfig, meta["train_config"])
     except Exception as err:  # zipfile, zlib, JSON, missing keys: all mean "unreadable"
         raise CheckpointError(f"{path} is not a readable llama_jax checkpoint ({type(err).__name__}:"
                               f" {err}); it may be truncated or corrupted: delete it and "
@@ -2495,6 +2091,23 @@ def write_safetensors(path, tensors):
 
 
 # (our path, Hugging Face name, transposed?) for one layer; see the table in 4.
+# Our names and Hugging Face's (LlamaForCausalLM), one to one. Our matrices are
+# stored [in, out] so that layers compute x @ w; Hugging Face stores torch's
+# nn.Linear weight, [out, in], so the loader transposes ("T" below).
+#   tok_embeddings                    model.embed_tokens.weight
+#   layers.{i}.attention_norm         model.layers.{i}.input_layernorm.weight
+#   layers.{i}.attention.wq  (T)      model.layers.{i}.self_attn.q_proj.weight
+#   layers.{i}.attention.wk  (T)      model.layers.{i}.self_attn.k_proj.weight
+#   layers.{i}.attention.wv  (T)      model.layers.{i}.self_attn.v_proj.weight
+#   layers.{i}.attention.wo  (T)      model.layers.{i}.self_attn.o_proj.weight
+#   layers.{i}.ffn_norm               model.layers.{i}.post_attention_layernorm.weight
+#   layers.{i}.feed_forward.w1 (T)    model.layers.{i}.mlp.gate_proj.weight
+#   layers.{i}.feed_forward.w2 (T)    model.layers.{i}.mlp.down_proj.weight
+#   layers.{i}.feed_forward.w3 (T)    model.layers.{i}.mlp.up_proj.weight
+#   norm                              model.norm.weight
+#   output   (T)                      lm_head.weight (absent when embeddings are tied)
+
+
 HF_LAYER_NAMES = [
     ("attention_norm", "input_layernorm.weight", False),
     ("attention/wq", "self_attn.q_proj.weight", True),
@@ -2576,7 +2189,7 @@ def config_from_hf(hf):
                               f"a Llama config needs all of {', '.join(required)}")
     n_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
-    return ModelConfig(
+    return RunModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=None if head_dim in (None, hf["hidden_size"] // n_heads) else head_dim,
@@ -2773,7 +2386,7 @@ def load_gguf(path, dtype="float32", reader=None):
     vocab_size = gguf_value(reader, p + "vocab_size", required=False)
     if vocab_size is None:
         vocab_size = len(gguf_value(reader, "tokenizer.ggml.tokens"))
-    config = ModelConfig(
+    config = RunModelConfig(
         vocab_size=int(vocab_size), dim=dim, n_layers=int(gguf_value(reader, p + "block_count")),
         n_heads=n_heads,
         n_kv_heads=int(gguf_value(reader, p + "attention.head_count_kv", required=False)
@@ -2840,8 +2453,336 @@ def gguf_tokenizer(reader, path):
         raise CheckpointError(f"{path}: {err}") from err
 
 
+# ----------------------------------------------------------------------------- writing GGUF
+# --export-gguf FILE writes a model as llama.cpp's own converter
+# (convert_hf_to_gguf.py) would: the llama architecture's metadata, the
+# tokenizer as byte-level BPE tokens and merges, the chat template, and the
+# tensors under GGUF_LAYER_NAMES, [out, in] rows, with wq and wk back in the
+# interleaved layout that load_gguf undoes. Norm gains stay float32 (llama.cpp
+# keeps 1-D tensors in F32); matrices are F32, F16, or Q8_0: blocks of 32
+# weights along a row, each stored as int8 with one float16 scale (a matrix
+# whose rows do not split into blocks of 32 is written F16, as llama.cpp does).
+
+GGUF_TYPES = ("f32", "f16", "q8_0")
+
+
+def half_split_to_interleaved(w, n_heads):
+    """The inverse of interleaved_to_half_split: w [D, n_heads * Dh] with
+    half-split channel pairs (j, j + Dh/2) -> llama.cpp's interleaved pairs
+    (2j, 2j + 1), head by head."""
+    D, width = w.shape
+    Dh = width // n_heads
+    order = np.concatenate([np.arange(0, Dh, 2), np.arange(1, Dh, 2)])  # [Dh]
+    return w[:, (np.arange(n_heads)[:, None] * Dh + np.argsort(order)).reshape(-1)]
+
+
+def bpe_merges(ranks):
+    """The merges of a tiktoken BPE ({token bytes: rank}), in rank order: each
+    token of two or more bytes is what BPE makes of its bytes with only the
+    lower-ranked tokens, which leaves two parts, and those two are its merge
+    (tiktoken merges the pair whose result has the lowest rank, so a merge's
+    priority is its result's rank). -> [(left bytes, right bytes)]."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            if best >= rank:
+                raise InputError(f"token {rank} ({token!r}) is not a merge of lower-ranked "
+                                 "tokens: not a BPE vocabulary GGUF can hold")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def gguf_vocabulary(tokenizer, vocab_size):
+    """A tiktoken Encoding in GGUF's byte-level BPE terms: token strings in
+    byte-level characters (id = position; special tokens by name, control
+    type), token types (1 normal, 3 control, 5 unused for ids the tokenizer
+    does not use) and merges "a b" in priority order. -> (tokens, types, merges)."""
+    to_char = {b: c for c, b in byte_level_alphabet().items()}
+    special = {tokenizer.encode_single_token(s): s for s in tokenizer.special_tokens_set}
+    tokens, types, ranks = [], [], {}
+    for i in range(vocab_size):
+        if i in special:
+            tokens.append(special[i])
+            types.append(3)
+            continue
+        try:
+            raw = tokenizer.decode_single_token_bytes(i)
+        except KeyError:  # an id the tokenizer never produces
+            tokens.append(f"[PAD{i}]")
+            types.append(5)
+            continue
+        ranks[raw] = i
+        tokens.append("".join(to_char[b] for b in raw))
+        types.append(1)
+    merges = [" ".join("".join(to_char[b] for b in part) for part in pair)
+              for pair in bpe_merges(ranks)]
+    return tokens, types, merges
+
+
+def pre_tokenizer_name(tokenizer):
+    """The name llama.cpp gives the tokenizer's split pattern (PRE_TOKENIZERS),
+    or None when llama.cpp names no such pattern. tiktoken keeps the pattern
+    in the Encoding's _pat_str."""
+    pattern = getattr(tokenizer, "_pat_str", None)
+    for name in ("gpt2", "llama-bpe", "smollm"):
+        if PRE_TOKENIZERS[name] == pattern:
+            return name
+    return None
+
+
+def gguf_matrix(gguf, value, kind):
+    """One matrix as GGUF stores it: (data, GGML type). value: float32 [rows,
+    columns], already in llama.cpp's [out, in] layout."""
+    types = gguf.GGMLQuantizationType
+    if kind == "f32":
+        return value, types.F32
+    if kind == "q8_0" and value.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(value, types.Q8_0), types.Q8_0
+    return value.astype(np.float16), types.F16
+
+
+def check_gguf_export(path, config, tokenizer, kind):
+    """Refuses what would lose something: an existing file, an unknown type, a
+    model without a tokenizer llama.cpp can read, or an architecture that the
+    llama architecture's metadata cannot state. -> the pre-tokenizer's name."""
+    path = Path(path)
+    if path.exists():
+        raise InputError(f"--export-gguf {path}: the file exists; choose a new name (nothing "
+                         "was written)")
+    if not path.parent.is_dir():
+        raise InputError(f"--export-gguf {path}: the folder {path.parent} does not exist")
+    if kind not in GGUF_TYPES:
+        raise InputError(f"--gguf-type {kind}: choose one of {', '.join(GGUF_TYPES)}")
+    if tokenizer is None:
+        raise InputError("--export-gguf: the model has no tokenizer llama_jax can read, and "
+                         "llama.cpp needs one in the file")
+    pre = pre_tokenizer_name(tokenizer)
+    if pre is None:
+        raise InputError(f"--export-gguf: the tokenizer {tokenizer.name!r} splits text by a "
+                         "pattern that llama.cpp has no name for (it knows gpt2, llama-bpe, "
+                         "smollm and others), so llama.cpp would tokenize differently")
+    if config.rope_scaling is not None:
+        raise InputError("--export-gguf: the model uses Llama 3.1's RoPE frequency scaling, "
+                         "which llama.cpp reads as a rope_freqs.weight tensor that load_gguf "
+                         "does not read back yet; export it with --export-hf instead")
+    return pre
+
+
+def save_gguf(path, params, config, tokenizer, kind="f16", chat_template=None, special=None,
+              name="llama_jax", log=print):
+    """Writes a model (params over the padded vocabulary are cut to
+    vocab_size, which llama.cpp's token list must match) as a GGUF file of
+    type kind (GGUF_TYPES). special: the source's {"bos", "eos", "pad": token
+    id or None, "add_bos": whether llama.cpp puts bos in front of a prompt}
+    (load_source); default: the end-of-text token as bos and eos, added to
+    no prompt, as GPT-2 does. Written beside its name and
+    renamed over it, so a failure leaves no partial file."""
+    import gguf  # checked by the caller
+
+    pre = check_gguf_export(path, config, tokenizer, kind)
+    path = Path(path)
+    tokens, types, merges = gguf_vocabulary(tokenizer, config.vocab_size)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+    w.add_context_length(config.max_seq_len)
+    w.add_embedding_length(config.dim)
+    w.add_block_count(config.n_layers)
+    w.add_feed_forward_length(config.ffn_width)
+    w.add_head_count(config.n_heads)
+    w.add_head_count_kv(config.n_kv_heads)
+    w.add_key_length(config.head_width)
+    w.add_value_length(config.head_width)
+    w.add_rope_dimension_count(config.head_width)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_layer_norm_rms_eps(config.norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    end = special_token(tokenizer, ENDOFTEXT, "<|end_of_text|>")
+    special = special or {"bos": end, "eos": end, "add_bos": False}
+    for role in ("bos", "eos", "pad"):
+        if special.get(role) is not None:
+            getattr(w, f"add_{role}_token_id")(int(special[role]))
+    w.add_add_bos_token(bool(special.get("add_bos")))
+    if chat_template:
+        w.add_chat_template(chat_template)
+    flat = flatten_tree(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params))
+    for ours, theirs, transposed in gguf_name_map(config):
+        value = flat[ours]
+        if ours == "tok_embeddings":
+            value = value[:config.vocab_size]  # [V, D]: the padding rows go
+        elif ours == "output":
+            value = value[:, :config.vocab_size]  # [D, V]
+        if ours.endswith(("/wq", "/wk")):
+            value = half_split_to_interleaved(
+                value, config.n_heads if ours.endswith("/wq") else config.n_kv_heads)
+        value = np.ascontiguousarray(value.T if transposed else value)
+        if value.ndim == 1:
+            w.add_tensor(theirs, value)
+        else:
+            data, ggml_type = gguf_matrix(gguf, value, kind)
+            w.add_tensor(theirs, data, raw_dtype=ggml_type)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    log(f"wrote {path} ({kind}, {path.stat().st_size / 1e6:,.1f} MB): {config.n_layers} "
+        f"layers, {config.vocab_size:,} tokens ({pre} pre-tokenizer), "
+        f"{'a chat template' if chat_template else 'no chat template'}")
+
+
+# ----------------------------------------------------------------------------- other models' tokenizers
+
+ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                       "ffn_dim", "ffn_dim_multiplier", "multiple_of", "norm_eps", "rope_theta",
+                       "rope_scaling", "max_seq_len", "tie_embeddings", "vocab_multiple")
+
+
+
+def llama3_tokenizer(path):
+    """A tiktoken Encoding for Llama 3's tokenizer.model (tiktoken format, 128,000
+    ranks) with Llama 3's split pattern and its 256 special tokens, numbered
+    after the ranks, named as in Llama 3.1 and later (Meta's tokenizer.py).
+    Llama 3.0 named a few unused slots differently; the ids of
+    <|begin_of_text|>, <|end_of_text|>, the header tokens and <|eot_id|> agree."""
+    import tiktoken
+
+    ranks = read_bpe_ranks(path)
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+             "<|python_tag|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(names))]
+    return tiktoken.Encoding(name="llama3", pat_str=PRE_TOKENIZERS["llama-bpe"],
+                             mergeable_ranks=ranks,
+                             special_tokens={n: len(ranks) + i for i, n in enumerate(names)})
+
+
+# Pre-tokenizers by the names llama.cpp writes to GGUF (tokenizer.ggml.pre): how
+# text is split into pieces before BPE merges run inside each piece.
+PRE_TOKENIZERS = {
+    "gpt2": GPT2_SPLIT_PATTERN,
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),  # Llama 3
+    # SmolLM, StarCoder and others: every digit alone, then GPT-2's rules.
+    # llama.cpp splits in two passes (digits, then GPT-2's pattern inside the
+    # rest); in one pattern, whitespace before a digit must count as the end
+    # of a piece, hence (?![^\s\p{N}]) where GPT-2 has (?!\S).
+    "smollm": (r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|"
+               r"\s+(?![^\s\p{N}])|\s+"),
+}
+for _name in ("starcoder", "refact", "codeshell"):
+    PRE_TOKENIZERS[_name] = PRE_TOKENIZERS["smollm"]
+PRE_TOKENIZERS["default"] = PRE_TOKENIZERS["gpt2"]
+
+
+def byte_level_alphabet():
+    """GPT-2's byte-level BPE writes each byte as a printable character (its
+    encoder.py, bytes_to_unicode): printable Latin-1 bytes as themselves, the
+    other 68 as chr(256 + n) in byte order. -> {character: byte}."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
+def bpe_tokenizer(tokens, merges, special, pre, name="bpe", pattern=None):
+    """A byte-level BPE given as a token list (id = position, in byte-level
+    characters), its merges ("a b", in priority order) and the ids of its
+    special tokens, as a tiktoken Encoding. tiktoken merges the pair whose
+    result has the lowest rank and uses ranks as ids; that is the same BPE when
+    each merge's result has a larger id than every earlier merge's, which
+    trained BPE vocabularies satisfy (checked here). pre: the pre-tokenizer's
+    name (PRE_TOKENIZERS), or pattern: its regular expression."""
+    import tiktoken
+
+    if pattern is None and pre not in PRE_TOKENIZERS:
+        raise InputError(f"pre-tokenizer {pre!r} is not supported (llama_jax knows "
+                         f"{', '.join(sorted(PRE_TOKENIZERS))})")
+    alphabet = byte_level_alphabet()
+    special = set(special)
+    ranks = {}
+    for i, token in enumerate(tokens):
+        if i in special:
+            continue
+        try:
+            ranks[bytes(alphabet[c] for c in token)] = i
+        except KeyError as err:
+            raise InputError(f"token {i} ({token!r}) is not written in byte-level characters: "
+                             "this is not a byte-level BPE vocabulary") from err
+    previous = -1
+    for merge in merges:
+        left, _, right = merge.partition(" ")
+        merged = ranks.get(bytes(alphabet[c] for c in left + right))
+        if merged is None or merged <= previous:
+            raise InputError(f"merge {merge!r} does not produce a token whose id follows the "
+                             "previous merge's: tiktoken cannot reproduce this BPE")
+        previous = merged
+    return tiktoken.Encoding(name=name, pat_str=pattern or PRE_TOKENIZERS[pre],
+                             mergeable_ranks=ranks,
+                             special_tokens={tokens[i]: i for i in sorted(special)})
+
+
+def hf_bpe_tokenizer(path):
+    """A Hugging Face tokenizer.json holding a byte-level BPE (model "BPE" with
+    vocab and merges; pre-tokenizer ByteLevel, Digits then ByteLevel, or a
+    Split regex then ByteLevel, as in Llama 3) -> a tiktoken Encoding."""
+    spec = read_json(path)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise CheckpointError(f"{path}: model type {model.get('type')!r}; llama_jax reads "
+                              "byte-level BPE tokenizers (model type 'BPE')")
+    tokens = [None] * (max(model["vocab"].values()) + 1)
+    for token, i in model["vocab"].items():
+        tokens[i] = token
+    special = []
+    for added in spec.get("added_tokens") or []:
+        if added["id"] >= len(tokens):
+            tokens += [None] * (added["id"] + 1 - len(tokens))
+        tokens[added["id"]] = added["content"]
+        special.append(added["id"])
+    if None in tokens:
+        raise CheckpointError(f"{path}: token id {tokens.index(None)} has no token")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    pattern = None
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        name = "gpt2"
+    elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        name = "smollm"
+    elif kinds == ["Split", "ByteLevel"] and "Regex" in (steps[0].get("pattern") or {}):
+        name, pattern = "split", steps[0]["pattern"]["Regex"]
+    else:
+        raise CheckpointError(f"{path}: pre-tokenizer {' then '.join(map(str, kinds))} is not "
+                              "supported (ByteLevel; Digits then ByteLevel; Split then ByteLevel)")
+    try:
+        return bpe_tokenizer(tokens, merges, special, name, name=Path(path).parent.name,
+                             pattern=pattern)
+    except InputError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
 # =============================================================================
-# 10. Chat
+# 13. Chat and streaming
 # =============================================================================
 # An instruction-tuned model was trained on conversations in one format: each
 # turn wrapped in special tokens, the reply ending with an end-of-turn token.
@@ -2953,12 +2894,62 @@ def chat_turn(params, config, tokenizer, messages, args, key, template=None, out
     return reply, n, now - t0, now - t_first
 
 
+# Streaming: the same sampling, one token per call, so that a chat can print
+# each token as it is drawn. Two programs, each compiled once per shape: the
+# prefill (per prompt-length bucket) and one decoding step (the position is
+# traced). With the same key, the tokens equal generate's (a test checks it).
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_len"))
+def _prefill(params, prompt, length, *, config, cache_len):
+    """prompt: int32[1, P] right-padded, length: its real length (traced)
+    -> (the next token's logits [1, V], a cache of cache_len slots)."""
+    logits, cache = model_forward(params, prompt, config, init_cache(config, 1, cache_len),
+                                  position=0)
+    return logits[:, length - 1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p"),
+                   donate_argnames=("cache",))
+def _decode_step(params, last, cache, position, key, temperature, *, config, top_k, top_p):
+    """Draws a token from `last` [1, V] and runs it through the model at
+    `position` -> (token int32[1], the next logits [1, V], cache)."""
+    token = sample_token(key, last, temperature, top_k, top_p)
+    logits, cache = model_forward(params, token[:, None], config, cache, position)
+    return token, logits[:, 0], cache
+
+
+def stream_tokens(params, prompt, max_new_tokens, config, key, temperature=1.0, top_k=None,
+                  top_p=None, stop_token=None):
+    """Like generate for one prompt, but yields each new token id as soon as it
+    is drawn (the stop token, if drawn, is the last)."""
+    check_generate_args([prompt], max_new_tokens, config, temperature, top_k, top_p)
+    if max_new_tokens == 0:
+        return
+    width, _, cache_len = decoding_shapes(len(prompt), max_new_tokens, config)
+    padded = np.zeros((1, width), np.int32)
+    padded[0, :len(prompt)] = prompt
+    params = decoding_weights(params, config)
+    last, cache = _prefill(params, padded, jnp.int32(len(prompt)), config=config,
+                           cache_len=cache_len)
+    top_k, top_p = sampling_filters(top_k, top_p, config)
+    for i in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        token, last, cache = _decode_step(params, last, cache, jnp.int32(len(prompt) + i), sub,
+                                          jnp.float32(temperature), config=config, top_k=top_k,
+                                          top_p=top_p)
+        token = int(token[0])
+        yield token
+        if token == stop_token:
+            return
+
+
 # =============================================================================
-# 11. Fine-tuning: start from a pretrained model, fully or with LoRA
+# 14. Fine-tuning: start from a pretrained model, fully or with LoRA
 # =============================================================================
 # --init-from SOURCE trains from a model's weights instead of random ones. The
 # source is a Hugging Face folder, a GGUF file or one of our runs; it brings
-# the architecture and the tokenizer, and everything else is section 6's loop:
+# the architecture and the tokenizer, and everything else is section 16's loop:
 # evaluation, plots, atomic checkpoints, exact --resume.
 #
 # LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
@@ -3157,6 +3148,26 @@ def hf_folder_tokenizer(folder, gpt2=False):
     return None
 
 
+def hf_special_tokens(settings, tokenizer):
+    """A Hugging Face folder's bos, eos and pad token ids, from its
+    tokenizer_config.json (names, or {"content": name}), and whether a prompt
+    starts with bos (add_bos_token; when absent, whether bos is a token of
+    its own, not eos as in GPT-2). -> load_source's "special", or None."""
+    config = read_json(settings) if settings.is_file() else {}
+    if tokenizer is None or not config:
+        return None
+    special = {}
+    for role in ("bos", "eos", "pad"):
+        name = config.get(f"{role}_token")
+        name = name.get("content") if isinstance(name, dict) else name
+        special[role] = (tokenizer.encode_single_token(name)
+                         if isinstance(name, str) and name in tokenizer.special_tokens_set
+                         else None)
+    special["add_bos"] = bool(config.get("add_bos_token",
+                                         special["bos"] not in (None, special["eos"])))
+    return special
+
+
 def load_source(path, kind=None, dtype="float32", gpt2_tokenizer=False):
     """A model to sample, evaluate, chat with, fine-tune or export: a Hugging
     Face folder, a GGUF file or a llama_jax run (kind: as source_kind says, by
@@ -3165,25 +3176,33 @@ def load_source(path, kind=None, dtype="float32", gpt2_tokenizer=False):
     against the hash the run recorded.
     -> {"params", "config", "tokenizer" (or None), "chat_template" (or None),
     "seq_len" (the length a run trained at, or None), "source", "kind",
-    "tokenizer_files" (a Hugging Face base's, for --export-hf)}."""
+    "tokenizer_files" (a Hugging Face base's, for --export-hf), "special" (the
+    source's bos, eos and pad ids and whether it adds bos, for --export-gguf;
+    None: GPT-2's)}."""
     kind = kind or source_kind(path)
     model = {"seq_len": None, "chat_template": None, "source": str(path), "kind": kind,
-             "tokenizer_files": []}
+             "tokenizer_files": [], "special": None}
     if kind == "gguf":
         reader = open_gguf(path)  # once: parsing the metadata takes seconds
         params, config, tokenizer = load_gguf(path, dtype, reader=reader)
         template = gguf_value(reader, "tokenizer.chat_template", required=False)
-        model.update(params=params, config=config, tokenizer=tokenizer, chat_template=template)
+        special = {role: gguf_value(reader, f"tokenizer.ggml.{key}_token_id", required=False)
+                   for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+        special["add_bos"] = bool(gguf_value(reader, "tokenizer.ggml.add_bos_token",
+                                             required=False))
+        model.update(params=params, config=config, tokenizer=tokenizer, chat_template=template,
+                     special=special)
     elif kind == "hf":
         folder = Path(path)
         params, config = load_hf_checkpoint(folder)
         settings = folder / "tokenizer_config.json"
         template = read_json(settings).get("chat_template") if settings.is_file() else None
-        model.update(params=params, config=config,
-                     tokenizer=hf_folder_tokenizer(folder, gpt2_tokenizer),
+        tokenizer = hf_folder_tokenizer(folder, gpt2_tokenizer)
+        model.update(params=params, config=config, tokenizer=tokenizer,
                      chat_template=template if isinstance(template, str) else None,
                      tokenizer_files=[folder / f for f in TOKENIZER_FILES
-                                      if (folder / f).is_file()])
+                                      if (folder / f).is_file()],
+                     special=None if gpt2_tokenizer else hf_special_tokens(settings, tokenizer))
     else:
         path = Path(path)
         path = path / "ckpt.npz" if path.is_dir() else path
@@ -3213,7 +3232,8 @@ def base_model(ckpt, path, dtype):
                                   "old weights")
         params = merged_weights(base["params"], params, tc)
     return {"params": params, "tokenizer": base["tokenizer"],
-            "chat_template": base["chat_template"], "tokenizer_files": base["tokenizer_files"]}
+            "chat_template": base["chat_template"], "tokenizer_files": base["tokenizer_files"],
+            "special": base["special"]}
 
 
 def export_hf(model, folder, log=print):
@@ -3237,8 +3257,194 @@ def export_hf(model, folder, log=print):
     log(f"wrote {folder / 'config.json'} and {folder / 'model.safetensors'} (float32){note}")
 
 
+# ----------------------------------------------------------------------------- chat fine-tuning
+# --data CHATS.jsonl with --init-from a chat model teaches it conversations.
+# Each line is one conversation, {"messages": [{"role": "system" | "user" |
+# "assistant", "content": "..."}, ...]}, the format of Hugging Face and
+# OpenAI. It is rendered by chat_prompt, the renderer --chat uses, and only
+# the assistant's replies are learned: a model trained on the user's turns
+# too would learn to write questions (instruction tuning's "completion only"
+# loss: Hugging Face TRL; litgpt's mask_prompt). The mask is carried by the
+# targets: a target of IGNORE carries no loss (PyTorch's ignore_index;
+# Hugging Face labels use -100), and masked_cross_entropy averages over the
+# others, each reply's tokens and its end-of-turn token.
+#
+# Windows: one conversation per window of --seq-len + 1 tokens, padded with
+# IGNORE targets, so that no token attends across two conversations. A longer
+# conversation is cut after its last reply that fits (its end-of-turn token),
+# or, when not even its first reply fits, at --seq-len; either way the run
+# counts it in a warning. Validation: the conversations whose line's sha256
+# falls in the lowest tenth (at least one; the rest train), so the split does
+# not depend on the lines' order.
+
+IGNORE = -1
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def masked_cross_entropy(logits, targets, config):
+    """The mean cross-entropy over the targets that are not IGNORE: logits
+    float32[..., V_padded], targets int32[...] -> scalar. With no IGNORE
+    target it is Part I's cross_entropy."""
+    keep = targets != IGNORE
+    if config.padded_vocab != config.vocab_size:
+        logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits, -jnp.inf)
+    safe = jnp.where(keep, targets, 0)  # any real index; its loss is masked below
+    target_logits = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nats = jax.nn.logsumexp(logits, axis=-1) - target_logits
+    return jnp.sum(jnp.where(keep, nats, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+def read_chats(path):
+    """CHATS.jsonl -> [(line number, line text, messages)], every line checked:
+    JSON, a "messages" list of {"role", "content"} with known roles and text,
+    at least one assistant turn; at least two conversations."""
+    path = Path(path)
+    chats = []
+    for number, line in enumerate(load_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise InputError(f"{where}: not JSON ({err}); each line must be one conversation, "
+                             '{"messages": [{"role": ..., "content": ...}, ...]}') from err
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise InputError(f'{where}: no "messages" list; write the conversation as '
+                             '{"messages": [{"role": "user", "content": ...}, ...]}')
+        for m in messages:
+            role = m.get("role") if isinstance(m, dict) else None
+            if role not in CHAT_ROLES:
+                raise InputError(f"{where}: unknown role {role!r}; use one of "
+                                 f"{', '.join(CHAT_ROLES)}")
+            if not isinstance(m.get("content"), str):
+                raise InputError(f'{where}: a {role} message without text "content"')
+        if not any(m["role"] == "assistant" for m in messages):
+            raise InputError(f"{where}: no assistant turn, so nothing to learn; add the "
+                             "reply the model should give")
+        chats.append((number, line, [{"role": m["role"], "content": m["content"]}
+                                     for m in messages]))
+    if len(chats) < 2:
+        raise InputError(f"{path} holds {len(chats)} conversation(s); chat fine-tuning needs "
+                         "at least two (one or more to train on, one held out to evaluate)")
+    return chats
+
+
+def render_chat(messages, tokenizer, template):
+    """A conversation as chat_prompt renders it, and which of its tokens are
+    replies: each assistant turn's tokens, from where chat_prompt of the turns
+    before it ends (the assistant's header) through the first end-of-turn
+    token. The ids stop there, after the last reply; what the renderer adds
+    after it (the next turn's header) carries no loss.
+    -> (ids [n], is_reply bool[n])."""
+    end = chat_end_token(tokenizer)
+    copy = lambda ms: [dict(m) for m in ms]  # noqa: E731 (chat_prompt edits the contents)
+    ids = chat_prompt(copy(messages), tokenizer, template)
+    reply = [False] * len(ids)
+    last = None
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(chat_prompt(copy(messages[:i]), tokenizer, template))
+        if ids[:start] != chat_prompt(copy(messages[:i]), tokenizer, template):
+            raise InputError("the chat template renders earlier turns differently once later "
+                             "turns follow, so the replies' tokens cannot be told apart")
+        j = start
+        while j < len(ids) and ids[j] != end:
+            reply[j] = True
+            j += 1
+        if j == len(ids):
+            raise InputError("the chat template puts no end-of-turn token after a reply")
+        reply[j] = True  # the end-of-turn token: the model must learn to stop
+        last = j
+    return ids[:last + 1], reply[:last + 1]
+
+
+@dataclass(frozen=True)
+class ChatWindows:
+    """Rendered conversations, one a row: inputs int32[N, T] and targets
+    int32[N, T] (IGNORE where no loss). Batches are drawn on the host by the
+    run's keys (host_batch), as token files' are."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def rows(self, rows):
+        """int[B] row numbers -> (inputs, targets) int32[B, T]."""
+        return self.inputs[rows], self.targets[rows]
+
+    def batches(self, batch_size):
+        """Every row once, in batches of batch_size (the last one padded with
+        rows that are all IGNORE). -> [(inputs, targets)]."""
+        out = []
+        for i in range(0, len(self), batch_size):
+            x, y = self.inputs[i:i + batch_size], self.targets[i:i + batch_size]
+            pad = batch_size - len(x)
+            out.append((np.pad(x, ((0, pad), (0, 0))),
+                        np.pad(y, ((0, pad), (0, 0)), constant_values=IGNORE)))
+        return out
+
+
+def chat_windows(chats, tokenizer, template, seq_len, where):
+    """Renders conversations into ChatWindows of seq_len. -> (windows, how
+    many were cut)."""
+    inputs = np.zeros((len(chats), seq_len), np.int32)
+    targets = np.full((len(chats), seq_len), IGNORE, np.int32)
+    end, cut = chat_end_token(tokenizer), 0
+    for row, (number, _, messages) in enumerate(chats):
+        try:
+            ids, reply = render_chat(messages, tokenizer, template)
+        except InputError as err:
+            raise InputError(f"{where}, line {number}: {err}") from err
+        if len(ids) > seq_len + 1:
+            ends = [k for k in range(seq_len + 1) if reply[k] and ids[k] == end]
+            n = ends[-1] + 1 if ends else seq_len + 1
+            ids, reply, cut = ids[:n], reply[:n], cut + 1
+        inputs[row, :len(ids) - 1] = ids[:-1]
+        targets[row, :len(ids) - 1] = np.where(reply[1:], ids[1:], IGNORE)
+    return ChatWindows(inputs, targets), cut
+
+
+def in_chat_validation(line):
+    """The held-out tenth: a line's sha256 in the lowest tenth of its range."""
+    return int(hashlib.sha256(line.encode("utf-8")).hexdigest()[:8], 16) < 2 ** 32 // 10
+
+
+def load_chats(path, seq_len, init, log):
+    """--data CHATS.jsonl -> (train ChatWindows, val ChatWindows, how, the
+    first held-out conversation's messages before its first reply: the
+    question the run's final sample answers)."""
+    if init is None or init.get("tokenizer") is None:
+        raise InputError(f"--data {path}: conversations are learned by a pretrained chat "
+                         "model; pass --init-from with one (e.g. SmolLM2-135M-Instruct)")
+    tokenizer, template = init["tokenizer"], init.get("chat_template")
+    try:
+        chat_prompt([{"role": "user", "content": "hi"}], tokenizer, template)
+    except InputError as err:
+        raise InputError(f"--data {path}: the model of --init-from has no chat format (no chat "
+                         "template, no ChatML or Llama 3 tokens); fine-tune a chat model, or "
+                         "train on plain text instead") from err
+    chats = read_chats(path)
+    val = [c for c in chats if in_chat_validation(c[1])] or chats[-1:]
+    train = [c for c in chats if c not in val] or chats[:1]
+    (train_w, cut_train), (val_w, cut_val) = (chat_windows(c, tokenizer, template, seq_len, path)
+                                              for c in (train, val))
+    if cut_train + cut_val:
+        log(f"warning: {cut_train + cut_val} of {len(chats)} conversations in {path} are "
+            f"longer than --seq-len {seq_len} tokens and were cut after their last reply "
+            "that fits (or at --seq-len); raise --seq-len to keep them whole")
+    question = val[0][2][:next(i for i, m in enumerate(val[0][2]) if m["role"] == "assistant")]
+    n_reply = int(np.sum(train_w.targets != IGNORE))
+    return (train_w, val_w, f"{len(train)} conversations to train on ({n_reply:,} reply "
+            f"tokens), {len(val)} held out", question)
+
+
 # =============================================================================
-# 12. Many devices and many hosts
+# 15. Many devices and many hosts
 # =============================================================================
 # One code path for 1 to N devices, with JAX's own machinery (see the guide
 # "Distributed arrays and automatic parallelization" on docs.jax.dev). The
@@ -3439,7 +3645,7 @@ def activation_bytes_per_row(config, tc):
     def saved(rows):
         batch = (jax.ShapeDtypeStruct((rows, tc.seq_len), jnp.int32),) * 2
         vjp = jax.eval_shape(lambda p, b: jax.vjp(
-            lambda q: compute_loss(q, b, config, True, jax.random.PRNGKey(0)), p)[1],
+            lambda q: run_loss(q, b, config, True, jax.random.PRNGKey(0)), p)[1],
             params, batch)
         return tree_bytes(vjp)
 
@@ -3506,7 +3712,7 @@ def gb(n):
 
 @functools.lru_cache(maxsize=None)  # --plan and check_plan_fits may both ask
 def compiled_memory(config, tc, mesh):
-    """XLA's memory analysis of the compiled train_step on this mesh, per
+    """XLA's memory analysis of the compiled run_step on this mesh, per
     device (a token file's batch, so no corpus among the arguments).
     -> {"arguments", "outputs", "aliased", "temporaries", "total"} in bytes,
     total being what the step holds at once."""
@@ -3518,7 +3724,7 @@ def compiled_memory(config, tc, mesh):
                                 sharding=batch_sharding(mesh))
     keys = jax.eval_shape(run_keys, jax.random.PRNGKey(0))
     frozen = None if base is None else shaped(base, state_shardings(mesh, base))
-    m = train_step.lower(shaped(trained, state_shardings(mesh, trained)),
+    m = run_step.lower(shaped(trained, state_shardings(mesh, trained)),
                          shaped(opt, state_shardings(mesh, opt)), (rows, rows),
                          shaped(keys, copies(mesh, keys)), config, tc, frozen,
                          mesh).compile().memory_analysis()
@@ -3714,15 +3920,567 @@ def from_process_0(value):
 
 
 # =============================================================================
-# 13. Command line
+# 16. The full training run: resume, signals, time budgets, --eval
 # =============================================================================
+
+
+def accumulate_gradients(grad_fn, params, batch, key, n, mesh=None):
+    """grad_fn's loss, health figures and gradients for a whole batch, computed
+    over n micro-batches one after the other (a lax.scan): only one
+    micro-batch's activations exist at a time. Micro-batches are equal in size,
+    so the mean of their mean losses and gradients is the whole batch's. Micro-
+    batch i takes rows i, i + n, i + 2n, ...: with the batch split over devices
+    in contiguous blocks, each device then holds its share of every one.
+    Dropout: micro-batch i draws its masks with key folded with i, one set of
+    masks per micro-batch, so with dropout on, --grad-accum N does not give
+    the masks (or the losses) of one big batch; without dropout it does, to
+    float32 rounding. batch: (inputs, targets) int32[B, T]
+    -> ((loss, stats), grads)."""
+    micro = jax.tree_util.tree_map(lambda x: x.reshape(-1, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def add_one(total, xs):
+        i, micro_batch = xs
+        (loss, stats), grads = grad_fn(params, split_batch(micro_batch, mesh),
+                                       jax.random.fold_in(key, i))
+        return jax.tree_util.tree_map(jnp.add, total, grads), (loss, stats)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    total, (losses, stats) = jax.lax.scan(add_one, zeros, (jnp.arange(n), micro))
+    mean = functools.partial(jax.tree_util.tree_map, lambda x: x.mean(0))
+    return (losses.mean(), mean(stats)), jax.tree_util.tree_map(lambda g: g / n, total)
+
+
+# Part II's training step. Part I's train_step is loss, gradients, AdamW; this
+# one is the same three (learning_rate and adamw_update are Part I's), with the
+# loss and its gradients computed by composition: run_loss_aux for the speed
+# options and health figures, lora_merge in front of it for LoRA,
+# accumulate_gradients around it for micro-batches, and the mesh's shardings
+# on its batch and results.
+
+
+@functools.partial(jax.jit, static_argnames=("config", "tc", "mesh"),
+                   donate_argnames=("params", "opt_state"))
+def run_step(params, opt_state, data, keys, config, tc, frozen=None, mesh=None):
+    """One optimisation step of a full run, compiled once: draw a batch from
+    `data` (int32[N], on the device), compute loss and gradients (with
+    dropout), clip, AdamW. keys: the run's "batches" and "dropout" streams
+    (run_keys); the step's own keys come from them and the step number
+    (step_keys), so a resumed run draws what an uninterrupted one would. For
+    data too large for the device, `data` is instead the batch (inputs,
+    targets), int32[B, T], that host_batch read from a token file with the
+    same keys: the same tokens give the same batch either way. params and
+    opt_state are donated.
+    With tc.health, the step also returns a few figures per layer (step_health,
+    section 10); else health is {}. With LoRA (tc.lora_rank > 0, section 14),
+    params are the adapters, the only weights trained, and frozen the
+    pretrained weights they adapt. With tc.grad_accum > 1, the batch is run in
+    that many micro-batches (accumulate_gradients). mesh: the devices to split
+    the work over (section 15): the batch is split over all of them, and
+    params and opt_state come back split as they came in; None runs where the
+    inputs are. -> (params, opt_state, loss, health)."""
+    config, tc = run_configs(config, tc)
+    batch_key, dropout_key = step_keys(keys, opt_state["step"])
+    if isinstance(data, tuple):  # a batch read from a token file (host_batch)
+        batch = data
+    else:
+        batch = get_batch(batch_key, data, tc.batch_size, tc.seq_len)
+
+    def loss_fn(p, batch, key):  # the blocks' health figures ride along as auxiliary outputs
+        weights = p if frozen is None else lora_merge(frozen, p, tc)
+        return run_loss_aux(weights, batch, config, True, key, tc.health)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if tc.grad_accum == 1:
+        (loss, stats), grads = grad_fn(params, split_batch(batch, mesh), dropout_key)
+    else:
+        (loss, stats), grads = accumulate_gradients(grad_fn, params, batch, dropout_key,
+                                                    tc.grad_accum, mesh)
+    lr = learning_rate(opt_state["step"], lr_schedule(tc))
+    new_params, opt_state = adamw_update(params, grads, opt_state, lr, tc)
+    health = step_health(params, new_params, grads, stats, tc) if tc.health else {}
+    new_params, opt_state = keep_split(mesh, (new_params, opt_state))
+    return new_params, opt_state, loss, health
+
+
+
+
+def save_loss_plot(history, path):
+    """Train (per step, smoothed) and validation loss against step, as a PNG.
+    Uses matplotlib's Figure directly: no pyplot, no GUI backend needed."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    if history["train"]:
+        steps, losses = np.array(history["train"], dtype=np.float64).T
+        window = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8)
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", label="train (per step)")
+    if history["eval"]:
+        steps, train_eval, val_eval = np.array(history["eval"], dtype=np.float64).T
+        ax.plot(steps, train_eval, "o-", color="tab:green", label="train (fixed windows)")
+        ax.plot(steps, val_eval, "o-", color="tab:red", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def stop_requests(log):
+    """While training: Ctrl-C (SIGINT) or a polite kill (SIGTERM, as SLURM sends
+    before preemption) only appends to the yielded list, which the loop reads
+    between steps. Raising inside run_step instead could leave params
+    pointing at buffers already donated to the step. A second Ctrl-C aborts
+    at once. The previous handlers come back on exit."""
+    requests = []
+
+    def request_stop(signum, frame):
+        if requests:
+            raise KeyboardInterrupt
+        requests.append(signum)
+        log("stopping after this step (press Ctrl-C again to abort without saving)")
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach only it
+        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def read_losses(pending, history):
+    """Moves the losses of dispatched steps, [(step, loss, health) on the
+    device], into history["train"] as [step + 1, float] and returns their
+    health dicts (on the host). Reading a loss waits for its step, so this
+    runs only when a line is printed, and the device is never idle waiting for
+    Python. Raises FloatingPointError(step) at a non-finite loss."""
+    fetched = jax.device_get(pending)
+    pending.clear()
+    for step, value, _ in fetched:
+        if not np.isfinite(value):
+            raise FloatingPointError(step)
+        history["train"].append([step + 1, float(value)])
+    return [health for _, _, health in fetched]
+
+
+def steps_within_budget(tc, step, seconds_left, per_step, eval_seconds):
+    """How many steps in total fit a wall-clock budget: the steps already done,
+    plus as many more as the time left allows at the measured seconds per step,
+    an evaluation's cost counted every tc.eval_every steps and 5% kept in hand.
+    Never more than tc.steps: a budget only shortens a run."""
+    per_step_with_evals = per_step + eval_seconds / tc.eval_every
+    more = int(0.95 * seconds_left / per_step_with_evals)
+    return max(step + 1, min(tc.steps, step + more))
+
+
+def fit_schedule_to_budget(tc, done, seconds_left, per_step, eval_seconds, budget, log):
+    """-> tc with fewer steps if the rest of the run would overrun the budget,
+    so that the cosine ends inside it (the warmup is kept, or cut to a fifth
+    of the run if it is longer)."""
+    fit = steps_within_budget(tc, done, seconds_left, per_step, eval_seconds)
+    if fit >= tc.steps:
+        return tc
+    log(f"time budget {budget:g} min: at {per_step * 1e3:.0f} ms/step and {eval_seconds:.1f}s "
+        f"per evaluation, {fit} of {tc.steps} steps fit; the schedule now ends at step {fit}")
+    return dataclasses.replace(tc, steps=fit, warmup_steps=min(tc.warmup_steps,
+                                                               max(done, fit // 5)))
+
+
+def keep_schedule(tc, saved, log):
+    """On --resume: the learning-rate schedule stays the one the run started
+    with (saved, the checkpoint's TrainConfig), whatever --steps says now.
+    Stretching the cosine to a new --steps would send the learning rate back
+    up mid-run (600 -> 1000 steps: from 1.5e-4 to 1.2e-3 at step 600); steps
+    past the schedule's end run at min_lr instead, and a smaller --steps just
+    stops early. -> tc with schedule_steps set."""
+    schedule = saved.schedule_steps or saved.steps
+    if tc.steps > schedule:
+        log(f"--steps {tc.steps} goes past the {schedule}-step schedule of the run being "
+            f"resumed: steps {schedule + 1} to {tc.steps} continue at the floor, lr "
+            f"{tc.min_lr:.2e} (the cosine is kept, not stretched)")
+    elif tc.steps < schedule:
+        log(f"--steps {tc.steps} stops before the end of the run's {schedule}-step schedule")
+    return dataclasses.replace(tc, schedule_steps=schedule)
+
+
+def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
+    """A fresh run's state, or the state saved in ckpt_path for --resume.
+    init: the pretrained model a fine-tuning run starts from (section 14).
+    mesh: where the weights and optimizer state live, each split by
+    state_shardings (section 15; default: every device, pure data parallel).
+    A checkpoint loads onto any mesh, whatever the devices that wrote it.
+    -> (params, opt_state, history, seed_key, tc): the seed key (saved in the
+    checkpoint) gives the run's key streams; a resumed tc keeps its schedule."""
+    mesh = mesh or make_mesh()
+    if not resume:
+        seed_key = jax.random.PRNGKey(tc.seed)
+        params = initial_weights(run_keys(seed_key)["init"], config, tc, init, mesh)
+        return (params, sharded_adamw_init(params, mesh), {"train": [], "eval": []}, seed_key,
+                tc)
+    if not ckpt_path.is_file():
+        raise InputError(f"--resume: no checkpoint at {ckpt_path}; train without --resume "
+                         "first, or point --out-dir at the run to continue")
+    ckpt = load_checkpoint(ckpt_path, config)
+    check_same_base(ckpt, init, ckpt_path)
+    log(f"resumed from {ckpt_path} at step {int(ckpt['opt_state']['step'])}")
+    if ckpt["format_version"] == 1:
+        log("(a format-1 checkpoint: its key predates run_keys, so the resumed steps draw "
+            "other batches than the original run would have)")
+    params, opt_state = place_state(mesh, (ckpt["params"], ckpt["opt_state"]))
+    return (params, opt_state, ckpt["history"], ckpt["key"],
+            keep_schedule(tc, ckpt["train_config"], log))
+
+
+
+# train() is the loop behind `python llama_jax.py`. It is Part I's train_loop
+# grown for real runs, in pieces: start_run gathers the state (checkpoint or
+# fresh weights, data, metrics), run_steps is the loop, log_progress and
+# evaluate_and_save are what it does every few steps, and train joins them
+# inside stop_requests. The state every piece shares is one dict, `run`.
+
+
+def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
+    """Checks and loads everything a run needs before its first step. -> the
+    run dict: its configs, mesh, data, state (params, opt_state, history,
+    seed_key, keys), metrics records, fixed evaluation batches and paths."""
+    if tc.seq_len > config.max_seq_len:
+        raise InputError(f"--seq-len {tc.seq_len} is longer than the model's context "
+                         f"(max_seq_len {config.max_seq_len}): lower --seq-len")
+    config, tc = run_configs(config, tc)
+    out_dir = Path(out_dir)
+    mesh = mesh or make_mesh()
+    if jax.process_index() != 0:
+        log = lambda *args, **kwargs: None  # noqa: E731 (process 0 speaks for all)
+    check_batch_split(tc, mesh)
+    if init is not None:
+        check_source_tokenizer(init, config)
+        init = {**init, "sha256": tree_sha256(init["params"])}
+    # Will it fit? From shapes alone, before any data is read or code compiled.
+    plan = memory_plan(config, tc, mesh)
+    check_plan_fits(plan, config, tc, mesh)
+    frozen = frozen_base(init, config, tc)  # LoRA's fixed weights, else None
+    if frozen is not None:
+        frozen = place_state(mesh, frozen)
+    question = None  # chat data: the held-out question the final sample answers
+    if str(data_path).endswith(".jsonl"):
+        train_data, val_data, data_note, question = load_chats(data_path, tc.seq_len, init, log)
+    else:
+        train_data, val_data, data_note = load_training_data(data_path, tc.seq_len,
+                                                             init and init["tokenizer"])
+    ckpt_path = out_dir / "ckpt.npz"
+    params, opt_state, history, seed_key, tc = start_or_resume(config, tc, ckpt_path, resume, log,
+                                                               init, mesh)
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    records = start_metrics(out_dir / "metrics.jsonl", resume, int(opt_state["step"]), log)
+    rows = (batch_sharding(mesh),) * 2
+    eval_sets = {name: [place(b, rows) for b in eval_batches(d, tc, name)]
+                 for name, d in (("train", train_data), ("val", val_data))}
+    log(f"model: {count_params(frozen or params) / 1e6:.2f}M parameters ({config.dim} wide, "
+        f"{config.n_layers} layers, {config.n_heads} heads, {config.n_kv_heads} kv heads), "
+        f"{config.compute_dtype} compute{', --remat' if config.remat else ''}")
+    log(f"{describe_batch(tc, mesh)}; {describe_plan(plan)}")
+    if init is not None:
+        log(describe_fine_tuning(init, params, frozen, tc))
+    if question is None:
+        log(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens from "
+            f"{data_path} ({data_note})")
+    else:
+        log(f"data: {data_path}: {data_note}; the loss counts the replies' tokens only")
+    # A text file's tokens live on every device and each step draws its batch
+    # there; a token file's batches are read on the host, one step at a time,
+    # and each device receives its rows.
+    on_device = replicated(mesh, train_data) if isinstance(train_data, np.ndarray) else None
+    return dict(config=config, tc=tc, mesh=mesh, log=log, init=init, frozen=frozen,
+                train_data=train_data, on_device=on_device, rows=rows, eval_sets=eval_sets,
+                params=params, opt_state=opt_state, history=history, seed_key=seed_key,
+                keys=replicated(mesh, run_keys(seed_key)), records=records, pending=[],
+                out_dir=out_dir, ckpt_path=ckpt_path, question=question)
+
+
+def eval_batches(data, tc, split):
+    """The fixed evaluation batches of one split: Part I's fixed_windows of a
+    text's tokens, or for chat data (ChatWindows) every held-out conversation,
+    and the first tc.eval_batches batches of the training ones."""
+    if isinstance(data, ChatWindows):
+        batches = data.batches(tc.batch_size)
+        return batches if split == "val" else batches[:tc.eval_batches]
+    return fixed_windows(data, tc.eval_batches, tc.batch_size, tc.seq_len)
+
+
+def batch_for(run, step):
+    """What run_step draws step `step`'s batch from: the tokens on the device,
+    or the batch read from a token file and placed on the mesh."""
+    if run["on_device"] is not None:
+        return run["on_device"]
+    tc = run["tc"]
+    return place(host_batch(run["train_data"], run["keys"], step, tc.batch_size, tc.seq_len),
+                 run["rows"])
+
+
+def run_weights(run):
+    """What the model runs on: params, or with LoRA the base plus the adapters."""
+    if run["frozen"] is None:
+        return run["params"]
+    return merged_weights(run["frozen"], run["params"], run["tc"])
+
+
+def write_record(run, record):
+    """Keeps a metrics record and appends it to out_dir/metrics.jsonl."""
+    run["records"].append(record)
+    if jax.process_index() == 0:
+        with open(run["out_dir"] / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def save_run(run):
+    """The checkpoint, atomically, and the loss and health plots."""
+    save_checkpoint(run["ckpt_path"], run["params"], run["opt_state"], run["seed_key"],
+                    run["config"], run["tc"], run["history"],
+                    run["init"] and base_record(run["init"]))
+    if jax.process_index() == 0:
+        save_loss_plot(run["history"], run["out_dir"] / "loss.png")
+        save_health_plot(run["records"], run["out_dir"] / "health.png")
+
+
+def evaluate_and_save(run, step):
+    """Part I's evaluation on the fixed windows of both splits, logged,
+    recorded and checkpointed."""
+    weights = run_weights(run)
+    train_loss, val_loss = (evaluate_run(weights, run["config"], run["eval_sets"][s])
+                            for s in ("train", "val"))
+    run["history"]["eval"].append([step, train_loss, val_loss])
+    write_record(run, {"kind": "eval", "step": step, "train_loss": train_loss,
+                       "val_loss": val_loss})
+    run["log"](f"eval  step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f}")
+    save_run(run)
+
+
+def log_progress(run, done, seconds_per_step):
+    """Reads the losses of the steps dispatched since the last line (waiting
+    for them), records step `done`'s metrics and prints Part I's progress
+    line with the gradient norm and the steps clipped since the last line."""
+    tc = run["tc"]
+    healths = read_losses(run["pending"], run["history"])
+    record = health_record(done, run["history"]["train"][-1][1],
+                           float(learning_rate(done - 1, lr_schedule(tc))), seconds_per_step,
+                           tc.batch_size * tc.seq_len, healths)
+    write_record(run, record)
+    if seconds_per_step is None:  # the step that compiled: no speed to report
+        return
+    line = progress_line(done, tc, record["loss"], record["lr"], seconds_per_step)
+    if "grad_norm" in record:
+        line += f" | grad {record['grad_norm']:.2f}"
+        if record["clipped_steps"]:
+            line += f" ({record['clipped_steps']}/{record['steps']} clipped)"
+    run["log"](line)
+
+
+def run_steps(run, stop, time_budget):
+    """The loop: steps until tc.steps, the time budget or a stop request
+    (raised as KeyboardInterrupt); a progress line every tc.log_every steps,
+    evaluate_and_save every tc.eval_every and at the end. With a budget, after
+    10 timed steps and one timed evaluation, the schedule is fitted to it."""
+    log = run["log"]
+    start_step = step = int(run["opt_state"]["step"])
+    t_start = time.perf_counter()
+    deadline = None if time_budget is None else t_start + 60.0 * time_budget
+    while step < run["tc"].steps:
+        tc = run["tc"]
+        run["params"], run["opt_state"], loss, health = run_step(
+            run["params"], run["opt_state"], batch_for(run, step), run["keys"], run["config"],
+            tc, run["frozen"], run["mesh"])
+        run["pending"].append((step, loss, health))
+        done = step + 1
+        if step == start_step:  # the first call compiled the step: time it apart
+            loss.block_until_ready()
+            t_first = t_last = time.perf_counter()
+            step_last = done
+            log(f"compiled and ran the first step in {t_first - t_start:.1f}s")
+        calibrate = deadline is not None and done == start_step + 11 and done < tc.steps
+        # With several processes, all must take the same branches at the same step,
+        # agreed by a collective of their own; the step's collectives must finish
+        # first, or the two could interleave differently on different processes.
+        if jax.process_count() > 1:
+            loss.block_until_ready()
+        out_of_time = deadline is not None and any_process(time.perf_counter() > deadline)[0]
+        last = done == tc.steps or out_of_time
+        evaluate_now = done % tc.eval_every == 0 or last or calibrate
+        if done % tc.log_every == 0 or evaluate_now:
+            now = time.perf_counter()
+            log_progress(run, done, (now - t_last) / (done - step_last) if done > step_last
+                         else None)
+            t_last, step_last = now, done
+        if evaluate_now:
+            if out_of_time and done < tc.steps:
+                log(f"time budget of {time_budget:g} min reached at step {done}: "
+                    "evaluating and saving")
+            evaluate_and_save(run, done)
+            t_last = time.perf_counter()  # evaluation time is not training speed
+            if calibrate:  # a new schedule recompiles: count one more compile
+                tc = fit_schedule_to_budget(
+                    tc, done, deadline - t_last - (t_first - t_start),
+                    (now - t_first) / (done - start_step - 1), t_last - now, time_budget, log)
+                run["tc"] = dataclasses.replace(tc, steps=from_process_0(tc.steps),
+                                                warmup_steps=from_process_0(tc.warmup_steps))
+        if any_process(bool(stop))[0]:
+            raise KeyboardInterrupt
+        step = done
+        if out_of_time:
+            break
+    if start_step >= run["tc"].steps:
+        log(f"nothing to do: the checkpoint is at step {start_step} and --steps is "
+            f"{run['tc'].steps}")
+
+
+def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print,
+          time_budget=None, init=None, mesh=None):
+    """Trains a model and returns {"params", "opt_state", "history", "stopped",
+    "weights"} (weights: the model's, which are params except with LoRA).
+    Writes out_dir/ckpt.npz (atomically) and out_dir/loss.png at every
+    evaluation and at the end. With resume=True, continues from out_dir/ckpt.npz;
+    it must have been written with the same architecture.
+    time_budget (minutes of wall clock, compile included) shortens the run to
+    fit: after 10 timed steps and one timed evaluation, tc.steps is lowered so
+    that the cosine schedule ends inside the budget (the step recompiles once
+    for the new schedule), and a run that still reaches the budget stops there
+    cleanly, evaluates and checkpoints.
+    init: fine-tune this pretrained model (load_source, section 14) instead of
+    starting from random weights; its tokenizer reads the data.
+    mesh: the devices to train on (make_mesh, section 15; default: all of
+    them, data parallel). With several processes, every one calls train;
+    only process 0 logs and writes files."""
+    run = start_run(config, tc, data_path, out_dir, resume, log, init, mesh)
+    stopped, ckpt_path = None, run["ckpt_path"]
+    with stop_requests(run["log"]) as stop:
+        try:
+            run_steps(run, stop, time_budget)
+        except FloatingPointError as err:
+            run["log"](f"stopped: the loss became non-finite at step {int(err.args[0]) + 1}; the "
+                       f"last good checkpoint ({ckpt_path}) was kept. Lower --lr or check the data.")
+            stopped = "non-finite"
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+            state = (run["params"], run["opt_state"])
+            if any(x.is_deleted() for x in jax.tree_util.tree_leaves(state)):
+                run["log"](f"aborted inside a step: {ckpt_path} keeps the last saved state")
+            else:
+                run["history"]["train"] += [[s + 1, float(v)]
+                                            for s, v, _ in jax.device_get(run["pending"])]
+                run["log"](f"interrupted: saving a checkpoint at step "
+                           f"{int(run['opt_state']['step'])} to {ckpt_path}; continue with --resume")
+                save_run(run)
+    return {"params": run["params"], "opt_state": run["opt_state"], "history": run["history"],
+            "stopped": stopped, "weights": None if stopped == "interrupted" else run_weights(run),
+            "question": run["question"]}
+
+
+def token_nats(params, inputs, targets, config):
+    """Each target's cross-entropy: int32[B, T] twice -> float32[B, T] nats."""
+    logits, _ = model_forward(params, inputs, config)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+token_nats_jit = jax.jit(token_nats, static_argnames=("config",))
+
+
+def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=None, log=None):
+    """The model's loss on every token of `text`, so that models with different
+    tokenizers can be compared (bits per byte). The text is encoded, the
+    tokenizer's start token (<|endoftext|> for GPT-2, <|begin_of_text|> for
+    Llama 3) put in front as the first token's context, and the tokens cut
+    into windows of seq_len predictions (default: the model's context, at most
+    1,024) that do not overlap: every token is predicted once, from the tokens
+    before it in its window. Batches hold about 4,096 tokens (their float32
+    logits: 0.8 GB at V = 50,257). One compiled shape: the last batch is padded
+    and masked.
+    log: called with a progress line every 5 seconds on long texts.
+    -> {"tokens", "bytes", "nats_per_token", "perplexity", "bits_per_byte"}."""
+    start = special_token(tokenizer, ENDOFTEXT, "<|begin_of_text|>")
+    # Without a start token the first token is only context, not predicted.
+    ids = ([] if start is None else [start]) + list(tokenizer.encode_ordinary(text))
+    if len(ids) < 2:
+        raise InputError("the text is too short to evaluate: it needs at least two tokens")
+    # The tokens spell the text's bytes exactly, so the predicted ones (all but
+    # ids[0]) hold all of them, less the first token's when it is the text's.
+    n_bytes = len(text.encode("utf-8"))
+    if start is None:
+        n_bytes -= len(tokenizer.decode_single_token_bytes(ids[0]))
+    T = min(seq_len or min(config.max_seq_len, 1024), config.max_seq_len)
+    batch_size = batch_size or max(1, 4096 // T)
+    n_pred = len(ids) - 1
+    n_windows = -(-n_pred // T)
+    padded = np.zeros(n_windows * T + 1, np.int32)
+    padded[:len(ids)] = ids
+    inputs = padded[:-1].reshape(n_windows, T)
+    targets = padded[1:].reshape(n_windows, T)
+    mask = (np.arange(n_windows * T) < n_pred).reshape(n_windows, T)
+    total, t0, shown = 0.0, time.perf_counter(), time.perf_counter()
+    for i in range(0, n_windows, batch_size):
+        rows = slice(i, i + batch_size)
+        x, y, m = inputs[rows], targets[rows], mask[rows]
+        if len(x) < batch_size:  # pad the last batch to the compiled shape
+            pad = batch_size - len(x)
+            x, y = np.pad(x, ((0, pad), (0, 0))), np.pad(y, ((0, pad), (0, 0)))
+            m = np.pad(m, ((0, pad), (0, 0)))
+        nats = np.asarray(token_nats_jit(params, jnp.asarray(x), jnp.asarray(y), config),
+                          np.float64)
+        total += float(np.sum(nats * m))
+        done = min(i + batch_size, n_windows)
+        if log is not None and time.perf_counter() - shown > 5 and done < n_windows:
+            shown = time.perf_counter()
+            rate = done / (shown - t0)
+            log(f"eval {done}/{n_windows} windows of {T} tokens | "
+                f"ETA {format_duration((n_windows - done) / rate)}")
+    nats_per_token = total / n_pred
+    return {"tokens": n_pred, "bytes": n_bytes, "nats_per_token": nats_per_token,
+            "perplexity": math.exp(nats_per_token),
+            "bits_per_byte": total / math.log(2) / max(n_bytes, 1)}
+
+
+
+# =============================================================================
+# 17. Command line
+# =============================================================================
+
+
+# The defaults a new user gets, chosen by measurement (docs/results.md).
+# compute_dtype "auto" is decided per machine by auto_compute_dtype (section 9).
+PRESETS = {
+    # 2-core CPU: 10 min 51 s on an Intel Xeon (docs/results.md). Narrow
+    # (128), so that the output layer, most of the FLOPs, costs half what it
+    # does at 256 and the same minutes hold 1,000 steps instead of 600: on the
+    # held-out plays, that beat the width-256, 600-step preset by 0.18 nats
+    # per token (docs/results.md). About three passes over the corpus, so no
+    # dropout; small batches give more optimizer steps in the time.
+    "cpu": (dict(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=256,
+                 dropout_rate=0.0, tie_embeddings=True, compute_dtype="auto"),
+            dict(steps=1000, batch_size=8, seq_len=128, lr=3e-3, min_lr=1.5e-4, warmup_steps=50,
+                 eval_every=100)),
+    # One H100/H200, bfloat16 compute. Not yet measured (docs/gpu.md): a wider,
+    # deeper model with dropout, for about 20 passes over the corpus.
+    "gpu": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512,
+                 dropout_rate=0.2, tie_embeddings=True, compute_dtype="bfloat16",
+                 vocab_multiple=128),
+            dict(steps=800, batch_size=32, seq_len=256, lr=1e-3, min_lr=1e-4,
+                 warmup_steps=100, eval_every=100)),
+}
 
 
 def preset_help(field):
     """'cpu preset: 256, gpu preset: 512' for a --help text, read from PRESETS
     (a field a preset leaves out takes the config's default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    defaults.update({f.name: f.default for f in dataclasses.fields(TrainConfig)})
+    defaults = {f.name: f.default for f in dataclasses.fields(RunModelConfig)}
+    defaults.update({f.name: f.default for f in dataclasses.fields(RunTrainConfig)})
     return ", ".join(f"{name} preset: {({**defaults, **model, **training})[field]}"
                      for name, (model, training) in PRESETS.items())
 
@@ -3741,7 +4499,7 @@ def build_parser():
                     "checkpoint to out/, draw out/loss.png and out/health.png, then print a "
                     "sample.",
         epilog="Model and training flags left out take the preset's value; the presets are "
-               "listed in PRESETS at the top of llama_jax.py and in the README.")
+               "listed in PRESETS (llama_jax.py, section 17) and in docs/results.md.")
     mode = p.add_argument_group("what to do")
     mode.add_argument("--sample", action="store_true",
                       help="sample from the checkpoint in --out-dir (or --hf-checkpoint) "
@@ -3763,6 +4521,15 @@ def build_parser():
                            "--gguf / --hf-checkpoint, as a Hugging Face folder (config.json, "
                            "model.safetensors and the base's tokenizer files) that "
                            "transformers loads; DIR must be new or empty")
+    mode.add_argument("--export-gguf", metavar="FILE",
+                      help="write the run in --out-dir (a LoRA run merged into its base), or "
+                           "--gguf / --hf-checkpoint, as a GGUF file that llama.cpp (and "
+                           "ollama, LM Studio, llama-cpp-python) runs: the weights, the "
+                           "tokenizer and the chat template; FILE must not exist (needs the "
+                           "gguf package)")
+    mode.add_argument("--gguf-type", choices=GGUF_TYPES,
+                      help="with --export-gguf: how matrices are stored: f32, f16 (default) "
+                           "or q8_0 (llama.cpp's 8-bit blocks: 32 weights, one f16 scale)")
     mode.add_argument("--json", action="store_true",
                       help="with --bench or --eval: print JSON instead of text")
     mode.add_argument("--preset", choices=sorted(PRESETS),
@@ -3825,7 +4592,7 @@ def build_parser():
                             "the float32 logits would exceed 1 GiB, or for float32 compute on "
                             "a CPU, where it is faster (default auto)")
     model.add_argument("--loss-block", type=int,
-                       help=f"tokens per block of the blockwise loss (default {ModelConfig.loss_block})")
+                       help=f"tokens per block of the blockwise loss (default {RunModelConfig.loss_block})")
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
                        help="matmul dtype; weights and optimizer stay float32. auto: "
                             "bfloat16 on a GPU, or on a CPU where it is faster (AMD with "
@@ -3846,14 +4613,14 @@ def build_parser():
     training.add_argument("--health", action=argparse.BooleanOptionalAction, default=None,
                           help="per-block gradient norms, update/weight ratios, residual RMS and "
                                "attention entropy from each step, to OUT/metrics.jsonl and "
-                               "OUT/health.png (default on; they cost about 2%% of the speed)")
+                               "OUT/health.png (default on; tools/bench_health.py measures their cost)")
     training.add_argument("--seed", type=int, help=f"seeds the init, batch and dropout streams ({preset_help('seed')})")
     training.add_argument("--time-budget", type=float, metavar="MINUTES",
                           help="train for at most this much wall clock (compile included): "
                                "after 10 timed steps --steps is lowered so that the learning-"
                                "rate schedule ends inside the budget, and the run stops "
                                "cleanly at the budget (evaluate, checkpoint, sample)")
-    scale = p.add_argument_group("many devices and hosts (README, \"Scaling out\")")
+    scale = p.add_argument_group("many devices and hosts (docs/scaling.md)")
     scale.add_argument("--fsdp", default="1", metavar="N",
                        help="devices per FSDP group: weights and AdamW moments are split over N "
                             "devices and gathered when used (1, the default: pure data parallel, "
@@ -3899,10 +4666,12 @@ def build_parser():
     sampling.add_argument("--top-p", type=float,
                           help="nucleus sampling: the smallest set reaching this probability "
                                "(default: off)")
-    sampling.add_argument("--hf-checkpoint", help="with --sample, --eval or --chat: a Hugging "
-                                                  "Face Llama folder (config.json + safetensors)")
+    sampling.add_argument("--hf-checkpoint", help="with --sample, --eval, --chat, --bench or an "
+                                                  "export: a Hugging Face Llama folder "
+                                                  "(config.json + safetensors)")
     sampling.add_argument("--gguf", metavar="FILE",
-                          help="with --sample, --eval or --chat: a llama.cpp GGUF file of the "
+                          help="with --sample, --eval, --chat, --bench or an export: a "
+                               "llama.cpp GGUF file of the "
                                "llama architecture, with its own tokenizer (needs the gguf "
                                "package; --dtype bfloat16 keeps the weights in bfloat16)")
     sampling.add_argument("--tokenizer", choices=["gpt2"],
@@ -3930,7 +4699,8 @@ def matmul_seconds(a, b, repeats=5):
 def decoding_config(config):
     """The config to sample with. Decoding one token at a time reads every
     weight per token, so it is bound by memory, not matmul speed; on CPU,
-    XLA's float32 matrix-vector products beat bfloat16 ones (README, Speed)."""
+    XLA's bfloat16 matrix-vector products convert each weight before they
+    multiply, and ran slower than float32 ones (docs/speed.md)."""
     if jax.default_backend() == "cpu":
         return dataclasses.replace(config, compute_dtype="float32")
     return config
@@ -3962,7 +4732,7 @@ def resolve_configs(args):
             model["compute_dtype"], why = auto_compute_dtype()
         print(f"--dtype auto: {model['compute_dtype']} matmuls ({why})", flush=True)
     training["min_lr"] = min(training.get("min_lr", TrainConfig.min_lr), training["lr"])
-    return ModelConfig(**model), TrainConfig(**training)
+    return RunModelConfig(**model), RunTrainConfig(**training)
 
 
 def special_token(tokenizer, *names):
@@ -4019,7 +4789,7 @@ def print_sample(params, config, tokenizer, args, key, log=print):
 # fit: a pretrained model needs far smaller steps than one trained from
 # scratch, and LoRA's few, freshly initialised weights take larger ones (the
 # LoRA paper used 2e-4 to 5e-4 on GPT-2 Medium and RoBERTa; a short CPU run of a
-# small model takes the top of that range and more: README "Fine-tuning").
+# small model takes the top of that range and more: docs/finetuning.md).
 FINE_TUNING = {"full": dict(lr=5e-5, min_lr=5e-6, warmup_steps=10),
                "lora": dict(lr=1e-3, min_lr=1e-4, warmup_steps=10)}
 ARCHITECTURE_FLAGS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
@@ -4045,10 +4815,10 @@ def fine_tuning_configs(args, source):
                                  loss_block=preset.loss_block, remat=preset.remat)
     lora = dict(lora_rank=args.lora_rank or 0, lora_alpha=args.lora_alpha or 16.0,
                 lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets
-                else TrainConfig.lora_targets)
+                else RunTrainConfig.lora_targets)
     saved = checkpoint_meta(Path(args.out_dir) / "ckpt.npz") if args.resume else None
     if saved:  # a resumed run keeps its adapters' shape; a flag may only repeat it
-        saved_tc = config_from_json(TrainConfig, saved["train_config"])
+        saved_tc = config_from_json(RunTrainConfig, saved["train_config"])
         for name in lora:
             ours, theirs = lora[name], getattr(saved_tc, name)
             if getattr(args, name) is not None and ours != theirs:
@@ -4102,7 +4872,8 @@ def run_train(args):
     if init is None:
         print_sample(weights, decoding_config(config), get_tokenizer(), args, key, log)
     else:
-        sample_model(dict(init, params=weights, config=config), args, key, log)
+        sample_model(dict(init, params=weights, config=config), args, key, log,
+                     result["question"])
     return 0
 
 
@@ -4144,20 +4915,25 @@ def peak_rss_gb():
 FINE_TUNED_CHAT_PROMPT = "Write a few lines of a play."
 
 
-def sample_model(model, args, key, log=print):
+def sample_model(model, args, key, log=print, question=None):
     """A sample from a model (load_source's dict): a chat reply to --prompt
-    when the model has a chat format, else a continuation of it."""
+    when the model has a chat format, else a continuation of it. question: a
+    conversation to reply to instead (chat data's first held-out question)."""
     config, tokenizer = decoding_config(model["config"]), model["tokenizer"]
     try:
         chat_prompt([{"role": "user", "content": "hi"}], tokenizer, model["chat_template"])
     except (InputError, AttributeError):  # no chat format (or no tokenizer)
         return print_sample(model["params"], config, tokenizer, args, key, log)
     text = FINE_TUNED_CHAT_PROMPT if args.prompt == PROMPT_DEFAULT else args.prompt
-    log(f"--- chat sample (temperature {args.temperature}, top-k {args.top_k or 'off'}) ---")
-    log(f"user> {text}")
+    held_out = bool(question) and args.prompt == PROMPT_DEFAULT
+    messages = ([dict(m) for m in question] if held_out
+                else [{"role": "user", "content": text}])
+    log(f"--- chat sample (temperature {args.temperature}, top-k {args.top_k or 'off'})"
+        f"{', a held-out question' if held_out else ''} ---")
+    for m in messages:
+        log(f"{m['role']}> {m['content']}")
     print("model> ", end="", flush=True)
-    chat_turn(model["params"], config, tokenizer, [{"role": "user", "content": text}], args,
-              key, model["chat_template"])
+    chat_turn(model["params"], config, tokenizer, messages, args, key, model["chat_template"])
 
 
 def load_model(args):
@@ -4187,6 +4963,23 @@ def run_export(args):
     """--export-hf DIR: the run in --out-dir (LoRA merged), or --gguf /
     --hf-checkpoint, as a Hugging Face folder."""
     export_hf(load_model(args), args.export_hf, functools.partial(print, flush=True))
+    return 0
+
+
+def run_export_gguf(args):
+    """--export-gguf FILE: the run in --out-dir (LoRA merged), or --gguf /
+    --hf-checkpoint, as a GGUF file of --gguf-type."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise InputError("--export-gguf needs the gguf package (llama.cpp's writer): "
+                         "pip install gguf")
+    kind = args.gguf_type or "f16"
+    model = load_model(args)
+    check_gguf_export(args.export_gguf, model["config"], model["tokenizer"], kind)  # before work
+    save_gguf(args.export_gguf, model["params"], model["config"], model["tokenizer"], kind,
+              model["chat_template"], model["special"], name=Path(model["source"]).stem,
+              log=functools.partial(print, flush=True))
     return 0
 
 
@@ -4279,7 +5072,7 @@ def measured_matmul_peak(dtype, n=2048, repeats=5):
 
 
 def bench_train(config, tc, n_steps, mesh=None):
-    """-> dict with compile time, ms/step and tokens/s of train_step (in
+    """-> dict with compile time, ms/step and tokens/s of run_step (in
     total, and per device of the mesh; default: every device)."""
     mesh = mesh or make_mesh()
     data = replicated(mesh, np.random.RandomState(0).randint(0, config.vocab_size, 1_000_000,
@@ -4288,16 +5081,16 @@ def bench_train(config, tc, n_steps, mesh=None):
     opt_state = sharded_adamw_init(params, mesh)
     key = replicated(mesh, run_keys(jax.random.PRNGKey(2)))
     t0 = time.perf_counter()
-    params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc, None, mesh)
+    params, opt_state, loss, _ = run_step(params, opt_state, data, key, config, tc, None, mesh)
     loss.block_until_ready()
     compile_s = time.perf_counter() - t0
     for _ in range(2):
-        params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc, None,
+        params, opt_state, loss, _ = run_step(params, opt_state, data, key, config, tc, None,
                                                 mesh)
     loss.block_until_ready()
     t0 = time.perf_counter()
     for _ in range(n_steps):
-        params, opt_state, loss, _ = train_step(params, opt_state, data, key, config, tc, None,
+        params, opt_state, loss, _ = run_step(params, opt_state, data, key, config, tc, None,
                                                 mesh)
     loss.block_until_ready()
     per_step = (time.perf_counter() - t0) / n_steps
@@ -4305,7 +5098,7 @@ def bench_train(config, tc, n_steps, mesh=None):
     return {"compile_s": compile_s, "ms_per_step": per_step * 1e3,
             "train_tokens_per_s": tokens_per_s, "devices": mesh.size,
             "train_tokens_per_s_per_device": tokens_per_s / mesh.size,
-            "recompiled": train_step._cache_size() > 1}, params
+            "recompiled": run_step._cache_size() > 1}, params
 
 
 def loss_buffer_bytes(config, n_tokens):
@@ -4379,8 +5172,36 @@ def bench_decode(params, config, batch, n_new, n_naive):
             "naive_tokens_per_s": naive, "speedup": cached / naive}
 
 
+def bench_loaded_model(args):
+    """--bench with --gguf or --hf-checkpoint: that model's decoding at batch
+    1 and 8. Its training step is not timed (--bench trains the preset's
+    random model; tools/bench_finetune.py times fine-tuning), and it says so."""
+    model = load_model(args)
+    config, params = decoding_config(model["config"]), model["params"]
+    name = getattr(jax.devices()[0], "device_kind", jax.default_backend())
+    n_new = min(64, config.max_seq_len - 16)
+
+    def emit(record, text):
+        print(json.dumps({"device": name, "model": model["source"], **record}) if args.json
+              else text, flush=True)
+
+    emit({"kind": "train", "skipped": "a loaded model's training step is not timed"},
+         f"model  {model['source']}: {count_params(params) / 1e6:.1f}M params, "
+         f"{config.compute_dtype}; training not timed (--bench trains the preset's random "
+         "model; for fine-tuning speed: python tools/bench_finetune.py)")
+    for batch in (1, 8):
+        d = bench_decode(params, config, batch, n_new, n_naive=2)
+        emit({"kind": "decode", **d},
+             f"decode batch {batch}: cached {d['decode_tokens_per_s']:,.1f} tok/s, naive full "
+             f"recompute {d['naive_tokens_per_s']:,.2f} tok/s ({d['speedup']:,.0f}x)")
+    return 0
+
+
 def run_bench(args):
-    """Times the training step and decoding for the preset (or flags)."""
+    """Times the training step and decoding for the preset (or flags), or the
+    decoding of --gguf / --hf-checkpoint's model (bench_loaded_model)."""
+    if args.gguf or args.hf_checkpoint:
+        return bench_loaded_model(args)
     on_gpu = jax.default_backend() == "gpu"
     if args.batch_size is None:
         args.batch_size = 16 if on_gpu else 8
@@ -4445,12 +5266,71 @@ def run_bench(args):
     return 0
 
 
+# Which flags each mode reads. A flag given to a mode that does not read it is
+# refused (check_flags), not silently dropped: `--sample --lr 1e-3` would
+# otherwise look as if it did something.
+MODEL_FLAGS = {"dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "dropout",
+               "tie_embeddings", "loss_impl", "loss_block", "remat", "dtype"}
+TRAINING_FLAGS = {"steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
+                  "weight_decay", "eval_every", "log_every", "health", "seed", "time_budget",
+                  "resume", "init_from", "lora_rank", "lora_alpha", "lora_targets",
+                  "grad_accum", "data", "preset", "fsdp", "coordinator", "num_processes",
+                  "process_id", "coordinator_timeout"}
+SAMPLING_FLAGS = {"prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p",
+                  "seed"}
+SOURCE_FLAGS = {"gguf", "hf_checkpoint", "tokenizer", "out_dir", "dtype"}
+MODES = {
+    "train": MODEL_FLAGS | TRAINING_FLAGS | SAMPLING_FLAGS | {"out_dir"},
+    "plan": MODEL_FLAGS | TRAINING_FLAGS | {"out_dir"},
+    "prepare": {"data", "init_from"},
+    "bench": MODEL_FLAGS | {"batch_size", "seq_len", "fsdp", "grad_accum", "json", "preset",
+                            "max_new_tokens"} | SOURCE_FLAGS,
+    "sample": SOURCE_FLAGS | SAMPLING_FLAGS,
+    "eval": SOURCE_FLAGS | {"seq_len", "json"},
+    "chat": SOURCE_FLAGS | SAMPLING_FLAGS,
+    "export_hf": SOURCE_FLAGS,
+    "export_gguf": SOURCE_FLAGS | {"gguf_type"},
+}
+
+
+def check_flags(parser, args):
+    """Refuses two modes at once and any flag the chosen mode does not read
+    (MODES), naming it. -> the mode."""
+    options = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    given = {a.dest for a in parser._actions
+             if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default}
+    modes = [m for m in MODES if m != "train" and m in given]
+    if len(modes) > 1:
+        raise InputError(f"{' and '.join(options[m] for m in modes)}: choose one of them per "
+                         "command")
+    mode = modes[0] if modes else "train"
+    if "tokenizer" in given and "hf_checkpoint" not in given:
+        raise InputError("--tokenizer applies to --hf-checkpoint's folder only")
+    if "gguf" in given and "hf_checkpoint" in given:
+        raise InputError("--gguf and --hf-checkpoint: give one model")
+    if mode == "bench" and given & {"gguf", "hf_checkpoint"}:
+        extra = given & (MODEL_FLAGS - {"dtype"} | {"batch_size", "seq_len", "fsdp",
+                                                    "grad_accum", "preset"})
+    else:
+        extra = given - MODES[mode] - {mode}
+    if extra:
+        names = ", ".join(sorted(options[d] for d in extra))
+        what = "training" if mode == "train" else options[mode]
+        hint = (" (to train from a model, use --init-from)" if mode == "train"
+                and given & {"gguf", "hf_checkpoint"} else "")
+        raise InputError(f"{names}: not used by {what}{hint}, so refused rather than ignored; "
+                         "drop it, or see --help for what each mode reads")
+    return mode
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        check_flags(parser, args)
         many = start_distributed(args)  # before anything asks JAX for its devices
         if many and (args.prepare or args.bench or args.sample or args.eval or args.chat
-                     or args.export_hf):
+                     or args.export_hf or args.export_gguf):
             raise InputError("several processes train (or --plan) together; run the other "
                              "modes as one process")
         if args.plan:
@@ -4478,6 +5358,8 @@ def main(argv=None):
             return run_chat(args)
         if args.export_hf:
             return run_export(args)
+        if args.export_gguf:
+            return run_export_gguf(args)
         return run_train(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

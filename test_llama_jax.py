@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ import llama_jax as L
 HERE = Path(__file__).resolve().parent
 
 # GQA on (4 query heads share 2 K/V heads), vocabulary padded 97 -> 128.
-TINY = L.ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+TINY = L.ModelConfig(tie_embeddings=False, vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                      max_seq_len=32, norm_eps=1e-5)
 
 
@@ -285,7 +286,7 @@ def test_half_split_rope_equals_metas_interleaved_complex_rope_after_permutation
 
 def test_gradients_match_finite_differences():
     # The explicit attention path: the fused kernel computes scores in float32.
-    config = L.ModelConfig(vocab_size=11, dim=8, n_layers=1, n_heads=2, n_kv_heads=1,
+    config = L.ModelConfig(tie_embeddings=False, vocab_size=11, dim=8, n_layers=1, n_heads=2, n_kv_heads=1,
                            max_seq_len=8, vocab_multiple=8, fused_attention=False)
     with jax.enable_x64(True):
         params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64),
@@ -387,16 +388,23 @@ def test_bfloat16_compute_agrees_with_float32():
     np.testing.assert_allclose(a, b, atol=0.05, rtol=0.05)
     assert float(L.eval_loss(params, batch, bf16)) == pytest.approx(
         float(L.eval_loss(params, batch, TINY)), rel=1e-2)
-    # The bfloat16 backward pass (_dense_bf16) gives nearly the float32 gradient.
+    # The bfloat16 backward pass gives nearly the float32 gradient: JAX's
+    # (Part I's ModelConfig.matmul) and the hand-written one (_dense_bf16, Part
+    # II's RunModelConfig), which must also agree with each other.
     grad = jax.jit(jax.grad(L.compute_loss), static_argnames="config")
-    g32, g16 = grad(params, batch, config=TINY), grad(params, batch, config=bf16)
-    for a, b in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)):
-        cosine = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)
-        assert b.dtype == jnp.float32 and float(cosine) > 0.99
+    g32 = grad(params, batch, config=TINY)
+    g_autodiff = grad(params, batch, config=bf16)
+    g_written = grad(params, batch, config=L.run_configs(bf16)[0])
+    for g16 in (g_autodiff, g_written):
+        for a, b in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)):
+            cosine = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)
+            assert b.dtype == jnp.float32 and float(cosine) > 0.99
+    for a, b in zip(jax.tree_util.tree_leaves(g_autodiff), jax.tree_util.tree_leaves(g_written)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-2 * float(jnp.max(jnp.abs(a))))
     # The master weights stay float32 through a training step.
     tc = L.TrainConfig(batch_size=2, seq_len=8, steps=2)
     data = jnp.arange(200) % TINY.vocab_size
-    new, opt, _, _ = L.train_step(params, L.adamw_init(params), data,
+    new, opt, _, _ = L.run_step(params, L.adamw_init(params), data,
                                L.run_keys(jax.random.PRNGKey(0)), bf16, tc)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))
 
@@ -424,6 +432,125 @@ def test_tokenizer_round_trips_the_corpus():
     ids = enc.encode_ordinary(text)
     assert 250_000 < len(ids) < 500_000
     assert enc.decode(ids) == text
+
+
+# ----------------------------------------------------------------------------- Part I and Part II
+
+
+def module_parts():
+    """llama_jax.py's top-level statements before and after the Part II banner."""
+    import ast
+
+    source = (HERE / "llama_jax.py").read_text()
+    lines = source.splitlines()
+    banner = [i for i, line in enumerate(lines, 1)
+              if line.startswith("#") and line.strip("# ").startswith("Part II:")]
+    assert len(banner) == 1, "one banner line, '# ... Part II: ...', opens Part II"
+    tree = ast.parse(source)
+    return (lines[:banner[0] - 1], [n for n in tree.body if n.lineno < banner[0]],
+            [n for n in tree.body if n.lineno > banner[0]])
+
+
+def test_part_one_uses_no_name_that_part_two_defines():
+    import ast
+
+    _, part1, part2 = module_parts()
+    defined = set()
+    for node in part2:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        for target in getattr(node, "targets", []) + [getattr(node, "target", None)]:
+            defined |= {n.id for n in ast.walk(target or ast.Pass()) if isinstance(n, ast.Name)}
+    used = {n.id for node in part1 for n in ast.walk(node) if isinstance(n, ast.Name)}
+    assert {"run_step", "RunModelConfig", "train"} <= defined  # the walk sees Part II
+    assert "compute_loss" in used and "forward_hidden" in used  # ... and Part I
+    assert not used & defined, f"Part I uses names Part II defines: {sorted(used & defined)}"
+
+
+def test_part_one_is_short_and_its_functions_fit_a_screen():
+    import ast
+
+    lines, part1, _ = module_parts()
+    assert len(lines) <= 1200, f"Part I has {len(lines)} lines"
+    functions = [n for node in part1 for n in ast.walk(node)
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    long = {f.name: f.end_lineno - f.lineno + 1 for f in functions
+            if f.end_lineno - f.lineno + 1 > 60}
+    assert not long, f"Part I functions over 60 lines: {long}"
+
+
+def test_part_one_mutates_no_argument_while_traced():
+    # Pure in the module's sense. Statically: no Part I function appends to,
+    # updates, or assigns into one of its own arguments.
+    import ast
+
+    _, part1, _ = module_parts()
+    mutating = {"append", "extend", "insert", "update", "pop", "clear", "setdefault", "remove"}
+    for fn in (n for node in part1 for n in ast.walk(node) if isinstance(n, ast.FunctionDef)):
+        args = {a.arg for a in fn.args.args + fn.args.kwonlyargs} - {"self"}
+        for n in ast.walk(fn):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+                target, name = n.func.value, n.func.attr
+                assert not (isinstance(target, ast.Name) and target.id in args
+                            and name in mutating), f"{fn.name} calls {target.id}.{name}"
+            for t in getattr(n, "targets", []) + [getattr(n, "target", None)]:
+                if isinstance(t, (ast.Subscript, ast.Attribute)) and isinstance(t.value, ast.Name):
+                    assert t.value.id not in args, f"{fn.name} assigns into {t.value.id}"
+    # And by running: the loss, its gradient, a cached forward pass and the
+    # sampler leave every argument as it was (same leaves, same values).
+    config = dataclasses.replace(TINY, dropout_rate=0.1)
+    params = random_params(config)
+    tokens = tokens_for(config, 2, 8)
+    batch = (tokens, jnp.roll(tokens, -1, 1))
+    before = jax.tree_util.tree_map(np.array, params)
+    key = jax.random.PRNGKey(0)
+    jax.jit(jax.grad(L.compute_loss), static_argnames=("config", "training"))(
+        params, batch, config, True, key)
+    L.model_forward(params, tokens, config, L.init_cache(config, 2), 0)
+    L.generate(params, [1, 2, 3], 4, config, key)
+    after = jax.tree_util.tree_map(np.array, params)
+    assert jax.tree_util.tree_structure(after) == jax.tree_util.tree_structure(before)
+    for a, b in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_part_one_step_equals_part_two_step_without_its_options():
+    # Part I's plain step and Part II's run_step (health off, the plain loss,
+    # one device) are the same optimisation: same loss, same new weights.
+    config = dataclasses.replace(L.run_configs(TINY)[0], loss_impl="plain", dropout_rate=0.1)
+    tc = L.RunTrainConfig(batch_size=2, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
+    data = jnp.asarray(tokens_for(config, 1, 300)[0])
+    keys = L.run_keys(jax.random.PRNGKey(0))
+    p1 = random_params(config)
+    p2 = jax.tree_util.tree_map(jnp.array, p1)
+    o1, o2 = L.adamw_init(p1), L.adamw_init(p2)
+    for step in range(3):
+        batch_key, dropout_key = L.step_keys(keys, step)
+        batch = L.get_batch(batch_key, data, tc.batch_size, tc.seq_len)
+        p1, o1, loss1 = L.train_step(p1, o1, batch, dropout_key, config, tc)
+        p2, o2, loss2, health = L.run_step(p2, o2, data, keys, config, tc)
+        assert health == {}
+        np.testing.assert_allclose(loss1, loss2, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_part_one_training_loop_lowers_the_validation_loss():
+    config = L.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                           max_seq_len=16, vocab_multiple=1)
+    tc = L.TrainConfig(steps=60, batch_size=8, seq_len=16, lr=1e-2, warmup_steps=5,
+                       eval_every=30, eval_batches=2, log_every=20)
+    # A text with structure to learn: a repeated ramp of 64 token ids.
+    data = np.arange(6000, dtype=np.int32) % 64
+    lines = []
+    params, opt_state, history = L.train_loop(config, tc, data[:5400], data[5400:],
+                                              log=lines.append)
+    assert int(opt_state["step"]) == 60
+    assert [s for s, _ in history["train"]] == list(range(1, 61))
+    first, last = history["eval"][0][2], history["eval"][-1][2]
+    assert last < first < np.log(64) and last < 1.0
+    assert sum(line.startswith("step") for line in lines) == 3
+    assert sum(line.startswith("eval") for line in lines) == 2
 
 
 def test_import_prints_nothing_and_creates_no_file(tmp_path):
@@ -459,11 +586,12 @@ def test_loss_is_mean_cross_entropy_against_numpy():
 def test_blockwise_loss_and_gradients_equal_the_plain_path(tied, dtype):
     # 3 x 11 = 33 tokens in blocks of 8: the last block holds one real row and
     # seven padding rows; the vocabulary is padded 97 -> 128.
-    config = dataclasses.replace(TINY, tie_embeddings=tied, compute_dtype=dtype, loss_block=8)
+    config = dataclasses.replace(L.run_configs(TINY)[0], tie_embeddings=tied,
+                                 compute_dtype=dtype, loss_block=8)
     params = random_params(config)
     tokens = tokens_for(config, 3, 12)
     batch = (tokens[:, :-1], tokens[:, 1:])
-    grad = jax.jit(jax.value_and_grad(L.compute_loss), static_argnames="config")
+    grad = jax.jit(jax.value_and_grad(L.run_loss), static_argnames="config")
     plain, g_plain = grad(params, batch, config=dataclasses.replace(config, loss_impl="plain"))
     block, g_block = grad(params, batch, config=dataclasses.replace(config, loss_impl="blockwise"))
     # float32: the same sums in another order; bfloat16: the gradient of the
@@ -475,7 +603,7 @@ def test_blockwise_loss_and_gradients_equal_the_plain_path(tied, dtype):
         np.testing.assert_allclose(b, a, rtol=0, atol=tol * float(jnp.max(jnp.abs(a))),
                                    err_msg=jax.tree_util.keystr(path))
     # Evaluation runs the primal function (no gradient work): the same loss.
-    assert float(L.eval_loss(params, batch, dataclasses.replace(config, loss_impl="blockwise"))
+    assert float(L.run_eval_loss(params, batch, dataclasses.replace(config, loss_impl="blockwise"))
                  ) == pytest.approx(float(plain), rel=1e-6)
 
 
@@ -483,8 +611,8 @@ def test_blockwise_loss_and_gradients_equal_the_plain_path(tied, dtype):
 def test_blockwise_gradients_against_a_float64_oracle(block):
     # dL/dh and dL/dW of mean(logsumexp(h W) - (h W)[target]) with V = 13 of
     # a padded 16, written out in NumPy: (softmax - one_hot) / N.
-    config = L.ModelConfig(vocab_size=13, dim=6, n_layers=1, n_heads=1, n_kv_heads=1,
-                           vocab_multiple=16, loss_block=block)
+    config = L.RunModelConfig(vocab_size=13, dim=6, n_layers=1, n_heads=1, n_kv_heads=1,
+                              vocab_multiple=16, loss_block=block)
     rng = np.random.default_rng(0)
     N = 21
     h, w = rng.normal(size=(N, 6)), rng.normal(size=(6, 16))
@@ -517,7 +645,7 @@ def test_blockwise_loss_of_a_128k_vocabulary_fits_in_a_gigabyte():
     # logits and their gradient, 2 x 8.4 GB.
     # loss_buffer_bytes is what --bench reports.
     D, N = 256, 8 * 2048
-    config = L.ModelConfig(vocab_size=128256, dim=D, compute_dtype="bfloat16")
+    config = L.RunModelConfig(vocab_size=128256, dim=D, compute_dtype="bfloat16")
     assert config.padded_vocab == 128256
     assert L.use_blockwise(config, N)  # what "auto" picks here
     temp = L.loss_buffer_bytes(config, N)
@@ -536,7 +664,7 @@ def test_auto_choices_follow_the_hardware_and_the_dtype():
     assert "0.57x" in L.auto_compute_dtype(intel)[1]  # the reason names the measurement
     # --loss auto: blockwise for float32 on a CPU (faster) and for large logits
     # (memory); plain for small bfloat16 ones; an explicit choice is kept.
-    f32, bf16 = L.ModelConfig(), L.ModelConfig(compute_dtype="bfloat16")
+    f32, bf16 = L.RunModelConfig(), L.RunModelConfig(compute_dtype="bfloat16")
     assert L.use_blockwise(f32, 1024) and not L.use_blockwise(bf16, 1024)
     assert L.use_blockwise(bf16, (L.BLOCKWISE_ABOVE_BYTES // (4 * bf16.padded_vocab)) + 1)
     assert not L.use_blockwise(dataclasses.replace(f32, loss_impl="plain"), 1024)
@@ -583,7 +711,7 @@ def test_fsdp_splits_the_vocabulary_and_each_matrix_along_its_wider_side():
     # Expectations written by hand for a model whose matrices all differ in
     # shape: the embedding and output layer along the vocabulary, every other
     # matrix along its wider side, vectors copied.
-    config = L.ModelConfig(vocab_size=256, dim=64, n_layers=1, n_heads=4, n_kv_heads=1,
+    config = L.ModelConfig(tie_embeddings=False, vocab_size=256, dim=64, n_layers=1, n_heads=4, n_kv_heads=1,
                            head_dim=32, ffn_dim=192, vocab_multiple=1)
     shapes = {k: v.shape for k, v in L.flatten_tree(L.param_shapes(config)).items()}
     split = {"tok_embeddings": 0, "output": 1,  # [V, D] and [D, V]: the vocabulary
@@ -644,7 +772,7 @@ def test_adamw_matches_numpy_reference_over_several_steps():
 
 
 def test_tiny_model_overfits_one_batch():
-    config = L.ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+    config = L.ModelConfig(tie_embeddings=False, vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                            max_seq_len=32)
     tc = L.TrainConfig(lr=1e-2, warmup_steps=10, steps=300, weight_decay=0.0)
     tokens = tokens_for(config, 4, 17)
@@ -676,7 +804,7 @@ def quick_tc(**overrides):
     fields = dict(steps=6, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=3,
                   eval_batches=2, log_every=1, health=False)
     fields.update(overrides)
-    return L.TrainConfig(**fields)
+    return L.RunTrainConfig(**fields)
 
 
 @pytest.fixture(scope="module")
@@ -704,9 +832,9 @@ def test_same_seed_same_losses(corpus, tmp_path):
     assert a["history"]["train"] != c["history"]["train"]
 
 
-def test_train_step_compiles_once(corpus, tmp_path):
+def test_run_step_compiles_once(corpus, tmp_path):
     config = dataclasses.replace(TRAIN_TINY, dim=48)  # a config no other test compiled
-    with CompileCounter("train_step") as compiles:
+    with CompileCounter("run_step") as compiles:
         L.train(config, quick_tc(steps=5), corpus, tmp_path, log=lambda s: None)
     assert compiles.count == 1
 
@@ -772,8 +900,8 @@ def test_step_health_equals_gradients_and_updates_computed_outside_the_step():
         return np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
                            for x in jax.tree_util.tree_leaves(tree)))
 
-    tc = L.TrainConfig(batch_size=2, seq_len=8, lr=1e-2, warmup_steps=0, grad_clip=1e3)
-    new, _, _, health = L.train_step(params, L.adamw_init(params), batch, keys, config, tc)
+    tc = L.RunTrainConfig(batch_size=2, seq_len=8, lr=1e-2, warmup_steps=0, grad_clip=1e3)
+    new, _, _, health = L.run_step(params, L.adamw_init(params), batch, keys, config, tc)
     np.testing.assert_allclose(health["grad_norm"], norm(grads), rtol=1e-5)
     np.testing.assert_allclose(health["layer_grad_norm"],
                                [norm(g) for g in grads["layers"]], rtol=1e-5)
@@ -783,16 +911,14 @@ def test_step_health_equals_gradients_and_updates_computed_outside_the_step():
     assert not bool(health["clipped"])
     # A clip threshold under the gradient norm clips; the flag says so.
     def block_stats(p):
-        stats = []
-        L.compute_loss(p, batch, config, stats=stats)
-        return stats
+        return L.run_loss_aux(p, batch, config, health=True)[1]
 
     stats = jax.jit(block_stats)(before)
     tight = dataclasses.replace(tc, grad_clip=0.5 * float(norm(grads)))
     assert bool(L.step_health(before, new, grads, stats, tight)["clipped"])
     # health=False: the same step without the figures.
     params = jax.tree_util.tree_map(jnp.asarray, before)
-    off = L.train_step(params, L.adamw_init(params), batch, keys, config,
+    off = L.run_step(params, L.adamw_init(params), batch, keys, config,
                        dataclasses.replace(tc, health=False))
     assert off[3] == {}
     np.testing.assert_allclose(off[0]["norm"], new["norm"], rtol=1e-6)
@@ -809,8 +935,8 @@ def test_block_health_on_blocks_with_known_answers():
         layer["attention"]["wo"] = jnp.zeros_like(layer["attention"]["wo"])
         layer["feed_forward"]["w2"] = jnp.zeros_like(layer["feed_forward"]["w2"])
     tokens = tokens_for(config, 2, 12)
-    stats = []
-    L.compute_loss(params, (tokens, tokens), config, stats=stats)
+    loss, stats = L.run_loss_aux(params, (tokens, tokens), config, health=True)
+    assert float(loss) == pytest.approx(float(L.compute_loss(params, (tokens, tokens), config)))
     assert len(stats) == config.n_layers
     embedded = np.asarray(params["tok_embeddings"])[np.asarray(tokens)]
     for s in stats:
@@ -1034,6 +1160,15 @@ def test_top_k_keeps_exactly_the_k_largest_against_numpy():
     assert set(np.flatnonzero(kept[2])) == set(range(10))
 
 
+def test_top_k_ignores_masked_minus_infinity_entries():
+    # Logits already masked to -inf (a filter before, a padded vocabulary)
+    # must not stretch the bisection's range past the finite logits.
+    logits = jnp.asarray([[5.0, 3.0, -jnp.inf, 1.0], [-jnp.inf, -jnp.inf, 2.0, 7.0]])
+    for k, expected in ((1, [[1, 0, 0, 0], [0, 0, 0, 1]]), (2, [[1, 1, 0, 0], [0, 0, 1, 1]])):
+        kept = np.isfinite(np.asarray(L.top_k_filter(logits, k))).astype(int)
+        np.testing.assert_array_equal(kept, expected)
+
+
 def test_top_p_matches_a_sorting_numpy_reference():
     rng = np.random.default_rng(1)
     logits = (rng.normal(size=(4, 5000)) * 3).astype(np.float32)
@@ -1160,7 +1295,7 @@ def test_llama3_rope_scaling_changes_only_slow_frequencies():
 
 
 @pytest.mark.parametrize("config", [
-    L.ModelConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
+    L.ModelConfig(tie_embeddings=False, vocab_size=100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
                   vocab_multiple=1),
     L.ModelConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, n_kv_heads=1, max_seq_len=16,
                   head_dim=12, tie_embeddings=True, rope_scaling=(4.0, 1.0, 4.0, 8.0),
@@ -1170,7 +1305,7 @@ def test_hf_save_then_load_round_trips_arrays_and_config(config, tmp_path):
     params = random_params(config)
     L.save_hf_checkpoint(tmp_path, params, config)
     loaded, loaded_config = L.load_hf_checkpoint(tmp_path)
-    assert loaded_config == dataclasses.replace(config, ffn_dim=config.ffn_width)
+    assert loaded_config == L.run_configs(dataclasses.replace(config, ffn_dim=config.ffn_width))[0]
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
         np.testing.assert_array_equal(a, b)
 
@@ -1381,7 +1516,7 @@ def test_walkthrough_notebook_runs_in_fast_mode(monkeypatch):
     # Raises CellExecutionError, naming the cell, if any cell fails.
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(HERE)}}).execute()
-    training = next(c for c in notebook.cells if "L.train_step(" in c.source)
+    training = next(c for c in notebook.cells if "L.run_step(" in c.source)
     assert any("image/png" in out.get("data", {}) for out in training.outputs)
     assert "fast mode: True" in notebook.cells[1].outputs[0]["text"]
 
@@ -1638,7 +1773,7 @@ def test_resume_with_more_steps_keeps_the_schedule_and_runs_on_at_min_lr(corpus,
     saved = L.load_checkpoint(tmp_path / "ckpt.npz")["train_config"]
     assert saved.schedule_steps == 6 and saved.steps == 9
     for step in (5, 6, 7, 8):  # the last step of the schedule, then no jump back up
-        assert float(L.learning_rate(step, saved)) == pytest.approx(1.5e-4)
+        assert float(L.learning_rate(step, L.lr_schedule(saved))) == pytest.approx(1.5e-4)
     assert len(result["history"]["train"]) == 9
 
 
@@ -1831,7 +1966,7 @@ def test_tiny_gguf_written_by_gguf_loads_with_its_config_and_logits(tmp_path, ti
     params = jax.tree_util.tree_map(np.asarray, random_params(config))
     write_tiny_gguf(tmp_path / "tiny.gguf", params, config)
     loaded, got, enc = L.load_gguf(tmp_path / "tiny.gguf")
-    assert dataclasses.replace(got, max_seq_len=32) == config
+    assert dataclasses.replace(got, max_seq_len=32) == L.run_configs(config)[0]
     # The same weights after Q8_0's rounding (vectors stay F32 exactly).
     # (the embedding is stored as it is, [V, D]; the other matrices transposed)
     expected = jax.tree_util.tree_map_with_path(
@@ -1858,7 +1993,7 @@ def test_tiny_gguf_written_by_gguf_loads_with_its_config_and_logits(tmp_path, ti
 def test_bad_gguf_files_get_a_message_naming_the_problem(tmp_path, damage, message):
     need_gguf()
     tokens, _, _ = tiny_bpe_vocab()
-    config = L.ModelConfig(vocab_size=len(tokens), dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+    config = L.ModelConfig(tie_embeddings=False, vocab_size=len(tokens), dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
                            ffn_dim=32, max_seq_len=16, vocab_multiple=1)
     params = jax.tree_util.tree_map(np.asarray, L.init_params(jax.random.PRNGKey(0), config))
     path = tmp_path / "bad.gguf"
@@ -1998,6 +2133,117 @@ def test_hf_tokenizer_json_bpe_equals_a_merge_by_merge_bpe(tmp_path, pre, digits
         L.hf_bpe_tokenizer(tmp_path / "tokenizer.json")
 
 
+# ----------------------------------------------------------------------------- GGUF export
+
+
+def round_matrices(params, kind):
+    """params with every matrix rounded as --gguf-type `kind` stores it (f16,
+    or Q8_0 in blocks of 32 along the rows GGUF stores), vectors unchanged:
+    the model an export of that type holds."""
+    def one(path, x):
+        x = np.asarray(x, np.float32)
+        if x.ndim == 1 or kind == "f32":
+            return x
+        if kind == "f16":
+            return x.astype(np.float16).astype(np.float32)
+        stored_transposed = jax.tree_util.keystr(path) != "['tok_embeddings']"
+        return q8_round_trip(x, transpose=stored_transposed)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def test_half_split_to_interleaved_inverts_the_loaders_permutation():
+    w = np.arange(6 * 24, dtype=np.float32).reshape(6, 24)
+    np.testing.assert_array_equal(L.half_split_to_interleaved(w, 3), interleave(w, 3))
+    np.testing.assert_array_equal(
+        L.interleaved_to_half_split(L.half_split_to_interleaved(w, 3), 3), w)
+
+
+def test_gpt2_vocabulary_for_gguf_has_gpt2s_50000_merges_and_tokenizes_alike():
+    enc = L.get_tokenizer()
+    tokens, types, merges = L.gguf_vocabulary(enc, enc.n_vocab)
+    assert len(tokens) == 50257 and len(merges) == 50000  # GPT-2's vocab.bpe has 50,000
+    assert types.count(3) == 1 and tokens[50256] == "<|endoftext|>"
+    assert merges[0] == "\u0120 t"  # GPT-2's first merge: space + t
+    rebuilt = L.bpe_tokenizer(tokens, merges, [50256], "gpt2")
+    text = BPE_TEXT + (HERE / "shakespeare.txt").read_text()[:20000]
+    assert rebuilt.encode_ordinary(text) == enc.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("kind, tol", [("f32", 1e-5), ("f16", 1e-2), ("q8_0", 0.15)])
+def test_gguf_export_loads_back_with_the_same_logits(tmp_path, kind, tol):
+    need_gguf()
+    # A GPT-2-tokenizer model with a padded vocabulary (50,257 -> 50,304) and
+    # untied output: the export cuts the padding and load_gguf reads it back.
+    config = L.RunModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                              ffn_dim=96, rope_theta=5e5, tie_embeddings=False)
+    params = random_params(config)
+    path = tmp_path / f"model.{kind}.gguf"
+    L.save_gguf(path, params, config, L.get_tokenizer(), kind, log=lambda s: None)
+    loaded, loaded_config, enc = L.load_gguf(path)
+    for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_width",
+                  "ffn_width", "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings"):
+        assert getattr(loaded_config, field) == getattr(config, field), field
+    tokens = tokens_for(config, 2, 16)
+    ours = forward(params, tokens, config)[0]
+    theirs = forward(loaded, tokens, loaded_config)[0]
+    # Against the model whose matrices are rounded as the file stores them,
+    # the export is exact to float32 rounding. Against the unrounded model,
+    # within the type's own error: f16 keeps 11 significant bits (each weight
+    # within 2^-11 of itself), Q8_0 rounds each weight to a step of 1/127 of
+    # its block's largest (32 weights): for normal weights about 30 times
+    # f16's error. With random_params' large weights (std 0.3: sharp
+    # attention, which amplifies any change) the logits moved by up to 0.4%
+    # (f16) and 10% (Q8_0) of the largest logit; the bounds are 1% and 15%.
+    rounded = forward(round_matrices(params, kind), tokens, config)[0]
+    np.testing.assert_allclose(theirs, rounded, atol=1e-5, rtol=1e-5)
+    scale = float(np.max(np.abs(ours)))
+    np.testing.assert_allclose(theirs, ours, atol=tol * scale, rtol=0)
+    text = BPE_TEXT + "ROMEO: But soft, what light through yonder window breaks?"
+    assert enc.encode_ordinary(text) == L.get_tokenizer().encode_ordinary(text)
+
+
+def test_gguf_export_refuses_an_existing_file_and_what_llama_cpp_cannot_read(tmp_path):
+    need_gguf()
+    config = L.RunModelConfig(vocab_size=50257, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                              max_seq_len=16)
+    params = random_params(config)
+    existing = tmp_path / "taken.gguf"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(L.InputError, match="exists"):
+        L.save_gguf(existing, params, config, L.get_tokenizer())
+    assert existing.read_bytes() == b"keep me"
+    with pytest.raises(L.InputError, match="--gguf-type q4"):
+        L.save_gguf(tmp_path / "a.gguf", params, config, L.get_tokenizer(), "q4")
+    scaled = dataclasses.replace(config, rope_scaling=(8.0, 1.0, 4.0, 8192))
+    with pytest.raises(L.InputError, match="RoPE frequency scaling"):
+        L.save_gguf(tmp_path / "b.gguf", params, scaled, L.get_tokenizer())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]
+
+
+def test_smollm2_exports_to_gguf_and_back_with_its_tokenizer_and_chat_template(tmp_path):
+    source = smollm2_path()
+    model = L.load_source(source, "gguf")
+    out = tmp_path / "smollm2.f16.gguf"
+    assert L.main(["--gguf", str(source), "--export-gguf", str(out), "--gguf-type", "f16"]) == 0
+    back = L.load_source(out, "gguf")
+    assert back["chat_template"] == model["chat_template"]
+    text = BPE_TEXT + "<|im_start|>user\nHi<|im_end|>"
+    for allowed in (set(), "all"):
+        assert (back["tokenizer"].encode(text, allowed_special=allowed, disallowed_special=())
+                == model["tokenizer"].encode(text, allowed_special=allowed,
+                                             disallowed_special=()))
+    config = model["config"]
+    tokens = np.asarray([back["tokenizer"].encode_ordinary("The capital of France is")])
+    rounded = round_matrices(model["params"], "f16")
+    np.testing.assert_allclose(forward(back["params"], tokens, back["config"])[0],
+                               forward(rounded, tokens, config)[0], atol=1e-4, rtol=1e-4)
+    gguf = need_gguf()
+    reader, original = gguf.GGUFReader(out), gguf.GGUFReader(source)
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.pre"):
+        assert L.gguf_value(reader, key) == L.gguf_value(original, key), key
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 LORA_TC = dict(lora_rank=4, lora_alpha=8.0)
@@ -2040,7 +2286,7 @@ def test_lora_gradients_reach_only_the_adapters_by_the_chain_rule():
     s = tc.lora_alpha / tc.lora_rank
     old = jax.tree_util.tree_map(np.asarray, adapters)
     tiny_step = dataclasses.replace(tc, lr=1e-12, min_lr=0.0, warmup_steps=0, grad_clip=1e9)
-    new, opt_state, _, health = L.train_step(adapters, L.adamw_init(adapters), data, keys,
+    new, opt_state, _, health = L.run_step(adapters, L.adamw_init(adapters), data, keys,
                                              config, tiny_step, frozen)
     for i, layer in enumerate(old["layers"]):
         for name, part in (("wq", "attention"), ("w2", "feed_forward")):
@@ -2167,6 +2413,154 @@ def test_command_line_fine_tunes_an_hf_folder_and_exports_it(bpe_model, corpus, 
     assert "comes without a tokenizer" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- chat fine-tuning
+
+
+def chatml_tokenizer_files(folder):
+    """tokenizer.json for tiny_bpe_vocab plus ChatML's two tokens, as a
+    Hugging Face folder holds it. -> the token list."""
+    tokens, merges, _ = tiny_bpe_vocab()
+    tokens = tokens + ["<|im_start|>", "<|im_end|>"]
+    specials = [len(tokens) - 3, len(tokens) - 2, len(tokens) - 1]
+    (folder / "tokenizer.json").write_text(json.dumps({
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)
+                                           if i not in specials},
+                  "merges": merges},
+        "added_tokens": [{"id": i, "content": tokens[i], "special": True} for i in specials],
+        "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}))
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A Hugging Face folder with random weights and a ChatML tokenizer (no
+    template file: chat_prompt's built-in ChatML), to fine-tune on chats."""
+    folder = tmp_path_factory.mktemp("chat") / "hf_chat"
+    folder.mkdir()
+    tokens = chatml_tokenizer_files(folder)
+    config = dataclasses.replace(TRAIN_TINY, vocab_size=len(tokens), vocab_multiple=1,
+                                 tie_embeddings=False, max_seq_len=128)
+    L.save_hf_checkpoint(folder, random_params(config, scale=0.1), config)
+    chatml_tokenizer_files(folder)  # save_hf_checkpoint wrote the folder afresh
+    return folder
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "the hat?"},
+                {"role": "assistant", "content": "in the hat"},
+                {"role": "user", "content": "a hen?"},
+                {"role": "assistant", "content": "the hen"}]
+
+
+def write_chats(path, conversations):
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    return path
+
+
+def test_chat_rendering_equals_chatml_written_by_hand_and_marks_only_replies(chat_model):
+    enc = L.load_source(chat_model)["tokenizer"]
+    start, end = enc.encode_single_token("<|im_start|>"), enc.encode_single_token("<|im_end|>")
+    ids, reply = [], []
+    for m in CONVERSATION:  # ChatML, token by token, the reply's marked by construction
+        head = [start] + enc.encode_ordinary(m["role"] + "\n")
+        body = enc.encode_ordinary(m["content"]) + [end]
+        ids += head + body + enc.encode_ordinary("\n")
+        mine = m["role"] == "assistant"
+        reply += [False] * len(head) + [mine] * len(body) + [False]
+    ids, reply = ids[:-1], reply[:-1]  # the ids stop at the last reply's end-of-turn token
+    got_ids, got_reply = L.render_chat(CONVERSATION, enc, None)
+    assert got_ids == ids and got_reply == reply
+    # The renderer's ids for the same conversation: chat_prompt's, up to there.
+    assert L.chat_prompt([dict(m) for m in CONVERSATION], enc)[:len(ids)] == ids
+
+
+def test_masked_loss_equals_a_numpy_mean_over_the_reply_tokens(chat_model, tmp_path):
+    init = L.load_source(chat_model)
+    config, enc = init["config"], init["tokenizer"]
+    other = [{"role": "user", "content": "in?"}, {"role": "assistant", "content": "a"},
+             {"role": "user", "content": "the?"}, {"role": "assistant", "content": "t he hen"}]
+    windows, cut = L.chat_windows([(1, "", CONVERSATION), (2, "", other)], enc, None, 96,
+                                  "chats")
+    assert cut == 0
+    x, y = windows.rows(np.array([0, 1]))
+    params = random_params(config)
+    logits = np.asarray(forward(params, x, config)[0], np.float64)
+    logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                  keepdims=True)) - logits.max(-1, keepdims=True)
+    nats, n = 0.0, 0
+    for row, conversation in enumerate((CONVERSATION, other)):
+        ids, reply = L.render_chat(conversation, enc, None)
+        for t in range(1, len(ids)):  # the loss predicts token t from the ones before
+            if reply[t]:
+                nats -= logp[row, t - 1, ids[t]]
+                n += 1
+    assert n == sum(len(enc.encode_ordinary(m["content"])) + 1
+                    for c in (CONVERSATION, other) for m in c if m["role"] == "assistant")
+    for impl in ("plain", "blockwise"):
+        run_config = dataclasses.replace(config, loss_impl=impl, loss_block=16)
+        got = float(L.run_eval_loss(params, (jnp.asarray(x), jnp.asarray(y)), run_config))
+        assert got == pytest.approx(nats / n, rel=1e-5), impl
+
+
+def test_chat_fine_tuning_learns_a_fixed_reply_and_resumes_exactly(chat_model, tmp_path):
+    init = L.load_source(chat_model)
+    question = [{"role": "user", "content": "the hat?"}]
+    answer = "in the hat, a hen"
+    chats = write_chats(tmp_path / "chats.jsonl",
+                        [[{"role": "system", "content": s}] + question
+                         + [{"role": "assistant", "content": answer}]
+                         for s in ("a", "the", "in", "hen", "hat", "at", "he", "t", "n", "h")])
+    tc = quick_tc(steps=40, lr=1e-2, warmup_steps=4, eval_every=20, batch_size=4, seq_len=64)
+    result = L.train(init["config"], tc, chats, tmp_path / "run", log=lambda s: None, init=init)
+    assert result["history"]["eval"][-1][2] < 0.1  # held-out reply loss, nats per token
+    enc = init["tokenizer"]
+    prompt = L.chat_prompt([dict(m) for m in question], enc)
+    out = L.generate(result["weights"], prompt, 12, init["config"], jax.random.PRNGKey(0),
+                     temperature=0.0, stop_token=enc.encode_single_token("<|im_end|>"))
+    assert enc.decode(out[len(prompt):]) == answer + "<|im_end|>"
+    assert result["question"] and result["question"][-1]["role"] == "user"
+    # LoRA, interrupted after 3 steps and resumed: the losses of a straight run.
+    tc = quick_tc(**LORA_TC, steps=6, batch_size=4, seq_len=64)
+    straight = L.train(init["config"], tc, chats, tmp_path / "straight", log=lambda s: None,
+                       init=init)
+    def interrupt_at_step_3(line):
+        if line.startswith("step     3/"):
+            raise KeyboardInterrupt
+
+    L.train(init["config"], tc, chats, tmp_path / "resumed", log=interrupt_at_step_3, init=init)
+    resumed = L.train(init["config"], tc, chats, tmp_path / "resumed", resume=True,
+                      log=lambda s: None, init=init)
+    np.testing.assert_allclose([l for _, l in resumed["history"]["train"]],
+                               [l for _, l in straight["history"]["train"]], rtol=1e-6)
+
+
+def test_bad_chat_data_is_refused_with_the_line_and_the_fix(chat_model, bpe_model, tmp_path):
+    init = L.load_source(chat_model)
+    good = {"messages": CONVERSATION}
+    cases = {"not JSON": ("{oops", "line 2: not JSON"),
+             "no messages": ('{"text": "hi"}', 'line 2: no "messages" list'),
+             "unknown role": ('{"messages": [{"role": "bot", "content": "hi"}]}',
+                              "line 2: unknown role 'bot'"),
+             "no assistant": ('{"messages": [{"role": "user", "content": "hi"}]}',
+                              "line 2: no assistant turn")}
+    for name, (line, message) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + line + "\n")
+        with pytest.raises(L.InputError, match=re.escape(message)):
+            L.load_chats(path, 32, init, log=lambda s: None)
+    one = write_chats(tmp_path / "one.jsonl", [CONVERSATION])
+    with pytest.raises(L.InputError, match="at least two"):
+        L.load_chats(one, 32, init, log=lambda s: None)
+    two = write_chats(tmp_path / "two.jsonl", [CONVERSATION, CONVERSATION[1:]])
+    with pytest.raises(L.InputError, match="no chat format"):
+        L.load_chats(two, 32, L.load_source(bpe_model), log=lambda s: None)
+    with pytest.raises(L.InputError, match="--init-from"):
+        L.load_chats(two, 32, None, log=lambda s: None)
+    warnings = []
+    train, val, _, _ = L.load_chats(two, 12, init, log=warnings.append)
+    assert len(train) + len(val) == 2 and "were cut" in warnings[0]
+
+
 # ----------------------------------------------------------------------------- many devices
 # XLA's CPU backend pretends to have N devices when told so before JAX starts
 # (XLA_FLAGS=--xla_force_host_platform_device_count=N). The tests marked
@@ -2174,7 +2568,7 @@ def test_command_line_fine_tunes_an_hf_folder_and_exports_it(bpe_model, corpus, 
 # (test_one_device_and_eight_train_the_same_model); in this process they skip.
 EIGHT_DEVICES = pytest.mark.skipif(jax.device_count() != 8,
                                    reason="runs in a subprocess with 8 CPU devices")
-MESH_TINY = L.ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+MESH_TINY = L.ModelConfig(tie_embeddings=False, vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                           max_seq_len=16, dropout_rate=0.1)
 
 
@@ -2191,7 +2585,7 @@ def steps_on_mesh(mesh, config, tc, n_steps=5, state=None):
     keys = L.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
     losses = []
     for _ in range(n_steps):
-        params, opt_state, loss, _ = L.train_step(params, opt_state, data, keys, config, tc,
+        params, opt_state, loss, _ = L.run_step(params, opt_state, data, keys, config, tc,
                                                   None, mesh)
         losses.append(float(loss))
     return np.array(losses), params, opt_state
@@ -2209,7 +2603,7 @@ def on_device_0(tree):
 
 @EIGHT_DEVICES
 def test_data_parallel_fsdp_and_2x4_give_one_devices_losses():
-    tc = L.TrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
+    tc = L.RunTrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
     ref, ref_params, _ = steps_on_mesh(one_device(), MESH_TINY, tc)  # dropout 0.1 included
     assert ref[-1] < ref[0] - 0.02  # it learns: the comparison is not of constants
     for fsdp in (1, 4, "all"):  # 8 x 1, 2 x 4, 1 x 8
@@ -2236,7 +2630,7 @@ def test_data_parallel_fsdp_and_2x4_give_one_devices_losses():
 def test_gradient_accumulation_gives_the_losses_of_the_whole_batch():
     """On one device here; on 8 (FSDP) in the 8-device process."""
     config = dataclasses.replace(MESH_TINY, dropout_rate=0.0)  # masks differ per micro-batch
-    tc = L.TrainConfig(batch_size=32, seq_len=8, lr=1e-2, warmup_steps=1)
+    tc = L.RunTrainConfig(batch_size=32, seq_len=8, lr=1e-2, warmup_steps=1)
     ref, _, _ = steps_on_mesh(one_device(), config, tc)
     mesh = L.make_mesh("all")  # every device of this process: 1 here, 8 there
     losses, _, _ = steps_on_mesh(mesh, config, dataclasses.replace(tc, grad_accum=4))
@@ -2251,7 +2645,7 @@ def test_checkpoints_move_between_one_device_and_eight(tmp_path):
     # save_checkpoint, load_checkpoint, 3 more on another, against 5 on one
     # device. (train() itself resumes across device counts in the two-process
     # test below.)
-    tc = L.TrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
+    tc = L.RunTrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
     ref, _, _ = steps_on_mesh(one_device(), MESH_TINY, tc)
     for first, then in ((L.make_mesh("all"), one_device()), (one_device(), L.make_mesh(4))):
         _, params, opt_state = steps_on_mesh(first, MESH_TINY, tc, n_steps=2)
@@ -2290,22 +2684,49 @@ def test_plan_on_eight_devices_and_bad_meshes_get_clear_errors(capsys):
         capsys.readouterr().err
 
 
+def test_chat_batches_split_over_the_mesh_give_one_devices_losses(chat_model):
+    """On one device here; on 8 (FSDP) in the 8-device process: conversations
+    drawn on the host by the run's keys, split over the devices by rows."""
+    init = L.load_source(chat_model)
+    config, enc = init["config"], init["tokenizer"]
+    chats = [(i, "", CONVERSATION[:3] if i % 2 else CONVERSATION) for i in range(12)]
+    windows, _ = L.chat_windows(chats, enc, None, 96, "chats")
+    tc = L.RunTrainConfig(batch_size=8, seq_len=96, lr=1e-2, warmup_steps=1, health=False)
+
+    def losses(mesh):
+        params, opt_state = L.place_state(mesh, (init["params"], L.adamw_init(init["params"])))
+        keys = L.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
+        out = []
+        for step in range(3):
+            batch = L.place(L.host_batch(windows, keys, step, tc.batch_size, tc.seq_len),
+                            (L.batch_sharding(mesh),) * 2)
+            params, opt_state, loss, _ = L.run_step(params, opt_state, batch, keys, config, tc,
+                                                    None, mesh)
+            out.append(float(loss))
+        return np.array(out)
+
+    ref = losses(one_device())
+    assert ref[-1] < ref[0]  # it learns: the comparison is not of constants
+    np.testing.assert_allclose(losses(L.make_mesh("all", jax.devices())), ref, rtol=1e-5)
+
+
 def test_one_device_and_eight_train_the_same_model():
     """Runs the EIGHT_DEVICES tests above in a process with 8 CPU devices."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              str(HERE / "test_llama_jax.py"), "-k",
-                             "2x4 or accumulation or between_one_device or bad_meshes"],
+                             "2x4 or accumulation or between_one_device or bad_meshes "
+                             "or chat_batches_split"],
                             capture_output=True, text=True, env=env, timeout=600, cwd=HERE)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
-    assert "4 passed" in result.stdout, result.stdout[-2000:]
+    assert "5 passed" in result.stdout, result.stdout[-2000:]
 
 
 def test_remat_gives_the_same_loss_and_gradients():
-    config = dataclasses.replace(TINY, dropout_rate=0.1)
+    config = dataclasses.replace(L.run_configs(TINY)[0], dropout_rate=0.1)
     params = random_params(config)
     batch = (tokens_for(config, 2, 16, seed=1), tokens_for(config, 2, 16, seed=2))
-    grad = jax.jit(jax.value_and_grad(L.compute_loss), static_argnames=("config", "training"))
+    grad = jax.jit(jax.value_and_grad(L.run_loss), static_argnames=("config", "training"))
     key = jax.random.PRNGKey(3)
     loss, grads = grad(params, batch, config, True, key)
     loss_r, grads_r = grad(params, batch, dataclasses.replace(config, remat=True), True, key)

@@ -1,4 +1,4 @@
-"""Measures the token-file path (README, "Your own data"), in one run:
+"""Measures the token-file path (docs/data.md), in one run:
 
 1. --prepare's throughput on a folder of text (MB/s), beside tiktoken's own
    speed on the same documents held in memory (the ceiling);
@@ -83,7 +83,7 @@ def bench_training_paths(tmp, rounds=3, steps=6):
             for _ in range(steps):
                 data = on_device if path == "device" else L.host_batch(
                     token_file, key, step, tc.batch_size, tc.seq_len)
-                params, opt_state, loss, _ = L.train_step(params, opt_state, data, key, config, tc)
+                params, opt_state, loss, _ = L.run_step(params, opt_state, data, key, config, tc)
                 step += 1
             loss.block_until_ready()
             if r:

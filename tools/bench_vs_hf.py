@@ -6,7 +6,7 @@ alternating rounds so that both see the same machine load.
 
 Needs torch and transformers (optional packages; this script is the only
 place that imports them outside the tests). The architecture is the
-benchmark configuration of the README (width 256, 6 layers, 8 heads, 4 K/V
+benchmark configuration of docs/speed.md (width 256, 6 layers, 8 heads, 4 K/V
 heads, FFN 704, untied, vocabulary 50,257). transformers runs in float32 and
 under torch.autocast(bfloat16); llama_jax in float32 and bfloat16 (--dtype),
 each with the plain and the blockwise cross-entropy (--loss). Prints one line
@@ -34,8 +34,8 @@ def jax_stepper(config, tc):
     keys = L.run_keys(jax.random.PRNGKey(2))
 
     def step():
-        state["params"], state["opt"], loss, _ = L.train_step(state["params"], state["opt"], data,
-                                                           keys, config, tc)
+        state["params"], state["opt"], loss, _ = L.run_step(state["params"], state["opt"], data,
+                                                         keys, config, tc)
         return loss
 
     return step, lambda loss: loss.block_until_ready()
@@ -112,9 +112,10 @@ def main(argv=None):
         sys.exit("error: this benchmark needs torch and transformers: "
                  "pip install torch transformers")
     torch.set_num_threads(os.cpu_count())
-    config = L.ModelConfig(tie_embeddings=False, max_seq_len=args.seq_len)
-    # No health figures (section 6): transformers computes nothing of the kind.
-    tc = L.TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, health=False)
+    config = L.RunModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, tie_embeddings=False,
+                              max_seq_len=args.seq_len)
+    # No health figures (section 10): transformers computes nothing of the kind.
+    tc = L.RunTrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, health=False)
     tokens = args.batch_size * args.seq_len
     contenders = {f"llama_jax {dtype}, {impl} loss":
                   jax_stepper(dataclasses.replace(config, compute_dtype=dtype, loss_impl=impl), tc)

@@ -167,62 +167,64 @@ mean confidently wrong logits (bad initialisation scale)."""),
 print(f"loss at init: {L.evaluate(params, config, batches):.3f}   ln(50257) = {np.log(50257):.3f}")"""),
     ("md", """## 7. Training
 
-`train_step` is one jitted function: it draws a batch on the device, computes the loss and its
-gradients, clips them and applies AdamW with a warmup-then-cosine learning rate. Each use of
-randomness has its own stream (`run_keys`: initialisation, batches, dropout), and each step's
-keys are its stream's key folded with the step number, so a resumed run repeats exactly. The
-plot below redraws in place as training runs."""),
+`train_loop` is Part I's whole training run, flat like nanoGPT's: each step draws a batch of
+random windows, and `train_step`, one jitted function, computes the loss and its gradients and
+applies AdamW with a warmup-then-cosine learning rate. Each use of randomness has its own
+stream (`run_keys`: initialisation, batches, dropout), and each step's keys are its stream's
+key folded with the step number, so a run can be repeated exactly. It prints a line every
+`log_every` steps and evaluates on fixed windows every `eval_every`."""),
     ("code", """tc = L.TrainConfig(steps=24 if FAST else 320, batch_size=8, seq_len=64 if FAST else 128,
-                   lr=3e-3, warmup_steps=8 if FAST else 30, eval_every=12 if FAST else 40)
+                   lr=3e-3, warmup_steps=8 if FAST else 30, eval_every=12 if FAST else 40,
+                   eval_batches=4, log_every=12 if FAST else 40)
 seed_key = jax.random.PRNGKey(tc.seed)
 keys = L.run_keys(seed_key)
-params = L.init_params(keys["init"], config)
-before = L.generate(params, tokenizer.encode_ordinary("KING RICHARD."), 30, config, jax.random.PRNGKey(0),
-                    temperature=0.8, top_k=50)
-opt_state = L.adamw_init(params)
-data = jnp.asarray(train_tokens)
-evals = {name: L.fixed_windows(d, 4, tc.batch_size, tc.seq_len) for name, d in (("train", train_tokens), ("val", val_tokens))}
-history = {"train": [], "eval": []}
-healths = []  # each step's health figures (see the next section)
+start = L.init_params(keys["init"], config)  # the weights train_loop starts from
+before = L.generate(start, tokenizer.encode_ordinary("KING RICHARD."), 30, config,
+                    jax.random.PRNGKey(0), temperature=0.8, top_k=50)
+t0 = time.perf_counter()
+params, opt_state, history = L.train_loop(config, tc, train_tokens, val_tokens)
+print(f"final validation loss {history['eval'][-1][2]:.3f} after {time.perf_counter() - t0:.0f}s")
 
 fig, ax = plt.subplots(figsize=(8, 4))
-handle = display(fig, display_id=True)
-t0 = time.perf_counter()
-for step in range(tc.steps):
-    params, opt_state, loss, health = L.train_step(params, opt_state, data, keys, config, tc)
-    history["train"].append([step + 1, float(loss)])
-    healths.append(health)
-    if (step + 1) % tc.eval_every == 0:
-        history["eval"].append([step + 1, L.evaluate(params, config, evals["train"]),
-                                L.evaluate(params, config, evals["val"])])
-        elapsed = time.perf_counter() - t0
-        ax.clear()
-        s, l = np.array(history["train"]).T
-        ax.plot(s, l, alpha=0.4, label="train (per step)")
-        e = np.array(history["eval"])
-        ax.plot(e[:, 0], e[:, 1], "o-", label="train (fixed windows)")
-        ax.plot(e[:, 0], e[:, 2], "o-", label="validation")
-        ax.set(xlabel="step", ylabel="loss (nats/token)",
-               title=f"step {step + 1}/{tc.steps}, {(step + 1) * tc.batch_size * tc.seq_len / elapsed:,.0f} tokens/s")
-        ax.legend()
-        handle.update(fig)
-plt.close(fig)
-print(f"final validation loss {history['eval'][-1][2]:.3f} after {time.perf_counter() - t0:.0f}s")"""),
+s, l = np.array(history["train"]).T
+ax.plot(s, l, alpha=0.4, label="train (per step)")
+e = np.array(history["eval"])
+ax.plot(e[:, 0], e[:, 1], "o-", label="train (fixed windows)")
+ax.plot(e[:, 0], e[:, 2], "o-", label="validation")
+ax.set(xlabel="step", ylabel="loss (nats/token)")
+ax.legend()
+plt.show()"""),
     ("md", """### Is the run healthy?
 
-The loss says whether a run learns, not why it stalls or blows up. `train_step` also returns a
-few numbers per block, computed inside the same jitted step (about 2% of its time): the
-gradient norm before clipping, the update's size relative to the weights, the RMS of the
-residual stream after the block, and the attention's entropy. `python llama_jax.py` writes
-them to `out/metrics.jsonl` and draws them in `out/health.png`; here we draw our own run's.
-Healthy looks like this: the gradient norm settles after warmup and clipping stops, updates
-are about 1e-3 to 1e-2 of the weights and shrink with the learning rate, the residual RMS
-grows smoothly with depth, and the entropy falls from its uniform start as heads learn where
-to look."""),
-    ("code", """records = [L.health_record(s + 1, l, float(L.learning_rate(s, tc)), None, 0, [h])
-           for s, ((_, l), h) in enumerate(zip(history["train"], jax.device_get(healths)))]
+The loss says whether a run learns, not why it stalls or blows up. Part II's training step,
+`run_step` (the one `python llama_jax.py` runs), can also return a few numbers per block,
+computed inside the same jitted step: the gradient norm before clipping, the update's size
+relative to the weights, the RMS of the residual stream after the block, and the attention's
+entropy (`python tools/bench_health.py` measures what they cost). `python llama_jax.py`
+writes them to `out/metrics.jsonl` and draws them in `out/health.png`. Healthy looks like
+this: the gradient norm settles after warmup and clipping stops, updates are about 1e-3 to
+1e-2 of the weights and shrink with the learning rate, the residual RMS grows smoothly with
+depth, and the entropy falls from its uniform start as heads learn where to look. Here are
+the figures of a short run of the same model and data, then of one with a learning rate far
+too large."""),
+    ("code", """data = jnp.asarray(train_tokens)
+
+
+def short_run(lr, steps=6 if FAST else 40):
+    run_tc = L.RunTrainConfig(steps=steps, batch_size=8, seq_len=tc.seq_len, lr=lr, warmup_steps=5)
+    p = L.init_params(keys["init"], config)
+    o = L.adamw_init(p)
+    out = []
+    for s in range(steps):
+        p, o, loss, h = L.run_step(p, o, data, keys, config, run_tc)
+        out.append(L.health_record(s + 1, float(loss), float(L.learning_rate(s, run_tc)), None, 0,
+                                   [jax.device_get(h)]))
+    return out
+
+
+runs = {"lr 3e-3": short_run(3e-3), "lr 1e-1 (too large)": short_run(1e-1)}
 fig = plt.figure(figsize=(10, 6.5))
-L.draw_health(fig, records)
+L.draw_health(fig, runs["lr 3e-3"])
 plt.show()"""),
     ("md", """A learning rate far too large, for contrast: the same model and data for a few dozen
 steps at 3e-3 (as above) and at 1e-1. The large one moves the weights by more than half
@@ -230,19 +232,7 @@ their size per step at first (the healthy run: a few percent), the residual stre
 runs away by orders of magnitude, and the loss shoots far above its value at initialisation.
 RMSNorm in front of every block and AdamW's bounded step size then pull the loss back down:
 read at the end, the loss alone would hide how far off course the run went."""),
-    ("code", """def short_run(lr, steps=6 if FAST else 40):
-    run_tc = L.TrainConfig(steps=steps, batch_size=8, seq_len=tc.seq_len, lr=lr, warmup_steps=5)
-    p = L.init_params(keys["init"], config)
-    o = L.adamw_init(p)
-    out = []
-    for s in range(steps):
-        p, o, loss, h = L.train_step(p, o, data, keys, config, run_tc)
-        out.append(L.health_record(s + 1, float(loss), float(L.learning_rate(s, run_tc)), None, 0,
-                                   [jax.device_get(h)]))
-    return out
-
-runs = {"lr 3e-3": short_run(3e-3), "lr 1e-1 (too large)": short_run(1e-1)}
-fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    ("code", """fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
 for (name, recs), colour in zip(runs.items(), ("tab:blue", "tab:red")):
     steps = [r["step"] for r in recs]
     axes[0].plot(steps, [r["loss"] for r in recs], color=colour, label=name)
@@ -304,7 +294,7 @@ print(f"{path.stat().st_size / 1e6:.1f} MB, step {int(loaded['opt_state']['step'
       f"max logit difference {float(jnp.max(jnp.abs(a - b)))}")"""),
     ("md", """## 10. Many devices
 
-The same `train_step` runs on a mesh of devices: the batch is split over all of them and,
+Part II's `run_step` runs on a mesh of devices: the batch is split over all of them and,
 with FSDP, every matrix and its AdamW moments too (`state_shardings` in section 12 of the
 module holds the rule). The layers and the loss do not change; `jax.jit` compiles them for
 the mesh. A CPU can pretend to have 8 devices, but only if told before JAX starts, so this
@@ -316,7 +306,7 @@ device."""),
 script = '''
 import importlib.util, jax, numpy as np, llama_jax as L
 config = L.ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
-tc = L.TrainConfig(batch_size=16, seq_len=16, health=False)
+tc = L.RunTrainConfig(batch_size=16, seq_len=16, health=False)
 data = np.random.RandomState(0).randint(0, 256, 4000).astype(np.int32)
 for mesh in (L.make_mesh(1, jax.devices()[:1]), L.make_mesh("all")):
     params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
@@ -329,7 +319,7 @@ for mesh in (L.make_mesh(1, jax.devices()[:1]), L.make_mesh("all")):
         jax.debug.visualize_array_sharding(wq)
     elif mesh.size > 1:  # without rich, the devices holding a piece each
         print([str(s.device) for s in wq.addressable_shards])
-    _, _, loss, _ = L.train_step(params, opt_state, L.replicated(mesh, data), keys, config, tc,
+    _, _, loss, _ = L.run_step(params, opt_state, L.replicated(mesh, data), keys, config, tc,
                                  None, mesh)
     print(f"loss of the first step: {float(loss):.6f}")
 '''
