@@ -2525,11 +2525,12 @@ def gguf_vocabulary(tokenizer, vocab_size):
 
 
 def pre_tokenizer_name(tokenizer):
-    """The name llama.cpp gives the tokenizer's split pattern (PRE_TOKENIZERS),
-    or None when llama.cpp names no such pattern. tiktoken keeps the pattern
-    in the Encoding's _pat_str."""
+    """The name llama.cpp gives the tokenizer's split pattern (PRE_TOKENIZERS;
+    llama.cpp's llama-vocab.cpp spells GPT-2's "gpt-2"), or None when
+    llama.cpp names no such pattern. tiktoken keeps the pattern in the
+    Encoding's _pat_str."""
     pattern = getattr(tokenizer, "_pat_str", None)
-    for name in ("gpt2", "llama-bpe", "smollm"):
+    for name in ("gpt-2", "llama-bpe", "smollm"):
         if PRE_TOKENIZERS[name] == pattern:
             return name
     return None
@@ -2689,7 +2690,7 @@ PRE_TOKENIZERS = {
 }
 for _name in ("starcoder", "refact", "codeshell"):
     PRE_TOKENIZERS[_name] = PRE_TOKENIZERS["smollm"]
-PRE_TOKENIZERS["default"] = PRE_TOKENIZERS["gpt2"]
+PRE_TOKENIZERS["default"] = PRE_TOKENIZERS["gpt-2"] = PRE_TOKENIZERS["gpt2"]  # llama.cpp: gpt-2
 
 
 def byte_level_alphabet():
@@ -4354,12 +4355,17 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     for the new schedule), and a run that still reaches the budget stops there
     cleanly, evaluates and checkpoints.
     init: fine-tune this pretrained model (load_source, section 14) instead of
-    starting from random weights; its tokenizer reads the data.
+    starting from random weights; its tokenizer reads the data, and it is
+    evaluated before the first step (step 0 of the history). A .jsonl
+    data_path holds conversations (load_chats, section 14), and "question"
+    in the result is the first held-out one's question (else None).
     mesh: the devices to train on (make_mesh, section 15; default: all of
     them, data parallel). With several processes, every one calls train;
     only process 0 logs and writes files."""
     run = start_run(config, tc, data_path, out_dir, resume, log, init, mesh)
     stopped, ckpt_path = None, run["ckpt_path"]
+    if init is not None and not resume:  # the pretrained model's own losses: step 0
+        evaluate_and_save(run, 0)
     with stop_requests(run["log"]) as stop:
         try:
             run_steps(run, stop, time_budget)
@@ -4545,8 +4551,10 @@ def build_parser():
     files.add_argument("--data",
                        help="what to train on: a UTF-8 text file (tokenized at start; its last "
                             "10%% is validation) or a data set made by --prepare (NAME.json or "
-                            "NAME; read from disk a batch at a time). With --prepare: the name "
-                            "to write. Default: shakespeare.txt beside this file")
+                            "NAME; read from disk a batch at a time), or conversations, "
+                            "CHATS.jsonl, to fine-tune a chat model (--init-from) on its "
+                            "replies only. With --prepare: the name to write. Default: "
+                            "shakespeare.txt beside this file")
     files.add_argument("--out-dir", default="out",
                        help="where ckpt.npz, loss.png, health.png and metrics.jsonl go "
                             "(default: out)")

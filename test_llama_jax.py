@@ -2244,6 +2244,25 @@ def test_smollm2_exports_to_gguf_and_back_with_its_tokenizer_and_chat_template(t
         assert L.gguf_value(reader, key) == L.gguf_value(original, key), key
 
 
+def test_flags_that_cannot_apply_are_refused_and_bench_measures_a_given_model(capsys):
+    cases = [(["--sample", "--lr", "1e-3"], "--lr: not used by --sample"),
+             (["--gguf-type", "q8_0"], "--gguf-type: not used by training"),
+             (["--bench", "--eval", "x.txt"], "--bench and --eval: choose one"),
+             (["--gguf", "m.gguf", "--steps", "3"], "use --init-from"),
+             (["--tokenizer", "gpt2", "--sample"], "--tokenizer applies to --hf-checkpoint"),
+             (["--bench", "--hf-checkpoint", "d", "--dim", "64"], "--dim: not used by --bench"),
+             (["--export-hf", "d", "--json"], "--json: not used by --export-hf")]
+    for argv, message in cases:
+        assert L.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    # --bench with a model times that model's decoding, and says that training is not timed.
+    assert L.main(["--bench", "--json", "--hf-checkpoint", str(FIXTURES / "hf_tiny")]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kind"] for r in records] == ["train", "decode", "decode"]
+    assert "not timed" in records[0]["skipped"] and records[1]["model"].endswith("hf_tiny")
+    assert [r["batch"] for r in records[1:]] == [1, 8]
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 LORA_TC = dict(lora_rank=4, lora_alpha=8.0)

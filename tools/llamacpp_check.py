@@ -70,25 +70,30 @@ def smollm2_file():
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def models(run, tmp):
-    """{label: a llama_jax run folder} for the two models."""
+def models(run, work):
+    """{label: a llama_jax run folder} for the two models; runs already in
+    the work folder are used again."""
     if not (Path(run) / "ckpt.npz").is_file():
-        print(f"no run in {run}: training a short one (300 steps)", flush=True)
-        run = str(tmp / "shakespeare")
-        run_cli("--steps", "300", "--max-new-tokens", "1", "--out-dir", run)
-    lora = tmp / "smollm2_lora"
-    print("fine-tuning SmolLM2-135M-Instruct with LoRA (rank 8, 20 steps)", flush=True)
-    run_cli("--init-from", str(smollm2_file()), "--lora-rank", "8", "--steps", "20",
-            "--batch-size", "4", "--seq-len", "128", "--eval-every", "20",
-            "--max-new-tokens", "1", "--out-dir", str(lora))
+        run = str(work / "shakespeare")
+        if not (Path(run) / "ckpt.npz").is_file():
+            print(f"no run in {run}: training a short one (300 steps)", flush=True)
+            run_cli("--steps", "300", "--max-new-tokens", "1", "--out-dir", run)
+    lora = work / "smollm2_lora"
+    if not (lora / "ckpt.npz").is_file():
+        print("fine-tuning SmolLM2-135M-Instruct with LoRA (rank 8, 20 steps)", flush=True)
+        run_cli("--init-from", str(smollm2_file()), "--lora-rank", "8", "--steps", "20",
+                "--batch-size", "4", "--seq-len", "128", "--eval-every", "20",
+                "--max-new-tokens", "1", "--out-dir", str(lora))
     return {"shakespeare": run, "smollm2_lora": str(lora)}
 
 
 def compare(llm_class, gguf_path, label, kind):
     ours = L.load_source(gguf_path, "gguf")  # the weights exactly as the file holds them
     params, config, enc = ours["params"], ours["config"], ours["tokenizer"]
+    # The KV cache in float32 (GGML type 0), as llama_jax keeps it: llama.cpp's
+    # default float16 cache alone moves the logits by about 3e-4.
     llm = llm_class(model_path=str(gguf_path), n_ctx=256, logits_all=True, verbose=False,
-                    n_threads=2, seed=0)
+                    n_threads=2, seed=0, type_k=0, type_v=0)
     tokens = {name: (llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
                      == enc.encode_ordinary(text)) for name, text in TEXTS.items()}
     prompt = enc.encode_ordinary(PROMPT)
@@ -117,15 +122,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default=str(ROOT / "out"), help="our Shakespeare run (default out/)")
     p.add_argument("--types", nargs="+", default=list(L.GGUF_TYPES), choices=L.GGUF_TYPES)
+    p.add_argument("--work", help="a folder for the runs and exports, kept (default: a "
+                                  "temporary one); runs found there are used again")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     module = llama_cpp()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for label, run in models(args.run, tmp).items():
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for label, run in models(args.run, work).items():
             for kind in args.types:
-                path = tmp / f"{label}.{kind}.gguf"
+                path = work / f"{label}.{kind}.gguf"
+                path.unlink(missing_ok=True)  # this check's own export of the last run
                 run_cli("--export-gguf", str(path), "--gguf-type", kind, "--out-dir", run)
                 r = compare(module.Llama, path, label, kind)
                 results.append(r)
