@@ -2593,18 +2593,15 @@ def save_gguf(path, params, config, tokenizer, kind="f16", chat_template=None, s
     w.add_name(name)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
-    w.add_context_length(config.max_seq_len)
-    w.add_embedding_length(config.dim)
-    w.add_block_count(config.n_layers)
-    w.add_feed_forward_length(config.ffn_width)
-    w.add_head_count(config.n_heads)
-    w.add_head_count_kv(config.n_kv_heads)
-    w.add_key_length(config.head_width)
-    w.add_value_length(config.head_width)
-    w.add_rope_dimension_count(config.head_width)
-    w.add_rope_freq_base(config.rope_theta)
-    w.add_layer_norm_rms_eps(config.norm_eps)
-    w.add_vocab_size(config.vocab_size)
+    architecture = {  # llama.<key> in the file, written by GGUFWriter.add_<key>
+        "context_length": config.max_seq_len, "embedding_length": config.dim,
+        "block_count": config.n_layers, "feed_forward_length": config.ffn_width,
+        "head_count": config.n_heads, "head_count_kv": config.n_kv_heads,
+        "key_length": config.head_width, "value_length": config.head_width,
+        "rope_dimension_count": config.head_width, "rope_freq_base": config.rope_theta,
+        "layer_norm_rms_eps": config.norm_eps, "vocab_size": config.vocab_size}
+    for key, value in architecture.items():
+        getattr(w, f"add_{key}")(value)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -3347,8 +3344,9 @@ def render_chat(messages, tokenizer, template):
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(chat_prompt(copy(messages[:i]), tokenizer, template))
-        if ids[:start] != chat_prompt(copy(messages[:i]), tokenizer, template):
+        before = chat_prompt(copy(messages[:i]), tokenizer, template)  # ends with its header
+        start = len(before)
+        if ids[:start] != before:
             raise InputError("the chat template renders earlier turns differently once later "
                              "turns follow, so the replies' tokens cannot be told apart")
         j = start
