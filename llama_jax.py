@@ -4181,7 +4181,7 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
         out_dir.mkdir(parents=True, exist_ok=True)
     records = start_metrics(out_dir / "metrics.jsonl", resume, int(opt_state["step"]), log)
     rows = (batch_sharding(mesh),) * 2
-    eval_sets = {name: [place(b, rows) for b in eval_batches(d, tc, name)]
+    eval_sets = {name: [place(b, rows) for b in evaluation_batches(d, tc, name)]
                  for name, d in (("train", train_data), ("val", val_data))}
     log(f"model: {count_params(frozen or params) / 1e6:.2f}M parameters ({config.dim} wide, "
         f"{config.n_layers} layers, {config.n_heads} heads, {config.n_kv_heads} kv heads), "
@@ -4205,7 +4205,7 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
                 out_dir=out_dir, ckpt_path=ckpt_path, question=question)
 
 
-def eval_batches(data, tc, split):
+def evaluation_batches(data, tc, split):
     """The fixed evaluation batches of one split: Part I's fixed_windows of a
     text's tokens, or for chat data (ChatWindows) every held-out conversation,
     and the first tc.eval_batches batches of the training ones."""

@@ -7,6 +7,7 @@ oracle for the cached one, published token ids). Tiny configs, fixed keys.
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -1077,6 +1078,13 @@ def test_command_line_trains_checkpoints_plots_and_samples(corpus, tmp_path, mon
     assert "dim: 32 in the checkpoint, 64 requested" in capsys.readouterr().err
     assert L.main(["--data", "nope.txt", "--out-dir", "x"]) == 2
     assert "nope.txt not found" in capsys.readouterr().err
+    # --export-gguf: the run as a GGUF file that load_gguf reads back, once only.
+    if importlib.util.find_spec("gguf"):
+        assert L.main(["--export-gguf", "run.gguf", "--out-dir", "run"]) == 0
+        params, config, _ = L.load_gguf(tmp_path / "run.gguf")
+        assert config.dim == 32 and config.vocab_size == 50257 and config.tie_embeddings
+        assert L.main(["--export-gguf", "run.gguf", "--out-dir", "run"]) == 2
+        assert "the file exists" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -2224,7 +2232,8 @@ def test_smollm2_exports_to_gguf_and_back_with_its_tokenizer_and_chat_template(t
     source = smollm2_path()
     model = L.load_source(source, "gguf")
     out = tmp_path / "smollm2.f16.gguf"
-    assert L.main(["--gguf", str(source), "--export-gguf", str(out), "--gguf-type", "f16"]) == 0
+    L.save_gguf(out, model["params"], model["config"], model["tokenizer"], "f16",
+                model["chat_template"], model["special"], log=lambda s: None)
     back = L.load_source(out, "gguf")
     assert back["chat_template"] == model["chat_template"]
     text = BPE_TEXT + "<|im_start|>user\nHi<|im_end|>"
