@@ -2377,10 +2377,15 @@ def load_gguf(path, dtype="float32", reader=None):
     if rope_scaling not in (None, "none"):
         raise CheckpointError(f"{path}: rope.scaling.type {rope_scaling!r} is not supported")
     tensors = {t.name: t for t in reader.tensors}
+    scaling = None
     if "rope_freqs.weight" in tensors:  # Llama 3.1+: scaling factors per RoPE frequency
-        raise CheckpointError(f"{path} carries RoPE frequency factors (rope_freqs.weight, "
-                              "Llama 3.1-style scaling), which llama_jax does not read from GGUF "
-                              "yet: load the model's Hugging Face folder with --hf-checkpoint")
+        scaling = gguf_value(reader, "llama_jax.rope_scaling", required=False)
+        if scaling is None:
+            raise CheckpointError(f"{path} carries RoPE frequency factors (rope_freqs.weight, "
+                                  "Llama 3.1-style scaling) without the four numbers that made "
+                                  "them, which llama_jax reads only from its own exports: load "
+                                  "the model's Hugging Face folder with --hf-checkpoint")
+        scaling = tuple(float(x) for x in scaling)
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path} has no token_embd.weight tensor")
     vocab_size = gguf_value(reader, p + "vocab_size", required=False)
@@ -2396,9 +2401,15 @@ def load_gguf(path, dtype="float32", reader=None):
         # float32 in the file: 1e-5 reads 9.9999997e-06; 7 digits give it back
         norm_eps=float(f"{gguf_value(reader, p + 'attention.layer_norm_rms_epsilon'):.7g}"),
         rope_theta=float(gguf_value(reader, p + "rope.freq_base", required=False) or 10000.0),
-        max_seq_len=int(gguf_value(reader, p + "context_length")),
+        max_seq_len=int(gguf_value(reader, p + "context_length")), rope_scaling=scaling,
         tie_embeddings="output.weight" not in tensors, vocab_multiple=1,
         compute_dtype="bfloat16" if dtype == "bfloat16" else "float32")
+    if scaling is not None:
+        factors = gguf.quants.dequantize(tensors["rope_freqs.weight"].data,
+                                         tensors["rope_freqs.weight"].tensor_type)
+        if not np.allclose(np.ravel(factors), rope_frequency_factors(config), rtol=1e-5):
+            raise CheckpointError(f"{path}: rope_freqs.weight disagrees with "
+                                  "llama_jax.rope_scaling; the file was edited after export")
     target = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
 
     def read(name, shape, transpose):
@@ -2462,6 +2473,8 @@ def gguf_tokenizer(reader, path):
 # keeps 1-D tensors in F32); matrices are F32, F16, or Q8_0: blocks of 32
 # weights along a row, each stored as int8 with one float16 scale (a matrix
 # whose rows do not split into blocks of 32 is written F16, as llama.cpp does).
+# Llama 3.1's RoPE scaling is written as llama.cpp's rope_freqs.weight (the
+# factors per frequency) and as the four numbers load_gguf reads back.
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 
@@ -2547,6 +2560,18 @@ def gguf_matrix(gguf, value, kind):
     return value.astype(np.float16), types.F16
 
 
+def rope_frequency_factors(config):
+    """Llama 3.1's RoPE scaling as llama.cpp reads it: float32[Dh / 2], how
+    many times slower each channel pair rotates than plain RoPE would turn it
+    (llama.cpp divides each angle by its factor). Read off precompute_rope's
+    tables: the angle at position 1 is each pair's frequency."""
+    def frequencies(scaling):
+        cos, sin = precompute_rope(config.head_width, 2, config.rope_theta, scaling)
+        return np.arctan2(sin[1].astype(np.float64), cos[1].astype(np.float64))
+
+    return (frequencies(None) / frequencies(config.rope_scaling)).astype(np.float32)
+
+
 def check_gguf_export(path, config, tokenizer, kind):
     """Refuses what would lose something: an existing file, an unknown type, a
     model without a tokenizer llama.cpp can read, or an architecture that the
@@ -2567,10 +2592,6 @@ def check_gguf_export(path, config, tokenizer, kind):
         raise InputError(f"--export-gguf: the tokenizer {tokenizer.name!r} splits text by a "
                          "pattern that llama.cpp has no name for (it knows gpt2, llama-bpe, "
                          "smollm and others), so llama.cpp would tokenize differently")
-    if config.rope_scaling is not None:
-        raise InputError("--export-gguf: the model uses Llama 3.1's RoPE frequency scaling, "
-                         "which llama.cpp reads as a rope_freqs.weight tensor that load_gguf "
-                         "does not read back yet; export it with --export-hf instead")
     return pre
 
 
@@ -2602,6 +2623,9 @@ def save_gguf(path, params, config, tokenizer, kind="f16", chat_template=None, s
         "layer_norm_rms_eps": config.norm_eps, "vocab_size": config.vocab_size}
     for key, value in architecture.items():
         getattr(w, f"add_{key}")(value)
+    if config.rope_scaling is not None:  # Llama 3.1: llama.cpp reads the factors' tensor,
+        w.add_tensor("rope_freqs.weight", rope_frequency_factors(config))  # we the 4 numbers
+        w.add_array("llama_jax.rope_scaling", [float(x) for x in config.rope_scaling])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)

@@ -2222,10 +2222,26 @@ def test_gguf_export_refuses_an_existing_file_and_what_llama_cpp_cannot_read(tmp
     assert existing.read_bytes() == b"keep me"
     with pytest.raises(L.InputError, match="--gguf-type q4"):
         L.save_gguf(tmp_path / "a.gguf", params, config, L.get_tokenizer(), "q4")
-    scaled = dataclasses.replace(config, rope_scaling=(8.0, 1.0, 4.0, 8192))
-    with pytest.raises(L.InputError, match="RoPE frequency scaling"):
-        L.save_gguf(tmp_path / "b.gguf", params, scaled, L.get_tokenizer())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]
+
+
+def test_gguf_export_carries_llama_31_rope_scaling_both_ways(tmp_path):
+    need_gguf()
+    # Llama 3.1's scaling, with an original context short enough that it
+    # changes the frequencies of this small head: llama.cpp reads the
+    # factors' tensor, load_gguf the four numbers, and the logits agree.
+    config = L.RunModelConfig(vocab_size=50257, dim=64, n_layers=1, n_heads=2, n_kv_heads=1,
+                              max_seq_len=64, rope_theta=5e5, rope_scaling=(8.0, 1.0, 4.0, 64.0))
+    params = random_params(config)
+    L.save_gguf(tmp_path / "scaled.gguf", params, config, L.get_tokenizer(), "f32",
+                log=lambda s: None)
+    loaded, got, _ = L.load_gguf(tmp_path / "scaled.gguf")
+    assert got.rope_scaling == config.rope_scaling
+    factors = L.rope_frequency_factors(config)
+    assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(8.0, rel=1e-5)
+    tokens = tokens_for(config, 1, 32)
+    np.testing.assert_allclose(forward(loaded, tokens, got)[0], forward(params, tokens, config)[0],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_smollm2_exports_to_gguf_and_back_with_its_tokenizer_and_chat_template(tmp_path):
