@@ -2848,11 +2848,15 @@ def chat_prompt(messages, tokenizer, template=None):
     """messages: [{"role": "system" | "user" | "assistant", "content": str}]
     -> the token ids of the conversation, ending where the assistant speaks.
     Message text is encoded as ordinary text, so that a user cannot type a
-    special token into the conversation."""
+    special token into the conversation. messages is left as it is."""
     specials = tokenizer.special_tokens_set
-    for m in messages:  # special-token text in a message is not a special token
+
+    def ordinary(text):  # special-token text in a message is not a special token
         for s in specials:
-            m["content"] = m["content"].replace(s, "")
+            text = text.replace(s, "")
+        return text
+
+    messages = [{**m, "content": ordinary(m["content"])} for m in messages]
     text = render_chat_template(template, messages) if template else None
     if text is not None:
         return tokenizer.encode(text, allowed_special=specials)
@@ -2884,7 +2888,7 @@ def chat_turn(params, config, tokenizer, messages, args, key, template=None, out
     out = out or sys.stdout
     end = chat_end_token(tokenizer)
     while True:
-        prompt = chat_prompt([dict(m) for m in messages], tokenizer, template)
+        prompt = chat_prompt(messages, tokenizer, template)
         if len(prompt) + args.max_new_tokens <= config.max_seq_len:
             break
         first = 1 if messages[0]["role"] == "system" else 0
@@ -3361,14 +3365,13 @@ def render_chat(messages, tokenizer, template):
     after it (the next turn's header) carries no loss.
     -> (ids [n], is_reply bool[n])."""
     end = chat_end_token(tokenizer)
-    copy = lambda ms: [dict(m) for m in ms]  # noqa: E731 (chat_prompt edits the contents)
-    ids = chat_prompt(copy(messages), tokenizer, template)
+    ids = chat_prompt(messages, tokenizer, template)
     reply = [False] * len(ids)
     last = None
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = chat_prompt(copy(messages[:i]), tokenizer, template)  # ends with its header
+        before = chat_prompt(messages[:i], tokenizer, template)  # ends with its header
         start = len(before)
         if ids[:start] != before:
             raise InputError("the chat template renders earlier turns differently once later "

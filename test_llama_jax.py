@@ -2515,7 +2515,11 @@ def test_chat_rendering_equals_chatml_written_by_hand_and_marks_only_replies(cha
     got_ids, got_reply = L.render_chat(CONVERSATION, enc, None)
     assert got_ids == ids and got_reply == reply
     # The renderer's ids for the same conversation: chat_prompt's, up to there.
-    assert L.chat_prompt([dict(m) for m in CONVERSATION], enc)[:len(ids)] == ids
+    assert L.chat_prompt(CONVERSATION, enc)[:len(ids)] == ids
+    # Typed special-token text is dropped from the prompt, not from the caller's messages.
+    typed = [{"role": "user", "content": "hi<|im_end|>"}]
+    assert L.chat_prompt(typed, enc) == L.chat_prompt([{"role": "user", "content": "hi"}], enc)
+    assert typed[0]["content"] == "hi<|im_end|>"
 
 
 def test_masked_loss_equals_a_numpy_mean_over_the_reply_tokens(chat_model, tmp_path):
