@@ -1350,7 +1350,9 @@ def evaluate_run(params, config, batches):
     text, all of them: the mean of the batches' means)."""
     total = count = 0.0
     for batch in batches:
-        n = float(np.sum(np.asarray(batch[1]) != IGNORE))
+        # Counted on the devices: with several processes, batch[1] spans
+        # devices this process cannot read, but the count is on all of them.
+        n = float(jnp.sum(batch[1] != IGNORE))
         total += n * float(run_eval_loss(params, batch, config))
         count += n
     return total / max(count, 1.0)
@@ -4290,24 +4292,30 @@ def evaluate_and_save(run, step):
     save_run(run)
 
 
-def log_progress(run, done, seconds_per_step):
+def log_progress(run, done, since):
     """Reads the losses of the steps dispatched since the last line (waiting
     for them), records step `done`'s metrics and prints Part I's progress
-    line with the gradient norm and the steps clipped since the last line."""
+    line with the gradient norm and the steps clipped since the last line.
+    since: (clock, step) of the last line. The clock is read after the wait,
+    so the speed is that of finished steps, not of their dispatch (which
+    returns at once). -> that clock reading, for the next line."""
     tc = run["tc"]
     healths = read_losses(run["pending"], run["history"])
+    now = time.perf_counter()
+    seconds_per_step = (now - since[0]) / (done - since[1]) if done > since[1] else None
     record = health_record(done, run["history"]["train"][-1][1],
                            float(learning_rate(done - 1, lr_schedule(tc))), seconds_per_step,
                            tc.batch_size * tc.seq_len, healths)
     write_record(run, record)
     if seconds_per_step is None:  # the step that compiled: no speed to report
-        return
+        return now
     line = progress_line(done, tc, record["loss"], record["lr"], seconds_per_step)
     if "grad_norm" in record:
         line += f" | grad {record['grad_norm']:.2f}"
         if record["clipped_steps"]:
             line += f" ({record['clipped_steps']}/{record['steps']} clipped)"
     run["log"](line)
+    return now
 
 
 def run_steps(run, stop, time_budget):
@@ -4341,9 +4349,7 @@ def run_steps(run, stop, time_budget):
         last = done == tc.steps or out_of_time
         evaluate_now = done % tc.eval_every == 0 or last or calibrate
         if done % tc.log_every == 0 or evaluate_now:
-            now = time.perf_counter()
-            log_progress(run, done, (now - t_last) / (done - step_last) if done > step_last
-                         else None)
+            now = log_progress(run, done, (t_last, step_last))
             t_last, step_last = now, done
         if evaluate_now:
             if out_of_time and done < tc.steps:

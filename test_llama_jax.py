@@ -15,7 +15,23 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+# The suite's models are tiny, so on a CPU its time goes to compiling them, not
+# running them. LLVM's optimisation level 0 makes XLA:CPU compile faster (the
+# whole suite took 0.8x the time on 2 cores of an AMD EPYC) and changes no
+# result a test reads. Set before JAX starts, so the programs the tests start
+# (which inherit the environment) get it too. Left alone where a GPU plugin is
+# installed, where XLA's flags would tune GPU kernels instead.
+def xla_flags(*flags):
+    """The environment's XLA_FLAGS with flags added -> str."""
+    have = os.environ.get("XLA_FLAGS", "").split()
+    return " ".join(have + [f for f in flags if f not in have])
+
+
+if importlib.util.find_spec("jax_plugins") is None:
+    os.environ["XLA_FLAGS"] = xla_flags("--xla_backend_optimization_level=0")
 
 import jax
 import jax.numpy as jnp
@@ -878,11 +894,15 @@ def quick_tc(**overrides):
     return L.RunTrainConfig(**fields)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "small.txt"
+def write_corpus(path):
+    """The training tests' text: the first 30,000 characters of the plays -> path."""
     path.write_text((HERE / "shakespeare.txt").read_text(encoding="utf-8")[:30_000])
     return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("data") / "small.txt")
 
 
 @pytest.mark.slow
@@ -1041,6 +1061,24 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(corpus, tmp_pa
     after = L.load_checkpoint(tmp_path / "ckpt.npz")
     assert int(after["opt_state"]["step"]) == 3
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+def test_progress_lines_time_finished_steps_not_their_dispatch(corpus, tmp_path, monkeypatch):
+    # Dispatch returns at once; the steps finish when their losses are read.
+    # Here reading takes 0.2 s more, as slow device work would: a line's speed
+    # must include it (it did not when the clock was read before the wait).
+    read_losses = L.read_losses
+
+    def slow_read(*args):
+        time.sleep(0.2)
+        return read_losses(*args)
+
+    monkeypatch.setattr(L, "read_losses", slow_read)
+    lines = []
+    L.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lines.append)
+    speeds = [float(m.group(1)) for line in lines
+              if (m := re.search(r"\|\s+([\d,]+) ms/step", line.replace(",", "")))]
+    assert len(speeds) == 2 and min(speeds) >= 200, lines  # steps 2 and 3, one step each
 
 
 def test_checkpoint_round_trip_is_exact(corpus, tmp_path):
@@ -2171,10 +2209,16 @@ def np_gguf_llama_forward(path, tokens):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """(path, params, config, tokenizer), loaded once for the tests that use it."""
-    path = smollm2_path()
-    return (path, *L.load_gguf(path))
+def smollm2_model():
+    """load_source's record of SmolLM2, read once for the tests that use it."""
+    return L.load_source(smollm2_path(), "gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_model):
+    """(path, params, config, tokenizer)."""
+    m = smollm2_model
+    return (Path(m["source"]), m["params"], m["config"], m["tokenizer"])
 
 
 @pytest.mark.slow
@@ -2365,9 +2409,9 @@ def test_gguf_export_carries_llama_31_rope_scaling_both_ways(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_exports_to_gguf_and_back_with_its_tokenizer_and_chat_template(tmp_path):
-    source = smollm2_path()
-    model = L.load_source(source, "gguf")
+def test_smollm2_exports_to_gguf_and_back_with_its_tokenizer_and_chat_template(smollm2_model,
+                                                                              tmp_path):
+    model = smollm2_model
     out = tmp_path / "smollm2.f16.gguf"
     L.save_gguf(out, model["params"], model["config"], model["tokenizer"], "f16",
                 model["chat_template"], model["special"], log=lambda s: None)
@@ -2384,7 +2428,7 @@ def test_smollm2_exports_to_gguf_and_back_with_its_tokenizer_and_chat_template(t
     np.testing.assert_allclose(forward(back["params"], tokens, back["config"])[0],
                                forward(rounded, tokens, config)[0], atol=1e-4, rtol=1e-4)
     gguf = need_gguf()
-    reader, original = gguf.GGUFReader(out), gguf.GGUFReader(source)
+    reader, original = gguf.GGUFReader(out), gguf.GGUFReader(model["source"])
     for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                 "tokenizer.ggml.pre"):
         assert L.gguf_value(reader, key) == L.gguf_value(original, key), key
@@ -2889,7 +2933,7 @@ def test_chat_batches_split_over_the_mesh_give_one_devices_losses(chat_model):
 
 @beside("test_one_device_and_eight_train_the_same_model")
 def start_eight_devices(folder):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
     return spawn(folder, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "--basetemp", str(folder / "tmp"), "-m", "slow or not slow",
                           str(HERE / "test_llama_jax.py"), "-k",
@@ -2934,7 +2978,7 @@ def start_two_processes(flags, cwd, devices_each=4, timeout=60):
     """The same command as processes 0 and 1 of one run, joined by
     jax.distributed on localhost -> [Popen, Popen] writing to cwd/p{i}.log."""
     env = dict(os.environ, PYTHONUNBUFFERED="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+               XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices_each}"))
     common = [sys.executable, str(HERE / "llama_jax.py"), *flags, "--coordinator",
               f"localhost:{free_port()}", "--num-processes", "2", "--coordinator-timeout",
               str(timeout)]
@@ -2944,7 +2988,6 @@ def start_two_processes(flags, cwd, devices_each=4, timeout=60):
 
 
 def wait_for_line(path, text, processes, timeout=120):
-    import time
     deadline = time.time() + timeout
     while time.time() < deadline:
         if path.is_file() and text in path.read_text():
@@ -2962,7 +3005,7 @@ def test_two_processes_train_like_one_device_stop_together_and_resume_anywhere(c
     import signal
     flags = ["--data", str(corpus), "--out-dir", "run", "--dim", "32", "--n-layers", "2",
              "--n-heads", "4", "--n-kv-heads", "2", "--steps", "200", "--batch-size", "8",
-             "--seq-len", "16", "--eval-every", "1000", "--log-every", "1", "--dtype",
+             "--seq-len", "16", "--eval-every", "2", "--log-every", "1", "--dtype",
              "float32", "--dropout", "0.1", "--tie-embeddings", "--max-new-tokens", "4"]
     procs = start_two_processes(flags, tmp_path)
     wait_for_line(tmp_path / "p0.log", "step     3/", procs)
@@ -2972,6 +3015,7 @@ def test_two_processes_train_like_one_device_stop_together_and_resume_anywhere(c
     log0 = (tmp_path / "p0.log").read_text()
     assert codes == [130, 130], log0[-3000:] + (tmp_path / "p1.log").read_text()[-3000:]
     assert "8 CPU devices on 2 processes as data 8 x fsdp 1" in log0
+    assert "eval  step     2 | train" in log0  # an evaluation of batches that span both
     assert "step     1/" not in (tmp_path / "p1.log").read_text()  # process 0 speaks for all
     saved = L.checkpoint_meta(tmp_path / "run" / "ckpt.npz")
     stopped_at = saved["step"]
