@@ -26,17 +26,22 @@ Part II grows it. Each feature composes with Part I from outside: it wraps a
 Part I function, passes its own function where Part I takes one with a plain
 default, or places arrays on devices around a jitted call. No Part I function
 asks which feature is on, and Part I never names anything Part II defines.
+Part II reads top to bottom too: each section uses only Part I and the
+sections above it (test_llama_jax.py checks both).
 
     8. settings               RunModelConfig, RunTrainConfig: Part II's options
-    9. speed                  a bfloat16 matmul gradient, the blockwise loss, remat
-   10. run health             per-layer figures from each step, metrics.jsonl
+    9. run health             per-layer figures from each step, metrics.jsonl
+   10. speed                  a bfloat16 matmul gradient, the blockwise loss, remat
    11. token files            --prepare: your own text, tokenized once to disk
-   12. checkpoints, formats   our .npz, Hugging Face safetensors, GGUF, tokenizers
-   13. chat                   chat formats and streaming
-   14. fine-tuning            --init-from a pretrained model, LoRA, --export-hf
-   15. many devices           a mesh, data parallel and FSDP, --plan, many hosts
-   16. the full run           train(): resume, signals, time budgets; --eval
-   17. command line           python llama_jax.py --help, and the --bench benchmark
+   12. LoRA                   low-rank adapters over a frozen model
+   13. many devices           a mesh, FSDP, Part II's training step, --plan, many hosts
+   14. checkpoints, formats   our .npz, Hugging Face safetensors, GGUF, tokenizers
+   15. chat                   chat formats and streaming
+   16. fine-tuning            --init-from a pretrained model, chat data, --export-hf
+   17. the full run           train(): resume, signals, time budgets; --eval
+   18. command line           presets, python llama_jax.py --help, what each mode runs
+   19. benchmarks             --bench: training speed, MFU, decoding
+   20. modes and main         the table of modes, and main
 
 Shapes are written with these letters: B batch, T time (tokens), S cache length
 (max_seq_len), D model width, H query heads, K key/value heads, G = H // K query
@@ -1044,9 +1049,38 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 # arguments of jax.jit. Checkpoints store their fields, as they always have.
 
 
+@jax.custom_vjp
+def _dense_bf16(x, w):
+    return _dense_bf16_fwd(x, w)[0]
+
+
+# In PyTorch terms: autocast to bfloat16 plus a torch.autograd.Function whose
+# backward is written by hand. The forward keeps the bfloat16 operands for the
+# backward; the two empty arrays carry only the input dtypes (residuals must
+# be arrays), so the gradients come back in x's and w's own dtypes.
+def _dense_bf16_fwd(x, w):
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
+    return out, (xb, wb, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+
+
+def _dense_bf16_bwd(residuals, g):
+    # JAX's own rule would multiply the float32 gradient with float32 copies of
+    # the operands; rounding g to bfloat16 keeps both products on the fast path.
+    xb, wb, x_like, w_like = residuals
+    gb = g.astype(jnp.bfloat16)
+    dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
+    dw = jnp.dot(xb.reshape(-1, xb.shape[-1]).T, gb.reshape(-1, gb.shape[-1]),
+                 preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+_dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
+
+
 @dataclass(frozen=True)
 class RunModelConfig(ModelConfig):
-    """ModelConfig plus the speed and memory options of section 9."""
+    """ModelConfig plus the speed and memory options of section 10."""
 
     # The training loss: "plain" (Part I's compute_loss), "blockwise"
     # (blockwise_cross_entropy: never holds the [B*T, V] logits), or "auto":
@@ -1066,7 +1100,7 @@ class RunModelConfig(ModelConfig):
             raise InputError(f"ModelConfig.loss_block must be positive, got {self.loss_block}")
 
     def matmul(self, x, w):
-        """Part I's matmul, with the hand-written bfloat16 gradient of section 9."""
+        """Part I's matmul, with the hand-written bfloat16 gradient of section 10."""
         if self.compute_dtype == "bfloat16":
             return _dense_bf16(x, w)
         return x @ w
@@ -1080,9 +1114,9 @@ LORA_MATRICES = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": 
 @dataclass(frozen=True)
 class RunTrainConfig(TrainConfig):
     """TrainConfig plus the options of Part II's training: health figures
-    (section 10), LoRA (section 14) and gradient accumulation (section 16)."""
+    (section 9), LoRA (section 12) and gradient accumulation (section 13)."""
 
-    health: bool = True  # per-layer health figures from each step (section 10)
+    health: bool = True  # per-layer health figures from each step (section 9)
     # LoRA: rank 0 trains every weight; rank R > 0 trains only low-rank
     # adapters A [I, R], B [R, O] on the named matrices.
     lora_rank: int = 0
@@ -1092,7 +1126,7 @@ class RunTrainConfig(TrainConfig):
     # this many parts, run one after the other, and their gradients averaged.
     grad_accum: int = 1
     # The cosine's length; None means steps. A resumed run keeps the schedule
-    # it started with (keep_schedule, section 16): a longer --steps then runs
+    # it started with (keep_schedule, section 17): a longer --steps then runs
     # on at min_lr. learning_rate reads it through lr_schedule.
     schedule_steps: int | None = None
 
@@ -1132,234 +1166,14 @@ def run_configs(config, tc=None):
     return config, tc
 
 
-# =============================================================================
-# 9. Speed: a bfloat16 matmul gradient, the blockwise loss, the auto choices
-# =============================================================================
-
-
-@jax.custom_vjp
-def _dense_bf16(x, w):
-    return _dense_bf16_fwd(x, w)[0]
-
-
-# In PyTorch terms: autocast to bfloat16 plus a torch.autograd.Function whose
-# backward is written by hand. The forward keeps the bfloat16 operands for the
-# backward; the two empty arrays carry only the input dtypes (residuals must
-# be arrays), so the gradients come back in x's and w's own dtypes.
-def _dense_bf16_fwd(x, w):
-    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
-    return out, (xb, wb, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
-
-
-def _dense_bf16_bwd(residuals, g):
-    # JAX's own rule would multiply the float32 gradient with float32 copies of
-    # the operands; rounding g to bfloat16 keeps both products on the fast path.
-    xb, wb, x_like, w_like = residuals
-    gb = g.astype(jnp.bfloat16)
-    dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
-    dw = jnp.dot(xb.reshape(-1, xb.shape[-1]).T, gb.reshape(-1, gb.shape[-1]),
-                 preferred_element_type=jnp.float32)
-    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
-
-
-_dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
-
-
-def auto_compute_dtype(cpuinfo=None):
-    """What --dtype auto (the cpu preset) means on this machine: bfloat16 on a
-    GPU or TPU. On a CPU it depends on the chip, as measured with XLA's CPU
-    backend (docs/speed.md, `python llama_jax.py --bench --dtype bfloat16`
-    against `--dtype float32`): on an AMD EPYC with avx512_bf16 a 2048^3
-    bfloat16 matmul ran at 370 GFLOP/s against 189 in float32, so bfloat16;
-    on an Intel Xeon with avx512_bf16 but no AMX it ran at 155 against 274
-    (Intel's bfloat16 dot-product instruction does no more multiply-adds per
-    cycle than its float32 FMA, and converting costs time), so float32; with
-    Intel's AMX (amx_bf16), tile instructions made for bfloat16 matmuls,
-    bfloat16 (not measured here). Decided from /proc/cpuinfo (or the
-    text `cpuinfo`), not by a timing: timings on a shared 2-core machine
-    vary from run to run, and a run's dtype (and so its losses) must not
-    depend on the machine's load.
-    -> (dtype, the reason in words)."""
-    backend = jax.default_backend()
-    if backend != "cpu":
-        return "bfloat16", f"a {backend.upper()} runs bfloat16 matmuls natively"
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    words = set(cpuinfo.split())
-    if "amx_bf16" in words:
-        return "bfloat16", "this CPU has AMX bfloat16 tiles (amx_bf16)"
-    if "avx512_bf16" in words and "AuthenticAMD" in words:
-        return "bfloat16", "this AMD CPU has native bfloat16 dot products (avx512_bf16)"
-    if "avx512_bf16" in words:
-        return "float32", ("on an Intel CPU with avx512_bf16 but no AMX, XLA's bfloat16 matmul "
-                           "ran at 0.57x its float32 speed")
-    return "float32", "this CPU has no native bfloat16 instructions (avx512_bf16, amx_bf16)"
-
-
-# The output layer without its logits. compute_loss holds float32 logits
-# [B*T, V_padded] and, in the backward pass, their gradient of the same size:
-# 2 x 8.4 GB for Llama 3's 128,256-token vocabulary at 8 x 2048 tokens, more
-# than the rest of a 1B model's training state. blockwise_cross_entropy runs
-# over blocks of `loss_block` tokens (a lax.scan), and for each block computes
-# the logits, the loss and, when differentiated, the gradient right away:
-# softmax minus one-hot is the gradient of cross-entropy with respect to the
-# logits, so dh = G W^T and dW = h^T G follow, and the block's logits are
-# dropped. Memory is O(loss_block x V) instead of O(B*T x V), and the FLOPs are
-# those of the plain path (one output matmul forward, two backward): the
-# gradient is computed in the forward pass and only scaled in the backward
-# one (the approach of Liger Kernel's fused linear cross-entropy; Levanter's
-# blockwise cross-entropy recomputes the logits in the backward pass instead,
-# one more matmul). Evaluation, which needs no gradient, runs the primal
-# function, from which jit drops the gradient's work.
-
-# "auto" takes the blockwise path above this many bytes of float32 logits,
-# where the plain path's logits and their gradient would hold twice this.
-BLOCKWISE_ABOVE_BYTES = 1 << 30
-
-
-def use_blockwise(config, n_tokens):
-    """Whether run_loss takes the blockwise path for n_tokens tokens.
-    "auto": above BLOCKWISE_ABOVE_BYTES of logits, for memory; and, for speed,
-    float32 compute on a CPU, where its hand-written gradient (one fused pass
-    for softmax minus one-hot) beat the plain path's autodiff (a scatter for
-    the target logits, a select for the padding, a transposed copy of the
-    logits' gradient): 1.57x the whole training step at the benchmark
-    configuration on an Intel Xeon (`python tools/bench_vs_hf.py`; docs/speed.md).
-    With bfloat16 on the CPU both ran within noise, so plain."""
-    if config.loss_impl != "auto":
-        return config.loss_impl == "blockwise"
-    if n_tokens * config.padded_vocab * 4 > BLOCKWISE_ABOVE_BYTES:
-        return True
-    return config.compute_dtype == "float32" and jax.default_backend() == "cpu"
-
-
-def blockwise_cross_entropy(h, w, targets, config):
-    """The mean cross-entropy of compute_loss from the final hidden states, by
-    blocks of config.loss_block tokens. h: [N, D], w: [D, V_padded] (the output
-    weight), targets: int32[N] (IGNORE: no loss) -> scalar, the mean over the
-    targets that count. A custom VJP (below) returns the gradients computed
-    alongside the loss."""
-    return _blockwise_ce(h, w, targets, config)[0]
-
-
-def _blockwise_ce(h, w, targets, config, with_grads=False):
-    """-> (mean loss, (dL/dh [N, D], dL/dw [D, V_padded]) or None)."""
-    N, D = h.shape
-    n = min(config.loss_block, N)
-    blocks = -(-N // n)
-    pad = blocks * n - N  # the last block is padded with rows that count for nothing
-    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(blocks, n, D)
-    ts = jnp.pad(targets, (0, pad), constant_values=IGNORE).reshape(blocks, n)
-    valid = ts != IGNORE  # padding rows, and the prompts of chat data (section 14)
-    ts = jnp.where(valid, ts, 0)
-    count = jnp.maximum(jnp.sum(valid), 1)  # the tokens the mean is over: N for text
-    bf16 = config.compute_dtype == "bfloat16"
-    w_mm = w.astype(jnp.bfloat16) if bf16 else w  # rounded once, not once per block
-    vocab = jnp.arange(w.shape[1])
-
-    def matmul(a, b):  # as in dense: bfloat16 operands, float32 sums
-        if bf16:
-            return jnp.dot(a.astype(jnp.bfloat16), b, preferred_element_type=jnp.float32)
-        return jnp.dot(a, b)
-
-    def block(dw, xs):
-        hb, tb, vb = xs  # [n, D], [n], [n]
-        logits = at_least_f32(matmul(hb, w_mm))  # [n, V_padded]
-        logits = jnp.where(vocab < config.vocab_size, logits, -jnp.inf)
-        m = jnp.max(logits, axis=-1, keepdims=True)
-        e = jnp.exp(logits - m)
-        s = jnp.sum(e, axis=-1, keepdims=True)
-        target_logits = jnp.take_along_axis(logits, tb[:, None], axis=-1)[:, 0]
-        loss = jnp.sum(jnp.where(vb, m[:, 0] + jnp.log(s[:, 0]) - target_logits, 0.0))
-        if not with_grads:
-            return dw, (loss, None)
-        # dL/dlogits for the mean over the counted tokens: (softmax - one_hot)
-        # / count, and 0 on rows that do not count; rounded to bfloat16 for the
-        # two matmuls, as in dense.
-        p = e / s
-        g = jnp.where(vocab == tb[:, None], p - 1, p) * (vb[:, None] / count)
-        g = g.astype(jnp.bfloat16) if bf16 else g.astype(logits.dtype)
-        # g @ w.T as a contraction over w's vocabulary axis: no transposed copy of w
-        dh = jax.lax.dot_general(g, w_mm, (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32 if bf16 else None)  # [n, D]
-        dw = dw + (jnp.dot(hb.astype(jnp.bfloat16).T, g, preferred_element_type=jnp.float32)
-                   if bf16 else hb.T @ g)  # [D, V_padded]
-        return dw, (loss, dh)
-
-    dw0 = jnp.zeros(w.shape, jnp.promote_types(w.dtype, jnp.float32)) if with_grads else None
-    dw, (losses, dh) = jax.lax.scan(block, dw0, (hs, ts, valid))
-    loss = jnp.sum(losses) / count
-    if not with_grads:
-        return loss, None
-    return loss, (dh.reshape(blocks * n, D)[:N].astype(h.dtype), dw.astype(w.dtype))
-
-
-def _blockwise_ce_fwd(h, w, targets, config):
-    return _blockwise_ce(h, w, targets, config, with_grads=True)  # (loss, residuals: the grads)
-
-
-def _blockwise_ce_bwd(config, grads, g):
-    dh, dw = grads  # computed in the forward pass; the loss is linear in them
-    return dh * g, dw * g, None  # targets are integers: no gradient
-
-
-blockwise_cross_entropy = jax.custom_vjp(blockwise_cross_entropy, nondiff_argnums=(3,))
-blockwise_cross_entropy.defvjp(_blockwise_ce_fwd, _blockwise_ce_bwd)
-
-
-# --remat: keep only each block's input for the backward pass, and recompute
-# the rest of its activations there (config, argument 5, is static).
-remat_block = jax.checkpoint(transformer_block, static_argnums=(5,))
-
-
-def run_loss_aux(params, batch, config, training=False, key=None, health=False):
-    """Part I's compute_loss with the options of RunModelConfig: each block
-    wrapped in jax.checkpoint for --remat, the blockwise cross-entropy where
-    use_blockwise picks it, and with health=True each block's health figures
-    (health_block, section 10). Targets of IGNORE (the prompts of chat data,
-    section 14) carry no loss. -> (loss, [per-block figures] or [None] * L)."""
-    config, _ = run_configs(config)
-    inputs, targets = batch
-    block = remat_block if config.remat else transformer_block
-    if health:
-        block = functools.partial(health_block, block=block)
-    h, stats = forward_hidden(params, inputs, config, training=training, key=key, block=block)
-    if use_blockwise(config, targets.size):
-        loss = blockwise_cross_entropy(h.reshape(-1, h.shape[-1]), output_weight(params),
-                                       targets.reshape(-1), config)
-    else:  # Part I's cross_entropy, but targets of IGNORE count for nothing (chat data)
-        loss = masked_cross_entropy(output_logits(params, h, config), targets, config)
-    return loss, stats
-
-
-def run_loss(params, batch, config, training=False, key=None):
-    """run_loss_aux's loss alone: compute_loss's signature, Part II's choices."""
-    return run_loss_aux(params, batch, config, training, key)[0]
-
-
-run_eval_loss = jax.jit(run_loss, static_argnames=("config",))
-
-
-def evaluate_run(params, config, batches):
-    """Part I's evaluate with run_loss: the mean loss per counted target over
-    fixed batches, each batch weighted by its targets that are not IGNORE (for
-    text, all of them: the mean of the batches' means)."""
-    total = count = 0.0
-    for batch in batches:
-        # Counted on the devices: with several processes, batch[1] spans
-        # devices this process cannot read, but the count is on all of them.
-        n = float(jnp.sum(batch[1] != IGNORE))
-        total += n * float(run_eval_loss(params, batch, config))
-        count += n
-    return total / max(count, 1.0)
+def param_shapes(config):
+    """init_params's tree as jax.ShapeDtypeStructs, computed without
+    allocating: the template that loaders fill and check against."""
+    return jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
 
 
 # =============================================================================
-# 10. Run health
+# 9. Run health
 # =============================================================================
 # A loss curve says that a run diverged or stalled, not why. Each training
 # step also returns a few numbers per block, from what the step already has:
@@ -1513,6 +1327,238 @@ def save_health_plot(records, path):
         tmp = Path(path).with_name(Path(path).name + ".tmp.png")
         fig.savefig(tmp)
         os.replace(tmp, path)
+
+
+# =============================================================================
+# 10. Speed: a bfloat16 matmul gradient, the blockwise loss, the auto choices
+# =============================================================================
+# A target of IGNORE carries no loss: the prompts of chat data (section 16) and
+# padding. (PyTorch's ignore_index; Hugging Face labels use -100.)
+IGNORE = -1
+
+
+def masked_cross_entropy(logits, targets, config):
+    """The mean cross-entropy over the targets that are not IGNORE: logits
+    float32[..., V_padded], targets int32[...] -> scalar. With no IGNORE
+    target it is Part I's cross_entropy."""
+    keep = targets != IGNORE
+    if config.padded_vocab != config.vocab_size:
+        logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits, -jnp.inf)
+    safe = jnp.where(keep, targets, 0)  # any real index; its loss is masked below
+    target_logits = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nats = jax.nn.logsumexp(logits, axis=-1) - target_logits
+    return jnp.sum(jnp.where(keep, nats, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+def auto_compute_dtype(cpuinfo=None):
+    """What --dtype auto (the cpu preset) means on this machine: bfloat16 on a
+    GPU or TPU. On a CPU it depends on the chip, as measured with XLA's CPU
+    backend (docs/speed.md, `python llama_jax.py --bench --dtype bfloat16`
+    against `--dtype float32`): on an AMD EPYC with avx512_bf16 a 2048^3
+    bfloat16 matmul ran at 370 GFLOP/s against 189 in float32, so bfloat16;
+    on an Intel Xeon with avx512_bf16 but no AMX it ran at 155 against 274
+    (Intel's bfloat16 dot-product instruction does no more multiply-adds per
+    cycle than its float32 FMA, and converting costs time), so float32; with
+    Intel's AMX (amx_bf16), tile instructions made for bfloat16 matmuls,
+    bfloat16 (not measured here). Decided from /proc/cpuinfo (or the
+    text `cpuinfo`), not by a timing: timings on a shared 2-core machine
+    vary from run to run, and a run's dtype (and so its losses) must not
+    depend on the machine's load.
+    -> (dtype, the reason in words)."""
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return "bfloat16", f"a {backend.upper()} runs bfloat16 matmuls natively"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    words = set(cpuinfo.split())
+    if "amx_bf16" in words:
+        return "bfloat16", "this CPU has AMX bfloat16 tiles (amx_bf16)"
+    if "avx512_bf16" in words and "AuthenticAMD" in words:
+        return "bfloat16", "this AMD CPU has native bfloat16 dot products (avx512_bf16)"
+    if "avx512_bf16" in words:
+        return "float32", ("on an Intel CPU with avx512_bf16 but no AMX, XLA's bfloat16 matmul "
+                           "ran at 0.57x its float32 speed")
+    return "float32", "this CPU has no native bfloat16 instructions (avx512_bf16, amx_bf16)"
+
+
+# The output layer without its logits. compute_loss holds float32 logits
+# [B*T, V_padded] and, in the backward pass, their gradient of the same size:
+# 2 x 8.4 GB for Llama 3's 128,256-token vocabulary at 8 x 2048 tokens, more
+# than the rest of a 1B model's training state. blockwise_cross_entropy runs
+# over blocks of `loss_block` tokens (a lax.scan), and for each block computes
+# the logits, the loss and, when differentiated, the gradient right away:
+# softmax minus one-hot is the gradient of cross-entropy with respect to the
+# logits, so dh = G W^T and dW = h^T G follow, and the block's logits are
+# dropped. Memory is O(loss_block x V) instead of O(B*T x V), and the FLOPs are
+# those of the plain path (one output matmul forward, two backward): the
+# gradient is computed in the forward pass and only scaled in the backward
+# one (the approach of Liger Kernel's fused linear cross-entropy; Levanter's
+# blockwise cross-entropy recomputes the logits in the backward pass instead,
+# one more matmul). Evaluation, which needs no gradient, runs the primal
+# function, from which jit drops the gradient's work.
+
+# "auto" takes the blockwise path above this many bytes of float32 logits,
+# where the plain path's logits and their gradient would hold twice this.
+BLOCKWISE_ABOVE_BYTES = 1 << 30
+
+
+def use_blockwise(config, n_tokens):
+    """Whether run_loss takes the blockwise path for n_tokens tokens.
+    "auto": above BLOCKWISE_ABOVE_BYTES of logits, for memory; and, for speed,
+    float32 compute on a CPU, where its hand-written gradient (one fused pass
+    for softmax minus one-hot) beat the plain path's autodiff (a scatter for
+    the target logits, a select for the padding, a transposed copy of the
+    logits' gradient): 1.57x the whole training step at the benchmark
+    configuration on an Intel Xeon (`python tools/bench_vs_hf.py`; docs/speed.md).
+    With bfloat16 on the CPU both ran within noise, so plain."""
+    if config.loss_impl != "auto":
+        return config.loss_impl == "blockwise"
+    if n_tokens * config.padded_vocab * 4 > BLOCKWISE_ABOVE_BYTES:
+        return True
+    return config.compute_dtype == "float32" and jax.default_backend() == "cpu"
+
+
+def blockwise_cross_entropy(h, w, targets, config):
+    """The mean cross-entropy of compute_loss from the final hidden states, by
+    blocks of config.loss_block tokens. h: [N, D], w: [D, V_padded] (the output
+    weight), targets: int32[N] (IGNORE: no loss) -> scalar, the mean over the
+    targets that count. A custom VJP (below) returns the gradients computed
+    alongside the loss."""
+    return _blockwise_ce(h, w, targets, config)[0]
+
+
+def _blockwise_ce(h, w, targets, config, with_grads=False):
+    """-> (mean loss, (dL/dh [N, D], dL/dw [D, V_padded]) or None)."""
+    N, D = h.shape
+    n = min(config.loss_block, N)
+    blocks = -(-N // n)
+    pad = blocks * n - N  # the last block is padded with rows that count for nothing
+    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(blocks, n, D)
+    ts = jnp.pad(targets, (0, pad), constant_values=IGNORE).reshape(blocks, n)
+    valid = ts != IGNORE  # padding rows, and the prompts of chat data (section 16)
+    ts = jnp.where(valid, ts, 0)
+    count = jnp.maximum(jnp.sum(valid), 1)  # the tokens the mean is over: N for text
+    bf16 = config.compute_dtype == "bfloat16"
+    w_mm = w.astype(jnp.bfloat16) if bf16 else w  # rounded once, not once per block
+    vocab = jnp.arange(w.shape[1])
+
+    def matmul(a, b):  # as in dense: bfloat16 operands, float32 sums
+        if bf16:
+            return jnp.dot(a.astype(jnp.bfloat16), b, preferred_element_type=jnp.float32)
+        return jnp.dot(a, b)
+
+    def block(dw, xs):
+        hb, tb, vb = xs  # [n, D], [n], [n]
+        logits = at_least_f32(matmul(hb, w_mm))  # [n, V_padded]
+        logits = jnp.where(vocab < config.vocab_size, logits, -jnp.inf)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        e = jnp.exp(logits - m)
+        s = jnp.sum(e, axis=-1, keepdims=True)
+        target_logits = jnp.take_along_axis(logits, tb[:, None], axis=-1)[:, 0]
+        loss = jnp.sum(jnp.where(vb, m[:, 0] + jnp.log(s[:, 0]) - target_logits, 0.0))
+        if not with_grads:
+            return dw, (loss, None)
+        # dL/dlogits for the mean over the counted tokens: (softmax - one_hot)
+        # / count, and 0 on rows that do not count; rounded to bfloat16 for the
+        # two matmuls, as in dense.
+        p = e / s
+        g = jnp.where(vocab == tb[:, None], p - 1, p) * (vb[:, None] / count)
+        g = g.astype(jnp.bfloat16) if bf16 else g.astype(logits.dtype)
+        # g @ w.T as a contraction over w's vocabulary axis: no transposed copy of w
+        dh = jax.lax.dot_general(g, w_mm, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32 if bf16 else None)  # [n, D]
+        dw = dw + (jnp.dot(hb.astype(jnp.bfloat16).T, g, preferred_element_type=jnp.float32)
+                   if bf16 else hb.T @ g)  # [D, V_padded]
+        return dw, (loss, dh)
+
+    dw0 = jnp.zeros(w.shape, jnp.promote_types(w.dtype, jnp.float32)) if with_grads else None
+    dw, (losses, dh) = jax.lax.scan(block, dw0, (hs, ts, valid))
+    loss = jnp.sum(losses) / count
+    if not with_grads:
+        return loss, None
+    return loss, (dh.reshape(blocks * n, D)[:N].astype(h.dtype), dw.astype(w.dtype))
+
+
+def _blockwise_ce_fwd(h, w, targets, config):
+    return _blockwise_ce(h, w, targets, config, with_grads=True)  # (loss, residuals: the grads)
+
+
+def _blockwise_ce_bwd(config, grads, g):
+    dh, dw = grads  # computed in the forward pass; the loss is linear in them
+    return dh * g, dw * g, None  # targets are integers: no gradient
+
+
+blockwise_cross_entropy = jax.custom_vjp(blockwise_cross_entropy, nondiff_argnums=(3,))
+blockwise_cross_entropy.defvjp(_blockwise_ce_fwd, _blockwise_ce_bwd)
+
+
+# --remat: keep only each block's input for the backward pass, and recompute
+# the rest of its activations there (config, argument 5, is static).
+remat_block = jax.checkpoint(transformer_block, static_argnums=(5,))
+
+
+def run_loss_aux(params, batch, config, training=False, key=None, health=False):
+    """Part I's compute_loss with the options of RunModelConfig: each block
+    wrapped in jax.checkpoint for --remat, the blockwise cross-entropy where
+    use_blockwise picks it, and with health=True each block's health figures
+    (health_block, section 9). Targets of IGNORE (the prompts of chat data,
+    section 16) carry no loss. -> (loss, [per-block figures] or [None] * L)."""
+    config, _ = run_configs(config)
+    inputs, targets = batch
+    block = remat_block if config.remat else transformer_block
+    if health:
+        block = functools.partial(health_block, block=block)
+    h, stats = forward_hidden(params, inputs, config, training=training, key=key, block=block)
+    if use_blockwise(config, targets.size):
+        loss = blockwise_cross_entropy(h.reshape(-1, h.shape[-1]), output_weight(params),
+                                       targets.reshape(-1), config)
+    else:  # Part I's cross_entropy, but targets of IGNORE count for nothing (chat data)
+        loss = masked_cross_entropy(output_logits(params, h, config), targets, config)
+    return loss, stats
+
+
+def run_loss(params, batch, config, training=False, key=None):
+    """run_loss_aux's loss alone: compute_loss's signature, Part II's choices."""
+    return run_loss_aux(params, batch, config, training, key)[0]
+
+
+run_eval_loss = jax.jit(run_loss, static_argnames=("config",))
+
+
+def evaluate_run(params, config, batches):
+    """Part I's evaluate with run_loss: the mean loss per counted target over
+    fixed batches, each batch weighted by its targets that are not IGNORE (for
+    text, all of them: the mean of the batches' means)."""
+    total = count = 0.0
+    for batch in batches:
+        # Counted on the devices: with several processes, batch[1] spans
+        # devices this process cannot read, but the count is on all of them.
+        n = float(jnp.sum(batch[1] != IGNORE))
+        total += n * float(run_eval_loss(params, batch, config))
+        count += n
+    return total / max(count, 1.0)
+
+
+def loss_buffer_bytes(config, n_tokens):
+    """Temporary bytes of the output layer's loss and gradient, from hidden
+    states [n_tokens, D] (XLA's memory analysis of the compiled function; no
+    run): {"plain": ..., "blockwise": ...}."""
+    shapes = (jax.ShapeDtypeStruct((n_tokens, config.dim), jnp.float32),
+              jax.ShapeDtypeStruct((config.dim, config.padded_vocab), jnp.float32),
+              jax.ShapeDtypeStruct((n_tokens,), jnp.int32))
+
+    def plain_loss(h, w, t):
+        return cross_entropy(output_logits({"output": w}, h, config), t, config)
+
+    def blockwise_loss(h, w, t):
+        return blockwise_cross_entropy(h, w, t, config)
+
+    return {name: jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*shapes).compile()
+            .memory_analysis().temp_size_in_bytes
+            for name, f in (("plain", plain_loss), ("blockwise", blockwise_loss))}
 
 
 # =============================================================================
@@ -1810,12 +1856,40 @@ _step_window_starts = jax.jit(
     static_argnames=("batch_size", "seq_len"))
 
 
+@dataclass(frozen=True)
+class ChatWindows:
+    """Rendered conversations, one a row: inputs int32[N, T] and targets
+    int32[N, T] (IGNORE where no loss). Batches are drawn on the host by the
+    run's keys (host_batch), as token files' are."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def rows(self, rows):
+        """int[B] row numbers -> (inputs, targets) int32[B, T]."""
+        return self.inputs[rows], self.targets[rows]
+
+    def batches(self, batch_size):
+        """Every row once, in batches of batch_size (the last one padded with
+        rows that are all IGNORE). -> [(inputs, targets)]."""
+        out = []
+        for i in range(0, len(self), batch_size):
+            x, y = self.inputs[i:i + batch_size], self.targets[i:i + batch_size]
+            pad = batch_size - len(x)
+            out.append((np.pad(x, ((0, pad), (0, 0))),
+                        np.pad(y, ((0, pad), (0, 0)), constant_values=IGNORE)))
+        return out
+
+
 def host_batch(token_file, keys, step, batch_size, seq_len):
     """The batch run_step would draw from the same tokens on the device, read
     from a token file: the same start positions (computed by jax.random on the
     CPU, so that a GPU's queue is never waited on), then this process reads
     its own rows only and jax.make_array_from_process_local_data assembles the
-    global batch. Chat data (ChatWindows, section 14) is read the same way:
+    global batch. Chat data (ChatWindows, section 16) is read the same way:
     the draw picks conversations, uniform over its N rows.
     -> (inputs, targets) int32[B, T]."""
     chats = isinstance(token_file, ChatWindows)
@@ -1855,8 +1929,635 @@ def load_training_data(path, seq_len, enc=None):
 
 
 # =============================================================================
-# 12. Checkpoints and file formats
+# 12. LoRA: low-rank adapters over a frozen model
 # =============================================================================
+# LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+# arXiv:2106.09685) freezes the pretrained weights and learns a low-rank change
+# to a few matrices: W [I, O] becomes W + (alpha / R) A B, with A [I, R] drawn
+# at random and B [R, O] starting at zero, so that at step 0 the model is the
+# base model exactly. Only A and B are trained and have optimizer moments. It
+# is written here as functions over the same parameter pytree: lora_merge
+# builds ordinary weights from the base and the adapters inside the jitted
+# step, the model runs on them unchanged, and differentiating through the merge
+# gives the gradients of A and B. (Libraries add x A B beside x W instead,
+# which skips forming dL/dW' for the adapted matrices: an [I, O] product each.)
+
+
+def lora_init(key, config, tc):
+    """Adapters for every block: {"layers": [{name: {"a": [I, R], "b": [R, O]}}]}
+    for each name in tc.lora_targets. A ~ N(0, 1/I) (the paper: "a random
+    Gaussian initialization for A and zero for B"), B = 0."""
+    shapes = param_shapes(config)
+    layers = []
+    for i, layer in enumerate(shapes["layers"]):
+        adapters = {}
+        for j, name in enumerate(tc.lora_targets):
+            I, O = layer[LORA_MATRICES[name]][name].shape
+            k = jax.random.fold_in(key, i * len(LORA_MATRICES) + j)
+            adapters[name] = {"a": jax.random.normal(k, (I, tc.lora_rank)) / math.sqrt(I),
+                              "b": jnp.zeros((tc.lora_rank, O))}
+        layers.append(adapters)
+    return {"layers": layers}
+
+
+def lora_merge(base, adapters, tc):
+    """The model's weights: base with each adapted matrix W [I, O] replaced by
+    W + (lora_alpha / lora_rank) A B. -> a params pytree of the usual shapes."""
+    scale = tc.lora_alpha / tc.lora_rank
+    layers = []
+    for layer, adapted in zip(base["layers"], adapters["layers"]):
+        layer = {**layer, "attention": dict(layer["attention"]),
+                 "feed_forward": dict(layer["feed_forward"])}
+        for name, ab in adapted.items():
+            part = layer[LORA_MATRICES[name]]
+            part[name] = part[name] + scale * (ab["a"] @ ab["b"])
+        layers.append(layer)
+    return {**base, "layers": layers}
+
+
+merged_weights = jax.jit(lora_merge, static_argnames=("tc",))
+
+
+def check_lora(config, tc):
+    """Refuses a LoRA rank above an adapted matrix's smaller side: A B could
+    then be any matrix, and training the full matrix is simpler and smaller."""
+    shapes = param_shapes(config)["layers"][0]
+    for name in tc.lora_targets:
+        I, O = shapes[LORA_MATRICES[name]][name].shape
+        if tc.lora_rank > min(I, O):
+            raise InputError(f"--lora-rank {tc.lora_rank} is larger than {name}'s smaller side "
+                             f"({name} is [{I}, {O}]): use a rank of at most {min(I, O)}, or "
+                             "--lora-rank 0 to train every weight")
+
+
+# =============================================================================
+# 13. Many devices and many hosts
+# =============================================================================
+# One code path for 1 to N devices, with JAX's own machinery (see the guide
+# "Distributed arrays and automatic parallelization" on docs.jax.dev). The
+# devices form a 2-D mesh with axes ("data", "fsdp"):
+#   - the batch is split over every device (both axes): each one computes the
+#     loss and gradients of its rows, and XLA inserts the communication that
+#     makes the update the one of the whole batch;
+#   - the weights and AdamW moments are split over "fsdp" (ZeRO-3 / fully
+#     sharded data parallel: Rajbhandari et al. 2020, arXiv:1910.02054) and
+#     copied over "data". --fsdp 1 (the default) is pure data parallelism:
+#     every device holds everything and the gradients are all-reduced.
+#     --fsdp all shards over every device: each holds 1/N of every matrix,
+#     gathered just in time for its matmul, and the gradients are
+#     reduce-scattered so that each device updates only its own part.
+# The layers, model and loss (sections 3 to 5) know nothing of it: they are
+# written for one device, jax.jit compiles them for the mesh from the
+# shardings of their inputs (GSPMD), and the results are those of one device
+# to float32 rounding (test_llama_jax.py checks 1, 8, FSDP and 2 x 4). The
+# mesh's axes are "auto": jax 0.10's default, "explicit", would make every
+# einsum in the model say how its output is split.
+# Several hosts (processes) join one mesh through jax.distributed; every
+# process runs the same program on its own devices, reads the same batches,
+# and only process 0 prints and writes files.
+
+
+def make_mesh(fsdp=1, devices=None):
+    """The ("data", "fsdp") mesh over `devices` (default: every device of
+    every process). fsdp: devices per FSDP group, a divisor of their number,
+    or "all"."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
+    if fsdp == "all":
+        fsdp = n
+    elif not str(fsdp).isdigit():
+        raise InputError(f"--fsdp {fsdp}: give a number of devices per FSDP group, or all")
+    fsdp = int(fsdp)
+    if fsdp < 1 or n % fsdp:
+        choices = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+        raise InputError(f"--fsdp {fsdp} does not divide the {n} device{'s' * (n > 1)}: "
+                         f"choose one of {choices} or all")
+    return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def fsdp_spec(shape, n):
+    """How one array is split over a mesh whose "fsdp" axis has n devices: a
+    matrix along its largest dimension that n divides (the embedding and
+    output layer along the vocabulary, the others along their wider side);
+    vectors (norm gains, the step count), and matrices n divides nowhere, are
+    copied to every device. -> a PartitionSpec."""
+    if n > 1 and len(shape) >= 2:
+        for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[d] % n == 0:
+                return P(*[("fsdp" if i == d else None) for i in range(len(shape))])
+    return P()
+
+
+def state_shardings(mesh, tree):
+    """The NamedSharding of every leaf of a pytree of arrays (or shapes):
+    parameters, optimizer state, LoRA adapters, keys. Replicated over
+    "data", split over "fsdp" by fsdp_spec."""
+    n = mesh.shape["fsdp"]
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, n)), tree)
+
+
+def batch_sharding(mesh):
+    """Rows of a batch [B, ...] split over every device of the mesh."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def split_batch(batch, mesh):
+    """Inside a jitted step: a batch's rows split over every device of the
+    mesh (None: left as it is)."""
+    if mesh is None:
+        return batch
+    return jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
+
+
+def keep_split(mesh, tree):
+    """Inside a jitted step: new weights and optimizer state split as the
+    old ones were (state_shardings), so that a step's outputs are the next
+    step's inputs as they are, and donation can reuse their buffers."""
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, state_shardings(mesh, tree))
+
+
+def place(tree, shardings):
+    """Host or device arrays -> global arrays with these shardings. Each
+    device receives only its own slice (make_array_from_callback), which also
+    works when the mesh spans several processes that each hold the same
+    values."""
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def place_state(mesh, tree):
+    """Weights or optimizer state (host or device arrays) split over the mesh
+    by state_shardings."""
+    return place(tree, state_shardings(mesh, tree))
+
+
+def copies(mesh, tree):
+    """A copy-on-every-device NamedSharding for each leaf of a pytree."""
+    return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), tree)
+
+
+def replicated(mesh, tree):
+    """A pytree copied to every device of the mesh."""
+    return place(tree, copies(mesh, tree))
+
+
+def gather(x):
+    """One global array -> a NumPy array on every process (a collective when
+    the array spans processes: every process must call it)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def sharded_init(key, config, mesh):
+    """init_params compiled to write each device's shard where it lives: the
+    full weights are never on one device."""
+    shardings = state_shardings(mesh, param_shapes(config))
+    return jax.jit(init_params, static_argnums=1, out_shardings=shardings)(key, config)
+
+
+def sharded_adamw_init(params, mesh):
+    """adamw_init with the moments split like the weights."""
+    shapes = jax.eval_shape(adamw_init, params)
+    return jax.jit(adamw_init, out_shardings=state_shardings(mesh, shapes))(params)
+
+
+def describe_mesh(mesh):
+    kind = mesh.devices.flat[0].platform.upper()
+    hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return (f"{mesh.size} {kind} device{'s' if mesh.size > 1 else ''}{hosts} as data "
+            f"{mesh.shape['data']} x fsdp {mesh.shape['fsdp']}")
+
+
+def check_batch_split(tc, mesh):
+    """The global batch must split evenly over the devices and micro-batches."""
+    parts = mesh.size * tc.grad_accum
+    if tc.batch_size % parts:
+        fit = parts * max(1, round(tc.batch_size / parts))
+        accum = f" x --grad-accum {tc.grad_accum}" if tc.grad_accum > 1 else ""
+        raise InputError(f"--batch-size {tc.batch_size} does not split over {mesh.size} "
+                         f"device(s){accum}: use a multiple of {parts}, e.g. --batch-size {fit}")
+
+
+def describe_batch(tc, mesh):
+    """Tokens per optimizer step, in total and per device, and where."""
+    tokens = tc.batch_size * tc.seq_len
+    micro = (f", in {tc.grad_accum} micro-batches of {tokens // tc.grad_accum:,}"
+             if tc.grad_accum > 1 else "")
+    return (f"batch: {tc.batch_size} x {tc.seq_len} = {tokens:,} tokens per optimizer step on "
+            f"{describe_mesh(mesh)}: {tokens // mesh.size:,} per device{micro}")
+
+
+def describe_plan(plan):
+    """The memory plan (memory_plan) in one clause."""
+    limit, source = device_memory()
+    of = f" of {gb(limit)} ({source})" if limit else ""
+    return (f"per device about {gb(plan['total'])}{of}: weights {gb(plan['params'])}, "
+            f"gradients {gb(plan['grads'])}, AdamW {gb(plan['optimizer'])}, activations "
+            f"{gb(plan['activations'])} (--plan for more)")
+
+
+# ----------------------------------------------------------------------------- Part II's training step
+
+
+def accumulate_gradients(grad_fn, params, batch, key, n, mesh=None):
+    """grad_fn's loss, health figures and gradients for a whole batch, computed
+    over n micro-batches one after the other (a lax.scan): only one
+    micro-batch's activations exist at a time. Micro-batches are equal in size,
+    so the mean of their mean losses and gradients is the whole batch's. Micro-
+    batch i takes rows i, i + n, i + 2n, ...: with the batch split over devices
+    in contiguous blocks, each device then holds its share of every one.
+    Dropout: micro-batch i draws its masks with key folded with i, one set of
+    masks per micro-batch, so with dropout on, --grad-accum N does not give
+    the masks (or the losses) of one big batch; without dropout it does, to
+    float32 rounding. batch: (inputs, targets) int32[B, T]
+    -> ((loss, stats), grads)."""
+    micro = jax.tree_util.tree_map(lambda x: x.reshape(-1, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def add_one(total, xs):
+        i, micro_batch = xs
+        (loss, stats), grads = grad_fn(params, split_batch(micro_batch, mesh),
+                                       jax.random.fold_in(key, i))
+        return jax.tree_util.tree_map(jnp.add, total, grads), (loss, stats)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    total, (losses, stats) = jax.lax.scan(add_one, zeros, (jnp.arange(n), micro))
+    mean = functools.partial(jax.tree_util.tree_map, lambda x: x.mean(0))
+    return (losses.mean(), mean(stats)), jax.tree_util.tree_map(lambda g: g / n, total)
+
+
+# Part II's training step. Part I's train_step is loss, gradients, AdamW; this
+# one is the same three (learning_rate and adamw_update are Part I's), with the
+# loss and its gradients computed by composition: run_loss_aux for the speed
+# options and health figures, lora_merge in front of it for LoRA,
+# accumulate_gradients around it for micro-batches, and the mesh's shardings
+# on its batch and results.
+
+
+@functools.partial(jax.jit, static_argnames=("config", "tc", "mesh"),
+                   donate_argnames=("params", "opt_state"))
+def run_step(params, opt_state, data, keys, config, tc, frozen=None, mesh=None):
+    """One optimisation step of a full run, compiled once: draw a batch from
+    `data` (int32[N], on the device), compute loss and gradients (with
+    dropout), clip, AdamW. keys: the run's "batches" and "dropout" streams
+    (run_keys); the step's own keys come from them and the step number
+    (step_keys), so a resumed run draws what an uninterrupted one would. For
+    data too large for the device, `data` is instead the batch (inputs,
+    targets), int32[B, T], that host_batch read from a token file with the
+    same keys: the same tokens give the same batch either way. params and
+    opt_state are donated.
+    With tc.health, the step also returns a few figures per layer (step_health,
+    section 9); else health is {}. With LoRA (tc.lora_rank > 0, section 12),
+    params are the adapters, the only weights trained, and frozen the
+    pretrained weights they adapt. With tc.grad_accum > 1, the batch is run in
+    that many micro-batches (accumulate_gradients). mesh: the devices to split
+    the work over (section 13): the batch is split over all of them, and
+    params and opt_state come back split as they came in; None runs where the
+    inputs are. -> (params, opt_state, loss, health)."""
+    config, tc = run_configs(config, tc)
+    batch_key, dropout_key = step_keys(keys, opt_state["step"])
+    if isinstance(data, tuple):  # a batch read from a token file (host_batch)
+        batch = data
+    else:
+        batch = get_batch(batch_key, data, tc.batch_size, tc.seq_len)
+
+    def loss_fn(p, batch, key):  # the blocks' health figures ride along as auxiliary outputs
+        weights = p if frozen is None else lora_merge(frozen, p, tc)
+        return run_loss_aux(weights, batch, config, True, key, tc.health)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if tc.grad_accum == 1:
+        (loss, stats), grads = grad_fn(params, split_batch(batch, mesh), dropout_key)
+    else:
+        (loss, stats), grads = accumulate_gradients(grad_fn, params, batch, dropout_key,
+                                                    tc.grad_accum, mesh)
+    lr = learning_rate(opt_state["step"], lr_schedule(tc))
+    new_params, opt_state = adamw_update(params, grads, opt_state, lr, tc)
+    health = step_health(params, new_params, grads, stats, tc) if tc.health else {}
+    new_params, opt_state = keep_split(mesh, (new_params, opt_state))
+    return new_params, opt_state, loss, health
+
+
+# ----------------------------------------------------------------------------- the plan
+# "Will it fit?" before a run starts. Per device, in bytes: the weights,
+# gradients and AdamW moments (their shard shapes on the mesh), and the
+# activations the backward pass keeps. Those are found without running or
+# compiling anything: jax.vjp's backward function holds the forward's saved
+# values (its "residuals") as arrays, and jax.eval_shape traces it for their
+# shapes alone. They grow linearly with the rows of a batch, so two traces (1
+# and 2 rows) give the bytes per row. The count errs high (XLA fuses some of
+# those values away), so a run it says will not fit is compiled, not run, and
+# XLA's own memory analysis decides (check_plan_fits). --plan prints both, and
+# the bytes each step sends between devices.
+
+
+def tree_bytes(tree, shardings=None):
+    """Bytes of a pytree of arrays or shapes; with shardings, of one device's
+    shards."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    shards = (jax.tree_util.tree_leaves(shardings) if shardings is not None
+              else [None] * len(leaves))
+    return sum(math.prod(s.shard_shape(x.shape) if s is not None else x.shape)
+               * np.dtype(x.dtype).itemsize for x, s in zip(leaves, shards))
+
+
+def activation_bytes_per_row(config, tc):
+    """Bytes the backward pass keeps per sequence of tc.seq_len tokens."""
+    params = param_shapes(config)
+
+    def saved(rows):
+        batch = (jax.ShapeDtypeStruct((rows, tc.seq_len), jnp.int32),) * 2
+        vjp = jax.eval_shape(lambda p, b: jax.vjp(
+            lambda q: run_loss(q, b, config, True, jax.random.PRNGKey(0)), p)[1],
+            params, batch)
+        return tree_bytes(vjp)
+
+    return saved(2) - saved(1)
+
+
+def run_shapes(config, tc):
+    """-> (the shapes of what the optimizer updates, of the frozen weights or
+    None): the model's parameters and None; with LoRA (tc.lora_rank), the
+    adapters and the base's parameters."""
+    if not tc.lora_rank:
+        return param_shapes(config), None
+    return (jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), config, tc)),
+            param_shapes(config))
+
+
+def memory_plan(config, tc, mesh):
+    """Per-device bytes of a training run on this mesh, computed from shapes.
+    -> dict of bytes per device, and the rows each device computes at once."""
+    trained, frozen_shapes = run_shapes(config, tc)
+    weights = tree_bytes(trained, state_shardings(mesh, trained))
+    frozen = 0 if frozen_shapes is None else tree_bytes(frozen_shapes,
+                                                        state_shardings(mesh, frozen_shapes))
+    rows = tc.batch_size // (mesh.size * tc.grad_accum)
+    plan = {"params": weights + frozen, "grads": weights * (2 if tc.grad_accum > 1 else 1),
+            "optimizer": 2 * weights, "activations": activation_bytes_per_row(config, tc) * rows,
+            "rows_per_device": rows}
+    plan["total"] = sum(plan[k] for k in ("params", "grads", "optimizer", "activations"))
+    return plan
+
+
+def communication_bytes(config, tc, mesh):
+    """Bytes each device sends per optimizer step with ring collectives
+    (float32 weights): data parallel all-reduces the gradients, 2 (n-1)/n of
+    them; FSDP over g devices all-gathers the weights twice (forward and
+    backward, per micro-batch), reduce-scatters the gradients ((g-1)/g each)
+    and all-reduces the gradient shards over the data axis."""
+    full = tree_bytes(run_shapes(config, tc)[0])
+    d, g = mesh.shape["data"], mesh.shape["fsdp"]
+    if g == 1:
+        return {"all-reduce": 2 * (d - 1) / d * full}
+    return {"all-gather": 2 * tc.grad_accum * (g - 1) / g * full,
+            "reduce-scatter": (g - 1) / g * full,
+            "all-reduce": 2 * (d - 1) / d * full / g}
+
+
+def device_memory():
+    """-> (bytes one device may use, where the figure comes from)."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"], f"{getattr(device, 'device_kind', device.platform)} memory"
+    try:  # CPU devices share the host's memory
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+    n = jax.local_device_count()
+    return total // n, f"host memory / {n} CPU device{'s' if n > 1 else ''}"
+
+
+def gb(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+@functools.lru_cache(maxsize=None)  # --plan and check_plan_fits may both ask
+def compiled_memory(config, tc, mesh):
+    """XLA's memory analysis of the compiled run_step on this mesh, per
+    device (a token file's batch, so no corpus among the arguments).
+    -> {"arguments", "outputs", "aliased", "temporaries", "total"} in bytes,
+    total being what the step holds at once."""
+    trained, base = run_shapes(config, tc)
+    opt = jax.eval_shape(adamw_init, trained)
+    shaped = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    rows = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32,
+                                sharding=batch_sharding(mesh))
+    keys = jax.eval_shape(run_keys, jax.random.PRNGKey(0))
+    frozen = None if base is None else shaped(base, state_shardings(mesh, base))
+    m = run_step.lower(shaped(trained, state_shardings(mesh, trained)),
+                         shaped(opt, state_shardings(mesh, opt)), (rows, rows),
+                         shaped(keys, copies(mesh, keys)), config, tc, frozen,
+                         mesh).compile().memory_analysis()
+    held = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+            "total": held + m.temp_size_in_bytes}
+
+
+def plan_report(config, tc, mesh):
+    """--plan's lines: the mesh, the memory per device, the communication."""
+    plan = memory_plan(config, tc, mesh)
+    limit, source = device_memory()
+    lines = [describe_batch(tc, mesh),
+             "per device, computed from the shapes:",
+             f"  weights      {gb(plan['params']):>10}",
+             f"  gradients    {gb(plan['grads']):>10}",
+             f"  AdamW        {gb(plan['optimizer']):>10}  (two moments)",
+             f"  activations  {gb(plan['activations']):>10}  ({plan['rows_per_device']} "
+             f"sequence(s) of {tc.seq_len} tokens kept for the backward pass"
+             f"{', --remat' if config.remat else ''})",
+             f"  total        {gb(plan['total']):>10}"
+             + (f"  of {gb(limit)} ({source})" if limit else "")]
+    other = dataclasses.replace(config, remat=not config.remat)  # what --remat changes
+    other_bytes = activation_bytes_per_row(other, tc) * plan["rows_per_device"]
+    lines.append(f"  ({'without' if config.remat else 'with'} --remat the activations would "
+                 f"be {gb(other_bytes)})")
+    n_tokens = plan["rows_per_device"] * tc.seq_len  # what one device's loss sees at once
+    chosen, alternative = (("blockwise", "plain") if use_blockwise(config, n_tokens)
+                           else ("plain", "blockwise"))
+    try:
+        loss = loss_buffer_bytes(config, n_tokens)
+        lines.append(f"  loss         {gb(loss[chosen]):>10}  (XLA's temporary buffers of the "
+                     f"{chosen} cross-entropy and its gradient over {n_tokens} tokens; "
+                     f"{alternative}: {gb(loss[alternative])})")
+    except Exception as err:  # noqa: BLE001 (a plan without it is still useful)
+        lines.append(f"  (the loss's buffers unavailable: {type(err).__name__}: {err})")
+    try:
+        m = compiled_memory(config, tc, mesh)
+        lines.append(f"per device, XLA's memory analysis of the compiled step: arguments "
+                     f"{gb(m['arguments'])}, outputs {gb(m['outputs'])} ({gb(m['aliased'])} "
+                     f"reuse donated inputs), temporaries {gb(m['temporaries'])}: about "
+                     f"{gb(m['total'])} in all")
+    except Exception as err:  # noqa: BLE001 (a plan without it is still useful)
+        lines.append(f"(XLA's memory analysis unavailable: {type(err).__name__}: {err})")
+    comm = communication_bytes(config, tc, mesh)
+    if mesh.size == 1:
+        lines.append("communication: none (one device)")
+    else:
+        lines.append("communication per optimizer step, sent by each device (ring "
+                     "algorithms, float32): " + ", ".join(f"{k} {gb(v)}" for k, v in comm.items()
+                                                          if v))
+    try:
+        check_plan_fits(plan, config, tc, mesh)
+        lines.append("fits: yes")
+    except InputError as err:
+        lines.append(f"fits: no. {err}")
+    return lines
+
+
+def check_plan_fits(plan, config, tc, mesh):
+    """Stops a run that would not fit in a device's memory, before it runs,
+    naming the flags that would make it fit. The shapes' estimate counts
+    every value the backward pass keeps, some of which XLA fuses away, so it
+    errs high: when it exceeds 90% of the memory, the step is compiled (not
+    run) and XLA's own analysis decides."""
+    limit, source = device_memory()
+    if limit is None or plan["total"] <= 0.9 * limit:
+        return
+    try:
+        m = compiled_memory(config, tc, mesh)
+    except Exception as err:  # noqa: BLE001 (e.g. more tokens than int32 indexes)
+        m = {"temporaries": plan["activations"], "total": plan["total"]}
+        source += f"; the step did not compile: {type(err).__name__}"
+    need = m["total"]
+    if need <= 0.9 * limit:
+        return
+    rows = plan["rows_per_device"]
+    per_row, fixed = m["temporaries"] / rows, need - m["temporaries"]
+    fixes = []
+    rows_fit = int((0.9 * limit - fixed) // per_row)
+    if rows_fit >= 1:
+        fixes.append(f"--batch-size {rows_fit * mesh.size * tc.grad_accum} (at most "
+                     f"{rows_fit} sequence(s) per device)")
+        fixes.append(f"--grad-accum {-(-rows // rows_fit) * tc.grad_accum} (the same batch, "
+                     "in micro-batches)")
+    if not config.remat:
+        fixes.append("--remat (recompute activations in the backward pass)")
+    if mesh.shape["fsdp"] < mesh.size:
+        fixes.append("--fsdp all (split weights and optimizer state over every device)")
+    fixes.append("more devices, or a smaller model")
+    raise InputError(f"this run needs about {gb(need)} per device (weights, gradients and "
+                     f"AdamW {gb(fixed)}, temporaries "
+                     f"for {rows} sequence(s) of {tc.seq_len} tokens {gb(m['temporaries'])}) "
+                     f"but a device has {gb(limit)} ({source}). To fit, try: "
+                     + "; ".join(fixes))
+
+
+# ----------------------------------------------------------------------------- many hosts
+# Every process runs the same command. jax.distributed connects them through
+# process 0 (the coordinator), after which jax.devices() lists the devices of
+# all of them and one mesh spans them. Flags name the coordinator; without
+# them, a SLURM job step of several tasks is detected from its environment.
+# Decisions a process takes alone (a signal arrived, the time budget ran out)
+# are agreed on at every step (any_process), so that all processes stop at the
+# same step: a collective that only some processes enter never returns.
+
+# How long to wait for every process to join, and for a silent process before
+# the others stop: JAX's coordination service then ends them, its message
+# naming the lost process ("tasks are unhealthy (stopped sending heartbeats)").
+COORDINATOR_TIMEOUT_S = 60
+
+
+def wait_for_port(address, timeout):
+    """True once a TCP connection to HOST:PORT succeeds, False after timeout."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
+def start_distributed(args):
+    """Joins this process to a run of several (before JAX starts its backend).
+    Returns True when it did."""
+    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    if all(v is None for v in given.values()):
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # srun: JAX reads SLURM_* itself
+            jax.distributed.initialize(initialization_timeout=int(args.coordinator_timeout),
+                                       heartbeat_timeout_seconds=int(args.coordinator_timeout))
+            return True
+        return False
+    missing = [flag for flag, v in given.items() if v is None]
+    if missing:
+        raise InputError(f"{' and '.join(missing)} missing: a run on several processes needs "
+                         "--coordinator HOST:PORT (process 0's address), --num-processes N and "
+                         "--process-id I (0 to N-1), the same on every process except I")
+    n, i = args.num_processes, args.process_id
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--process-id {i} must be between 0 and --num-processes - 1 ({n - 1})")
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--coordinator {args.coordinator}: expected HOST:PORT, e.g. "
+                         "10.0.0.1:1234")
+    # A process that cannot reach the coordinator would wait, then abort inside
+    # XLA without a word; check the address first, and name it.
+    if i != 0 and not wait_for_port(args.coordinator, args.coordinator_timeout):
+        raise InputError(f"could not reach the coordinator at {args.coordinator} within "
+                         f"{args.coordinator_timeout:g}s: start process 0 there (it listens on "
+                         "that port), check the address and the firewall")
+    jax.distributed.initialize(args.coordinator, n, i,
+                               initialization_timeout=int(args.coordinator_timeout),
+                               heartbeat_timeout_seconds=int(args.coordinator_timeout))
+    return True
+
+
+def lost_processes():
+    """The processes the coordinator no longer hears from, in words. Of two,
+    the other one; of more, the coordinator is asked, which takes up to
+    --coordinator-timeout (its client's get_live_nodes is not public API: used
+    only to name the lost process in an error message)."""
+    if jax.process_count() == 2:
+        return str(1 - jax.process_index())
+    try:
+        from jax._src import distributed
+        live = distributed.global_state.client.get_live_nodes(list(range(jax.process_count())))
+        return ", ".join(str(i) for i in range(jax.process_count()) if i not in live) or "?"
+    except Exception:  # noqa: BLE001
+        return "? (JAX's own message above names it)"
+
+
+def any_process(*flags):
+    """Each flag, made true on every process if it is true on any (a
+    collective when there are several processes: all must call it at the
+    same point). -> a tuple of bools."""
+    flags = np.asarray(flags, np.int32)
+    if jax.process_count() > 1:
+        flags = np.any(multihost_utils.process_allgather(flags), axis=0)
+    return tuple(bool(f) for f in flags)
+
+
+def from_process_0(value):
+    """Process 0's value of an integer, on every process."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+
+
+# =============================================================================
+# 14. Checkpoints and file formats
+# =============================================================================
+
+
+def special_token(tokenizer, *names):
+    """The id of the first of these special tokens the tokenizer has, or None.
+    (An id can be 0, as SmolLM's <|endoftext|> is: test it against None.)"""
+    return next((tokenizer.encode_single_token(n) for n in names
+                 if n in tokenizer.special_tokens_set), None)
+
 
 # 2: the key is the run's seed key, from which run_keys derives its streams.
 # 1 (same arrays; the key was used directly) still loads, but resuming it
@@ -1866,12 +2567,6 @@ CHECKPOINT_VERSION = 2
 
 class CheckpointError(InputError):
     """A checkpoint that cannot be used: unreadable, or made for another model."""
-
-
-def param_shapes(config):
-    """init_params's tree as jax.ShapeDtypeStructs, computed without
-    allocating: the template that loaders fill and check against."""
-    return jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config))
 
 
 def flatten_tree(tree, prefix=""):
@@ -1912,9 +2607,9 @@ def save_checkpoint(path, params, opt_state, key, config, tc, history, base=None
     written beside its final name, flushed to disk, then renamed over it
     (os.replace is atomic), so a crash mid-save leaves the old one intact.
     base: for a fine-tuning run, where its pretrained model came from and the
-    hash of its weights (base_record, section 14).
+    hash of its weights (base_record, section 16).
     On a mesh, each array is gathered to the host one at a time (gather,
-    section 15): the whole state is never copied onto one device. With several
+    section 13): the whole state is never copied onto one device. With several
     processes, all take part in gathering and process 0 writes."""
     path = Path(path)
     meta = {"format_version": CHECKPOINT_VERSION, "model_config": dataclasses.asdict(config),
@@ -1968,7 +2663,7 @@ def load_checkpoint(path, config=None):
     -> {"params", "opt_state", "key", "config", "train_config", "history",
     "format_version", "base" (a fine-tuning run's base_record, else None)}.
     The arrays are NumPy arrays on the host: a run on a mesh places each
-    one straight into its shards (place, section 15).
+    one straight into its shards (place, section 13).
     With LoRA, params are the adapters alone (load_source merges them)."""
     path = Path(path)
     if not path.is_file():
@@ -2678,7 +3373,6 @@ ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                        "rope_scaling", "max_seq_len", "tie_embeddings", "vocab_multiple")
 
 
-
 def llama3_tokenizer(path):
     """A tiktoken Encoding for Llama 3's tokenizer.model (tiktoken format, 128,000
     ranks) with Llama 3's split pattern and its 256 special tokens, numbered
@@ -2806,7 +3500,7 @@ def hf_bpe_tokenizer(path):
 
 
 # =============================================================================
-# 13. Chat and streaming
+# 15. Chat and streaming
 # =============================================================================
 # An instruction-tuned model was trained on conversations in one format: each
 # turn wrapped in special tokens, the reply ending with an end-of-turn token.
@@ -2973,70 +3667,12 @@ def stream_tokens(params, prompt, max_new_tokens, config, key, temperature=1.0, 
 
 
 # =============================================================================
-# 14. Fine-tuning: start from a pretrained model, fully or with LoRA
+# 16. Fine-tuning: start from a pretrained model, fully or with LoRA
 # =============================================================================
 # --init-from SOURCE trains from a model's weights instead of random ones. The
 # source is a Hugging Face folder, a GGUF file or one of our runs; it brings
-# the architecture and the tokenizer, and everything else is section 16's loop:
+# the architecture and the tokenizer, and everything else is section 17's loop:
 # evaluation, plots, atomic checkpoints, exact --resume.
-#
-# LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
-# arXiv:2106.09685) freezes the pretrained weights and learns a low-rank change
-# to a few matrices: W [I, O] becomes W + (alpha / R) A B, with A [I, R] drawn
-# at random and B [R, O] starting at zero, so that at step 0 the model is the
-# base model exactly. Only A and B are trained and have optimizer moments. It
-# is written here as functions over the same parameter pytree: lora_merge
-# builds ordinary weights from the base and the adapters inside the jitted
-# step, the model runs on them unchanged, and differentiating through the merge
-# gives the gradients of A and B. (Libraries add x A B beside x W instead,
-# which skips forming dL/dW' for the adapted matrices: an [I, O] product each.)
-
-
-def lora_init(key, config, tc):
-    """Adapters for every block: {"layers": [{name: {"a": [I, R], "b": [R, O]}}]}
-    for each name in tc.lora_targets. A ~ N(0, 1/I) (the paper: "a random
-    Gaussian initialization for A and zero for B"), B = 0."""
-    shapes = param_shapes(config)
-    layers = []
-    for i, layer in enumerate(shapes["layers"]):
-        adapters = {}
-        for j, name in enumerate(tc.lora_targets):
-            I, O = layer[LORA_MATRICES[name]][name].shape
-            k = jax.random.fold_in(key, i * len(LORA_MATRICES) + j)
-            adapters[name] = {"a": jax.random.normal(k, (I, tc.lora_rank)) / math.sqrt(I),
-                              "b": jnp.zeros((tc.lora_rank, O))}
-        layers.append(adapters)
-    return {"layers": layers}
-
-
-def lora_merge(base, adapters, tc):
-    """The model's weights: base with each adapted matrix W [I, O] replaced by
-    W + (lora_alpha / lora_rank) A B. -> a params pytree of the usual shapes."""
-    scale = tc.lora_alpha / tc.lora_rank
-    layers = []
-    for layer, adapted in zip(base["layers"], adapters["layers"]):
-        layer = {**layer, "attention": dict(layer["attention"]),
-                 "feed_forward": dict(layer["feed_forward"])}
-        for name, ab in adapted.items():
-            part = layer[LORA_MATRICES[name]]
-            part[name] = part[name] + scale * (ab["a"] @ ab["b"])
-        layers.append(layer)
-    return {**base, "layers": layers}
-
-
-merged_weights = jax.jit(lora_merge, static_argnames=("tc",))
-
-
-def check_lora(config, tc):
-    """Refuses a LoRA rank above an adapted matrix's smaller side: A B could
-    then be any matrix, and training the full matrix is simpler and smaller."""
-    shapes = param_shapes(config)["layers"][0]
-    for name in tc.lora_targets:
-        I, O = shapes[LORA_MATRICES[name]][name].shape
-        if tc.lora_rank > min(I, O):
-            raise InputError(f"--lora-rank {tc.lora_rank} is larger than {name}'s smaller side "
-                             f"({name} is [{I}, {O}]): use a rank of at most {min(I, O)}, or "
-                             "--lora-rank 0 to train every weight")
 
 
 def tree_sha256(params):
@@ -3305,21 +3941,7 @@ def export_hf(model, folder, log=print):
 # falls in the lowest tenth (at least one; the rest train), so the split does
 # not depend on the lines' order.
 
-IGNORE = -1
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-def masked_cross_entropy(logits, targets, config):
-    """The mean cross-entropy over the targets that are not IGNORE: logits
-    float32[..., V_padded], targets int32[...] -> scalar. With no IGNORE
-    target it is Part I's cross_entropy."""
-    keep = targets != IGNORE
-    if config.padded_vocab != config.vocab_size:
-        logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits, -jnp.inf)
-    safe = jnp.where(keep, targets, 0)  # any real index; its loss is masked below
-    target_logits = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    nats = jax.nn.logsumexp(logits, axis=-1) - target_logits
-    return jnp.sum(jnp.where(keep, nats, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 
 def read_chats(path):
@@ -3389,34 +4011,6 @@ def render_chat(messages, tokenizer, template):
     return ids[:last + 1], reply[:last + 1]
 
 
-@dataclass(frozen=True)
-class ChatWindows:
-    """Rendered conversations, one a row: inputs int32[N, T] and targets
-    int32[N, T] (IGNORE where no loss). Batches are drawn on the host by the
-    run's keys (host_batch), as token files' are."""
-
-    inputs: np.ndarray
-    targets: np.ndarray
-
-    def __len__(self):
-        return len(self.inputs)
-
-    def rows(self, rows):
-        """int[B] row numbers -> (inputs, targets) int32[B, T]."""
-        return self.inputs[rows], self.targets[rows]
-
-    def batches(self, batch_size):
-        """Every row once, in batches of batch_size (the last one padded with
-        rows that are all IGNORE). -> [(inputs, targets)]."""
-        out = []
-        for i in range(0, len(self), batch_size):
-            x, y = self.inputs[i:i + batch_size], self.targets[i:i + batch_size]
-            pad = batch_size - len(x)
-            out.append((np.pad(x, ((0, pad), (0, 0))),
-                        np.pad(y, ((0, pad), (0, 0)), constant_values=IGNORE)))
-        return out
-
-
 def chat_windows(chats, tokenizer, template, seq_len, where):
     """Renders conversations into ChatWindows of seq_len. -> (windows, how
     many were cut)."""
@@ -3472,564 +4066,8 @@ def load_chats(path, seq_len, init, log):
 
 
 # =============================================================================
-# 15. Many devices and many hosts
+# 17. The full training run: resume, signals, time budgets, --eval
 # =============================================================================
-# One code path for 1 to N devices, with JAX's own machinery (see the guide
-# "Distributed arrays and automatic parallelization" on docs.jax.dev). The
-# devices form a 2-D mesh with axes ("data", "fsdp"):
-#   - the batch is split over every device (both axes): each one computes the
-#     loss and gradients of its rows, and XLA inserts the communication that
-#     makes the update the one of the whole batch;
-#   - the weights and AdamW moments are split over "fsdp" (ZeRO-3 / fully
-#     sharded data parallel: Rajbhandari et al. 2020, arXiv:1910.02054) and
-#     copied over "data". --fsdp 1 (the default) is pure data parallelism:
-#     every device holds everything and the gradients are all-reduced.
-#     --fsdp all shards over every device: each holds 1/N of every matrix,
-#     gathered just in time for its matmul, and the gradients are
-#     reduce-scattered so that each device updates only its own part.
-# The layers, model and loss (sections 3 to 5) know nothing of it: they are
-# written for one device, jax.jit compiles them for the mesh from the
-# shardings of their inputs (GSPMD), and the results are those of one device
-# to float32 rounding (test_llama_jax.py checks 1, 8, FSDP and 2 x 4). The
-# mesh's axes are "auto": jax 0.10's default, "explicit", would make every
-# einsum in the model say how its output is split.
-# Several hosts (processes) join one mesh through jax.distributed; every
-# process runs the same program on its own devices, reads the same batches,
-# and only process 0 prints and writes files.
-
-
-def make_mesh(fsdp=1, devices=None):
-    """The ("data", "fsdp") mesh over `devices` (default: every device of
-    every process). fsdp: devices per FSDP group, a divisor of their number,
-    or "all"."""
-    devices = jax.devices() if devices is None else list(devices)
-    n = len(devices)
-    if fsdp == "all":
-        fsdp = n
-    elif not str(fsdp).isdigit():
-        raise InputError(f"--fsdp {fsdp}: give a number of devices per FSDP group, or all")
-    fsdp = int(fsdp)
-    if fsdp < 1 or n % fsdp:
-        choices = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-        raise InputError(f"--fsdp {fsdp} does not divide the {n} device{'s' * (n > 1)}: "
-                         f"choose one of {choices} or all")
-    return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
-def fsdp_spec(shape, n):
-    """How one array is split over a mesh whose "fsdp" axis has n devices: a
-    matrix along its largest dimension that n divides (the embedding and
-    output layer along the vocabulary, the others along their wider side);
-    vectors (norm gains, the step count), and matrices n divides nowhere, are
-    copied to every device. -> a PartitionSpec."""
-    if n > 1 and len(shape) >= 2:
-        for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
-            if shape[d] % n == 0:
-                return P(*[("fsdp" if i == d else None) for i in range(len(shape))])
-    return P()
-
-
-def state_shardings(mesh, tree):
-    """The NamedSharding of every leaf of a pytree of arrays (or shapes):
-    parameters, optimizer state, LoRA adapters, keys. Replicated over
-    "data", split over "fsdp" by fsdp_spec."""
-    n = mesh.shape["fsdp"]
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, n)), tree)
-
-
-def batch_sharding(mesh):
-    """Rows of a batch [B, ...] split over every device of the mesh."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
-
-
-def split_batch(batch, mesh):
-    """Inside a jitted step: a batch's rows split over every device of the
-    mesh (None: left as it is)."""
-    if mesh is None:
-        return batch
-    return jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
-
-
-def keep_split(mesh, tree):
-    """Inside a jitted step: new weights and optimizer state split as the
-    old ones were (state_shardings), so that a step's outputs are the next
-    step's inputs as they are, and donation can reuse their buffers."""
-    if mesh is None:
-        return tree
-    return jax.lax.with_sharding_constraint(tree, state_shardings(mesh, tree))
-
-
-def place(tree, shardings):
-    """Host or device arrays -> global arrays with these shardings. Each
-    device receives only its own slice (make_array_from_callback), which also
-    works when the mesh spans several processes that each hold the same
-    values."""
-    def put(x, sharding):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-    return jax.tree_util.tree_map(put, tree, shardings)
-
-
-def place_state(mesh, tree):
-    """Weights or optimizer state (host or device arrays) split over the mesh
-    by state_shardings."""
-    return place(tree, state_shardings(mesh, tree))
-
-
-def copies(mesh, tree):
-    """A copy-on-every-device NamedSharding for each leaf of a pytree."""
-    return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), tree)
-
-
-def replicated(mesh, tree):
-    """A pytree copied to every device of the mesh."""
-    return place(tree, copies(mesh, tree))
-
-
-def gather(x):
-    """One global array -> a NumPy array on every process (a collective when
-    the array spans processes: every process must call it)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
-def sharded_init(key, config, mesh):
-    """init_params compiled to write each device's shard where it lives: the
-    full weights are never on one device."""
-    shardings = state_shardings(mesh, param_shapes(config))
-    return jax.jit(init_params, static_argnums=1, out_shardings=shardings)(key, config)
-
-
-def sharded_adamw_init(params, mesh):
-    """adamw_init with the moments split like the weights."""
-    shapes = jax.eval_shape(adamw_init, params)
-    return jax.jit(adamw_init, out_shardings=state_shardings(mesh, shapes))(params)
-
-
-def describe_mesh(mesh):
-    kind = mesh.devices.flat[0].platform.upper()
-    hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    return (f"{mesh.size} {kind} device{'s' if mesh.size > 1 else ''}{hosts} as data "
-            f"{mesh.shape['data']} x fsdp {mesh.shape['fsdp']}")
-
-
-def check_batch_split(tc, mesh):
-    """The global batch must split evenly over the devices and micro-batches."""
-    parts = mesh.size * tc.grad_accum
-    if tc.batch_size % parts:
-        fit = parts * max(1, round(tc.batch_size / parts))
-        accum = f" x --grad-accum {tc.grad_accum}" if tc.grad_accum > 1 else ""
-        raise InputError(f"--batch-size {tc.batch_size} does not split over {mesh.size} "
-                         f"device(s){accum}: use a multiple of {parts}, e.g. --batch-size {fit}")
-
-
-def describe_batch(tc, mesh):
-    """Tokens per optimizer step, in total and per device, and where."""
-    tokens = tc.batch_size * tc.seq_len
-    micro = (f", in {tc.grad_accum} micro-batches of {tokens // tc.grad_accum:,}"
-             if tc.grad_accum > 1 else "")
-    return (f"batch: {tc.batch_size} x {tc.seq_len} = {tokens:,} tokens per optimizer step on "
-            f"{describe_mesh(mesh)}: {tokens // mesh.size:,} per device{micro}")
-
-
-def describe_plan(plan):
-    """The memory plan (memory_plan) in one clause."""
-    limit, source = device_memory()
-    of = f" of {gb(limit)} ({source})" if limit else ""
-    return (f"per device about {gb(plan['total'])}{of}: weights {gb(plan['params'])}, "
-            f"gradients {gb(plan['grads'])}, AdamW {gb(plan['optimizer'])}, activations "
-            f"{gb(plan['activations'])} (--plan for more)")
-
-
-# ----------------------------------------------------------------------------- the plan
-# "Will it fit?" before a run starts. Per device, in bytes: the weights,
-# gradients and AdamW moments (their shard shapes on the mesh), and the
-# activations the backward pass keeps. Those are found without running or
-# compiling anything: jax.vjp's backward function holds the forward's saved
-# values (its "residuals") as arrays, and jax.eval_shape traces it for their
-# shapes alone. They grow linearly with the rows of a batch, so two traces (1
-# and 2 rows) give the bytes per row. The count errs high (XLA fuses some of
-# those values away), so a run it says will not fit is compiled, not run, and
-# XLA's own memory analysis decides (check_plan_fits). --plan prints both, and
-# the bytes each step sends between devices.
-
-
-def tree_bytes(tree, shardings=None):
-    """Bytes of a pytree of arrays or shapes; with shardings, of one device's
-    shards."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    shards = (jax.tree_util.tree_leaves(shardings) if shardings is not None
-              else [None] * len(leaves))
-    return sum(math.prod(s.shard_shape(x.shape) if s is not None else x.shape)
-               * np.dtype(x.dtype).itemsize for x, s in zip(leaves, shards))
-
-
-def activation_bytes_per_row(config, tc):
-    """Bytes the backward pass keeps per sequence of tc.seq_len tokens."""
-    params = param_shapes(config)
-
-    def saved(rows):
-        batch = (jax.ShapeDtypeStruct((rows, tc.seq_len), jnp.int32),) * 2
-        vjp = jax.eval_shape(lambda p, b: jax.vjp(
-            lambda q: run_loss(q, b, config, True, jax.random.PRNGKey(0)), p)[1],
-            params, batch)
-        return tree_bytes(vjp)
-
-    return saved(2) - saved(1)
-
-
-def run_shapes(config, tc):
-    """-> (the shapes of what the optimizer updates, of the frozen weights or
-    None): the model's parameters and None; with LoRA (tc.lora_rank), the
-    adapters and the base's parameters."""
-    if not tc.lora_rank:
-        return param_shapes(config), None
-    return (jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), config, tc)),
-            param_shapes(config))
-
-
-def memory_plan(config, tc, mesh):
-    """Per-device bytes of a training run on this mesh, computed from shapes.
-    -> dict of bytes per device, and the rows each device computes at once."""
-    trained, frozen_shapes = run_shapes(config, tc)
-    weights = tree_bytes(trained, state_shardings(mesh, trained))
-    frozen = 0 if frozen_shapes is None else tree_bytes(frozen_shapes,
-                                                        state_shardings(mesh, frozen_shapes))
-    rows = tc.batch_size // (mesh.size * tc.grad_accum)
-    plan = {"params": weights + frozen, "grads": weights * (2 if tc.grad_accum > 1 else 1),
-            "optimizer": 2 * weights, "activations": activation_bytes_per_row(config, tc) * rows,
-            "rows_per_device": rows}
-    plan["total"] = sum(plan[k] for k in ("params", "grads", "optimizer", "activations"))
-    return plan
-
-
-def communication_bytes(config, tc, mesh):
-    """Bytes each device sends per optimizer step with ring collectives
-    (float32 weights): data parallel all-reduces the gradients, 2 (n-1)/n of
-    them; FSDP over g devices all-gathers the weights twice (forward and
-    backward, per micro-batch), reduce-scatters the gradients ((g-1)/g each)
-    and all-reduces the gradient shards over the data axis."""
-    full = tree_bytes(run_shapes(config, tc)[0])
-    d, g = mesh.shape["data"], mesh.shape["fsdp"]
-    if g == 1:
-        return {"all-reduce": 2 * (d - 1) / d * full}
-    return {"all-gather": 2 * tc.grad_accum * (g - 1) / g * full,
-            "reduce-scatter": (g - 1) / g * full,
-            "all-reduce": 2 * (d - 1) / d * full / g}
-
-
-def device_memory():
-    """-> (bytes one device may use, where the figure comes from)."""
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and stats.get("bytes_limit"):
-        return stats["bytes_limit"], f"{getattr(device, 'device_kind', device.platform)} memory"
-    try:  # CPU devices share the host's memory
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None, "unknown"
-    n = jax.local_device_count()
-    return total // n, f"host memory / {n} CPU device{'s' if n > 1 else ''}"
-
-
-def gb(n):
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-@functools.lru_cache(maxsize=None)  # --plan and check_plan_fits may both ask
-def compiled_memory(config, tc, mesh):
-    """XLA's memory analysis of the compiled run_step on this mesh, per
-    device (a token file's batch, so no corpus among the arguments).
-    -> {"arguments", "outputs", "aliased", "temporaries", "total"} in bytes,
-    total being what the step holds at once."""
-    trained, base = run_shapes(config, tc)
-    opt = jax.eval_shape(adamw_init, trained)
-    shaped = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-    rows = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32,
-                                sharding=batch_sharding(mesh))
-    keys = jax.eval_shape(run_keys, jax.random.PRNGKey(0))
-    frozen = None if base is None else shaped(base, state_shardings(mesh, base))
-    m = run_step.lower(shaped(trained, state_shardings(mesh, trained)),
-                         shaped(opt, state_shardings(mesh, opt)), (rows, rows),
-                         shaped(keys, copies(mesh, keys)), config, tc, frozen,
-                         mesh).compile().memory_analysis()
-    held = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-            "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-            "total": held + m.temp_size_in_bytes}
-
-
-def plan_report(config, tc, mesh):
-    """--plan's lines: the mesh, the memory per device, the communication."""
-    plan = memory_plan(config, tc, mesh)
-    limit, source = device_memory()
-    lines = [describe_batch(tc, mesh),
-             "per device, computed from the shapes:",
-             f"  weights      {gb(plan['params']):>10}",
-             f"  gradients    {gb(plan['grads']):>10}",
-             f"  AdamW        {gb(plan['optimizer']):>10}  (two moments)",
-             f"  activations  {gb(plan['activations']):>10}  ({plan['rows_per_device']} "
-             f"sequence(s) of {tc.seq_len} tokens kept for the backward pass"
-             f"{', --remat' if config.remat else ''})",
-             f"  total        {gb(plan['total']):>10}"
-             + (f"  of {gb(limit)} ({source})" if limit else "")]
-    other = dataclasses.replace(config, remat=not config.remat)  # what --remat changes
-    other_bytes = activation_bytes_per_row(other, tc) * plan["rows_per_device"]
-    lines.append(f"  ({'without' if config.remat else 'with'} --remat the activations would "
-                 f"be {gb(other_bytes)})")
-    n_tokens = plan["rows_per_device"] * tc.seq_len  # what one device's loss sees at once
-    chosen, alternative = (("blockwise", "plain") if use_blockwise(config, n_tokens)
-                           else ("plain", "blockwise"))
-    try:
-        loss = loss_buffer_bytes(config, n_tokens)
-        lines.append(f"  loss         {gb(loss[chosen]):>10}  (XLA's temporary buffers of the "
-                     f"{chosen} cross-entropy and its gradient over {n_tokens} tokens; "
-                     f"{alternative}: {gb(loss[alternative])})")
-    except Exception as err:  # noqa: BLE001 (a plan without it is still useful)
-        lines.append(f"  (the loss's buffers unavailable: {type(err).__name__}: {err})")
-    try:
-        m = compiled_memory(config, tc, mesh)
-        lines.append(f"per device, XLA's memory analysis of the compiled step: arguments "
-                     f"{gb(m['arguments'])}, outputs {gb(m['outputs'])} ({gb(m['aliased'])} "
-                     f"reuse donated inputs), temporaries {gb(m['temporaries'])}: about "
-                     f"{gb(m['total'])} in all")
-    except Exception as err:  # noqa: BLE001 (a plan without it is still useful)
-        lines.append(f"(XLA's memory analysis unavailable: {type(err).__name__}: {err})")
-    comm = communication_bytes(config, tc, mesh)
-    if mesh.size == 1:
-        lines.append("communication: none (one device)")
-    else:
-        lines.append("communication per optimizer step, sent by each device (ring "
-                     "algorithms, float32): " + ", ".join(f"{k} {gb(v)}" for k, v in comm.items()
-                                                          if v))
-    try:
-        check_plan_fits(plan, config, tc, mesh)
-        lines.append("fits: yes")
-    except InputError as err:
-        lines.append(f"fits: no. {err}")
-    return lines
-
-
-def check_plan_fits(plan, config, tc, mesh):
-    """Stops a run that would not fit in a device's memory, before it runs,
-    naming the flags that would make it fit. The shapes' estimate counts
-    every value the backward pass keeps, some of which XLA fuses away, so it
-    errs high: when it exceeds 90% of the memory, the step is compiled (not
-    run) and XLA's own analysis decides."""
-    limit, source = device_memory()
-    if limit is None or plan["total"] <= 0.9 * limit:
-        return
-    try:
-        m = compiled_memory(config, tc, mesh)
-    except Exception as err:  # noqa: BLE001 (e.g. more tokens than int32 indexes)
-        m = {"temporaries": plan["activations"], "total": plan["total"]}
-        source += f"; the step did not compile: {type(err).__name__}"
-    need = m["total"]
-    if need <= 0.9 * limit:
-        return
-    rows = plan["rows_per_device"]
-    per_row, fixed = m["temporaries"] / rows, need - m["temporaries"]
-    fixes = []
-    rows_fit = int((0.9 * limit - fixed) // per_row)
-    if rows_fit >= 1:
-        fixes.append(f"--batch-size {rows_fit * mesh.size * tc.grad_accum} (at most "
-                     f"{rows_fit} sequence(s) per device)")
-        fixes.append(f"--grad-accum {-(-rows // rows_fit) * tc.grad_accum} (the same batch, "
-                     "in micro-batches)")
-    if not config.remat:
-        fixes.append("--remat (recompute activations in the backward pass)")
-    if mesh.shape["fsdp"] < mesh.size:
-        fixes.append("--fsdp all (split weights and optimizer state over every device)")
-    fixes.append("more devices, or a smaller model")
-    raise InputError(f"this run needs about {gb(need)} per device (weights, gradients and "
-                     f"AdamW {gb(fixed)}, temporaries "
-                     f"for {rows} sequence(s) of {tc.seq_len} tokens {gb(m['temporaries'])}) "
-                     f"but a device has {gb(limit)} ({source}). To fit, try: "
-                     + "; ".join(fixes))
-
-
-# ----------------------------------------------------------------------------- many hosts
-# Every process runs the same command. jax.distributed connects them through
-# process 0 (the coordinator), after which jax.devices() lists the devices of
-# all of them and one mesh spans them. Flags name the coordinator; without
-# them, a SLURM job step of several tasks is detected from its environment.
-# Decisions a process takes alone (a signal arrived, the time budget ran out)
-# are agreed on at every step (any_process), so that all processes stop at the
-# same step: a collective that only some processes enter never returns.
-
-# How long to wait for every process to join, and for a silent process before
-# the others stop: JAX's coordination service then ends them, its message
-# naming the lost process ("tasks are unhealthy (stopped sending heartbeats)").
-COORDINATOR_TIMEOUT_S = 60
-
-
-def wait_for_port(address, timeout):
-    """True once a TCP connection to HOST:PORT succeeds, False after timeout."""
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, int(port)), timeout=2):
-                return True
-        except OSError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.5)
-
-
-def start_distributed(args):
-    """Joins this process to a run of several (before JAX starts its backend).
-    Returns True when it did."""
-    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
-             "--process-id": args.process_id}
-    if all(v is None for v in given.values()):
-        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # srun: JAX reads SLURM_* itself
-            jax.distributed.initialize(initialization_timeout=int(args.coordinator_timeout),
-                                       heartbeat_timeout_seconds=int(args.coordinator_timeout))
-            return True
-        return False
-    missing = [flag for flag, v in given.items() if v is None]
-    if missing:
-        raise InputError(f"{' and '.join(missing)} missing: a run on several processes needs "
-                         "--coordinator HOST:PORT (process 0's address), --num-processes N and "
-                         "--process-id I (0 to N-1), the same on every process except I")
-    n, i = args.num_processes, args.process_id
-    if n < 1 or not 0 <= i < n:
-        raise InputError(f"--process-id {i} must be between 0 and --num-processes - 1 ({n - 1})")
-    host, _, port = args.coordinator.rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"--coordinator {args.coordinator}: expected HOST:PORT, e.g. "
-                         "10.0.0.1:1234")
-    # A process that cannot reach the coordinator would wait, then abort inside
-    # XLA without a word; check the address first, and name it.
-    if i != 0 and not wait_for_port(args.coordinator, args.coordinator_timeout):
-        raise InputError(f"could not reach the coordinator at {args.coordinator} within "
-                         f"{args.coordinator_timeout:g}s: start process 0 there (it listens on "
-                         "that port), check the address and the firewall")
-    jax.distributed.initialize(args.coordinator, n, i,
-                               initialization_timeout=int(args.coordinator_timeout),
-                               heartbeat_timeout_seconds=int(args.coordinator_timeout))
-    return True
-
-
-def lost_processes():
-    """The processes the coordinator no longer hears from, in words. Of two,
-    the other one; of more, the coordinator is asked, which takes up to
-    --coordinator-timeout (its client's get_live_nodes is not public API: used
-    only to name the lost process in an error message)."""
-    if jax.process_count() == 2:
-        return str(1 - jax.process_index())
-    try:
-        from jax._src import distributed
-        live = distributed.global_state.client.get_live_nodes(list(range(jax.process_count())))
-        return ", ".join(str(i) for i in range(jax.process_count()) if i not in live) or "?"
-    except Exception:  # noqa: BLE001
-        return "? (JAX's own message above names it)"
-
-
-def any_process(*flags):
-    """Each flag, made true on every process if it is true on any (a
-    collective when there are several processes: all must call it at the
-    same point). -> a tuple of bools."""
-    flags = np.asarray(flags, np.int32)
-    if jax.process_count() > 1:
-        flags = np.any(multihost_utils.process_allgather(flags), axis=0)
-    return tuple(bool(f) for f in flags)
-
-
-def from_process_0(value):
-    """Process 0's value of an integer, on every process."""
-    if jax.process_count() == 1:
-        return value
-    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
-
-
-# =============================================================================
-# 16. The full training run: resume, signals, time budgets, --eval
-# =============================================================================
-
-
-def accumulate_gradients(grad_fn, params, batch, key, n, mesh=None):
-    """grad_fn's loss, health figures and gradients for a whole batch, computed
-    over n micro-batches one after the other (a lax.scan): only one
-    micro-batch's activations exist at a time. Micro-batches are equal in size,
-    so the mean of their mean losses and gradients is the whole batch's. Micro-
-    batch i takes rows i, i + n, i + 2n, ...: with the batch split over devices
-    in contiguous blocks, each device then holds its share of every one.
-    Dropout: micro-batch i draws its masks with key folded with i, one set of
-    masks per micro-batch, so with dropout on, --grad-accum N does not give
-    the masks (or the losses) of one big batch; without dropout it does, to
-    float32 rounding. batch: (inputs, targets) int32[B, T]
-    -> ((loss, stats), grads)."""
-    micro = jax.tree_util.tree_map(lambda x: x.reshape(-1, n, *x.shape[1:]).swapaxes(0, 1), batch)
-
-    def add_one(total, xs):
-        i, micro_batch = xs
-        (loss, stats), grads = grad_fn(params, split_batch(micro_batch, mesh),
-                                       jax.random.fold_in(key, i))
-        return jax.tree_util.tree_map(jnp.add, total, grads), (loss, stats)
-
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    total, (losses, stats) = jax.lax.scan(add_one, zeros, (jnp.arange(n), micro))
-    mean = functools.partial(jax.tree_util.tree_map, lambda x: x.mean(0))
-    return (losses.mean(), mean(stats)), jax.tree_util.tree_map(lambda g: g / n, total)
-
-
-# Part II's training step. Part I's train_step is loss, gradients, AdamW; this
-# one is the same three (learning_rate and adamw_update are Part I's), with the
-# loss and its gradients computed by composition: run_loss_aux for the speed
-# options and health figures, lora_merge in front of it for LoRA,
-# accumulate_gradients around it for micro-batches, and the mesh's shardings
-# on its batch and results.
-
-
-@functools.partial(jax.jit, static_argnames=("config", "tc", "mesh"),
-                   donate_argnames=("params", "opt_state"))
-def run_step(params, opt_state, data, keys, config, tc, frozen=None, mesh=None):
-    """One optimisation step of a full run, compiled once: draw a batch from
-    `data` (int32[N], on the device), compute loss and gradients (with
-    dropout), clip, AdamW. keys: the run's "batches" and "dropout" streams
-    (run_keys); the step's own keys come from them and the step number
-    (step_keys), so a resumed run draws what an uninterrupted one would. For
-    data too large for the device, `data` is instead the batch (inputs,
-    targets), int32[B, T], that host_batch read from a token file with the
-    same keys: the same tokens give the same batch either way. params and
-    opt_state are donated.
-    With tc.health, the step also returns a few figures per layer (step_health,
-    section 10); else health is {}. With LoRA (tc.lora_rank > 0, section 14),
-    params are the adapters, the only weights trained, and frozen the
-    pretrained weights they adapt. With tc.grad_accum > 1, the batch is run in
-    that many micro-batches (accumulate_gradients). mesh: the devices to split
-    the work over (section 15): the batch is split over all of them, and
-    params and opt_state come back split as they came in; None runs where the
-    inputs are. -> (params, opt_state, loss, health)."""
-    config, tc = run_configs(config, tc)
-    batch_key, dropout_key = step_keys(keys, opt_state["step"])
-    if isinstance(data, tuple):  # a batch read from a token file (host_batch)
-        batch = data
-    else:
-        batch = get_batch(batch_key, data, tc.batch_size, tc.seq_len)
-
-    def loss_fn(p, batch, key):  # the blocks' health figures ride along as auxiliary outputs
-        weights = p if frozen is None else lora_merge(frozen, p, tc)
-        return run_loss_aux(weights, batch, config, True, key, tc.health)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if tc.grad_accum == 1:
-        (loss, stats), grads = grad_fn(params, split_batch(batch, mesh), dropout_key)
-    else:
-        (loss, stats), grads = accumulate_gradients(grad_fn, params, batch, dropout_key,
-                                                    tc.grad_accum, mesh)
-    lr = learning_rate(opt_state["step"], lr_schedule(tc))
-    new_params, opt_state = adamw_update(params, grads, opt_state, lr, tc)
-    health = step_health(params, new_params, grads, stats, tc) if tc.health else {}
-    new_params, opt_state = keep_split(mesh, (new_params, opt_state))
-    return new_params, opt_state, loss, health
-
-
 
 
 def save_loss_plot(history, path):
@@ -4141,9 +4179,9 @@ def keep_schedule(tc, saved, log):
 
 def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
     """A fresh run's state, or the state saved in ckpt_path for --resume.
-    init: the pretrained model a fine-tuning run starts from (section 14).
+    init: the pretrained model a fine-tuning run starts from (section 16).
     mesh: where the weights and optimizer state live, each split by
-    state_shardings (section 15; default: every device, pure data parallel).
+    state_shardings (section 13; default: every device, pure data parallel).
     A checkpoint loads onto any mesh, whatever the devices that wrote it.
     -> (params, opt_state, history, seed_key, tc): the seed key (saved in the
     checkpoint) gives the run's key streams; a resumed tc keeps its schedule."""
@@ -4165,7 +4203,6 @@ def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
     params, opt_state = place_state(mesh, (ckpt["params"], ckpt["opt_state"]))
     return (params, opt_state, ckpt["history"], ckpt["key"],
             keep_schedule(tc, ckpt["train_config"], log))
-
 
 
 # train() is the loop behind `python llama_jax.py`. It is Part I's train_loop
@@ -4385,12 +4422,12 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     that the cosine schedule ends inside the budget (the step recompiles once
     for the new schedule), and a run that still reaches the budget stops there
     cleanly, evaluates and checkpoints.
-    init: fine-tune this pretrained model (load_source, section 14) instead of
+    init: fine-tune this pretrained model (load_source, section 16) instead of
     starting from random weights; its tokenizer reads the data, and it is
     evaluated before the first step (step 0 of the history). A .jsonl
-    data_path holds conversations (load_chats, section 14), and "question"
+    data_path holds conversations (load_chats, section 16), and "question"
     in the result is the first held-out one's question (else None).
-    mesh: the devices to train on (make_mesh, section 15; default: all of
+    mesh: the devices to train on (make_mesh, section 13; default: all of
     them, data parallel). With several processes, every one calls train;
     only process 0 logs and writes files."""
     run = start_run(config, tc, data_path, out_dir, resume, log, init, mesh)
@@ -4484,14 +4521,11 @@ def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=None
             "bits_per_byte": total / math.log(2) / max(n_bytes, 1)}
 
 
-
 # =============================================================================
-# 17. Command line
+# 18. Command line: presets, flags and what each mode runs
 # =============================================================================
-
-
 # The defaults a new user gets, chosen by measurement (docs/results.md).
-# compute_dtype "auto" is decided per machine by auto_compute_dtype (section 9).
+# compute_dtype "auto" is decided per machine by auto_compute_dtype (section 10).
 PRESETS = {
     # 2-core CPU: 10 min 51 s on an Intel Xeon (docs/results.md). Narrow
     # (128), so that the output layer, most of the FLOPs, costs half what it
@@ -4536,7 +4570,7 @@ def build_parser():
                     "checkpoint to out/, draw out/loss.png and out/health.png, then print a "
                     "sample.",
         epilog="Model and training flags left out take the preset's value; the presets are "
-               "listed in PRESETS (llama_jax.py, section 17) and in docs/results.md.")
+               "listed in PRESETS (llama_jax.py, section 18) and in docs/results.md.")
     mode = p.add_argument_group("what to do")
     mode.add_argument("--sample", action="store_true",
                       help="sample from the checkpoint in --out-dir (or --hf-checkpoint) "
@@ -4772,13 +4806,6 @@ def resolve_configs(args):
         print(f"--dtype auto: {model['compute_dtype']} matmuls ({why})", flush=True)
     training["min_lr"] = min(training.get("min_lr", TrainConfig.min_lr), training["lr"])
     return RunModelConfig(**model), RunTrainConfig(**training)
-
-
-def special_token(tokenizer, *names):
-    """The id of the first of these special tokens the tokenizer has, or None.
-    (An id can be 0, as SmolLM's <|endoftext|> is: test it against None.)"""
-    return next((tokenizer.encode_single_token(n) for n in names
-                 if n in tokenizer.special_tokens_set), None)
 
 
 def print_sample(params, config, tokenizer, args, key, log=print):
@@ -5087,8 +5114,9 @@ def run_chat(args):
             messages.pop()
 
 
-# ----------------------------------------------------------------------------- benchmark
-
+# =============================================================================
+# 19. Benchmarks: --bench
+# =============================================================================
 # Dense bfloat16 peak of the cards we quote MFU against (NVIDIA datasheets, SXM).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -5138,25 +5166,6 @@ def bench_train(config, tc, n_steps, mesh=None):
             "train_tokens_per_s": tokens_per_s, "devices": mesh.size,
             "train_tokens_per_s_per_device": tokens_per_s / mesh.size,
             "recompiled": run_step._cache_size() > 1}, params
-
-
-def loss_buffer_bytes(config, n_tokens):
-    """Temporary bytes of the output layer's loss and gradient, from hidden
-    states [n_tokens, D] (XLA's memory analysis of the compiled function; no
-    run): {"plain": ..., "blockwise": ...}."""
-    shapes = (jax.ShapeDtypeStruct((n_tokens, config.dim), jnp.float32),
-              jax.ShapeDtypeStruct((config.dim, config.padded_vocab), jnp.float32),
-              jax.ShapeDtypeStruct((n_tokens,), jnp.int32))
-
-    def plain_loss(h, w, t):
-        return cross_entropy(output_logits({"output": w}, h, config), t, config)
-
-    def blockwise_loss(h, w, t):
-        return blockwise_cross_entropy(h, w, t, config)
-
-    return {name: jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*shapes).compile()
-            .memory_analysis().temp_size_in_bytes
-            for name, f in (("plain", plain_loss), ("blockwise", blockwise_loss))}
 
 
 def naive_generate(params, tokens, n_new, config):
@@ -5303,6 +5312,11 @@ def run_bench(args):
               "decode_tokens_per_s_batch8": decode[1]["decode_tokens_per_s"] if decode else None},
              "")
     return 0
+
+
+# =============================================================================
+# 20. The table of modes, and main
+# =============================================================================
 
 
 # Which flags each mode reads. A flag given to a mode that does not read it is

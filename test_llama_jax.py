@@ -551,6 +551,64 @@ def test_part_one_uses_no_name_that_part_two_defines():
     assert not used & defined, f"Part I uses names Part II defines: {sorted(used & defined)}"
 
 
+def module_sections():
+    """llama_jax.py's numbered sections, from their banners ('# N. Title' under
+    a line of '='): [(N, title, [top-level statements])]."""
+    import ast
+
+    source = (HERE / "llama_jax.py").read_text()
+    lines = source.splitlines()
+    starts = [(i + 1, int(m.group(1)), m.group(2)) for i, line in enumerate(lines)
+              if (m := re.match(r"# (\d+)\. (.*)", line)) and lines[i - 1].startswith("# ===")]
+    body = ast.parse(source).body
+    return [(n, title, [node for node in body if start < node.lineno
+                        and (k + 1 == len(starts) or node.lineno < starts[k + 1][0])])
+            for k, (start, n, title) in enumerate(starts)]
+
+
+def names_bound_and_used(node):
+    """A top-level statement -> (the module names it defines, the names it
+    reads that it does not bind itself: arguments, locals, imports)."""
+    import ast
+
+    defines, bound = set(), set()
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        defines.add(node.name)
+    for target in getattr(node, "targets", []) + [getattr(node, "target", None)]:
+        defines |= {n.id for n in ast.walk(target or ast.Pass()) if isinstance(n, ast.Name)}
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
+            bound.add(n.id)
+        elif isinstance(n, ast.arg):
+            bound.add(n.arg)
+        elif isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n is not node:
+            bound.add(n.name)
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            bound |= {(a.asname or a.name).split(".")[0] for a in n.names}
+    used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return defines, used - bound
+
+
+def test_every_section_uses_only_the_sections_above_it():
+    # Part II reads top to bottom as Part I does: a name a section uses is
+    # defined in Part I or in a section above it, never in a later one.
+    sections = module_sections()
+    assert [n for n, _, _ in sections] == list(range(1, len(sections) + 1))
+    where = {}
+    for n, _, nodes in sections:
+        for node in nodes:
+            for name in names_bound_and_used(node)[0]:
+                where.setdefault(name, n)
+    assert where["run_step"] > 7 and where["compute_loss"] <= 7 and where["main"] == len(sections)
+    later = sorted({(n, name, where[name]) for n, _, nodes in sections for node in nodes
+                    for name in names_bound_and_used(node)[1] if where.get(name, 0) > n})
+    assert not later, "a section uses a later one's name: " + ", ".join(
+        f"section {n} uses {name} (section {m})" for n, name, m in later)
+    # The module docstring's table of contents names every section, in order.
+    contents = re.findall(r"^ +(\d+)\. ", L.__doc__, re.MULTILINE)
+    assert [int(n) for n in contents] == [n for n, _, _ in sections]
+
+
 def test_part_one_is_short_and_its_functions_fit_a_screen():
     import ast
 

@@ -114,7 +114,7 @@ def main(argv=None):
     torch.set_num_threads(os.cpu_count())
     config = L.RunModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, tie_embeddings=False,
                               max_seq_len=args.seq_len)
-    # No health figures (section 10): transformers computes nothing of the kind.
+    # No health figures (section 9): transformers computes nothing of the kind.
     tc = L.RunTrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, health=False)
     tokens = args.batch_size * args.seq_len
     contenders = {f"llama_jax {dtype}, {impl} loss":
