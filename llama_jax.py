@@ -1035,6 +1035,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import ml_dtypes  # noqa: E402,F401  (installed with jax: gives NumPy a bfloat16 dtype)
 from jax.experimental import multihost_utils  # noqa: E402
@@ -2480,15 +2481,20 @@ def wait_for_port(address, timeout):
             time.sleep(0.5)
 
 
-def start_distributed(args):
-    """Joins this process to a run of several (before JAX starts its backend).
-    Returns True when it did."""
-    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
-             "--process-id": args.process_id}
+def start_distributed(coordinator=None, num_processes=None, process_id=None,
+                      timeout=COORDINATOR_TIMEOUT_S):
+    """Joins this process to a run of several (before JAX starts its backend):
+    process process_id of num_processes, process 0 listening at coordinator
+    (HOST:PORT); all three None: under SLURM's srun, read from its
+    environment, else a run of one. timeout: seconds to wait for every
+    process to join, and for a silent one before the others stop.
+    -> True when it joined a run of several."""
+    given = {"--coordinator": coordinator, "--num-processes": num_processes,
+             "--process-id": process_id}
     if all(v is None for v in given.values()):
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # srun: JAX reads SLURM_* itself
-            jax.distributed.initialize(initialization_timeout=int(args.coordinator_timeout),
-                                       heartbeat_timeout_seconds=int(args.coordinator_timeout))
+            jax.distributed.initialize(initialization_timeout=int(timeout),
+                                       heartbeat_timeout_seconds=int(timeout))
             return True
         return False
     missing = [flag for flag, v in given.items() if v is None]
@@ -2496,22 +2502,22 @@ def start_distributed(args):
         raise InputError(f"{' and '.join(missing)} missing: a run on several processes needs "
                          "--coordinator HOST:PORT (process 0's address), --num-processes N and "
                          "--process-id I (0 to N-1), the same on every process except I")
-    n, i = args.num_processes, args.process_id
+    n, i = num_processes, process_id
     if n < 1 or not 0 <= i < n:
         raise InputError(f"--process-id {i} must be between 0 and --num-processes - 1 ({n - 1})")
-    host, _, port = args.coordinator.rpartition(":")
+    host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
-        raise InputError(f"--coordinator {args.coordinator}: expected HOST:PORT, e.g. "
+        raise InputError(f"--coordinator {coordinator}: expected HOST:PORT, e.g. "
                          "10.0.0.1:1234")
     # A process that cannot reach the coordinator would wait, then abort inside
     # XLA without a word; check the address first, and name it.
-    if i != 0 and not wait_for_port(args.coordinator, args.coordinator_timeout):
-        raise InputError(f"could not reach the coordinator at {args.coordinator} within "
-                         f"{args.coordinator_timeout:g}s: start process 0 there (it listens on "
+    if i != 0 and not wait_for_port(coordinator, timeout):
+        raise InputError(f"could not reach the coordinator at {coordinator} within "
+                         f"{timeout:g}s: start process 0 there (it listens on "
                          "that port), check the address and the firewall")
-    jax.distributed.initialize(args.coordinator, n, i,
-                               initialization_timeout=int(args.coordinator_timeout),
-                               heartbeat_timeout_seconds=int(args.coordinator_timeout))
+    jax.distributed.initialize(coordinator, n, i,
+                               initialization_timeout=int(timeout),
+                               heartbeat_timeout_seconds=int(timeout))
     return True
 
 
@@ -2550,6 +2556,21 @@ def from_process_0(value):
 # =============================================================================
 # 14. Checkpoints and file formats
 # =============================================================================
+
+
+class RunFiles(NamedTuple):
+    """The files a training run keeps in its --out-dir (run_files)."""
+    checkpoint: Path   # ckpt.npz: weights, optimizer state, keys, configs, history
+    metrics: Path      # metrics.jsonl: one JSON line per logged step (section 9)
+    loss_plot: Path    # loss.png
+    health_plot: Path  # health.png (section 9)
+
+
+def run_files(out_dir):
+    """Where a run in out_dir keeps its files: every path into an out-dir is
+    built here. -> RunFiles."""
+    out = Path(out_dir)
+    return RunFiles(out / "ckpt.npz", out / "metrics.jsonl", out / "loss.png", out / "health.png")
 
 
 def special_token(tokenizer, *names):
@@ -3575,8 +3596,20 @@ def chat_prompt(messages, tokenizer, template=None):
                      "tokens, no chat template): it continues text instead; use --sample")
 
 
-def chat_turn(params, config, tokenizer, messages, args, key, template=None, out=None):
-    """Generates the assistant's reply to `messages`, printing it as it is
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are drawn (the command line's sampling flags): at most
+    max_new_tokens of them, at temperature (0: greedy), among the top_k most
+    likely (None: all) and the smallest set reaching top_p (None: off)."""
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+
+
+def chat_turn(params, config, tokenizer, messages, sampling, key, template=None, out=None):
+    """Generates the assistant's reply to `messages` (drawn as `sampling`
+    says), printing it as it is
     drawn, and appends it to messages. Older turns are dropped (the system
     message kept) when the conversation no longer fits the context.
     -> (reply text, tokens drawn, seconds in all, seconds after the first
@@ -3585,20 +3618,20 @@ def chat_turn(params, config, tokenizer, messages, args, key, template=None, out
     end = chat_end_token(tokenizer)
     while True:
         prompt = chat_prompt(messages, tokenizer, template)
-        if len(prompt) + args.max_new_tokens <= config.max_seq_len:
+        if len(prompt) + sampling.max_new_tokens <= config.max_seq_len:
             break
         first = 1 if messages[0]["role"] == "system" else 0
         if len(messages) - first <= 1:
             raise InputError(f"the message is {len(prompt)} tokens; with --max-new-tokens "
-                             f"{args.max_new_tokens} it does not fit the model's "
+                             f"{sampling.max_new_tokens} it does not fit the model's "
                              f"{config.max_seq_len}-token context")
         del messages[first:first + 2]  # the oldest exchange
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces, n, t0 = [], 0, time.perf_counter()
     t_first = t0
-    for token in stream_tokens(params, prompt, args.max_new_tokens, config, key,
-                               temperature=args.temperature, top_k=args.top_k or None,
-                               top_p=args.top_p, stop_token=end):
+    for token in stream_tokens(params, prompt, sampling.max_new_tokens, config, key,
+                               temperature=sampling.temperature, top_k=sampling.top_k or None,
+                               top_p=sampling.top_p, stop_token=end):
         n += 1
         if n == 1:
             t_first = time.perf_counter()
@@ -3778,7 +3811,7 @@ def source_kind(path):
     if path.is_dir():
         if (path / "config.json").is_file():
             return "hf"
-        if (path / "ckpt.npz").is_file():
+        if run_files(path).checkpoint.is_file():
             return "ckpt"
         raise InputError(f"{path} holds neither a Hugging Face model (config.json) nor a "
                          "llama_jax run (ckpt.npz)")
@@ -3869,7 +3902,7 @@ def load_source(path, kind=None, dtype="float32", gpt2_tokenizer=False):
                      special=None if gpt2_tokenizer else hf_special_tokens(settings, tokenizer))
     else:
         path = Path(path)
-        path = path / "ckpt.npz" if path.is_dir() else path
+        path = run_files(path).checkpoint if path.is_dir() else path
         ckpt = load_checkpoint(path)
         model.update(params=ckpt["params"], config=ckpt["config"],
                      seq_len=ckpt["train_config"].seq_len, source=str(path))
@@ -4221,6 +4254,11 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
                          f"(max_seq_len {config.max_seq_len}): lower --seq-len")
     config, tc = run_configs(config, tc)
     out_dir = Path(out_dir)
+    # Checked before any work: mkdir would fail only after the data is loaded.
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"--out-dir {out_dir}: {folder} is a file, not a folder; choose "
+                             "another --out-dir")
     mesh = mesh or make_mesh()
     if jax.process_index() != 0:
         log = lambda *args, **kwargs: None  # noqa: E731 (process 0 speaks for all)
@@ -4240,12 +4278,12 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
     else:
         train_data, val_data, data_note = load_training_data(data_path, tc.seq_len,
                                                              init and init["tokenizer"])
-    ckpt_path = out_dir / "ckpt.npz"
+    ckpt_path = run_files(out_dir).checkpoint
     params, opt_state, history, seed_key, tc = start_or_resume(config, tc, ckpt_path, resume, log,
                                                                init, mesh)
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    records = start_metrics(out_dir / "metrics.jsonl", resume, int(opt_state["step"]), log)
+    records = start_metrics(run_files(out_dir).metrics, resume, int(opt_state["step"]), log)
     rows = (batch_sharding(mesh),) * 2
     eval_sets = {name: [place(b, rows) for b in evaluation_batches(d, tc, name)]
                  for name, d in (("train", train_data), ("val", val_data))}
@@ -4302,18 +4340,27 @@ def write_record(run, record):
     """Keeps a metrics record and appends it to out_dir/metrics.jsonl."""
     run["records"].append(record)
     if jax.process_index() == 0:
-        with open(run["out_dir"] / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(run_files(run["out_dir"]).metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
 
 def save_run(run):
-    """The checkpoint, atomically, and the loss and health plots."""
-    save_checkpoint(run["ckpt_path"], run["params"], run["opt_state"], run["seed_key"],
-                    run["config"], run["tc"], run["history"],
-                    run["init"] and base_record(run["init"]))
-    if jax.process_index() == 0:
-        save_loss_plot(run["history"], run["out_dir"] / "loss.png")
-        save_health_plot(run["records"], run["out_dir"] / "health.png")
+    """The checkpoint, atomically, and the loss and health plots. A failed
+    write (a full disk, a folder made read-only) ends the run with a message;
+    the last complete checkpoint stays as it was."""
+    files = run_files(run["out_dir"])
+    try:
+        save_checkpoint(files.checkpoint, run["params"], run["opt_state"], run["seed_key"],
+                        run["config"], run["tc"], run["history"],
+                        run["init"] and base_record(run["init"]))
+        if jax.process_index() == 0:
+            save_loss_plot(run["history"], files.loss_plot)
+            save_health_plot(run["records"], files.health_plot)
+    except OSError as err:
+        raise InputError(f"could not write the run's files in {run['out_dir']} "
+                         f"({err.strerror or err}); the last complete checkpoint there is "
+                         "kept: free some space (or choose another --out-dir) and continue "
+                         "with --resume") from err
 
 
 def evaluate_and_save(run, step):
@@ -4559,200 +4606,6 @@ def preset_help(field):
 PROMPT_DEFAULT = "\n"
 
 
-def build_parser():
-    p = argparse.ArgumentParser(
-        prog="python llama_jax.py",
-        description="Train a Llama on Shakespeare (the default), sample from a checkpoint "
-                    "(--sample), evaluate it on a text (--eval), chat with an instruction-tuned "
-                    "model (--chat with --gguf or --hf-checkpoint), or measure speed "
-                    "(--bench). With no flags: train the preset for this machine (cpu: 10 to "
-                    "13 minutes on 2 cores; gpu: a larger model in bfloat16), evaluate and "
-                    "checkpoint to out/, draw out/loss.png and out/health.png, then print a "
-                    "sample.",
-        epilog="Model and training flags left out take the preset's value; the presets are "
-               "listed in PRESETS (llama_jax.py, section 18) and in docs/results.md.")
-    mode = p.add_argument_group("what to do")
-    mode.add_argument("--sample", action="store_true",
-                      help="sample from the checkpoint in --out-dir (or --hf-checkpoint) "
-                           "without training")
-    mode.add_argument("--bench", action="store_true",
-                      help="time the training step and decoding, then exit")
-    mode.add_argument("--eval", metavar="FILE",
-                      help="loss (nats/token), perplexity and bits per byte of the model in "
-                           "--out-dir (or --hf-checkpoint) on every token of a UTF-8 text "
-                           "file, in windows of --seq-len (default: the length a checkpoint "
-                           "was trained at, else the model's context up to 1,024); "
-                           "bits per byte compare models with different tokenizers")
-    mode.add_argument("--chat", action="store_true",
-                      help="chat with an instruction-tuned model (--gguf, --hf-checkpoint) in "
-                           "its own chat format, the reply printed as it is generated; with "
-                           "--prompt: one reply, for scripts")
-    mode.add_argument("--export-hf", metavar="DIR",
-                      help="write the run in --out-dir (a LoRA run merged into its base), or "
-                           "--gguf / --hf-checkpoint, as a Hugging Face folder (config.json, "
-                           "model.safetensors and the base's tokenizer files) that "
-                           "transformers loads; DIR must be new or empty")
-    mode.add_argument("--export-gguf", metavar="FILE",
-                      help="write the run in --out-dir (a LoRA run merged into its base), or "
-                           "--gguf / --hf-checkpoint, as a GGUF file that llama.cpp (and "
-                           "ollama, LM Studio, llama-cpp-python) runs: the weights, the "
-                           "tokenizer and the chat template; FILE must not exist (needs the "
-                           "gguf package)")
-    mode.add_argument("--gguf-type", choices=GGUF_TYPES,
-                      help="with --export-gguf: how matrices are stored: f32, f16 (default) "
-                           "or q8_0 (llama.cpp's 8-bit blocks: 32 weights, one f16 scale)")
-    mode.add_argument("--json", action="store_true",
-                      help="with --bench or --eval: print JSON instead of text")
-    mode.add_argument("--preset", choices=sorted(PRESETS),
-                      help="default model and training sizes (default: gpu when JAX sees a "
-                           "GPU, else cpu)")
-    files = p.add_argument_group("files")
-    mode.add_argument("--prepare", nargs="+", metavar="INPUT",
-                      help="tokenize text files, folders (recursively: "
-                           + ", ".join(TEXT_SUFFIXES) + ") or globs once into the data set "
-                           "named by --data (NAME.json, NAME.train.bin, NAME.val.bin), then "
-                           "exit; each file is a document, and about 10%% of the documents "
-                           "(chosen by a hash of their path) are validation")
-    files.add_argument("--data",
-                       help="what to train on: a UTF-8 text file (tokenized at start; its last "
-                            "10%% is validation) or a data set made by --prepare (NAME.json or "
-                            "NAME; read from disk a batch at a time), or conversations, "
-                            "CHATS.jsonl, to fine-tune a chat model (--init-from) on its "
-                            "replies only. With --prepare: the name to write. Default: "
-                            "shakespeare.txt beside this file")
-    files.add_argument("--out-dir", default="out",
-                       help="where ckpt.npz, loss.png, health.png and metrics.jsonl go "
-                            "(default: out)")
-    files.add_argument("--resume", action="store_true",
-                       help="continue training from --out-dir/ckpt.npz up to --steps, with the "
-                            "same batches and dropout masks as an uninterrupted run. The "
-                            "learning-rate schedule stays the original run's: a larger --steps "
-                            "runs on at --min-lr after its end")
-    tune = p.add_argument_group("fine-tuning")
-    tune.add_argument("--init-from", metavar="SOURCE",
-                      help="start training from a pretrained model instead of random weights: "
-                           "a Hugging Face folder, a GGUF file or a llama_jax run (its folder "
-                           "or ckpt.npz). Its architecture and tokenizer are used (--data is "
-                           "tokenized with it; with --prepare, the data set is written with "
-                           "it); defaults become --lr 5e-5 (LoRA: 1e-3), --min-lr lr/10, "
-                           "--warmup-steps 10")
-    tune.add_argument("--lora-rank", type=int, metavar="R",
-                      help="with --init-from: train only rank-R LoRA adapters on "
-                           "--lora-targets and keep the base frozen (default 0: train every "
-                           "weight)")
-    tune.add_argument("--lora-alpha", type=float,
-                      help="LoRA's update is scaled by alpha / R (default 16)")
-    tune.add_argument("--lora-targets", metavar="NAMES",
-                      help="comma-separated matrices to adapt, among wq,wk,wv,wo (attention) "
-                           "and w1,w2,w3 (feed-forward) (default: wq,wk,wv,wo)")
-    model = p.add_argument_group("model (defaults from the preset)")
-    model.add_argument("--dim", type=int, help=f"model width D ({preset_help('dim')})")
-    model.add_argument("--n-layers", type=int, help=f"transformer blocks ({preset_help('n_layers')})")
-    model.add_argument("--n-heads", type=int, help=f"query heads H ({preset_help('n_heads')})")
-    model.add_argument("--n-kv-heads", type=int,
-                       help=f"key/value heads K; H must be a multiple ({preset_help('n_kv_heads')})")
-    model.add_argument("--ffn-dim", type=int,
-                       help="feed-forward width F (default: Llama's rule, 8/3 * D rounded up)")
-    model.add_argument("--max-seq-len", type=int,
-                       help=f"context length and KV-cache size ({preset_help('max_seq_len')})")
-    model.add_argument("--dropout", type=float, help=f"dropout rate ({preset_help('dropout_rate')})")
-    model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"share the input embedding with the output layer ({preset_help('tie_embeddings')})")
-    model.add_argument("--loss", choices=["auto", "plain", "blockwise"], dest="loss_impl",
-                       help="how the cross-entropy is computed: plain holds the [B*T, V] "
-                            "logits; blockwise takes loss_block tokens at a time and never "
-                            "does (for large vocabularies and batches); auto: blockwise once "
-                            "the float32 logits would exceed 1 GiB, or for float32 compute on "
-                            "a CPU, where it is faster (default auto)")
-    model.add_argument("--loss-block", type=int,
-                       help=f"tokens per block of the blockwise loss (default {RunModelConfig.loss_block})")
-    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
-                       help="matmul dtype; weights and optimizer stay float32. auto: "
-                            "bfloat16 on a GPU, or on a CPU where it is faster (AMD with "
-                            "avx512_bf16, Intel with AMX), else float32 (as on an Intel CPU "
-                            "with avx512_bf16 and no AMX); --resume keeps the run's "
-                            f"dtype ({preset_help('compute_dtype')})")
-    training = p.add_argument_group("training (defaults from the preset)")
-    training.add_argument("--steps", type=int, help=f"optimizer steps in total ({preset_help('steps')})")
-    training.add_argument("--batch-size", type=int, help=f"sequences per step ({preset_help('batch_size')})")
-    training.add_argument("--seq-len", type=int, help=f"tokens per sequence ({preset_help('seq_len')})")
-    training.add_argument("--lr", type=float, help=f"peak learning rate ({preset_help('lr')})")
-    training.add_argument("--min-lr", type=float, help=f"cosine floor ({preset_help('min_lr')})")
-    training.add_argument("--warmup-steps", type=int, help=f"linear warmup steps ({preset_help('warmup_steps')})")
-    training.add_argument("--weight-decay", type=float, help=f"AdamW weight decay ({preset_help('weight_decay')})")
-    training.add_argument("--eval-every", type=int,
-                          help=f"evaluate, plot and checkpoint every N steps ({preset_help('eval_every')})")
-    training.add_argument("--log-every", type=int, help=f"a progress line every N steps ({preset_help('log_every')})")
-    training.add_argument("--health", action=argparse.BooleanOptionalAction, default=None,
-                          help="per-block gradient norms, update/weight ratios, residual RMS and "
-                               "attention entropy from each step, to OUT/metrics.jsonl and "
-                               "OUT/health.png (default on; tools/bench_health.py measures their cost)")
-    training.add_argument("--seed", type=int, help=f"seeds the init, batch and dropout streams ({preset_help('seed')})")
-    training.add_argument("--time-budget", type=float, metavar="MINUTES",
-                          help="train for at most this much wall clock (compile included): "
-                               "after 10 timed steps --steps is lowered so that the learning-"
-                               "rate schedule ends inside the budget, and the run stops "
-                               "cleanly at the budget (evaluate, checkpoint, sample)")
-    scale = p.add_argument_group("many devices and hosts (docs/scaling.md)")
-    scale.add_argument("--fsdp", default="1", metavar="N",
-                       help="devices per FSDP group: weights and AdamW moments are split over N "
-                            "devices and gathered when used (1, the default: pure data parallel, "
-                            "every device holds them all; all: split over every device). The "
-                            "batch is always split over every device")
-    scale.add_argument("--grad-accum", type=int, metavar="N",
-                       help="split each optimizer step's batch into N micro-batches run one "
-                            "after the other: the same update, less activation memory "
-                            "(default 1)")
-    scale.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
-                       help="recompute each block's activations in the backward pass instead "
-                            "of keeping them (jax.checkpoint): less memory, about a third more "
-                            "compute")
-    scale.add_argument("--plan", action="store_true",
-                       help="print the mesh, the memory per device (weights, gradients, AdamW, "
-                            "activations, the loss's buffers; XLA's analysis of the compiled "
-                            "step) and the bytes "
-                            "each step sends between devices, then exit without training")
-    scale.add_argument("--coordinator", metavar="HOST:PORT",
-                       help="several processes (hosts): process 0's address; give the same "
-                            "command on every process with its own --process-id (under SLURM's "
-                            "srun the three flags can be left out)")
-    scale.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
-    scale.add_argument("--process-id", type=int, metavar="I",
-                       help="this process's number, 0 to N-1; 0 prints and writes the files")
-    scale.add_argument("--coordinator-timeout", type=float, default=COORDINATOR_TIMEOUT_S,
-                       metavar="SECONDS",
-                       help=f"how long to wait for the coordinator and for every process to "
-                            f"join; a process silent this long is declared lost and the others "
-                            f"stop, naming it (default {COORDINATOR_TIMEOUT_S})")
-    sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--prompt", default=PROMPT_DEFAULT,
-                          help="text to continue (default: a newline, i.e. a fresh speech)")
-    sampling.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
-    sampling.add_argument("--max-new-tokens", type=int, default=200,
-                          help="tokens to generate (default: 200); with --bench, 0 skips the "
-                               "decoding benchmark")
-    sampling.add_argument("--temperature", type=float, default=0.8,
-                          help="0 is greedy; higher is more random (default: 0.8)")
-    sampling.add_argument("--top-k", type=int, default=50,
-                          help="sample among the k most likely tokens; 0 turns it off "
-                               "(default: 50)")
-    sampling.add_argument("--top-p", type=float,
-                          help="nucleus sampling: the smallest set reaching this probability "
-                               "(default: off)")
-    sampling.add_argument("--hf-checkpoint", help="with --sample, --eval, --chat, --bench or an "
-                                                  "export: a Hugging Face Llama folder "
-                                                  "(config.json + safetensors)")
-    sampling.add_argument("--gguf", metavar="FILE",
-                          help="with --sample, --eval, --chat, --bench or an export: a "
-                               "llama.cpp GGUF file of the "
-                               "llama architecture, with its own tokenizer (needs the gguf "
-                               "package; --dtype bfloat16 keeps the weights in bfloat16)")
-    sampling.add_argument("--tokenizer", choices=["gpt2"],
-                          help="with --hf-checkpoint: use GPT-2's tokenizer instead of the "
-                               "folder's tokenizer.model")
-    return p
-
-
 def default_preset():
     return "gpu" if jax.default_backend() == "gpu" else "cpu"
 
@@ -4779,25 +4632,48 @@ def decoding_config(config):
     return config
 
 
+# The model and training flags (argparse's names) and the config fields they
+# set: what resolve_configs reads, and what MODES (section 20) calls model and
+# training flags.
+MODEL_FIELDS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
+                "n_kv_heads": "n_kv_heads", "ffn_dim": "ffn_dim", "max_seq_len": "max_seq_len",
+                "dropout": "dropout_rate", "tie_embeddings": "tie_embeddings",
+                "dtype": "compute_dtype", "loss_impl": "loss_impl", "loss_block": "loss_block",
+                "remat": "remat"}
+TRAINING_FIELDS = ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
+                   "weight_decay", "eval_every", "log_every", "seed", "health", "grad_accum")
+
+
+def preset_configs(name=None, **overrides):
+    """A preset (default: the one for this machine, default_preset) as
+    configs, with overrides by field name (dim=64, steps=100, ...) and
+    compute_dtype "auto" decided for this machine (auto_compute_dtype).
+    -> (RunModelConfig, RunTrainConfig)."""
+    model, training = (dict(d) for d in PRESETS[name or default_preset()])
+    model_fields = {f.name for f in dataclasses.fields(RunModelConfig)}
+    unknown = set(overrides) - model_fields - {f.name for f in dataclasses.fields(RunTrainConfig)}
+    if unknown:
+        raise InputError(f"preset_configs: no config field named {', '.join(sorted(unknown))}")
+    for field, value in overrides.items():
+        (model if field in model_fields else training)[field] = value
+    if model.get("compute_dtype") == "auto":
+        model["compute_dtype"] = auto_compute_dtype()[0]
+    training["min_lr"] = min(training.get("min_lr", TrainConfig.min_lr), training["lr"])
+    return RunModelConfig(**model), RunTrainConfig(**training)
+
+
 def resolve_configs(args):
-    """Preset values, overridden by the flags that were given.
-    -> (ModelConfig, TrainConfig)."""
+    """The preset's values, overridden by the flags that were given.
+    -> (RunModelConfig, RunTrainConfig)."""
     model, training = (dict(d) for d in PRESETS[args.preset or default_preset()])
-    flags = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
-             "n_kv_heads": "n_kv_heads", "ffn_dim": "ffn_dim", "max_seq_len": "max_seq_len",
-             "dropout": "dropout_rate", "tie_embeddings": "tie_embeddings",
-             "dtype": "compute_dtype", "loss_impl": "loss_impl", "loss_block": "loss_block",
-             "remat": "remat"}
-    model.update({field: getattr(args, flag) for flag, field in flags.items()
+    model.update({field: getattr(args, flag) for flag, field in MODEL_FIELDS.items()
                   if getattr(args, flag) is not None})
-    for field in ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
-                  "weight_decay", "eval_every", "log_every", "seed", "health", "grad_accum"):
-        if getattr(args, field) is not None:
-            training[field] = getattr(args, field)
+    training.update({field: getattr(args, field) for field in TRAINING_FIELDS
+                     if getattr(args, field) is not None})
     if args.seq_len is not None and args.max_seq_len is None:
         model["max_seq_len"] = max(model["max_seq_len"], args.seq_len)
     if model.get("compute_dtype") == "auto":
-        saved = checkpoint_meta(Path(args.out_dir) / "ckpt.npz") if args.resume else None
+        saved = checkpoint_meta(run_files(args.out_dir).checkpoint) if args.resume else None
         if saved:  # a resumed run keeps the dtype it started with
             model["compute_dtype"] = saved["model_config"]["compute_dtype"]
             why = "the dtype of the run being resumed"
@@ -4806,6 +4682,11 @@ def resolve_configs(args):
         print(f"--dtype auto: {model['compute_dtype']} matmuls ({why})", flush=True)
     training["min_lr"] = min(training.get("min_lr", TrainConfig.min_lr), training["lr"])
     return RunModelConfig(**model), RunTrainConfig(**training)
+
+
+def sampling_from(args):
+    """The sampling flags as a Sampling (section 15)."""
+    return Sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
 
 
 def print_sample(params, config, tokenizer, args, key, log=print):
@@ -4882,7 +4763,7 @@ def fine_tuning_configs(args, source):
     lora = dict(lora_rank=args.lora_rank or 0, lora_alpha=args.lora_alpha or 16.0,
                 lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets
                 else RunTrainConfig.lora_targets)
-    saved = checkpoint_meta(Path(args.out_dir) / "ckpt.npz") if args.resume else None
+    saved = checkpoint_meta(run_files(args.out_dir).checkpoint) if args.resume else None
     if saved:  # a resumed run keeps its adapters' shape; a flag may only repeat it
         saved_tc = config_from_json(RunTrainConfig, saved["train_config"])
         for name in lora:
@@ -4903,7 +4784,7 @@ def training_configs(args):
     -> (ModelConfig, TrainConfig, the source or None)."""
     source = args.init_from
     if source is None and args.resume:  # a fine-tuning run resumes from its own base
-        saved = checkpoint_meta(Path(args.out_dir) / "ckpt.npz")
+        saved = checkpoint_meta(run_files(args.out_dir).checkpoint)
         source = saved and saved.get("base") and saved["base"]["source"]
     if source:
         init = load_source(source)
@@ -4926,9 +4807,9 @@ def run_train(args):
         return 1
     if result["stopped"] == "interrupted":
         return 130
-    out = Path(args.out_dir)
-    log(f"wrote {out / 'ckpt.npz'}, {out / 'loss.png'}, {out / 'health.png'} and "
-        f"{out / 'metrics.jsonl'}; peak host memory {peak_rss_gb():.2f} GB")
+    files = run_files(args.out_dir)
+    log(f"wrote {files.checkpoint}, {files.loss_plot}, {files.health_plot} and "
+        f"{files.metrics}; peak host memory {peak_rss_gb():.2f} GB")
     weights = result["weights"]
     if jax.process_count() > 1:  # process 0 samples alone, on its own device, from a copy
         weights = jax.tree_util.tree_map(gather, weights)
@@ -4941,6 +4822,25 @@ def run_train(args):
         sample_model(dict(init, params=weights, config=config), args, key, log,
                      result["question"])
     return 0
+
+
+def run_prepare(args):
+    """--prepare INPUT... --data NAME: tokenize once into a data set on disk."""
+    if not args.data:
+        raise InputError("--prepare needs --data NAME: the data set to write "
+                         "(NAME.json, NAME.train.bin, NAME.val.bin)")
+    enc = load_source(args.init_from)["tokenizer"] if args.init_from else None
+    if args.init_from and enc is None:
+        raise InputError(f"--init-from {args.init_from} has no tokenizer llama_jax can "
+                         "read, so --prepare cannot tokenize for it")
+    prepare_tokens(args.prepare, args.data, log=functools.partial(print, flush=True), enc=enc)
+    return 0
+
+
+def run_training(args):
+    """Training, the default mode: run_train on one process, or as one of
+    several (run_on_many_processes)."""
+    return run_on_many_processes(args) if jax.process_count() > 1 else run_train(args)
 
 
 def run_on_many_processes(args):
@@ -4999,7 +4899,8 @@ def sample_model(model, args, key, log=print, question=None):
     for m in messages:
         log(f"{m['role']}> {m['content']}")
     print("model> ", end="", flush=True)
-    chat_turn(model["params"], config, tokenizer, messages, args, key, model["chat_template"])
+    chat_turn(model["params"], config, tokenizer, messages, sampling_from(args), key,
+              model["chat_template"])
 
 
 def load_model(args):
@@ -5010,7 +4911,7 @@ def load_model(args):
                            else "float32")
     if args.hf_checkpoint:
         return load_source(args.hf_checkpoint, "hf", gpt2_tokenizer=args.tokenizer == "gpt2")
-    path = Path(args.out_dir) / "ckpt.npz"
+    path = run_files(args.out_dir).checkpoint
     if not path.is_file():
         raise InputError(f"no checkpoint at {path}: train first (python llama_jax.py), "
                          "point --out-dir at a run, or pass --hf-checkpoint DIR or --gguf FILE")
@@ -5086,7 +4987,7 @@ def run_chat(args):
     if args.prompt != PROMPT_DEFAULT:  # one reply, for scripts
         messages.append({"role": "user", "content": args.prompt})
         _, n, seconds, after_first = chat_turn(model["params"], config, tokenizer, messages,
-                                               args, key, template)
+                                               sampling_from(args), key, template)
         rate = f", then {(n - 1) / after_first:.1f} tokens/s" if n > 1 and after_first > 0 else ""
         print(f"({n} tokens in {seconds:.1f}s, the first with compilation{rate})",
               file=sys.stderr)
@@ -5107,7 +5008,7 @@ def run_chat(args):
         messages.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
         try:
-            chat_turn(model["params"], config, tokenizer, messages, args,
+            chat_turn(model["params"], config, tokenizer, messages, sampling_from(args),
                       jax.random.fold_in(key, turn), template)
         except InputError as err:
             print(f"error: {err}", flush=True)
@@ -5319,101 +5220,293 @@ def run_bench(args):
 # =============================================================================
 
 
-# Which flags each mode reads. A flag given to a mode that does not read it is
-# refused (check_flags), not silently dropped: `--sample --lr 1e-3` would
-# otherwise look as if it did something.
-MODEL_FLAGS = {"dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "dropout",
-               "tie_embeddings", "loss_impl", "loss_block", "remat", "dtype"}
-TRAINING_FLAGS = {"steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
-                  "weight_decay", "eval_every", "log_every", "health", "seed", "time_budget",
-                  "resume", "init_from", "lora_rank", "lora_alpha", "lora_targets",
-                  "grad_accum", "data", "preset", "fsdp", "coordinator", "num_processes",
-                  "process_id", "coordinator_timeout"}
-SAMPLING_FLAGS = {"prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p",
-                  "seed"}
-SOURCE_FLAGS = {"gguf", "hf_checkpoint", "tokenizer", "out_dir", "dtype"}
-MODES = {
-    "train": MODEL_FLAGS | TRAINING_FLAGS | SAMPLING_FLAGS | {"out_dir"},
-    "plan": MODEL_FLAGS | TRAINING_FLAGS | {"out_dir"},
-    "prepare": {"data", "init_from"},
-    "bench": MODEL_FLAGS | {"batch_size", "seq_len", "fsdp", "grad_accum", "json", "preset",
-                            "max_new_tokens"} | SOURCE_FLAGS,
-    "sample": SOURCE_FLAGS | SAMPLING_FLAGS,
-    "eval": SOURCE_FLAGS | {"seq_len", "json"},
-    "chat": SOURCE_FLAGS | SAMPLING_FLAGS,
-    "export_hf": SOURCE_FLAGS,
-    "export_gguf": SOURCE_FLAGS | {"gguf_type"},
-}
+# Which flags each mode reads (argparse's names). A flag given to a mode that
+# does not read it is refused (check_flags), not silently dropped:
+# `--sample --lr 1e-3` would otherwise look as if it did something.
+MODEL_FLAGS = frozenset(MODEL_FIELDS)
+TRAINING_FLAGS = frozenset(TRAINING_FIELDS) | {
+    "time_budget", "resume", "init_from", "lora_rank", "lora_alpha", "lora_targets", "data",
+    "preset", "fsdp", "coordinator", "num_processes", "process_id", "coordinator_timeout"}
+SAMPLING_FLAGS = frozenset({"prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k",
+                            "top_p", "seed"})
+SOURCE_FLAGS = frozenset({"gguf", "hf_checkpoint", "tokenizer", "out_dir", "dtype"})
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One thing the command line does: one row of MODES.
+    name: its name in messages; flag: the option that chooses it (None for
+    training, what runs when no mode is chosen), with flag_args, its argparse
+    settings in --help's "what to do" group; reads: the flags it reads (any
+    other is refused); run: args -> exit code; many_processes: whether it
+    runs as one of several processes (--coordinator, srun); reads_with_model:
+    what it reads instead when given a model file (--gguf, --hf-checkpoint)."""
+    name: str
+    flag: str | None
+    flag_args: dict
+    reads: frozenset
+    run: object
+    many_processes: bool = False
+    reads_with_model: frozenset | None = None
+
+
+# Adding a mode is one row here and the function it runs.
+MODES = (
+    Mode("train", None, {}, MODEL_FLAGS | TRAINING_FLAGS | SAMPLING_FLAGS | {"out_dir"},
+         run_training, many_processes=True),
+    Mode("sample", "--sample", dict(
+        action="store_true",
+        help="sample from the checkpoint in --out-dir (or --hf-checkpoint) without training"),
+         SOURCE_FLAGS | SAMPLING_FLAGS, run_sample),
+    Mode("bench", "--bench", dict(
+        action="store_true", help="time the training step and decoding, then exit"),
+         MODEL_FLAGS | {"batch_size", "seq_len", "fsdp", "grad_accum", "json", "preset",
+                        "max_new_tokens"} | SOURCE_FLAGS, run_bench,
+         reads_with_model=SOURCE_FLAGS | {"json", "max_new_tokens"}),
+    Mode("eval", "--eval", dict(
+        metavar="FILE",
+        help="loss (nats/token), perplexity and bits per byte of the model in --out-dir (or "
+             "--hf-checkpoint) on every token of a UTF-8 text file, in windows of --seq-len "
+             "(default: the length a checkpoint was trained at, else the model's context up "
+             "to 1,024); bits per byte compare models with different tokenizers"),
+         SOURCE_FLAGS | {"seq_len", "json"}, run_eval),
+    Mode("chat", "--chat", dict(
+        action="store_true",
+        help="chat with an instruction-tuned model (--gguf, --hf-checkpoint) in its own chat "
+             "format, the reply printed as it is generated; with --prompt: one reply, for "
+             "scripts"),
+         SOURCE_FLAGS | SAMPLING_FLAGS, run_chat),
+    Mode("export_hf", "--export-hf", dict(
+        metavar="DIR",
+        help="write the run in --out-dir (a LoRA run merged into its base), or --gguf / "
+             "--hf-checkpoint, as a Hugging Face folder (config.json, model.safetensors and "
+             "the base's tokenizer files) that transformers loads; DIR must be new or empty"),
+         SOURCE_FLAGS, run_export),
+    Mode("export_gguf", "--export-gguf", dict(
+        metavar="FILE",
+        help="write the run in --out-dir (a LoRA run merged into its base), or --gguf / "
+             "--hf-checkpoint, as a GGUF file that llama.cpp (and ollama, LM Studio, "
+             "llama-cpp-python) runs: the weights, the tokenizer and the chat template; FILE "
+             "must not exist (needs the gguf package)"),
+         SOURCE_FLAGS | {"gguf_type"}, run_export_gguf),
+    Mode("prepare", "--prepare", dict(
+        nargs="+", metavar="INPUT",
+        help="tokenize text files, folders (recursively: " + ", ".join(TEXT_SUFFIXES) + ") or "
+             "globs once into the data set named by --data (NAME.json, NAME.train.bin, "
+             "NAME.val.bin), then exit; each file is a document, and about 10%% of the "
+             "documents (chosen by a hash of their path) are validation"),
+         frozenset({"data", "init_from"}), run_prepare),
+    Mode("plan", "--plan", dict(
+        action="store_true",
+        help="print the mesh, the memory per device (weights, gradients, AdamW, activations, "
+             "the loss's buffers; XLA's analysis of the compiled step) and the bytes each step "
+             "sends between devices, then exit without training"),
+         MODEL_FLAGS | TRAINING_FLAGS | {"out_dir"}, run_plan, many_processes=True),
+)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python llama_jax.py",
+        description="Train a Llama on Shakespeare (the default), sample from a checkpoint "
+                    "(--sample), evaluate it on a text (--eval), chat with an instruction-tuned "
+                    "model (--chat with --gguf or --hf-checkpoint), or measure speed "
+                    "(--bench). With no flags: train the preset for this machine (cpu: 10 to "
+                    "13 minutes on 2 cores; gpu: a larger model in bfloat16), evaluate and "
+                    "checkpoint to out/, draw out/loss.png and out/health.png, then print a "
+                    "sample.",
+        epilog="Model and training flags left out take the preset's value; the presets are "
+               "listed in PRESETS (llama_jax.py, section 18) and in docs/results.md.")
+    mode = p.add_argument_group("what to do")
+    for m in MODES:  # one flag each, training (the default) aside
+        if m.flag:
+            mode.add_argument(m.flag, **m.flag_args)
+    mode.add_argument("--gguf-type", choices=GGUF_TYPES,
+                      help="with --export-gguf: how matrices are stored: f32, f16 (default) "
+                           "or q8_0 (llama.cpp's 8-bit blocks: 32 weights, one f16 scale)")
+    mode.add_argument("--json", action="store_true",
+                      help="with --bench or --eval: print JSON instead of text")
+    mode.add_argument("--preset", choices=sorted(PRESETS),
+                      help="default model and training sizes (default: gpu when JAX sees a "
+                           "GPU, else cpu)")
+    files = p.add_argument_group("files")
+    files.add_argument("--data",
+                       help="what to train on: a UTF-8 text file (tokenized at start; its last "
+                            "10%% is validation) or a data set made by --prepare (NAME.json or "
+                            "NAME; read from disk a batch at a time), or conversations, "
+                            "CHATS.jsonl, to fine-tune a chat model (--init-from) on its "
+                            "replies only. With --prepare: the name to write. Default: "
+                            "shakespeare.txt beside this file")
+    files.add_argument("--out-dir", default="out",
+                       help="where ckpt.npz, loss.png, health.png and metrics.jsonl go "
+                            "(default: out)")
+    files.add_argument("--resume", action="store_true",
+                       help="continue training from --out-dir/ckpt.npz up to --steps, with the "
+                            "same batches and dropout masks as an uninterrupted run. The "
+                            "learning-rate schedule stays the original run's: a larger --steps "
+                            "runs on at --min-lr after its end")
+    tune = p.add_argument_group("fine-tuning")
+    tune.add_argument("--init-from", metavar="SOURCE",
+                      help="start training from a pretrained model instead of random weights: "
+                           "a Hugging Face folder, a GGUF file or a llama_jax run (its folder "
+                           "or ckpt.npz). Its architecture and tokenizer are used (--data is "
+                           "tokenized with it; with --prepare, the data set is written with "
+                           "it); defaults become --lr 5e-5 (LoRA: 1e-3), --min-lr lr/10, "
+                           "--warmup-steps 10")
+    tune.add_argument("--lora-rank", type=int, metavar="R",
+                      help="with --init-from: train only rank-R LoRA adapters on "
+                           "--lora-targets and keep the base frozen (default 0: train every "
+                           "weight)")
+    tune.add_argument("--lora-alpha", type=float,
+                      help="LoRA's update is scaled by alpha / R (default 16)")
+    tune.add_argument("--lora-targets", metavar="NAMES",
+                      help="comma-separated matrices to adapt, among wq,wk,wv,wo (attention) "
+                           "and w1,w2,w3 (feed-forward) (default: wq,wk,wv,wo)")
+    model = p.add_argument_group("model (defaults from the preset)")
+    model.add_argument("--dim", type=int, help=f"model width D ({preset_help('dim')})")
+    model.add_argument("--n-layers", type=int, help=f"transformer blocks ({preset_help('n_layers')})")
+    model.add_argument("--n-heads", type=int, help=f"query heads H ({preset_help('n_heads')})")
+    model.add_argument("--n-kv-heads", type=int,
+                       help=f"key/value heads K; H must be a multiple ({preset_help('n_kv_heads')})")
+    model.add_argument("--ffn-dim", type=int,
+                       help="feed-forward width F (default: Llama's rule, 8/3 * D rounded up)")
+    model.add_argument("--max-seq-len", type=int,
+                       help=f"context length and KV-cache size ({preset_help('max_seq_len')})")
+    model.add_argument("--dropout", type=float, help=f"dropout rate ({preset_help('dropout_rate')})")
+    model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"share the input embedding with the output layer ({preset_help('tie_embeddings')})")
+    model.add_argument("--loss", choices=["auto", "plain", "blockwise"], dest="loss_impl",
+                       help="how the cross-entropy is computed: plain holds the [B*T, V] "
+                            "logits; blockwise takes loss_block tokens at a time and never "
+                            "does (for large vocabularies and batches); auto: blockwise once "
+                            "the float32 logits would exceed 1 GiB, or for float32 compute on "
+                            "a CPU, where it is faster (default auto)")
+    model.add_argument("--loss-block", type=int,
+                       help=f"tokens per block of the blockwise loss (default {RunModelConfig.loss_block})")
+    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                       help="matmul dtype; weights and optimizer stay float32. auto: "
+                            "bfloat16 on a GPU, or on a CPU where it is faster (AMD with "
+                            "avx512_bf16, Intel with AMX), else float32 (as on an Intel CPU "
+                            "with avx512_bf16 and no AMX); --resume keeps the run's "
+                            f"dtype ({preset_help('compute_dtype')})")
+    training = p.add_argument_group("training (defaults from the preset)")
+    training.add_argument("--steps", type=int, help=f"optimizer steps in total ({preset_help('steps')})")
+    training.add_argument("--batch-size", type=int, help=f"sequences per step ({preset_help('batch_size')})")
+    training.add_argument("--seq-len", type=int, help=f"tokens per sequence ({preset_help('seq_len')})")
+    training.add_argument("--lr", type=float, help=f"peak learning rate ({preset_help('lr')})")
+    training.add_argument("--min-lr", type=float, help=f"cosine floor ({preset_help('min_lr')})")
+    training.add_argument("--warmup-steps", type=int, help=f"linear warmup steps ({preset_help('warmup_steps')})")
+    training.add_argument("--weight-decay", type=float, help=f"AdamW weight decay ({preset_help('weight_decay')})")
+    training.add_argument("--eval-every", type=int,
+                          help=f"evaluate, plot and checkpoint every N steps ({preset_help('eval_every')})")
+    training.add_argument("--log-every", type=int, help=f"a progress line every N steps ({preset_help('log_every')})")
+    training.add_argument("--health", action=argparse.BooleanOptionalAction, default=None,
+                          help="per-block gradient norms, update/weight ratios, residual RMS and "
+                               "attention entropy from each step, to OUT/metrics.jsonl and "
+                               "OUT/health.png (default on; tools/bench_health.py measures their cost)")
+    training.add_argument("--seed", type=int, help=f"seeds the init, batch and dropout streams ({preset_help('seed')})")
+    training.add_argument("--time-budget", type=float, metavar="MINUTES",
+                          help="train for at most this much wall clock (compile included): "
+                               "after 10 timed steps --steps is lowered so that the learning-"
+                               "rate schedule ends inside the budget, and the run stops "
+                               "cleanly at the budget (evaluate, checkpoint, sample)")
+    scale = p.add_argument_group("many devices and hosts (docs/scaling.md)")
+    scale.add_argument("--fsdp", default="1", metavar="N",
+                       help="devices per FSDP group: weights and AdamW moments are split over N "
+                            "devices and gathered when used (1, the default: pure data parallel, "
+                            "every device holds them all; all: split over every device). The "
+                            "batch is always split over every device")
+    scale.add_argument("--grad-accum", type=int, metavar="N",
+                       help="split each optimizer step's batch into N micro-batches run one "
+                            "after the other: the same update, less activation memory "
+                            "(default 1)")
+    scale.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute each block's activations in the backward pass instead "
+                            "of keeping them (jax.checkpoint): less memory, about a third more "
+                            "compute")
+    scale.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="several processes (hosts): process 0's address; give the same "
+                            "command on every process with its own --process-id (under SLURM's "
+                            "srun the three flags can be left out)")
+    scale.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    scale.add_argument("--process-id", type=int, metavar="I",
+                       help="this process's number, 0 to N-1; 0 prints and writes the files")
+    scale.add_argument("--coordinator-timeout", type=float, default=COORDINATOR_TIMEOUT_S,
+                       metavar="SECONDS",
+                       help=f"how long to wait for the coordinator and for every process to "
+                            f"join; a process silent this long is declared lost and the others "
+                            f"stop, naming it (default {COORDINATOR_TIMEOUT_S})")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--prompt", default=PROMPT_DEFAULT,
+                          help="text to continue (default: a newline, i.e. a fresh speech)")
+    sampling.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
+    sampling.add_argument("--max-new-tokens", type=int, default=200,
+                          help="tokens to generate (default: 200); with --bench, 0 skips the "
+                               "decoding benchmark")
+    sampling.add_argument("--temperature", type=float, default=0.8,
+                          help="0 is greedy; higher is more random (default: 0.8)")
+    sampling.add_argument("--top-k", type=int, default=50,
+                          help="sample among the k most likely tokens; 0 turns it off "
+                               "(default: 50)")
+    sampling.add_argument("--top-p", type=float,
+                          help="nucleus sampling: the smallest set reaching this probability "
+                               "(default: off)")
+    sampling.add_argument("--hf-checkpoint", help="with --sample, --eval, --chat, --bench or an "
+                                                  "export: a Hugging Face Llama folder "
+                                                  "(config.json + safetensors)")
+    sampling.add_argument("--gguf", metavar="FILE",
+                          help="with --sample, --eval, --chat, --bench or an export: a "
+                               "llama.cpp GGUF file of the "
+                               "llama architecture, with its own tokenizer (needs the gguf "
+                               "package; --dtype bfloat16 keeps the weights in bfloat16)")
+    sampling.add_argument("--tokenizer", choices=["gpt2"],
+                          help="with --hf-checkpoint: use GPT-2's tokenizer instead of the "
+                               "folder's tokenizer.model")
+    return p
 
 
 def check_flags(parser, args):
     """Refuses two modes at once and any flag the chosen mode does not read
-    (MODES), naming it. -> the mode."""
+    (MODES), naming it. -> the Mode."""
     options = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     given = {a.dest for a in parser._actions
              if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default}
-    modes = [m for m in MODES if m != "train" and m in given]
-    if len(modes) > 1:
-        raise InputError(f"{' and '.join(options[m] for m in modes)}: choose one of them per "
+    chosen = [m for m in MODES if m.flag and m.name in given]
+    if len(chosen) > 1:
+        raise InputError(f"{' and '.join(m.flag for m in chosen)}: choose one of them per "
                          "command")
-    mode = modes[0] if modes else "train"
+    mode = chosen[0] if chosen else MODES[0]
     if "tokenizer" in given and "hf_checkpoint" not in given:
         raise InputError("--tokenizer applies to --hf-checkpoint's folder only")
     if "gguf" in given and "hf_checkpoint" in given:
         raise InputError("--gguf and --hf-checkpoint: give one model")
-    if mode == "bench" and given & {"gguf", "hf_checkpoint"}:
-        extra = given & (MODEL_FLAGS - {"dtype"} | {"batch_size", "seq_len", "fsdp",
-                                                    "grad_accum", "preset"})
-    else:
-        extra = given - MODES[mode] - {mode}
+    model_given = bool(given & {"gguf", "hf_checkpoint"})
+    reads = mode.reads_with_model if model_given and mode.reads_with_model else mode.reads
+    extra = given - reads - {mode.name}
     if extra:
         names = ", ".join(sorted(options[d] for d in extra))
-        what = "training" if mode == "train" else options[mode]
-        hint = (" (to train from a model, use --init-from)" if mode == "train"
-                and given & {"gguf", "hf_checkpoint"} else "")
+        what = mode.flag or "training"
+        hint = (" (to train from a model, use --init-from)" if mode.flag is None and model_given
+                else "")
         raise InputError(f"{names}: not used by {what}{hint}, so refused rather than ignored; "
                          "drop it, or see --help for what each mode reads")
     return mode
 
 
 def main(argv=None):
+    """python llama_jax.py [flags]: the mode the flags choose (MODES).
+    -> exit code: 0 done, 1 a run diverged, 2 bad input, 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        check_flags(parser, args)
-        many = start_distributed(args)  # before anything asks JAX for its devices
-        if many and (args.prepare or args.bench or args.sample or args.eval or args.chat
-                     or args.export_hf or args.export_gguf):
+        mode = check_flags(parser, args)
+        # Before anything asks JAX for its devices.
+        many = start_distributed(args.coordinator, args.num_processes, args.process_id,
+                                 args.coordinator_timeout)
+        if many and not mode.many_processes:
             raise InputError("several processes train (or --plan) together; run the other "
                              "modes as one process")
-        if args.plan:
-            return run_plan(args)
-        if many:
-            return run_on_many_processes(args)
-        if args.prepare:
-            if not args.data:
-                raise InputError("--prepare needs --data NAME: the data set to write "
-                                 "(NAME.json, NAME.train.bin, NAME.val.bin)")
-            enc = load_source(args.init_from)["tokenizer"] if args.init_from else None
-            if args.init_from and enc is None:
-                raise InputError(f"--init-from {args.init_from} has no tokenizer llama_jax can "
-                                 "read, so --prepare cannot tokenize for it")
-            prepare_tokens(args.prepare, args.data, log=functools.partial(print, flush=True),
-                           enc=enc)
-            return 0
-        if args.bench:
-            return run_bench(args)
-        if args.sample:
-            return run_sample(args)
-        if args.eval:
-            return run_eval(args)
-        if args.chat:
-            return run_chat(args)
-        if args.export_hf:
-            return run_export(args)
-        if args.export_gguf:
-            return run_export_gguf(args)
-        return run_train(args)
+        return mode.run(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1121,6 +1121,31 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(corpus, tmp_pa
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
 
 
+@pytest.mark.slow
+def test_out_dir_that_is_a_file_and_a_full_disk_are_messages(corpus, tmp_path, monkeypatch):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    for out_dir in (taken, taken / "run"):
+        with pytest.raises(L.InputError, match=f"{taken} is a file, not a folder; choose another"):
+            L.train(TRAIN_TINY, quick_tc(steps=2), corpus, out_dir, log=lambda s: None)
+    # The disk fills at the second save (step 4): a message, and step 2's checkpoint kept.
+    real_savez, saves = np.savez, []
+
+    def full_at_the_second(f, **arrays):
+        saves.append(1)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        real_savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", full_at_the_second)
+    with pytest.raises(L.InputError, match=r"could not write the run's files in .*\(No space "
+                       r"left on device\); the last complete checkpoint there is kept"):
+        L.train(TRAIN_TINY, quick_tc(steps=4, eval_every=2), corpus, tmp_path / "run",
+                log=lambda s: None)
+    monkeypatch.undo()
+    assert L.checkpoint_meta(tmp_path / "run" / "ckpt.npz")["step"] == 2
+
+
 def test_progress_lines_time_finished_steps_not_their_dispatch(corpus, tmp_path, monkeypatch):
     # Dispatch returns at once; the steps finish when their losses are read.
     # Here reading takes 0.2 s more, as slow device work would: a line's speed
