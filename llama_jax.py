@@ -1680,15 +1680,11 @@ def document_chunks(path, chunk_bytes):
             carry = buf[cut:]
 
 
-def prepare_tokens(inputs, name, log=print, chunk_bytes=1 << 20, chunks_per_batch=8,
-                   enc=None):
-    """Tokenizes text files into NAME.train.bin, NAME.val.bin and NAME.json.
-    Each document (file) ends with <|endoftext|>. Memory stays bounded: text
-    is read in chunks of about chunk_bytes and tokenized chunks_per_batch at a
-    time on every core (tiktoken's batch encoder runs threads). Files that are
-    not UTF-8 or hold no text are skipped and listed. -> the header dict."""
-    enc = enc or get_tokenizer()
-    name = Path(str(name)[:-5] if str(name).endswith(".json") else name)
+def usable_documents(inputs, log):
+    """The documents of --prepare's inputs that hold UTF-8 text, each marked
+    for validation by a hash of its name (in_validation; with too few for the
+    hash to split, the last one is). -> ([(path, name, is_validation)],
+    [{"path", "reason"} of each file skipped])."""
     docs, skipped = [], []
     for path, doc_name in find_documents(inputs):
         reason = check_document(path)
@@ -1704,11 +1700,15 @@ def prepare_tokens(inputs, name, log=print, chunk_bytes=1 << 20, chunks_per_batc
     if all(val for _, _, val in docs) or not any(val for _, _, val in docs):
         # Too few documents for the hash to split them: the last one is validation.
         docs = [(p, n, i == len(docs) - 1) for i, (p, n, _) in enumerate(docs)]
-    dtype = np.dtype(np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32)
+    return docs, skipped
+
+
+def write_token_files(docs, files, enc, dtype, chunk_bytes, chunks_per_batch, log):
+    """Tokenizes each document (chunk by chunk, chunks_per_batch at a time on
+    every core) into files["train"] or files["val"], each document followed by
+    <|endoftext|>; each file is written beside its name and renamed over it once
+    complete. -> {"train": tokens, "val": tokens}."""
     eot = np.array([enc.eot_token], dtype)
-    files = {"train": name.with_name(name.name + ".train.bin"),
-             "val": name.with_name(name.name + ".val.bin")}
-    name.parent.mkdir(parents=True, exist_ok=True)
     tmp = {k: f.with_name(f".{f.name}.tmp{os.getpid()}") for k, f in files.items()}
     outs = {k: open(p, "wb") for k, p in tmp.items()}
     counts = {"train": 0, "val": 0}
@@ -1755,6 +1755,26 @@ def prepare_tokens(inputs, name, log=print, chunk_bytes=1 << 20, chunks_per_batc
             outs[k].close()
             if tmp[k].exists():
                 tmp[k].unlink()
+    return counts
+
+
+def prepare_tokens(inputs, name, log=print, chunk_bytes=1 << 20, chunks_per_batch=8,
+                   enc=None):
+    """Tokenizes text files into NAME.train.bin, NAME.val.bin and NAME.json.
+    Each document (file) ends with <|endoftext|>. Memory stays bounded: text
+    is read in chunks of about chunk_bytes and tokenized chunks_per_batch at a
+    time on every core (tiktoken's batch encoder runs threads). Files that are
+    not UTF-8 or hold no text are skipped and listed. -> the header dict."""
+    enc = enc or get_tokenizer()
+    name = Path(str(name)[:-5] if str(name).endswith(".json") else name)
+    docs, skipped = usable_documents(inputs, log)
+    dtype = np.dtype(np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32)
+    files = {"train": name.with_name(name.name + ".train.bin"),
+             "val": name.with_name(name.name + ".val.bin")}
+    name.parent.mkdir(parents=True, exist_ok=True)
+    total = sum(p.stat().st_size for p, _, _ in docs)
+    t0 = time.perf_counter()
+    counts = write_token_files(docs, files, enc, dtype, chunk_bytes, chunks_per_batch, log)
     seconds = time.perf_counter() - t0
     header = {"format": TOKEN_FORMAT, "version": 1, "tokenizer": enc.name,
               "tokenizer_sha256": tokenizer_fingerprint(enc), "vocab_size": enc.n_vocab,
@@ -3071,16 +3091,9 @@ def open_gguf(path):
                               f"{err}); it may be truncated or not GGUF at all") from err
 
 
-def load_gguf(path, dtype="float32", reader=None):
-    """Reads a llama.cpp GGUF file of the llama architecture: every tensor type
-    that the gguf package dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the
-    K-quants, ...) becomes float32 (or bfloat16 with dtype="bfloat16"), the
-    hyperparameters come from the metadata, and the tokenizer (byte-level BPE)
-    from its token list and merges. Embeddings are tied when the file has no
-    output.weight. reader: the file's open_gguf, if the caller has it already.
-    -> (params, ModelConfig, tiktoken Encoding)."""
-    path = Path(path)
-    reader = reader or open_gguf(path)  # checks that gguf is installed
+def gguf_config(reader, path, dtype="float32"):
+    """The ModelConfig of a GGUF file of the llama architecture, from its
+    metadata and tensor names. -> RunModelConfig."""
     import gguf
 
     arch = gguf_value(reader, "general.architecture")
@@ -3128,28 +3141,49 @@ def load_gguf(path, dtype="float32", reader=None):
         if not np.allclose(np.ravel(factors), rope_frequency_factors(config), rtol=1e-5):
             raise CheckpointError(f"{path}: rope_freqs.weight disagrees with "
                                   "llama_jax.rope_scaling; the file was edited after export")
+    return config
+
+
+def read_gguf_tensor(tensors, path, name, shape, transpose):
+    """A GGUF tensor of tensors (name -> the reader's tensor), dequantized to
+    float32 and, with transpose, turned to our [in, out]; shape: what the
+    metadata implies. -> np.ndarray."""
+    import gguf
+
+    if name not in tensors:
+        raise CheckpointError(f"{path}: tensor {name} is missing")
+    t = tensors[name]
+    try:
+        value = gguf.quants.dequantize(t.data, t.tensor_type)
+    except (NotImplementedError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: tensor {name} has type {t.tensor_type.name}, which "
+                              f"the gguf package cannot dequantize ({err})") from err
+    value = np.asarray(value, np.float32)
+    value = value.T if transpose else value  # GGUF rows are outputs, like torch's [out, in]
+    if value.shape != tuple(shape):
+        raise CheckpointError(f"{path}: tensor {name} has shape {list(value.shape)} after "
+                              f"dequantizing, but the metadata implies {list(shape)}")
+    return value
+
+
+def load_gguf(path, dtype="float32", reader=None):
+    """Reads a llama.cpp GGUF file of the llama architecture: every tensor type
+    that the gguf package dequantizes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the
+    K-quants, ...) becomes float32 (or bfloat16 with dtype="bfloat16"), the
+    hyperparameters come from the metadata, and the tokenizer (byte-level BPE)
+    from its token list and merges. Embeddings are tied when the file has no
+    output.weight. reader: the file's open_gguf, if the caller has it already.
+    -> (params, ModelConfig, tiktoken Encoding)."""
+    path = Path(path)
+    reader = reader or open_gguf(path)  # checks that gguf is installed
+    config = gguf_config(reader, path, dtype)
+    tensors = {t.name: t for t in reader.tensors}
     target = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-
-    def read(name, shape, transpose):
-        if name not in tensors:
-            raise CheckpointError(f"{path}: tensor {name} is missing")
-        t = tensors[name]
-        try:
-            value = gguf.quants.dequantize(t.data, t.tensor_type)
-        except (NotImplementedError, KeyError, ValueError) as err:
-            raise CheckpointError(f"{path}: tensor {name} has type {t.tensor_type.name}, which "
-                                  f"the gguf package cannot dequantize ({err})") from err
-        value = np.asarray(value, np.float32)
-        value = value.T if transpose else value  # GGUF rows are outputs, like torch's [out, in]
-        if value.shape != tuple(shape):
-            raise CheckpointError(f"{path}: tensor {name} has shape {list(value.shape)} after "
-                                  f"dequantizing, but the metadata implies {list(shape)}")
-        return value
-
     shapes = param_shapes(config)
     template, flat = flatten_tree(shapes), {}
     for ours, theirs, transposed in gguf_name_map(config):
-        value = read(theirs, template[ours].shape, transposed)
+        value = read_gguf_tensor(tensors, path, theirs, template[ours].shape,
+                                 transposed)
         if ours.endswith(("/wq", "/wk")):  # llama.cpp's converter interleaved these rows
             value = interleaved_to_half_split(
                 value, config.n_heads if ours.endswith("/wq") else config.n_kv_heads)
@@ -3313,6 +3347,47 @@ def check_gguf_export(path, config, tokenizer, kind):
     return pre
 
 
+def add_gguf_tokenizer(w, tokenizer, vocabulary, pre, special, chat_template):
+    """The tokenizer's keys of a GGUF file, to GGUFWriter w: vocabulary's
+    byte-level BPE (tokens, types, merges: gguf_vocabulary), pre-tokenizer
+    pre, the special tokens (save_gguf's special) and the chat template."""
+    tokens, types, merges = vocabulary
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    end = special_token(tokenizer, ENDOFTEXT, "<|end_of_text|>")
+    special = special or {"bos": end, "eos": end, "add_bos": False}
+    for role in ("bos", "eos", "pad"):
+        if special.get(role) is not None:
+            getattr(w, f"add_{role}_token_id")(int(special[role]))
+    w.add_add_bos_token(bool(special.get("add_bos")))
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+
+def add_gguf_tensors(w, gguf, params, config, kind):
+    """The model's tensors, to GGUFWriter w under llama.cpp's names: the
+    padded vocabulary cut, wq and wk interleaved back, matrices as kind."""
+    flat = flatten_tree(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params))
+    for ours, theirs, transposed in gguf_name_map(config):
+        value = flat[ours]
+        if ours == "tok_embeddings":
+            value = value[:config.vocab_size]  # [V, D]: the padding rows go
+        elif ours == "output":
+            value = value[:, :config.vocab_size]  # [D, V]
+        if ours.endswith(("/wq", "/wk")):
+            value = half_split_to_interleaved(
+                value, config.n_heads if ours.endswith("/wq") else config.n_kv_heads)
+        value = np.ascontiguousarray(value.T if transposed else value)
+        if value.ndim == 1:
+            w.add_tensor(theirs, value)
+        else:
+            data, ggml_type = gguf_matrix(gguf, value, kind)
+            w.add_tensor(theirs, data, raw_dtype=ggml_type)
+
+
 def save_gguf(path, params, config, tokenizer, kind="f16", chat_template=None, special=None,
               name="llama_jax", log=print):
     """Writes a model (params over the padded vocabulary are cut to
@@ -3344,35 +3419,9 @@ def save_gguf(path, params, config, tokenizer, kind="f16", chat_template=None, s
     if config.rope_scaling is not None:  # Llama 3.1: llama.cpp reads the factors' tensor,
         w.add_tensor("rope_freqs.weight", rope_frequency_factors(config))  # we the 4 numbers
         w.add_array("llama_jax.rope_scaling", [float(x) for x in config.rope_scaling])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    end = special_token(tokenizer, ENDOFTEXT, "<|end_of_text|>")
-    special = special or {"bos": end, "eos": end, "add_bos": False}
-    for role in ("bos", "eos", "pad"):
-        if special.get(role) is not None:
-            getattr(w, f"add_{role}_token_id")(int(special[role]))
-    w.add_add_bos_token(bool(special.get("add_bos")))
-    if chat_template:
-        w.add_chat_template(chat_template)
-    flat = flatten_tree(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params))
-    for ours, theirs, transposed in gguf_name_map(config):
-        value = flat[ours]
-        if ours == "tok_embeddings":
-            value = value[:config.vocab_size]  # [V, D]: the padding rows go
-        elif ours == "output":
-            value = value[:, :config.vocab_size]  # [D, V]
-        if ours.endswith(("/wq", "/wk")):
-            value = half_split_to_interleaved(
-                value, config.n_heads if ours.endswith("/wq") else config.n_kv_heads)
-        value = np.ascontiguousarray(value.T if transposed else value)
-        if value.ndim == 1:
-            w.add_tensor(theirs, value)
-        else:
-            data, ggml_type = gguf_matrix(gguf, value, kind)
-            w.add_tensor(theirs, data, raw_dtype=ggml_type)
+    add_gguf_tokenizer(w, tokenizer, (tokens, types, merges), pre, special,
+                       chat_template)
+    add_gguf_tensors(w, gguf, params, config, kind)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -4245,10 +4294,60 @@ def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
 # inside stop_requests. The state every piece shares is one dict, `run`.
 
 
+@dataclass
+class RunState:
+    """What changes as a run trains: the trained weights (params: the whole
+    model's, or with LoRA the adapters), AdamW's state (opt_state, with the
+    step count) and the training config (tc: a time budget shortens its
+    schedule once)."""
+    params: dict
+    opt_state: dict
+    tc: RunTrainConfig
+
+
+@dataclass(frozen=True)
+class Run:
+    """A training run between its steps (start_run builds it; run_steps,
+    evaluate_and_save and save_run use it). The lists and dicts grow in
+    place; what is replaced as it trains is in state.
+      config      the model's RunModelConfig
+      mesh        the devices it trains on (section 13)
+      log         prints a line (a no-op on processes other than 0)
+      init        the pretrained model it fine-tunes (load_source), or None
+      frozen      with LoRA, the frozen base weights; else None
+      train_data  training tokens (an array, a TokenFile or ChatWindows)
+      on_device   the training tokens on every device, or None when batches
+                  are read on the host (token files, chat data)
+      rows        the shardings of a batch's inputs and targets
+      eval_sets   {"train": [...], "val": [...]}: fixed evaluation batches
+      history     {"train": [[step, loss]], "eval": [[step, train, val]]}
+      seed_key    the run's key; keys: the streams drawn from it (run_keys)
+      records     the metrics.jsonl records so far
+      pending     (step, loss, health) of steps dispatched but not yet read
+      out_dir     where its files go (run_files)
+      question    chat data: the held-out question the final sample answers
+      state       RunState: params, opt_state, tc"""
+    config: RunModelConfig
+    mesh: object
+    log: object
+    init: dict | None
+    frozen: dict | None
+    train_data: object
+    on_device: object
+    rows: tuple
+    eval_sets: dict
+    history: dict
+    seed_key: object
+    keys: object
+    records: list
+    pending: list
+    out_dir: Path
+    question: object
+    state: RunState
+
+
 def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
-    """Checks and loads everything a run needs before its first step. -> the
-    run dict: its configs, mesh, data, state (params, opt_state, history,
-    seed_key, keys), metrics records, fixed evaluation batches and paths."""
+    """Checks and loads everything a run needs before its first step. -> Run."""
     if tc.seq_len > config.max_seq_len:
         raise InputError(f"--seq-len {tc.seq_len} is longer than the model's context "
                          f"(max_seq_len {config.max_seq_len}): lower --seq-len")
@@ -4302,11 +4401,11 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
     # there; a token file's batches are read on the host, one step at a time,
     # and each device receives its rows.
     on_device = replicated(mesh, train_data) if isinstance(train_data, np.ndarray) else None
-    return dict(config=config, tc=tc, mesh=mesh, log=log, init=init, frozen=frozen,
-                train_data=train_data, on_device=on_device, rows=rows, eval_sets=eval_sets,
-                params=params, opt_state=opt_state, history=history, seed_key=seed_key,
-                keys=replicated(mesh, run_keys(seed_key)), records=records, pending=[],
-                out_dir=out_dir, ckpt_path=ckpt_path, question=question)
+    return Run(config=config, mesh=mesh, log=log, init=init, frozen=frozen,
+               train_data=train_data, on_device=on_device, rows=rows, eval_sets=eval_sets,
+               history=history, seed_key=seed_key, keys=replicated(mesh, run_keys(seed_key)),
+               records=records, pending=[], out_dir=out_dir, question=question,
+               state=RunState(params, opt_state, tc))
 
 
 def evaluation_batches(data, tc, split):
@@ -4322,25 +4421,25 @@ def evaluation_batches(data, tc, split):
 def batch_for(run, step):
     """What run_step draws step `step`'s batch from: the tokens on the device,
     or the batch read from a token file and placed on the mesh."""
-    if run["on_device"] is not None:
-        return run["on_device"]
-    tc = run["tc"]
-    return place(host_batch(run["train_data"], run["keys"], step, tc.batch_size, tc.seq_len),
-                 run["rows"])
+    if run.on_device is not None:
+        return run.on_device
+    tc = run.state.tc
+    return place(host_batch(run.train_data, run.keys, step, tc.batch_size, tc.seq_len),
+                 run.rows)
 
 
 def run_weights(run):
     """What the model runs on: params, or with LoRA the base plus the adapters."""
-    if run["frozen"] is None:
-        return run["params"]
-    return merged_weights(run["frozen"], run["params"], run["tc"])
+    if run.frozen is None:
+        return run.state.params
+    return merged_weights(run.frozen, run.state.params, run.state.tc)
 
 
 def write_record(run, record):
     """Keeps a metrics record and appends it to out_dir/metrics.jsonl."""
-    run["records"].append(record)
+    run.records.append(record)
     if jax.process_index() == 0:
-        with open(run_files(run["out_dir"]).metrics, "a", encoding="utf-8") as f:
+        with open(run_files(run.out_dir).metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -4348,16 +4447,16 @@ def save_run(run):
     """The checkpoint, atomically, and the loss and health plots. A failed
     write (a full disk, a folder made read-only) ends the run with a message;
     the last complete checkpoint stays as it was."""
-    files = run_files(run["out_dir"])
+    files = run_files(run.out_dir)
     try:
-        save_checkpoint(files.checkpoint, run["params"], run["opt_state"], run["seed_key"],
-                        run["config"], run["tc"], run["history"],
-                        run["init"] and base_record(run["init"]))
+        save_checkpoint(files.checkpoint, run.state.params, run.state.opt_state, run.seed_key,
+                        run.config, run.state.tc, run.history,
+                        run.init and base_record(run.init))
         if jax.process_index() == 0:
-            save_loss_plot(run["history"], files.loss_plot)
-            save_health_plot(run["records"], files.health_plot)
+            save_loss_plot(run.history, files.loss_plot)
+            save_health_plot(run.records, files.health_plot)
     except OSError as err:
-        raise InputError(f"could not write the run's files in {run['out_dir']} "
+        raise InputError(f"could not write the run's files in {run.out_dir} "
                          f"({err.strerror or err}); the last complete checkpoint there is "
                          "kept: free some space (or choose another --out-dir) and continue "
                          "with --resume") from err
@@ -4367,12 +4466,12 @@ def evaluate_and_save(run, step):
     """Part I's evaluation on the fixed windows of both splits, logged,
     recorded and checkpointed."""
     weights = run_weights(run)
-    train_loss, val_loss = (evaluate_run(weights, run["config"], run["eval_sets"][s])
+    train_loss, val_loss = (evaluate_run(weights, run.config, run.eval_sets[s])
                             for s in ("train", "val"))
-    run["history"]["eval"].append([step, train_loss, val_loss])
+    run.history["eval"].append([step, train_loss, val_loss])
     write_record(run, {"kind": "eval", "step": step, "train_loss": train_loss,
                        "val_loss": val_loss})
-    run["log"](f"eval  step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f}")
+    run.log(f"eval  step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f}")
     save_run(run)
 
 
@@ -4383,11 +4482,11 @@ def log_progress(run, done, since):
     since: (clock, step) of the last line. The clock is read after the wait,
     so the speed is that of finished steps, not of their dispatch (which
     returns at once). -> that clock reading, for the next line."""
-    tc = run["tc"]
-    healths = read_losses(run["pending"], run["history"])
+    tc = run.state.tc
+    healths = read_losses(run.pending, run.history)
     now = time.perf_counter()
     seconds_per_step = (now - since[0]) / (done - since[1]) if done > since[1] else None
-    record = health_record(done, run["history"]["train"][-1][1],
+    record = health_record(done, run.history["train"][-1][1],
                            float(learning_rate(done - 1, lr_schedule(tc))), seconds_per_step,
                            tc.batch_size * tc.seq_len, healths)
     write_record(run, record)
@@ -4398,7 +4497,7 @@ def log_progress(run, done, since):
         line += f" | grad {record['grad_norm']:.2f}"
         if record["clipped_steps"]:
             line += f" ({record['clipped_steps']}/{record['steps']} clipped)"
-    run["log"](line)
+    run.log(line)
     return now
 
 
@@ -4407,16 +4506,16 @@ def run_steps(run, stop, time_budget):
     (raised as KeyboardInterrupt); a progress line every tc.log_every steps,
     evaluate_and_save every tc.eval_every and at the end. With a budget, after
     10 timed steps and one timed evaluation, the schedule is fitted to it."""
-    log = run["log"]
-    start_step = step = int(run["opt_state"]["step"])
+    log = run.log
+    start_step = step = int(run.state.opt_state["step"])
     t_start = time.perf_counter()
     deadline = None if time_budget is None else t_start + 60.0 * time_budget
-    while step < run["tc"].steps:
-        tc = run["tc"]
-        run["params"], run["opt_state"], loss, health = run_step(
-            run["params"], run["opt_state"], batch_for(run, step), run["keys"], run["config"],
-            tc, run["frozen"], run["mesh"])
-        run["pending"].append((step, loss, health))
+    while step < run.state.tc.steps:
+        tc = run.state.tc
+        run.state.params, run.state.opt_state, loss, health = run_step(
+            run.state.params, run.state.opt_state, batch_for(run, step), run.keys, run.config,
+            tc, run.frozen, run.mesh)
+        run.pending.append((step, loss, health))
         done = step + 1
         if step == start_step:  # the first call compiled the step: time it apart
             loss.block_until_ready()
@@ -4445,16 +4544,16 @@ def run_steps(run, stop, time_budget):
                 tc = fit_schedule_to_budget(
                     tc, done, deadline - t_last - (t_first - t_start),
                     (now - t_first) / (done - start_step - 1), t_last - now, time_budget, log)
-                run["tc"] = dataclasses.replace(tc, steps=from_process_0(tc.steps),
+                run.state.tc = dataclasses.replace(tc, steps=from_process_0(tc.steps),
                                                 warmup_steps=from_process_0(tc.warmup_steps))
         if any_process(bool(stop))[0]:
             raise KeyboardInterrupt
         step = done
         if out_of_time:
             break
-    if start_step >= run["tc"].steps:
+    if start_step >= run.state.tc.steps:
         log(f"nothing to do: the checkpoint is at step {start_step} and --steps is "
-            f"{run['tc'].steps}")
+            f"{run.state.tc.steps}")
 
 
 def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print,
@@ -4478,30 +4577,30 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     them, data parallel). With several processes, every one calls train;
     only process 0 logs and writes files."""
     run = start_run(config, tc, data_path, out_dir, resume, log, init, mesh)
-    stopped, ckpt_path = None, run["ckpt_path"]
+    stopped, ckpt_path = None, run_files(run.out_dir).checkpoint
     if init is not None and not resume:  # the pretrained model's own losses: step 0
         evaluate_and_save(run, 0)
-    with stop_requests(run["log"]) as stop:
+    with stop_requests(run.log) as stop:
         try:
             run_steps(run, stop, time_budget)
         except FloatingPointError as err:
-            run["log"](f"stopped: the loss became non-finite at step {int(err.args[0]) + 1}; the "
+            run.log(f"stopped: the loss became non-finite at step {int(err.args[0]) + 1}; the "
                        f"last good checkpoint ({ckpt_path}) was kept. Lower --lr or check the data.")
             stopped = "non-finite"
         except KeyboardInterrupt:
             stopped = "interrupted"
-            state = (run["params"], run["opt_state"])
+            state = (run.state.params, run.state.opt_state)
             if any(x.is_deleted() for x in jax.tree_util.tree_leaves(state)):
-                run["log"](f"aborted inside a step: {ckpt_path} keeps the last saved state")
+                run.log(f"aborted inside a step: {ckpt_path} keeps the last saved state")
             else:
-                run["history"]["train"] += [[s + 1, float(v)]
-                                            for s, v, _ in jax.device_get(run["pending"])]
-                run["log"](f"interrupted: saving a checkpoint at step "
-                           f"{int(run['opt_state']['step'])} to {ckpt_path}; continue with --resume")
+                run.history["train"] += [[s + 1, float(v)]
+                                            for s, v, _ in jax.device_get(run.pending)]
+                run.log(f"interrupted: saving a checkpoint at step "
+                           f"{int(run.state.opt_state['step'])} to {ckpt_path}; continue with --resume")
                 save_run(run)
-    return {"params": run["params"], "opt_state": run["opt_state"], "history": run["history"],
+    return {"params": run.state.params, "opt_state": run.state.opt_state, "history": run.history,
             "stopped": stopped, "weights": None if stopped == "interrupted" else run_weights(run),
-            "question": run["question"]}
+            "question": run.question}
 
 
 def token_nats(params, inputs, targets, config):
@@ -5146,26 +5245,31 @@ def bench_loaded_model(args):
     return 0
 
 
+def device_peak(config):
+    """The FLOP/s that MFU is measured against: the datasheet's for a card in
+    PEAK_BF16_FLOPS, else one large matmul's in config's dtype.
+    -> (device name, FLOP/s, where the figure comes from)."""
+    device = jax.devices()[0]
+    name = getattr(device, "device_kind", device.platform)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    if peak is not None:
+        return name, peak, f"{name} datasheet dense bf16"
+    return (name, measured_matmul_peak(config.dtype),
+            f"measured 2048^3 {config.compute_dtype} matmul on {name}")
+
+
 def run_bench(args):
     """Times the training step and decoding for the preset (or flags), or the
     decoding of --gguf / --hf-checkpoint's model (bench_loaded_model)."""
     if args.gguf or args.hf_checkpoint:
         return bench_loaded_model(args)
     on_gpu = jax.default_backend() == "gpu"
-    if args.batch_size is None:
-        args.batch_size = 16 if on_gpu else 8
-    if args.seq_len is None:
-        args.seq_len = 1024 if on_gpu else 256
+    args.batch_size = args.batch_size or (16 if on_gpu else 8)
+    args.seq_len = args.seq_len or (1024 if on_gpu else 256)
     config, tc = resolve_configs(args)
     mesh = make_mesh(args.fsdp)
     check_batch_split(tc, mesh)
-    device = jax.devices()[0]
-    name = getattr(device, "device_kind", device.platform)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    peak_source = f"{name} datasheet dense bf16"
-    if peak is None:
-        peak = measured_matmul_peak(config.dtype)
-        peak_source = f"measured 2048^3 {config.compute_dtype} matmul on {name}"
+    name, peak, peak_source = device_peak(config)
 
     def emit(record, text):
         print(json.dumps({"device": name, **record}) if args.json else text, flush=True)
@@ -5182,7 +5286,8 @@ def run_bench(args):
          f"{train_result['train_tokens_per_s']:,.0f} tok/s"
          + (f" ({train_result['train_tokens_per_s_per_device']:,.0f} per device on "
             f"{describe_mesh(mesh)})" if mesh.size > 1 else "")
-         + f", {train_result['ms_per_step']:.0f} ms/step, MFU {mfu:.1%} (per device, of {peak / 1e12:.3g} TFLOP/s, {peak_source}; "
+         + f", {train_result['ms_per_step']:.0f} ms/step, MFU {mfu:.1%} (per device, of "
+         f"{peak / 1e12:.3g} TFLOP/s, {peak_source}; "
          f"{fpt / 1e6:.0f} MFLOP/token), compile {train_result['compile_s']:.1f}s")
     n_tokens = tc.batch_size * tc.seq_len
     loss_bytes = loss_buffer_bytes(config, n_tokens)

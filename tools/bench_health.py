@@ -20,7 +20,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=10, help="timed steps per round and setting")
     args = p.parse_args(argv)
-    config, tc = L.resolve_configs(L.build_parser().parse_args(["--preset", "cpu"]))
+    config, tc = L.preset_configs("cpu")
     contenders = {f"health {name}": jax_stepper(config, dataclasses.replace(tc, health=on))
                   for name, on in (("on", True), ("off", False))}
     best = best_of_rounds(contenders, tc.batch_size * tc.seq_len, args.steps, args.rounds,
