@@ -43,10 +43,12 @@ sections above it (test_llama_jax.py checks both).
    19. benchmarks             --bench: training speed, MFU, decoding
    20. modes and main         the table of modes, and main
 
-Shapes are written with these letters: B batch, T time (tokens), S cache length
-(max_seq_len), D model width, H query heads, K key/value heads, G = H // K query
-heads per key/value head, N either H or K (a function used for both), Dh head
-width, F feed-forward width, V vocabulary.
+Shapes are written with these letters: B batch, T time (tokens), S the KV
+cache's slots (generate sizes the cache to the request, at most max_seq_len),
+D model width, H query heads, K key/value heads, G = H // K query heads per
+key/value head, N either H or K (a function used for both), Dh head width, F
+feed-forward width, V vocabulary, V_padded the vocabulary rounded up to a
+multiple of vocab_multiple (the embedding's and output layer's width).
 
 Parameters are a nested dict of arrays (a pytree); every Part I function is
 pure (it mutates none of its arguments) and takes what it needs as arguments.
@@ -87,8 +89,9 @@ class InputError(ValueError):
 class ModelConfig:
     """The architecture. Frozen, so it is hashable and can be a static argument
     of jax.jit. Field names follow Meta's reference model.py where it has the
-    field. The defaults are the cpu preset's model (PRESETS, section 17: what
-    `python llama_jax.py` trains on a CPU), in float32."""
+    field. The defaults are the cpu preset's model (PRESETS, section 18: what
+    `python llama_jax.py` trains on a CPU), in float32 (the preset's dtype is
+    "auto": Part II picks float32 or bfloat16 for the machine, section 10)."""
 
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
     dim: int = 128  # D, the width of the residual stream
@@ -108,11 +111,15 @@ class ModelConfig:
     # Llama 3.1's RoPE frequency scaling: (factor, low_freq_factor,
     # high_freq_factor, original_max_position_embeddings), or None for plain RoPE.
     rope_scaling: tuple | None = None
-    max_seq_len: int = 256  # S, the longest sequence; the KV cache has S slots
+    # The longest sequence (the RoPE tables' length); a KV cache holds at most
+    # this many positions (generate sizes its cache to the request).
+    max_seq_len: int = 256
     # Llama itself has no dropout; a small model that sees its data many
     # times may need it (the gpu preset uses 0.2).
     dropout_rate: float = 0.0
-    tie_embeddings: bool = True  # share the input embedding with the output layer
+    # Share the input embedding with the output layer (GPT-2, Llama 3.2 1B and
+    # 3B do; Llama 2 and Llama 3 8B keep two matrices).
+    tie_embeddings: bool = True
     # Padding, part of the architecture: it sets the embedding's shape.
     vocab_multiple: int = 64  # pad the vocabulary to a multiple of this for speed
     # Numerics, not architecture: a checkpoint loads under any value of these.
@@ -190,7 +197,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings: everything a training run needs beyond the model.
-    The defaults are the cpu preset's (PRESETS, section 17)."""
+    The defaults are the cpu preset's (PRESETS, section 18)."""
 
     steps: int = 1000
     batch_size: int = 8  # B sequences per step
@@ -572,7 +579,7 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
     None without one). See model_forward for the other arguments. block: the
     function each layer runs, transformer_block unless the caller passes its
     own with the same arguments (Part II wraps it to recompute activations,
-    section 9, or to return health figures in place of the cache, section 10)."""
+    section 10, or to return health figures in place of the cache, section 9)."""
     B, T = tokens.shape
     dropout_on = training and config.dropout_rate > 0
     if dropout_on and key is None:
@@ -642,7 +649,7 @@ def compute_loss(params, batch, config, training=False, key=None):
     in float32, which never exponentiates a large number. The padded
     vocabulary entries are masked out, so they carry no probability. This is
     the reference; Part II computes the same loss block by block, without
-    ever holding the [B*T, V] logits (blockwise_cross_entropy, section 9)."""
+    ever holding the [B*T, V] logits (blockwise_cross_entropy, section 10)."""
     inputs, targets = batch
     h, _ = forward_hidden(params, inputs, config, training=training, key=key)
     return cross_entropy(output_logits(params, h, config), targets, config)
@@ -650,8 +657,8 @@ def compute_loss(params, batch, config, training=False, key=None):
 
 def learning_rate(step, tc):
     """Linear warmup to tc.lr over warmup_steps, then a cosine down to tc.min_lr
-    at the last step, tc.steps, and min_lr after it. step counts from 0; works
-    on ints and traced arrays."""
+    at the last step (step tc.steps - 1, counting from 0), and min_lr after it;
+    works on ints and traced arrays."""
     total = tc.steps
     step = jnp.asarray(step, jnp.float32)
     warm = tc.lr * (step + 1) / max(tc.warmup_steps, 1)
@@ -773,7 +780,7 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 # The training loop, flat as nanoGPT's train.py: keys, a batch, a step, now and
 # then a progress line and an evaluation. It reads a loss (which waits for the
 # device) only when it prints one, so Python queues the next steps meanwhile.
-# `python llama_jax.py` runs Part II's train() (section 16) instead: the same
+# `python llama_jax.py` runs Part II's train() (section 17) instead: the same
 # pieces (step_keys, learning_rate, adamw_update, fixed_windows, evaluate,
 # progress_line), plus checkpoints and exact resume, Ctrl-C, token files, many
 # devices, time budgets and health figures. Written as hooks into this loop,

@@ -894,7 +894,11 @@ def test_learning_rate_schedule_warmup_peak_and_floor():
     assert float(L.learning_rate(100, tc)) == pytest.approx(1e-3)
     mid = 100 + (999 - 100) / 2
     assert float(L.learning_rate(mid, tc)) == pytest.approx(5.5e-4, rel=1e-4)  # halfway down
-    assert float(L.learning_rate(999, tc)) == pytest.approx(1e-4)  # the floor at the last step
+    # The floor is reached at the last step, tc.steps - 1 (steps count from 0), not before,
+    # and holds after it (a resumed run with more steps).
+    assert float(L.learning_rate(999, tc)) == pytest.approx(1e-4)
+    assert float(L.learning_rate(998, tc)) > 1e-4 + 1e-10
+    assert float(L.learning_rate(1500, tc)) == pytest.approx(1e-4)
     lrs = [float(L.learning_rate(s, tc)) for s in range(100, 1000, 50)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
