@@ -1174,6 +1174,24 @@ def run_configs(config, tc=None):
     return config, tc
 
 
+def replace_durably(tmp, path):
+    """Renames the finished file tmp over path (atomic: a reader sees the old
+    file or the new one), then flushes the folder to disk as well: the rename
+    is an entry in the folder, and without that it can be lost to a power
+    failure even though the file's bytes were flushed (POSIX fsync on a
+    directory; where a folder cannot be opened, as on Windows, the rename is
+    all there is)."""
+    os.replace(tmp, path)
+    try:
+        folder = os.open(Path(path).parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def param_shapes(config):
     """init_params's tree as jax.ShapeDtypeStructs, computed without
     allocating: the template that loaders fill and check against."""
@@ -1756,7 +1774,7 @@ def write_token_files(docs, files, enc, dtype, chunk_bytes, chunks_per_batch, lo
             outs[k].flush()
             os.fsync(outs[k].fileno())
             outs[k].close()
-            os.replace(tmp[k], files[k])
+            replace_durably(tmp[k], files[k])
     finally:
         for k in outs:
             outs[k].close()
@@ -1797,7 +1815,7 @@ def prepare_tokens(inputs, name, log=print, chunk_bytes=1 << 20, chunks_per_batc
     header_path = name.with_name(name.name + ".json")
     header_tmp = header_path.with_name(f".{header_path.name}.tmp{os.getpid()}")
     header_tmp.write_text(json.dumps(header, indent=1) + "\n")
-    os.replace(header_tmp, header_path)
+    replace_durably(header_tmp, header_path)
     log(f"prepare: {len(docs)} documents, {total / 1e6:,.1f} MB -> {counts['train']:,} training "
         f"and {counts['val']:,} validation tokens ({dtype.name}) in {seconds:.1f}s "
         f"({total / 1e6 / max(seconds, 1e-9):.1f} MB/s); wrote {header_path}")
@@ -2653,7 +2671,8 @@ def save_checkpoint(path, params, opt_state, key, config, tc, history, base=None
     optimizer state, the step, the PRNG key, both configs, the loss history
     and a format version. No pickle: arrays plus one JSON string. The file is
     written beside its final name, flushed to disk, then renamed over it
-    (os.replace is atomic), so a crash mid-save leaves the old one intact.
+    (replace_durably: atomic, and the folder flushed too), so a crash
+    mid-save leaves the old one intact.
     base: for a fine-tuning run, where its pretrained model came from and the
     hash of its weights (base_record, section 16).
     On a mesh, each array is gathered to the host one at a time (gather,
@@ -2676,7 +2695,7 @@ def save_checkpoint(path, params, opt_state, key, config, tc, history, base=None
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -2832,7 +2851,7 @@ def write_safetensors(path, tensors):
             f.write(np.ascontiguousarray(t).tobytes())
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 # (our path, Hugging Face name, transposed?) for one layer; see the table in 4.

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -1133,6 +1134,19 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(corpus, tmp_pa
     after = L.load_checkpoint(tmp_path / "ckpt.npz")
     assert int(after["opt_state"]["step"]) == 3
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+    # A save that completes flushes the file and then its folder, so that the
+    # rename survives a power failure too (a directory fsync, after the rename).
+    synced, real_fsync = [], os.fsync
+
+    def record(fd):
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), (tmp_path / "ckpt.npz").exists()))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    (tmp_path / "ckpt.npz").unlink()
+    L.save_checkpoint(tmp_path / "ckpt.npz", after["params"], after["opt_state"], after["key"],
+                      after["config"], after["train_config"], after["history"])
+    assert synced == [(False, False), (True, True)]  # the file before the rename, the folder after
 
 
 @pytest.mark.slow
