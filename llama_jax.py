@@ -33,15 +33,16 @@ sections above it (test_llama_jax.py checks both).
     9. run health             per-layer figures from each step, metrics.jsonl
    10. speed                  a bfloat16 matmul gradient, the blockwise loss, remat
    11. token files            --prepare: your own text, tokenized once to disk
-   12. LoRA                   low-rank adapters over a frozen model
-   13. many devices           a mesh, FSDP, Part II's training step, --plan, many hosts
-   14. checkpoints, formats   our .npz, Hugging Face safetensors, GGUF, tokenizers
-   15. chat                   chat formats and streaming
-   16. fine-tuning            --init-from a pretrained model, chat data, --export-hf
-   17. the full run           train(): resume, signals, time budgets; --eval
-   18. command line           presets, python llama_jax.py --help, what each mode runs
-   19. benchmarks             --bench: training speed, MFU, decoding
-   20. modes and main         the table of modes, and main
+   12. Muon                   --optimizer muon: orthogonalised updates for the matrices
+   13. LoRA                   low-rank adapters over a frozen model
+   14. many devices           a mesh, FSDP, Part II's training step, --plan, many hosts
+   15. checkpoints, formats   our .npz, Hugging Face safetensors, GGUF, tokenizers
+   16. chat                   chat formats and streaming
+   17. fine-tuning            --init-from a pretrained model, chat data, --export-hf
+   18. the full run           train(): resume, signals, time budgets; --eval
+   19. command line           presets, python llama_jax.py --help, what each mode runs
+   20. benchmarks             --bench: training speed, MFU, decoding
+   21. modes and main         the table of modes, and main
 
 Shapes are written with these letters: B batch, T time (tokens), S the KV
 cache's slots (generate sizes the cache to the request, at most max_seq_len),
@@ -89,7 +90,7 @@ class InputError(ValueError):
 class ModelConfig:
     """The architecture. Frozen, so it is hashable and can be a static argument
     of jax.jit. Field names follow Meta's reference model.py where it has the
-    field. The defaults are the cpu preset's model (PRESETS, section 18: what
+    field. The defaults are the cpu preset's model (PRESETS, section 19: what
     `python llama_jax.py` trains on a CPU), in float32 (the preset's dtype is
     "auto": Part II picks float32 or bfloat16 for the machine, section 10)."""
 
@@ -197,7 +198,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings: everything a training run needs beyond the model.
-    The defaults are the cpu preset's (PRESETS, section 18)."""
+    The defaults are the cpu preset's (PRESETS, section 19)."""
 
     steps: int = 1000
     batch_size: int = 8  # B sequences per step
@@ -780,7 +781,7 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 # The training loop, flat as nanoGPT's train.py: keys, a batch, a step, now and
 # then a progress line and an evaluation. It reads a loss (which waits for the
 # device) only when it prints one, so Python queues the next steps meanwhile.
-# `python llama_jax.py` runs Part II's train() (section 17) instead: the same
+# `python llama_jax.py` runs Part II's train() (section 18) instead: the same
 # pieces (step_keys, learning_rate, adamw_update, fixed_windows, evaluate,
 # progress_line), plus checkpoints and exact resume, Ctrl-C, token files, many
 # devices, time budgets and health figures. Written as hooks into this loop,
@@ -1122,7 +1123,7 @@ LORA_MATRICES = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": 
 @dataclass(frozen=True)
 class RunTrainConfig(TrainConfig):
     """TrainConfig plus the options of Part II's training: health figures
-    (section 9), LoRA (section 12) and gradient accumulation (section 13)."""
+    (section 9), LoRA (section 13) and gradient accumulation (section 14)."""
 
     health: bool = True  # per-layer health figures from each step (section 9)
     # LoRA: rank 0 trains every weight; rank R > 0 trains only low-rank
@@ -1134,12 +1135,27 @@ class RunTrainConfig(TrainConfig):
     # this many parts, run one after the other, and their gradients averaged.
     grad_accum: int = 1
     # The cosine's length; None means steps. A resumed run keeps the schedule
-    # it started with (keep_schedule, section 17): a longer --steps then runs
+    # it started with (keep_schedule, section 18): a longer --steps then runs
     # on at min_lr. learning_rate reads it through lr_schedule.
     schedule_steps: int | None = None
+    # --optimizer: "adamw" (Part I's), or "muon" for the blocks' matrices with
+    # AdamW for the rest (section 12), whose peak rate is then adam_lr (None:
+    # lr, as Muon's update is scaled to AdamW's size).
+    optimizer: str = "adamw"
+    adam_lr: float | None = None
+    muon_momentum: float = 0.95  # Jordan's and optax's
 
     def __post_init__(self):
         super().__post_init__()
+        if self.optimizer not in ("adamw", "muon"):
+            raise InputError(f"--optimizer {self.optimizer}: choose adamw or muon")
+        if self.optimizer == "muon" and self.lora_rank:
+            raise InputError("--optimizer muon with --lora-rank: Muon orthogonalises the "
+                             "update of a whole matrix, and a LoRA update is the product of "
+                             "two thin factors, for which it is neither published nor tested "
+                             "here; use --optimizer adamw (the default) for LoRA")
+        if self.adam_lr is not None and self.adam_lr <= 0:
+            raise InputError(f"--adam-lr must be positive, got {self.adam_lr}")
         if self.grad_accum <= 0:
             raise InputError(f"TrainConfig.grad_accum (--grad-accum) must be positive, "
                              f"got {self.grad_accum}")
@@ -1358,7 +1374,7 @@ def save_health_plot(records, path):
 # =============================================================================
 # 10. Speed: a bfloat16 matmul gradient, the blockwise loss, the auto choices
 # =============================================================================
-# A target of IGNORE carries no loss: the prompts of chat data (section 16) and
+# A target of IGNORE carries no loss: the prompts of chat data (section 17) and
 # padding. (PyTorch's ignore_index; Hugging Face labels use -100.)
 IGNORE = -1
 
@@ -1464,7 +1480,7 @@ def _blockwise_ce(h, w, targets, config, with_grads=False):
     pad = blocks * n - N  # the last block is padded with rows that count for nothing
     hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(blocks, n, D)
     ts = jnp.pad(targets, (0, pad), constant_values=IGNORE).reshape(blocks, n)
-    valid = ts != IGNORE  # padding rows, and the prompts of chat data (section 16)
+    valid = ts != IGNORE  # padding rows, and the prompts of chat data (section 17)
     ts = jnp.where(valid, ts, 0)
     count = jnp.maximum(jnp.sum(valid), 1)  # the tokens the mean is over: N for text
     bf16 = config.compute_dtype == "bfloat16"
@@ -1531,7 +1547,7 @@ def run_loss_aux(params, batch, config, training=False, key=None, health=False):
     wrapped in jax.checkpoint for --remat, the blockwise cross-entropy where
     use_blockwise picks it, and with health=True each block's health figures
     (health_block, section 9). Targets of IGNORE (the prompts of chat data,
-    section 16) carry no loss. -> (loss, [per-block figures] or [None] * L)."""
+    section 17) carry no loss. -> (loss, [per-block figures] or [None] * L)."""
     config, _ = run_configs(config)
     inputs, targets = batch
     block = remat_block if config.remat else transformer_block
@@ -1935,7 +1951,7 @@ def host_batch(token_file, keys, step, batch_size, seq_len):
     from a token file: the same start positions (computed by jax.random on the
     CPU, so that a GPU's queue is never waited on), then this process reads
     its own rows only and jax.make_array_from_process_local_data assembles the
-    global batch. Chat data (ChatWindows, section 16) is read the same way:
+    global batch. Chat data (ChatWindows, section 17) is read the same way:
     the draw picks conversations, uniform over its N rows.
     -> (inputs, targets) int32[B, T]."""
     chats = isinstance(token_file, ChatWindows)
@@ -1975,7 +1991,127 @@ def load_training_data(path, seq_len, enc=None):
 
 
 # =============================================================================
-# 12. LoRA: low-rank adapters over a frozen model
+# 12. Muon: an optimizer for the hidden matrices
+# =============================================================================
+# Muon (Keller Jordan, 2024, "Muon: An optimizer for hidden layers in neural
+# networks", kellerjordan.github.io/posts/muon; used in modded-nanogpt's speed
+# runs) updates a weight matrix with its momentum orthogonalised: the momentum
+# M = U S V^T becomes about U V^T, so that every direction the gradient points
+# in moves by about as much, instead of a few dominant ones taking the step.
+# The orthogonalisation is five steps of a quintic Newton-Schulz iteration,
+# X <- a X + b (X X^T) X + c (X X^T)^2 X with (a, b, c) = (3.4445, -4.7750,
+# 2.0315), on M scaled to unit Frobenius norm (so every singular value starts
+# in (0, 1]); it acts on each singular value s alone, as the polynomial
+# p(s) = a s + b s^3 + c s^5, and five steps take any s >= 0.003 into about
+# [0.68, 1.21] (test_llama_jax.py checks both): close enough to 1 for
+# training, and cheaper than an SVD, since it is only matmuls.
+#
+# It is for the 2-D matrices inside the blocks (wq, wk, wv, wo, w1, w2, w3).
+# The embedding (a lookup, not a matmul of its input), the output layer and
+# the norm gains stay on AdamW, as in modded-nanogpt and nanochat.
+#
+# Choices, and where they come from:
+# - Momentum: 0.95, Nesterov, as an exponential moving average with bias
+#   correction, the form of optax.contrib.muon (the test's oracle); it equals
+#   Jordan's g + 0.95 * buf up to a scale, which the normalisation removes,
+#   once the bias correction has faded.
+# - The update's size: 0.2 * sqrt(max(I, O)) times the orthogonalised [I, O]
+#   matrix, Moonshot AI's rule (Liu et al. 2025, "Muon is Scalable for LLM
+#   Training", arXiv:2502.16982): it gives the update the RMS of a typical
+#   AdamW update, so that Muon can take AdamW's learning rate and weight decay.
+# - Weight decay: decoupled, as AdamW's (p -= lr * wd * p), which Moonshot
+#   found Muon needs at scale.
+# - The iteration runs in float32: Jordan runs it in bfloat16 on GPUs, where
+#   its matmuls are the cost, but float32 is the fast path on most CPUs, and
+#   it keeps the test against a float64 NumPy loop tight. Its cost is 5
+#   iterations of three small products per matrix, beside a step's forward
+#   and backward pass over every token.
+
+MUON_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # (a, b, c), from Jordan's post
+
+
+def newton_schulz(g, steps=5, eps=1e-8):
+    """About U V^T for g = U S V^T: the quintic iteration above on g scaled to
+    unit Frobenius norm. g: [m, n] -> float32[m, n]. A tall g is turned wide
+    first, so that X X^T is the smaller of the two Gram matrices."""
+    a, b, c = NEWTON_SCHULZ
+    x = g.astype(jnp.float32)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / (jnp.linalg.norm(x) + eps)
+    for _ in range(steps):
+        gram = x @ x.T  # [m, m], m the smaller side
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def muon_mask(params):
+    """params' tree with True at the matrices Muon trains (MUON_MATRICES in
+    every block) and False elsewhere."""
+    def block(layer):
+        return {group: ({name: name in MUON_MATRICES for name in sub} if isinstance(sub, dict)
+                        else False) for group, sub in layer.items()}
+    return {name: ([block(layer) for layer in value] if name == "layers"
+                   else jax.tree_util.tree_map(lambda _: False, value))
+            for name, value in params.items()}
+
+
+def muon_init(params):
+    """Muon's state: {"mu": zeros like params (Muon's momentum for the hidden
+    matrices, AdamW's first moment for the rest), "nu": AdamW's second moment
+    for the rest and an empty float32[0] for each hidden matrix (Muon keeps
+    one moment, not two), "step"}."""
+    nu = jax.tree_util.tree_map(lambda p, hidden: jnp.zeros((0,) if hidden else p.shape),
+                                params, muon_mask(params))
+    return {"mu": jax.tree_util.tree_map(jnp.zeros_like, params), "nu": nu,
+            "step": jnp.zeros((), jnp.int32)}
+
+
+def muon_update(params, grads, state, lr, tc):
+    """One step after global-norm clipping (as adamw_update's): Muon at lr for
+    the hidden matrices, AdamW at lr * adam_lr / tc.lr for the rest (tc.adam_lr:
+    their own peak rate, default tc.lr). -> (new params, new state)."""
+    norm = global_norm(grads)
+    grads = jax.tree_util.tree_map(lambda g: g * jnp.minimum(1.0, tc.grad_clip / (norm + 1e-6)),
+                                   grads)
+    t = state["step"] + 1
+    beta, b1, b2 = tc.muon_momentum, tc.beta1, tc.beta2
+    adam_lr = lr * (tc.adam_lr or tc.lr) / tc.lr
+
+    def update(p, g, m, v, hidden):
+        if hidden:  # Muon
+            m = beta * m + (1 - beta) * g
+            nesterov = beta * m / (1 - beta ** (t + 1)) + (1 - beta) * g / (1 - beta ** t)
+            scale = 0.2 * math.sqrt(max(p.shape))  # Moonshot's: AdamW's update RMS
+            return p - lr * (scale * newton_schulz(nesterov) + tc.weight_decay * p), m, v
+        m = b1 * m + (1 - b1) * g  # AdamW, as adamw_update
+        v = b2 * v + (1 - b2) * g * g
+        decay = tc.weight_decay * p if p.ndim > 1 else 0.0
+        step = m / (1 - b1 ** t) / (jnp.sqrt(v / (1 - b2 ** t)) + tc.eps)
+        return p - adam_lr * (step + decay), m, v
+
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    out = [update(*x) for x in zip(leaves, tree.flatten_up_to(grads),
+                                   tree.flatten_up_to(state["mu"]),
+                                   tree.flatten_up_to(state["nu"]),
+                                   tree.flatten_up_to(muon_mask(params)))]
+    new = [tree.unflatten(column) for column in zip(*out)]
+    return new[0], {"mu": new[1], "nu": new[2], "step": t}
+
+
+# The optimizers a run can use (--optimizer): (state for params, one update).
+OPTIMIZERS = {"adamw": (adamw_init, adamw_update), "muon": (muon_init, muon_update)}
+
+
+def optimizer_init(params, tc):
+    """tc.optimizer's state for params (a fresh run's)."""
+    return OPTIMIZERS[tc.optimizer][0](params)
+
+
+# =============================================================================
+# 13. LoRA: low-rank adapters over a frozen model
 # =============================================================================
 # LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
 # arXiv:2106.09685) freezes the pretrained weights and learns a low-rank change
@@ -2037,7 +2173,7 @@ def check_lora(config, tc):
 
 
 # =============================================================================
-# 13. Many devices and many hosts
+# 14. Many devices and many hosts
 # =============================================================================
 # One code path for 1 to N devices, with JAX's own machinery (see the guide
 # "Distributed arrays and automatic parallelization" on docs.jax.dev). The
@@ -2167,10 +2303,12 @@ def sharded_init(key, config, mesh):
     return jax.jit(init_params, static_argnums=1, out_shardings=shardings)(key, config)
 
 
-def sharded_adamw_init(params, mesh):
-    """adamw_init with the moments split like the weights."""
-    shapes = jax.eval_shape(adamw_init, params)
-    return jax.jit(adamw_init, out_shardings=state_shardings(mesh, shapes))(params)
+def sharded_adamw_init(params, mesh, tc=None):
+    """The optimizer's state (tc.optimizer's, default AdamW's), its moments
+    split like the weights."""
+    init = adamw_init if tc is None else OPTIMIZERS[tc.optimizer][0]
+    shapes = jax.eval_shape(init, params)
+    return jax.jit(init, out_shardings=state_shardings(mesh, shapes))(params)
 
 
 def describe_mesh(mesh):
@@ -2204,7 +2342,7 @@ def describe_plan(plan):
     limit, source = device_memory()
     of = f" of {gb(limit)} ({source})" if limit else ""
     return (f"per device about {gb(plan['total'])}{of}: weights {gb(plan['params'])}, "
-            f"gradients {gb(plan['grads'])}, AdamW {gb(plan['optimizer'])}, activations "
+            f"gradients {gb(plan['grads'])}, optimizer {gb(plan['optimizer'])}, activations "
             f"{gb(plan['activations'])} (--plan for more)")
 
 
@@ -2258,11 +2396,11 @@ def run_step(params, opt_state, data, keys, config, tc, frozen=None, mesh=None):
     same keys: the same tokens give the same batch either way. params and
     opt_state are donated.
     With tc.health, the step also returns a few figures per layer (step_health,
-    section 9); else health is {}. With LoRA (tc.lora_rank > 0, section 12),
+    section 9); else health is {}. With LoRA (tc.lora_rank > 0, section 13),
     params are the adapters, the only weights trained, and frozen the
     pretrained weights they adapt. With tc.grad_accum > 1, the batch is run in
     that many micro-batches (accumulate_gradients). mesh: the devices to split
-    the work over (section 13): the batch is split over all of them, and
+    the work over (section 14): the batch is split over all of them, and
     params and opt_state come back split as they came in; None runs where the
     inputs are. -> (params, opt_state, loss, health)."""
     config, tc = run_configs(config, tc)
@@ -2283,7 +2421,7 @@ def run_step(params, opt_state, data, keys, config, tc, frozen=None, mesh=None):
         (loss, stats), grads = accumulate_gradients(grad_fn, params, batch, dropout_key,
                                                     tc.grad_accum, mesh)
     lr = learning_rate(opt_state["step"], lr_schedule(tc))
-    new_params, opt_state = adamw_update(params, grads, opt_state, lr, tc)
+    new_params, opt_state = OPTIMIZERS[tc.optimizer][1](params, grads, opt_state, lr, tc)
     health = step_health(params, new_params, grads, stats, tc) if tc.health else {}
     new_params, opt_state = keep_split(mesh, (new_params, opt_state))
     return new_params, opt_state, loss, health
@@ -2344,8 +2482,11 @@ def memory_plan(config, tc, mesh):
     frozen = 0 if frozen_shapes is None else tree_bytes(frozen_shapes,
                                                         state_shardings(mesh, frozen_shapes))
     rows = tc.batch_size // (mesh.size * tc.grad_accum)
+    moments = {k: v for k, v in jax.eval_shape(OPTIMIZERS[tc.optimizer][0], trained).items()
+               if k != "step"}
     plan = {"params": weights + frozen, "grads": weights * (2 if tc.grad_accum > 1 else 1),
-            "optimizer": 2 * weights, "activations": activation_bytes_per_row(config, tc) * rows,
+            "optimizer": tree_bytes(moments, state_shardings(mesh, moments)),
+            "activations": activation_bytes_per_row(config, tc) * rows,
             "rows_per_device": rows}
     plan["total"] = sum(plan[k] for k in ("params", "grads", "optimizer", "activations"))
     return plan
@@ -2391,7 +2532,7 @@ def compiled_memory(config, tc, mesh):
     -> {"arguments", "outputs", "aliased", "temporaries", "total"} in bytes,
     total being what the step holds at once."""
     trained, base = run_shapes(config, tc)
-    opt = jax.eval_shape(adamw_init, trained)
+    opt = jax.eval_shape(OPTIMIZERS[tc.optimizer][0], trained)
     shaped = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
     rows = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32,
@@ -2416,7 +2557,10 @@ def plan_report(config, tc, mesh):
              "per device, computed from the shapes:",
              f"  weights      {gb(plan['params']):>10}",
              f"  gradients    {gb(plan['grads']):>10}",
-             f"  AdamW        {gb(plan['optimizer']):>10}  (two moments)",
+             (f"  AdamW        {gb(plan['optimizer']):>10}  (two moments)"
+              if tc.optimizer == "adamw" else
+              f"  Muon         {gb(plan['optimizer']):>10}  (momentum; AdamW's two moments "
+              "for the embedding, output and norms)"),
              f"  activations  {gb(plan['activations']):>10}  ({plan['rows_per_device']} "
              f"sequence(s) of {tc.seq_len} tokens kept for the backward pass"
              f"{', --remat' if config.remat else ''})",
@@ -2491,7 +2635,7 @@ def check_plan_fits(plan, config, tc, mesh):
         fixes.append("--fsdp all (split weights and optimizer state over every device)")
     fixes.append("more devices, or a smaller model")
     raise InputError(f"this run needs about {gb(need)} per device (weights, gradients and "
-                     f"AdamW {gb(fixed)}, temporaries "
+                     f"optimizer {gb(fixed)}, temporaries "
                      f"for {rows} sequence(s) of {tc.seq_len} tokens {gb(m['temporaries'])}) "
                      f"but a device has {gb(limit)} ({source}). To fit, try: "
                      + "; ".join(fixes))
@@ -2599,7 +2743,7 @@ def from_process_0(value):
 
 
 # =============================================================================
-# 14. Checkpoints and file formats
+# 15. Checkpoints and file formats
 # =============================================================================
 
 
@@ -2674,9 +2818,9 @@ def save_checkpoint(path, params, opt_state, key, config, tc, history, base=None
     (replace_durably: atomic, and the folder flushed too), so a crash
     mid-save leaves the old one intact.
     base: for a fine-tuning run, where its pretrained model came from and the
-    hash of its weights (base_record, section 16).
+    hash of its weights (base_record, section 17).
     On a mesh, each array is gathered to the host one at a time (gather,
-    section 13): the whole state is never copied onto one device. With several
+    section 14): the whole state is never copied onto one device. With several
     processes, all take part in gathering and process 0 writes."""
     path = Path(path)
     meta = {"format_version": CHECKPOINT_VERSION, "model_config": dataclasses.asdict(config),
@@ -2730,7 +2874,7 @@ def load_checkpoint(path, config=None):
     -> {"params", "opt_state", "key", "config", "train_config", "history",
     "format_version", "base" (a fine-tuning run's base_record, else None)}.
     The arrays are NumPy arrays on the host: a run on a mesh places each
-    one straight into its shards (place, section 13).
+    one straight into its shards (place, section 14).
     With LoRA, params are the adapters alone (load_source merges them)."""
     path = Path(path)
     if not path.is_file():
@@ -2759,7 +2903,7 @@ def load_checkpoint(path, config=None):
     use = config or saved_config
     template = (jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), use, saved_tc))
                 if saved_tc.lora_rank else param_shapes(use))
-    opt_template = jax.eval_shape(adamw_init, template)
+    opt_template = jax.eval_shape(OPTIMIZERS[saved_tc.optimizer][0], template)
     problems += _tree_mismatches(template, arrays, "params/")
     problems += _tree_mismatches(opt_template, arrays, "opt/")
     if problems:
@@ -3596,7 +3740,7 @@ def hf_bpe_tokenizer(path):
 
 
 # =============================================================================
-# 15. Chat and streaming
+# 16. Chat and streaming
 # =============================================================================
 # An instruction-tuned model was trained on conversations in one format: each
 # turn wrapped in special tokens, the reply ending with an end-of-turn token.
@@ -3775,11 +3919,11 @@ def stream_tokens(params, prompt, max_new_tokens, config, key, temperature=1.0, 
 
 
 # =============================================================================
-# 16. Fine-tuning: start from a pretrained model, fully or with LoRA
+# 17. Fine-tuning: start from a pretrained model, fully or with LoRA
 # =============================================================================
 # --init-from SOURCE trains from a model's weights instead of random ones. The
 # source is a Hugging Face folder, a GGUF file or one of our runs; it brings
-# the architecture and the tokenizer, and everything else is section 17's loop:
+# the architecture and the tokenizer, and everything else is section 18's loop:
 # evaluation, plots, atomic checkpoints, exact --resume.
 
 
@@ -4174,7 +4318,7 @@ def load_chats(path, seq_len, init, log):
 
 
 # =============================================================================
-# 17. The full training run: resume, signals, time budgets, --eval
+# 18. The full training run: resume, signals, time budgets, --eval
 # =============================================================================
 
 
@@ -4287,9 +4431,9 @@ def keep_schedule(tc, saved, log):
 
 def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
     """A fresh run's state, or the state saved in ckpt_path for --resume.
-    init: the pretrained model a fine-tuning run starts from (section 16).
+    init: the pretrained model a fine-tuning run starts from (section 17).
     mesh: where the weights and optimizer state live, each split by
-    state_shardings (section 13; default: every device, pure data parallel).
+    state_shardings (section 14; default: every device, pure data parallel).
     A checkpoint loads onto any mesh, whatever the devices that wrote it.
     -> (params, opt_state, history, seed_key, tc): the seed key (saved in the
     checkpoint) gives the run's key streams; a resumed tc keeps its schedule."""
@@ -4297,13 +4441,17 @@ def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
     if not resume:
         seed_key = jax.random.PRNGKey(tc.seed)
         params = initial_weights(run_keys(seed_key)["init"], config, tc, init, mesh)
-        return (params, sharded_adamw_init(params, mesh), {"train": [], "eval": []}, seed_key,
-                tc)
+        return (params, sharded_adamw_init(params, mesh, tc), {"train": [], "eval": []},
+                seed_key, tc)
     if not ckpt_path.is_file():
         raise InputError(f"--resume: no checkpoint at {ckpt_path}; train without --resume "
                          "first, or point --out-dir at the run to continue")
     ckpt = load_checkpoint(ckpt_path, config)
     check_same_base(ckpt, init, ckpt_path)
+    if ckpt["train_config"].optimizer != tc.optimizer:
+        raise InputError(f"--optimizer {tc.optimizer}: the run in {ckpt_path} trains with "
+                         f"{ckpt['train_config'].optimizer}, whose state it holds; resume it "
+                         f"with --optimizer {ckpt['train_config'].optimizer}")
     log(f"resumed from {ckpt_path} at step {int(ckpt['opt_state']['step'])}")
     if ckpt["format_version"] == 1:
         log("(a format-1 checkpoint: its key predates run_keys, so the resumed steps draw "
@@ -4317,7 +4465,7 @@ def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
 # grown for real runs, in pieces: start_run gathers the state (checkpoint or
 # fresh weights, data, metrics), run_steps is the loop, log_progress and
 # evaluate_and_save are what it does every few steps, and train joins them
-# inside stop_requests. The state every piece shares is one dict, `run`.
+# inside stop_requests. The state every piece shares is one Run, `run`.
 
 
 @dataclass
@@ -4337,7 +4485,7 @@ class Run:
     evaluate_and_save and save_run use it). The lists and dicts grow in
     place; what is replaced as it trains is in state.
       config      the model's RunModelConfig
-      mesh        the devices it trains on (section 13)
+      mesh        the devices it trains on (section 14)
       log         prints a line (a no-op on processes other than 0)
       init        the pretrained model it fine-tunes (load_source), or None
       frozen      with LoRA, the frozen base weights; else None
@@ -4571,7 +4719,7 @@ def run_steps(run, stop, time_budget):
                     tc, done, deadline - t_last - (t_first - t_start),
                     (now - t_first) / (done - start_step - 1), t_last - now, time_budget, log)
                 run.state.tc = dataclasses.replace(tc, steps=from_process_0(tc.steps),
-                                                warmup_steps=from_process_0(tc.warmup_steps))
+                                                   warmup_steps=from_process_0(tc.warmup_steps))
         if any_process(bool(stop))[0]:
             raise KeyboardInterrupt
         step = done
@@ -4594,12 +4742,12 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     that the cosine schedule ends inside the budget (the step recompiles once
     for the new schedule), and a run that still reaches the budget stops there
     cleanly, evaluates and checkpoints.
-    init: fine-tune this pretrained model (load_source, section 16) instead of
+    init: fine-tune this pretrained model (load_source, section 17) instead of
     starting from random weights; its tokenizer reads the data, and it is
     evaluated before the first step (step 0 of the history). A .jsonl
-    data_path holds conversations (load_chats, section 16), and "question"
+    data_path holds conversations (load_chats, section 17), and "question"
     in the result is the first held-out one's question (else None).
-    mesh: the devices to train on (make_mesh, section 13; default: all of
+    mesh: the devices to train on (make_mesh, section 14; default: all of
     them, data parallel). With several processes, every one calls train;
     only process 0 logs and writes files."""
     run = start_run(config, tc, data_path, out_dir, resume, log, init, mesh)
@@ -4611,7 +4759,7 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
             run_steps(run, stop, time_budget)
         except FloatingPointError as err:
             run.log(f"stopped: the loss became non-finite at step {int(err.args[0]) + 1}; the "
-                       f"last good checkpoint ({ckpt_path}) was kept. Lower --lr or check the data.")
+                    f"last good checkpoint ({ckpt_path}) was kept. Lower --lr or check the data.")
             stopped = "non-finite"
         except KeyboardInterrupt:
             stopped = "interrupted"
@@ -4620,9 +4768,10 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
                 run.log(f"aborted inside a step: {ckpt_path} keeps the last saved state")
             else:
                 run.history["train"] += [[s + 1, float(v)]
-                                            for s, v, _ in jax.device_get(run.pending)]
+                                         for s, v, _ in jax.device_get(run.pending)]
                 run.log(f"interrupted: saving a checkpoint at step "
-                           f"{int(run.state.opt_state['step'])} to {ckpt_path}; continue with --resume")
+                        f"{int(run.state.opt_state['step'])} to {ckpt_path}; continue with "
+                        "--resume")
                 save_run(run)
     return {"params": run.state.params, "opt_state": run.state.opt_state, "history": run.history,
             "stopped": stopped, "weights": None if stopped == "interrupted" else run_weights(run),
@@ -4694,7 +4843,7 @@ def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=None
 
 
 # =============================================================================
-# 18. Command line: presets, flags and what each mode runs
+# 19. Command line: presets, flags and what each mode runs
 # =============================================================================
 # The defaults a new user gets, chosen by measurement (docs/results.md).
 # compute_dtype "auto" is decided per machine by auto_compute_dtype (section 10).
@@ -4758,7 +4907,7 @@ def decoding_config(config):
 
 
 # The model and training flags (argparse's names) and the config fields they
-# set: what resolve_configs reads, and what MODES (section 20) calls model and
+# set: what resolve_configs reads, and what MODES (section 21) calls model and
 # training flags.
 MODEL_FIELDS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
                 "n_kv_heads": "n_kv_heads", "ffn_dim": "ffn_dim", "max_seq_len": "max_seq_len",
@@ -4766,7 +4915,8 @@ MODEL_FIELDS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
                 "dtype": "compute_dtype", "loss_impl": "loss_impl", "loss_block": "loss_block",
                 "remat": "remat"}
 TRAINING_FIELDS = ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
-                   "weight_decay", "eval_every", "log_every", "seed", "health", "grad_accum")
+                   "weight_decay", "eval_every", "log_every", "seed", "health", "grad_accum",
+                   "optimizer", "adam_lr")
 
 
 def preset_configs(name=None, **overrides):
@@ -4810,7 +4960,7 @@ def resolve_configs(args):
 
 
 def sampling_from(args):
-    """The sampling flags as a Sampling (section 15)."""
+    """The sampling flags as a Sampling (section 16)."""
     return Sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p)
 
 
@@ -5141,7 +5291,7 @@ def run_chat(args):
 
 
 # =============================================================================
-# 19. Benchmarks: --bench
+# 20. Benchmarks: --bench
 # =============================================================================
 # Dense bfloat16 peak of the cards we quote MFU against (NVIDIA datasheets, SXM).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -5171,7 +5321,7 @@ def bench_train(config, tc, n_steps, mesh=None):
     data = replicated(mesh, np.random.RandomState(0).randint(0, config.vocab_size, 1_000_000,
                                                              dtype=np.int32))
     params = sharded_init(jax.random.PRNGKey(1), config, mesh)
-    opt_state = sharded_adamw_init(params, mesh)
+    opt_state = sharded_adamw_init(params, mesh, tc)
     key = replicated(mesh, run_keys(jax.random.PRNGKey(2)))
     t0 = time.perf_counter()
     params, opt_state, loss, _ = run_step(params, opt_state, data, key, config, tc, None, mesh)
@@ -5347,7 +5497,7 @@ def run_bench(args):
 
 
 # =============================================================================
-# 20. The table of modes, and main
+# 21. The table of modes, and main
 # =============================================================================
 
 
@@ -5447,7 +5597,7 @@ def build_parser():
                     "checkpoint to out/, draw out/loss.png and out/health.png, then print a "
                     "sample.",
         epilog="Model and training flags left out take the preset's value; the presets are "
-               "listed in PRESETS (llama_jax.py, section 18) and in docs/results.md.")
+               "listed in PRESETS (llama_jax.py, section 19) and in docs/results.md.")
     mode = p.add_argument_group("what to do")
     for m in MODES:  # one flag each, training (the default) aside
         if m.flag:
@@ -5527,7 +5677,15 @@ def build_parser():
     training.add_argument("--lr", type=float, help=f"peak learning rate ({preset_help('lr')})")
     training.add_argument("--min-lr", type=float, help=f"cosine floor ({preset_help('min_lr')})")
     training.add_argument("--warmup-steps", type=int, help=f"linear warmup steps ({preset_help('warmup_steps')})")
-    training.add_argument("--weight-decay", type=float, help=f"AdamW weight decay ({preset_help('weight_decay')})")
+    training.add_argument("--weight-decay", type=float, help=f"decoupled weight decay ({preset_help('weight_decay')})")
+    training.add_argument("--optimizer", choices=["adamw", "muon"],
+                          help="adamw, or muon: Muon (momentum orthogonalised by Newton-Schulz) "
+                               "for the blocks' matrices and AdamW for the embedding, output "
+                               "and norms (docs/training.md) "
+                               f"({preset_help('optimizer')})")
+    training.add_argument("--adam-lr", type=float,
+                          help="with --optimizer muon: the AdamW-trained weights' peak "
+                               "learning rate (default: --lr)")
     training.add_argument("--eval-every", type=int,
                           help=f"evaluate, plot and checkpoint every N steps ({preset_help('eval_every')})")
     training.add_argument("--log-every", type=int, help=f"a progress line every N steps ({preset_help('log_every')})")

@@ -931,6 +931,95 @@ def test_adamw_matches_numpy_reference_over_several_steps():
     assert int(state["step"]) == 3
 
 
+# ----------------------------------------------------------------------------- Muon
+
+NS_BAND = (0.68, 1.21)  # where five quintic steps take every s in [0.003, 1] (section 12)
+
+
+def np_newton_schulz(g, steps=5):
+    """The oracle: the quintic iteration in float64, on the wide orientation."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = np.asarray(g, np.float64)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (np.linalg.norm(x) + 1e-8)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (40, 16), (16, 40)])  # square, tall, wide
+def test_newton_schulz_equals_numpy_and_maps_each_singular_value_by_its_polynomial(shape):
+    rng = np.random.RandomState(0)
+    m, n = shape
+    u, _ = np.linalg.qr(rng.randn(m, min(m, n)))
+    v, _ = np.linalg.qr(rng.randn(n, min(m, n)))
+    s = np.geomspace(0.003, 1.0, min(m, n)) * 5.0  # a spread of 333x, any overall scale
+    g = (u * s) @ v.T
+    out = np.asarray(L.newton_schulz(jnp.asarray(g, jnp.float32)))
+    np.testing.assert_allclose(out, np_newton_schulz(g), atol=2e-5)
+    # It acts on each singular value alone, as p(s) = a s + b s^3 + c s^5 applied
+    # five times to s / ||g||_F, keeping g's singular vectors.
+    p = s / np.linalg.norm(g)
+    for _ in range(5):
+        p = 3.4445 * p - 4.7750 * p ** 3 + 2.0315 * p ** 5
+    np.testing.assert_allclose(np.sort(np.linalg.svd(out, compute_uv=False)), np.sort(p),
+                               atol=1e-4)
+    np.testing.assert_allclose(out, (u * p) @ v.T, atol=1e-4)
+    # Every singular value at least 0.003 of the norm lands in the band.
+    assert NS_BAND[0] <= p.min() and p.max() <= NS_BAND[1], (p.min(), p.max())
+    assert p.min() < 0.75 and p.max() > 1.1  # the band is tight: its ends are reached
+
+
+def test_muon_and_adamw_steps_equal_optax():
+    optax = pytest.importorskip("optax", reason="optax is the oracle here (pip install optax)")
+    from optax import contrib
+
+    config = dataclasses.replace(TINY, vocab_size=64, vocab_multiple=64)
+    params = random_params(config, scale=0.1)
+    tc = L.RunTrainConfig(optimizer="muon", weight_decay=0.1)
+    lr = 0.02
+    grads = random_params(config, seed=5, scale=1.0)
+    norm = float(L.global_norm(grads))
+    grads = jax.tree_util.tree_map(lambda g: g * 0.5 / norm, grads)  # below grad_clip: no clip
+    hidden = L.muon_mask(params)
+    pick = lambda tree, want: {k: v for k, v in L.flatten_tree(tree).items()  # noqa: E731
+                               if L.flatten_tree(hidden)[k] == want}
+    muon = contrib.muon(lr, beta=tc.muon_momentum, eps=1e-8, weight_decay=tc.weight_decay,
+                        nesterov=True, consistent_rms=0.2)
+    adamw = optax.adamw(lr, b1=tc.beta1, b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
+                        mask=lambda tree: jax.tree_util.tree_map(lambda x: x.ndim > 1, tree))
+    ours, state = params, L.muon_init(params)
+    ours_adamw, state_adamw = params, L.adamw_init(params)
+    theirs_muon, theirs_adam = pick(params, True), pick(params, False)
+    s_muon, s_adam = muon.init(theirs_muon), adamw.init(theirs_adam)
+    s_all = adamw.init(params)
+    theirs_all = params
+    for step in range(3):  # bias corrections and momentum over several steps
+        g = jax.tree_util.tree_map(lambda x: x * (1 + 0.3 * step), grads)
+        ours, state = L.muon_update(ours, g, state, lr, tc)
+        ours_adamw, state_adamw = L.adamw_update(ours_adamw, g, state_adamw, lr, tc)
+        for part, opt, st in (("muon", muon, s_muon), ("adam", adamw, s_adam)):
+            want = part == "muon"
+            current = theirs_muon if want else theirs_adam
+            updates, st = opt.update(pick(g, want), st, current)
+            new = optax.apply_updates(current, updates)
+            if want:
+                theirs_muon, s_muon = new, st
+            else:
+                theirs_adam, s_adam = new, st
+        updates, s_all = adamw.update(g, s_all, theirs_all)
+        theirs_all = optax.apply_updates(theirs_all, updates)
+    for name, value in L.flatten_tree(ours).items():
+        theirs = {**theirs_muon, **theirs_adam}[name]
+        np.testing.assert_allclose(value, theirs, atol=1e-6, rtol=1e-5, err_msg=name)
+    for a, b in zip(jax.tree_util.tree_leaves(ours_adamw), jax.tree_util.tree_leaves(theirs_all)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)  # Part I's AdamW, too
+    assert not np.allclose(L.flatten_tree(ours)["layers/0/attention/wq"],
+                           L.flatten_tree(ours_adamw)["layers/0/attention/wq"], atol=1e-4)
+
+
 def test_tiny_model_overfits_one_batch():
     config = L.ModelConfig(tie_embeddings=False, vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                            max_seq_len=32)
@@ -1038,6 +1127,51 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
             if name in s:
                 np.testing.assert_allclose(r[name], s[name], rtol=1e-5, err_msg=name)
     assert (tmp_path / "resumed" / "health.png").is_file()
+
+
+@pytest.mark.slow
+def test_muon_runs_learn_resume_exactly_and_plan_counts_their_state(corpus, tmp_path, capsys):
+    tc = quick_tc(steps=6, eval_every=100, optimizer="muon", adam_lr=2e-3, lr=2e-2)
+    straight = L.train(TRAIN_TINY, tc, corpus, tmp_path / "straight", log=lambda s: None)
+
+    def interrupt_at_step_3(line):
+        if line.startswith("step     3/"):
+            raise KeyboardInterrupt
+
+    L.train(TRAIN_TINY, tc, corpus, tmp_path / "resumed", log=interrupt_at_step_3)
+    saved = L.load_checkpoint(tmp_path / "resumed" / "ckpt.npz")
+    assert saved["train_config"].optimizer == "muon"  # its momentum is in the checkpoint
+    assert saved["opt_state"]["nu"]["layers"][0]["attention"]["wq"].shape == (0,)
+    assert float(np.abs(saved["opt_state"]["mu"]["layers"][0]["attention"]["wq"]).max()) > 0
+    resumed = L.train(TRAIN_TINY, tc, corpus, tmp_path / "resumed", resume=True,
+                      log=lambda s: None)
+    a, b = np.array(straight["history"]["train"]), np.array(resumed["history"]["train"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert a[-1, 1] < a[0, 1]  # it learns
+    with pytest.raises(L.InputError, match="trains with muon, whose state it holds"):
+        L.train(TRAIN_TINY, dataclasses.replace(tc, optimizer="adamw", steps=8), corpus,
+                tmp_path / "resumed", resume=True, log=lambda s: None)
+    # --plan: Muon keeps one moment for the blocks' matrices, AdamW's two for the rest.
+    config = L.run_configs(TRAIN_TINY)[0]
+    mesh = L.make_mesh(1)
+    params = L.param_shapes(config)
+    hidden = sum(v.size for k, v in L.flatten_tree(params).items()
+                 if L.flatten_tree(L.muon_mask(params))[k]) * 4
+    adamw = L.memory_plan(config, dataclasses.replace(tc, optimizer="adamw"), mesh)["optimizer"]
+    assert L.memory_plan(config, tc, mesh)["optimizer"] == adamw - hidden
+    # The flags; and LoRA, which it refuses, saying why.
+    _, flagged = L.resolve_configs(L.build_parser().parse_args(
+        ["--optimizer", "muon", "--adam-lr", "1e-3", "--preset", "cpu", "--dtype", "float32"]))
+    assert (flagged.optimizer, flagged.adam_lr) == ("muon", 1e-3)
+    with pytest.raises(L.InputError, match="LoRA update is the product of two thin factors"):
+        L.RunTrainConfig(optimizer="muon", lora_rank=4)
+    # bfloat16 compute: the master weights stay float32 through a Muon step.
+    bf16 = dataclasses.replace(config, compute_dtype="bfloat16")
+    weights = L.init_params(jax.random.PRNGKey(0), bf16)
+    new, _, loss, _ = L.run_step(weights, L.muon_init(weights), jnp.arange(300) % 97,
+                                 L.run_keys(jax.random.PRNGKey(0)), bf16, tc)
+    assert np.isfinite(float(loss))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))
 
 
 @pytest.mark.slow
@@ -2940,7 +3074,7 @@ def steps_on_mesh(mesh, config, tc, n_steps=5, state=None):
     and data -> (losses, params, opt_state)."""
     if state is None:
         params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
-        opt_state = L.sharded_adamw_init(params, mesh)
+        opt_state = L.sharded_adamw_init(params, mesh, tc)
     else:
         params, opt_state = L.place_state(mesh, state)
     data = L.replicated(mesh, np.random.RandomState(0).randint(0, 256, 5000).astype(np.int32))
@@ -2987,6 +3121,13 @@ def test_data_parallel_fsdp_and_2x4_give_one_devices_losses():
         assert plan["rows_per_device"] == 2
     full = L.tree_bytes(ref_params)
     assert L.memory_plan(MESH_TINY, tc, L.make_mesh("all"))["params"] < full / 7
+    # Muon too: its Newton-Schulz iteration on matrices split over 8 devices
+    # gives one device's losses.
+    muon = dataclasses.replace(tc, optimizer="muon")
+    ref, _, _ = steps_on_mesh(one_device(), MESH_TINY, muon)
+    assert ref[-1] < ref[0] - 0.02
+    np.testing.assert_allclose(steps_on_mesh(L.make_mesh("all"), MESH_TINY, muon)[0], ref,
+                               atol=1e-5)
 
 
 @pytest.mark.slow
@@ -2997,6 +3138,10 @@ def test_gradient_accumulation_gives_the_losses_of_the_whole_batch():
     ref, _, _ = steps_on_mesh(one_device(), config, tc)
     mesh = L.make_mesh("all")  # every device of this process: 1 here, 8 there
     losses, _, _ = steps_on_mesh(mesh, config, dataclasses.replace(tc, grad_accum=4))
+    np.testing.assert_allclose(losses, ref, atol=1e-5, err_msg=str(mesh.shape))
+    muon = dataclasses.replace(tc, optimizer="muon")  # Muon steps on the accumulated gradient
+    ref, _, _ = steps_on_mesh(one_device(), config, muon)
+    losses, _, _ = steps_on_mesh(mesh, config, dataclasses.replace(muon, grad_accum=4))
     np.testing.assert_allclose(losses, ref, atol=1e-5, err_msg=str(mesh.shape))
     with pytest.raises(L.InputError, match=f"use a multiple of {8 * mesh.size}"):
         L.check_batch_split(dataclasses.replace(tc, grad_accum=8, batch_size=36), mesh)

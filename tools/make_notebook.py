@@ -295,7 +295,7 @@ print(f"{path.stat().st_size / 1e6:.1f} MB, step {int(loaded['opt_state']['step'
     ("md", """## 10. Many devices
 
 Part II's `run_step` runs on a mesh of devices: the batch is split over all of them and,
-with FSDP, every matrix and its AdamW moments too (`state_shardings` in section 13 of the
+with FSDP, every matrix and its AdamW moments too (`state_shardings` in section 14 of the
 module holds the rule). The layers and the loss do not change; `jax.jit` compiles them for
 the mesh. A CPU can pretend to have 8 devices, but only if told before JAX starts, so this
 cell runs a fresh Python with `XLA_FLAGS=--xla_force_host_platform_device_count=8`: it shows
