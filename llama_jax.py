@@ -1179,7 +1179,7 @@ def lr_schedule(tc):
 
 
 def run_configs(config, tc=None):
-    """Part I configs as Part II's (a Run config is returned as it is), with
+    """Part I configs as Part II's (a RunModelConfig or RunTrainConfig is returned as it is), with
     Part II's defaults for the options. -> (RunModelConfig, RunTrainConfig
     or None)."""
     if not isinstance(config, RunModelConfig):
@@ -1951,7 +1951,7 @@ def host_batch(token_file, keys, step, batch_size, seq_len):
     from a token file: the same start positions (computed by jax.random on the
     CPU, so that a GPU's queue is never waited on), then this process reads
     its own rows only and jax.make_array_from_process_local_data assembles the
-    global batch. Chat data (ChatWindows, section 17) is read the same way:
+    global batch. Chat data (ChatWindows, above) is read the same way:
     the draw picks conversations, uniform over its N rows.
     -> (inputs, targets) int32[B, T]."""
     chats = isinstance(token_file, ChatWindows)
@@ -3963,7 +3963,7 @@ def frozen_base(init, config, tc):
 
 def initial_weights(key, config, tc, init, mesh):
     """The trainable weights a run starts from, split over the mesh (section
-    12): random (init_params) without a base, LoRA's adapters (lora_init), or
+    14): random (init_params) without a base, LoRA's adapters (lora_init), or
     the base's weights in float32 (the optimizer's updates are too small for
     bfloat16)."""
     if init is None:
@@ -4931,6 +4931,8 @@ def preset_configs(name=None, **overrides):
         raise InputError(f"preset_configs: no config field named {', '.join(sorted(unknown))}")
     for field, value in overrides.items():
         (model if field in model_fields else training)[field] = value
+    if "seq_len" in overrides and "max_seq_len" not in overrides:  # as --seq-len does
+        model["max_seq_len"] = max(model["max_seq_len"], training["seq_len"])
     if model.get("compute_dtype") == "auto":
         model["compute_dtype"] = auto_compute_dtype()[0]
     training["min_lr"] = min(training.get("min_lr", TrainConfig.min_lr), training["lr"])
@@ -5421,6 +5423,26 @@ def bench_loaded_model(args):
     return 0
 
 
+def bench_decoding(params, config, on_gpu, emit):
+    """--bench's decoding: batch 1 and 8 against the naive loop, then batch 1
+    with the context at 131,072 positions against 256, each emitted.
+    -> the two bench_decode records."""
+    n_new = min(128, config.max_seq_len - 16)
+    decode = [bench_decode(params, decoding_config(config), b, n_new, n_naive=4 if on_gpu else 6)
+              for b in (1, 8)]
+    for d in decode:
+        emit({"kind": "decode", **d},
+             f"decode batch {d['batch']}: cached {d['decode_tokens_per_s']:,.1f} tok/s, "
+             f"naive full recompute {d['naive_tokens_per_s']:,.2f} tok/s "
+             f"({d['speedup']:,.0f}x)")
+    long = bench_long_context(params, decoding_config(config), min(n_new, 64), rounds=3)
+    emit({"kind": "decode_long_context", **long},
+         f"decode batch 1, the model's context at 131,072 positions: "
+         f"{long['long_tokens_per_s']:,.1f} tok/s; at 256: {long['short_tokens_per_s']:,.1f} "
+         f"({long['ratio']:.2f}x; the cache is sized to the request)")
+    return decode
+
+
 def device_peak(config):
     """The FLOP/s that MFU is measured against: the datasheet's for a card in
     PEAK_BF16_FLOPS, else one large matmul's in config's dtype.
@@ -5440,8 +5462,10 @@ def run_bench(args):
     if args.gguf or args.hf_checkpoint:
         return bench_loaded_model(args)
     on_gpu = jax.default_backend() == "gpu"
-    args.batch_size = args.batch_size or (16 if on_gpu else 8)
-    args.seq_len = args.seq_len or (1024 if on_gpu else 256)
+    if args.batch_size is None:
+        args.batch_size = 16 if on_gpu else 8
+    if args.seq_len is None:
+        args.seq_len = 1024 if on_gpu else 256
     config, tc = resolve_configs(args)
     mesh = make_mesh(args.fsdp)
     check_batch_split(tc, mesh)
@@ -5473,21 +5497,8 @@ def run_bench(args):
          f"loss   {chosen} ({config.loss_impl}) cross-entropy; temporary buffers of the loss "
          f"and its gradient: plain {loss_bytes['plain'] / 2**20:,.0f} MiB, blockwise "
          f"({config.loss_block} tokens per block) {loss_bytes['blockwise'] / 2**20:,.0f} MiB")
-    n_new = min(128, config.max_seq_len - 16)
-    decode = [] if args.max_new_tokens == 0 else [  # --max-new-tokens 0: training only
-        bench_decode(params, decoding_config(config), b, n_new, n_naive=4 if on_gpu else 6)
-        for b in (1, 8)]
-    for d in decode:
-        emit({"kind": "decode", **d},
-             f"decode batch {d['batch']}: cached {d['decode_tokens_per_s']:,.1f} tok/s, "
-             f"naive full recompute {d['naive_tokens_per_s']:,.2f} tok/s "
-             f"({d['speedup']:,.0f}x)")
-    if decode:
-        long = bench_long_context(params, decoding_config(config), min(n_new, 64), rounds=3)
-        emit({"kind": "decode_long_context", **long},
-             f"decode batch 1, the model's context at 131,072 positions: "
-             f"{long['long_tokens_per_s']:,.1f} tok/s; at 256: {long['short_tokens_per_s']:,.1f} "
-             f"({long['ratio']:.2f}x; the cache is sized to the request)")
+    # --max-new-tokens 0: training only
+    decode = [] if args.max_new_tokens == 0 else bench_decoding(params, config, on_gpu, emit)
     if args.json:
         emit({"kind": "summary", "train_tokens_per_s": train_result["train_tokens_per_s"],
               "mfu": mfu, "decode_tokens_per_s": decode[0]["decode_tokens_per_s"] if decode else None,
