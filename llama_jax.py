@@ -1154,6 +1154,9 @@ class RunTrainConfig(TrainConfig):
                              "update of a whole matrix, and a LoRA update is the product of "
                              "two thin factors, for which it is neither published nor tested "
                              "here; use --optimizer adamw (the default) for LoRA")
+        if not 0 <= self.muon_momentum < 1:
+            raise InputError(f"TrainConfig.muon_momentum must be in [0, 1), got "
+                             f"{self.muon_momentum}")
         if self.adam_lr is not None and self.adam_lr <= 0:
             raise InputError(f"--adam-lr must be positive, got {self.adam_lr}")
         if self.grad_accum <= 0:
@@ -2063,7 +2066,7 @@ def muon_init(params):
     matrices, AdamW's first moment for the rest), "nu": AdamW's second moment
     for the rest and an empty float32[0] for each hidden matrix (Muon keeps
     one moment, not two), "step"}."""
-    nu = jax.tree_util.tree_map(lambda p, hidden: jnp.zeros((0,) if hidden else p.shape),
+    nu = jax.tree_util.tree_map(lambda p, hidden: jnp.zeros((0,) if hidden else p.shape, p.dtype),
                                 params, muon_mask(params))
     return {"mu": jax.tree_util.tree_map(jnp.zeros_like, params), "nu": nu,
             "step": jnp.zeros((), jnp.int32)}
@@ -2078,7 +2081,7 @@ def muon_update(params, grads, state, lr, tc):
                                    grads)
     t = state["step"] + 1
     beta, b1, b2 = tc.muon_momentum, tc.beta1, tc.beta2
-    adam_lr = lr * (tc.adam_lr or tc.lr) / tc.lr
+    adam_lr = lr * (tc.adam_lr / tc.lr) if tc.adam_lr else lr  # the schedule's shape, its peak
 
     def update(p, g, m, v, hidden):
         if hidden:  # Muon
@@ -2181,7 +2184,7 @@ def check_lora(config, tc):
 #   - the batch is split over every device (both axes): each one computes the
 #     loss and gradients of its rows, and XLA inserts the communication that
 #     makes the update the one of the whole batch;
-#   - the weights and AdamW moments are split over "fsdp" (ZeRO-3 / fully
+#   - the weights and optimizer moments are split over "fsdp" (ZeRO-3 / fully
 #     sharded data parallel: Rajbhandari et al. 2020, arXiv:1910.02054) and
 #     copied over "data". --fsdp 1 (the default) is pure data parallelism:
 #     every device holds everything and the gradients are all-reduced.
@@ -2388,9 +2391,10 @@ def accumulate_gradients(grad_fn, params, batch, key, n, mesh=None):
 def run_step(params, opt_state, data, keys, config, tc, frozen=None, mesh=None):
     """One optimisation step of a full run, compiled once: draw a batch from
     `data` (int32[N], on the device), compute loss and gradients (with
-    dropout), clip, AdamW. keys: the run's "batches" and "dropout" streams
-    (run_keys); the step's own keys come from them and the step number
-    (step_keys), so a resumed run draws what an uninterrupted one would. For
+    dropout), clip, and update with tc.optimizer (AdamW or Muon). keys: the
+    run's "batches" and "dropout" streams (run_keys); the step's own keys
+    come from them and the step number (step_keys), so a resumed run draws
+    what an uninterrupted one would. For
     data too large for the device, `data` is instead the batch (inputs,
     targets), int32[B, T], that host_batch read from a token file with the
     same keys: the same tokens give the same batch either way. params and
@@ -2429,7 +2433,7 @@ def run_step(params, opt_state, data, keys, config, tc, frozen=None, mesh=None):
 
 # ----------------------------------------------------------------------------- the plan
 # "Will it fit?" before a run starts. Per device, in bytes: the weights,
-# gradients and AdamW moments (their shard shapes on the mesh), and the
+# gradients and optimizer moments (their shard shapes on the mesh), and the
 # activations the backward pass keeps. Those are found without running or
 # compiling anything: jax.vjp's backward function holds the forward's saved
 # values (its "residuals") as arrays, and jax.eval_shape traces it for their
@@ -4471,9 +4475,9 @@ def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
 @dataclass
 class RunState:
     """What changes as a run trains: the trained weights (params: the whole
-    model's, or with LoRA the adapters), AdamW's state (opt_state, with the
-    step count) and the training config (tc: a time budget shortens its
-    schedule once)."""
+    model's, or with LoRA the adapters), the optimizer's state (opt_state,
+    with the step count) and the training config (tc: a time budget shortens
+    its schedule once)."""
     params: dict
     opt_state: dict
     tc: RunTrainConfig

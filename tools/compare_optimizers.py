@@ -44,7 +44,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=3.0, help="minutes per run (--time-budget)")
     p.add_argument("--adamw-lrs", default="1.5e-3,3e-3,6e-3")
-    p.add_argument("--muon-lrs", default="1e-2,2e-2,4e-2")
+    p.add_argument("--muon-lrs", default="3e-3,6e-3,1.2e-2")
+    p.add_argument("--muon-adam-lr", default="3e-3",
+                   help="the Muon runs' --adam-lr (embedding, output, norms): the cpu "
+                        "preset's AdamW rate, so that the Muon runs vary Muon's rate alone")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--heldout", default=str(HERE / "shakespeare_heldout.txt"))
     p.add_argument("--out", required=True)
@@ -56,10 +59,11 @@ def main(argv=None):
     results = []
     for opt, lr in order:
         folder = out / f"{opt}-{lr}"
-        log = folder.with_suffix(".log")
+        log = out / f"{opt}-{lr}.log"  # beside the folder (lr has dots: no with_suffix)
         if not (folder / "ckpt.npz").is_file():
+            extra = ["--adam-lr", args.muon_adam_lr] if opt == "muon" else []
             code = run([sys.executable, "llama_jax.py", "--preset", args.preset, "--optimizer",
-                        opt, "--lr", lr, "--time-budget", str(args.budget), "--out-dir",
+                        opt, "--lr", lr, *extra, "--time-budget", str(args.budget), "--out-dir",
                         str(folder), "--max-new-tokens", "0"], log)
             if code != 0:
                 print(f"{opt} lr {lr}: the run failed (exit {code}); see {log}", flush=True)
