@@ -1747,16 +1747,16 @@ def usable_documents(inputs, log):
     return docs, skipped
 
 
-def write_token_files(docs, files, enc, dtype, chunk_bytes, chunks_per_batch, log):
+def write_token_files(docs, total, files, enc, dtype, chunk_bytes, chunks_per_batch, log):
     """Tokenizes each document (chunk by chunk, chunks_per_batch at a time on
     every core) into files["train"] or files["val"], each document followed by
     <|endoftext|>; each file is written beside its name and renamed over it once
-    complete. -> {"train": tokens, "val": tokens}."""
+    complete. total: the documents' bytes, for the progress line.
+    -> {"train": tokens, "val": tokens}."""
     eot = np.array([enc.eot_token], dtype)
     tmp = {k: f.with_name(f".{f.name}.tmp{os.getpid()}") for k, f in files.items()}
     outs = {k: open(p, "wb") for k, p in tmp.items()}
     counts = {"train": 0, "val": 0}
-    total = sum(p.stat().st_size for p, _, _ in docs)
     done_bytes, t0 = 0, time.perf_counter()
     t_print = t0
     threads = os.cpu_count() or 1
@@ -1818,7 +1818,8 @@ def prepare_tokens(inputs, name, log=print, chunk_bytes=1 << 20, chunks_per_batc
     name.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.stat().st_size for p, _, _ in docs)
     t0 = time.perf_counter()
-    counts = write_token_files(docs, files, enc, dtype, chunk_bytes, chunks_per_batch, log)
+    counts = write_token_files(docs, total, files, enc, dtype, chunk_bytes, chunks_per_batch,
+                               log)
     seconds = time.perf_counter() - t0
     header = {"format": TOKEN_FORMAT, "version": 1, "tokenizer": enc.name,
               "tokenizer_sha256": tokenizer_fingerprint(enc), "vocab_size": enc.n_vocab,
@@ -2104,13 +2105,16 @@ def muon_update(params, grads, state, lr, tc):
     return new[0], {"mu": new[1], "nu": new[2], "step": t}
 
 
-# The optimizers a run can use (--optimizer): (state for params, one update).
-OPTIMIZERS = {"adamw": (adamw_init, adamw_update), "muon": (muon_init, muon_update)}
+class Optimizer(NamedTuple):
+    """init(params) -> a fresh state; update(params, grads, state, lr, tc) ->
+    (new params, new state)."""
+    init: object
+    update: object
 
 
-def optimizer_init(params, tc):
-    """tc.optimizer's state for params (a fresh run's)."""
-    return OPTIMIZERS[tc.optimizer][0](params)
+# The optimizers a run can use (--optimizer).
+OPTIMIZERS = {"adamw": Optimizer(adamw_init, adamw_update),
+              "muon": Optimizer(muon_init, muon_update)}
 
 
 # =============================================================================
@@ -2309,7 +2313,7 @@ def sharded_init(key, config, mesh):
 def sharded_adamw_init(params, mesh, tc=None):
     """The optimizer's state (tc.optimizer's, default AdamW's), its moments
     split like the weights."""
-    init = adamw_init if tc is None else OPTIMIZERS[tc.optimizer][0]
+    init = adamw_init if tc is None else OPTIMIZERS[tc.optimizer].init
     shapes = jax.eval_shape(init, params)
     return jax.jit(init, out_shardings=state_shardings(mesh, shapes))(params)
 
@@ -2425,7 +2429,7 @@ def run_step(params, opt_state, data, keys, config, tc, frozen=None, mesh=None):
         (loss, stats), grads = accumulate_gradients(grad_fn, params, batch, dropout_key,
                                                     tc.grad_accum, mesh)
     lr = learning_rate(opt_state["step"], lr_schedule(tc))
-    new_params, opt_state = OPTIMIZERS[tc.optimizer][1](params, grads, opt_state, lr, tc)
+    new_params, opt_state = OPTIMIZERS[tc.optimizer].update(params, grads, opt_state, lr, tc)
     health = step_health(params, new_params, grads, stats, tc) if tc.health else {}
     new_params, opt_state = keep_split(mesh, (new_params, opt_state))
     return new_params, opt_state, loss, health
@@ -2486,7 +2490,7 @@ def memory_plan(config, tc, mesh):
     frozen = 0 if frozen_shapes is None else tree_bytes(frozen_shapes,
                                                         state_shardings(mesh, frozen_shapes))
     rows = tc.batch_size // (mesh.size * tc.grad_accum)
-    moments = {k: v for k, v in jax.eval_shape(OPTIMIZERS[tc.optimizer][0], trained).items()
+    moments = {k: v for k, v in jax.eval_shape(OPTIMIZERS[tc.optimizer].init, trained).items()
                if k != "step"}
     plan = {"params": weights + frozen, "grads": weights * (2 if tc.grad_accum > 1 else 1),
             "optimizer": tree_bytes(moments, state_shardings(mesh, moments)),
@@ -2536,7 +2540,7 @@ def compiled_memory(config, tc, mesh):
     -> {"arguments", "outputs", "aliased", "temporaries", "total"} in bytes,
     total being what the step holds at once."""
     trained, base = run_shapes(config, tc)
-    opt = jax.eval_shape(OPTIMIZERS[tc.optimizer][0], trained)
+    opt = jax.eval_shape(OPTIMIZERS[tc.optimizer].init, trained)
     shaped = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
     rows = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32,
@@ -2907,7 +2911,7 @@ def load_checkpoint(path, config=None):
     use = config or saved_config
     template = (jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), use, saved_tc))
                 if saved_tc.lora_rank else param_shapes(use))
-    opt_template = jax.eval_shape(OPTIMIZERS[saved_tc.optimizer][0], template)
+    opt_template = jax.eval_shape(OPTIMIZERS[saved_tc.optimizer].init, template)
     problems += _tree_mismatches(template, arrays, "params/")
     problems += _tree_mismatches(opt_template, arrays, "opt/")
     if problems:
@@ -4944,25 +4948,24 @@ def preset_configs(name=None, **overrides):
 
 
 def resolve_configs(args):
-    """The preset's values, overridden by the flags that were given.
+    """The preset's values, overridden by the flags that were given
+    (preset_configs), with --dtype auto decided and said.
     -> (RunModelConfig, RunTrainConfig)."""
-    model, training = (dict(d) for d in PRESETS[args.preset or default_preset()])
-    model.update({field: getattr(args, flag) for flag, field in MODEL_FIELDS.items()
-                  if getattr(args, flag) is not None})
-    training.update({field: getattr(args, field) for field in TRAINING_FIELDS
-                     if getattr(args, field) is not None})
-    if args.seq_len is not None and args.max_seq_len is None:
-        model["max_seq_len"] = max(model["max_seq_len"], args.seq_len)
-    if model.get("compute_dtype") == "auto":
+    preset = args.preset or default_preset()
+    overrides = {field: getattr(args, flag) for flag, field in MODEL_FIELDS.items()
+                 if getattr(args, flag) is not None}
+    overrides.update({field: getattr(args, field) for field in TRAINING_FIELDS
+                      if getattr(args, field) is not None})
+    if overrides.get("compute_dtype", PRESETS[preset][0].get("compute_dtype")) == "auto":
         saved = checkpoint_meta(run_files(args.out_dir).checkpoint) if args.resume else None
         if saved:  # a resumed run keeps the dtype it started with
-            model["compute_dtype"] = saved["model_config"]["compute_dtype"]
+            dtype = saved["model_config"]["compute_dtype"]
             why = "the dtype of the run being resumed"
         else:
-            model["compute_dtype"], why = auto_compute_dtype()
-        print(f"--dtype auto: {model['compute_dtype']} matmuls ({why})", flush=True)
-    training["min_lr"] = min(training.get("min_lr", TrainConfig.min_lr), training["lr"])
-    return RunModelConfig(**model), RunTrainConfig(**training)
+            dtype, why = auto_compute_dtype()
+        print(f"--dtype auto: {dtype} matmuls ({why})", flush=True)
+        overrides["compute_dtype"] = dtype
+    return preset_configs(preset, **overrides)
 
 
 def sampling_from(args):
