@@ -16,6 +16,7 @@ import re
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,11 +78,13 @@ forward = jax.jit(L.model_forward, static_argnames=("config", "training"))
 
 
 # ----------------------------------------------------------------------------- programs run beside the suite
-# Three slow tests each check a program of their own: pytest in a process with
-# 8 CPU devices, tools/gpu_check.sh --dry-run and the notebook. Such a program
-# is mostly one core's compiling, so when its test is selected it starts with
-# the session and runs beside the in-process tests; its test, where it stands
-# in this file, waits for it and checks what it wrote.
+# Three slow tests each check a program of their own: the notebook,
+# tools/gpu_check.sh --dry-run and pytest in a process with 8 CPU devices.
+# Such a program is mostly one core's compiling, so when its test is selected
+# it runs beside the in-process tests: one at a time, in the order of their
+# tests in this file, from the start of the session (two programs at once on
+# two cores, not four, each slowing the rest). Its test, where it stands in
+# this file, waits for it and checks what it wrote.
 BESIDE = {}  # test name -> start(folder) -> Popen writing folder/out.txt
 
 
@@ -98,31 +101,50 @@ def spawn(folder, command, env, cwd=HERE):
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+class Beside:
+    """One program of BESIDE: its folder, its process once started, and an
+    event set when it has ended (or was never started)."""
+
+    def __init__(self, folder):
+        self.folder, self.proc, self.done = folder, None, threading.Event()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def programs_beside(request, tmp_path_factory):
-    """{test name: (Popen, folder)} for the selected tests of BESIDE."""
+    """{test name: Beside} for the selected tests of BESIDE, run one after
+    another by a thread."""
     selected = {item.originalname for item in request.session.items}
-    runs = {}
-    for name, start in BESIDE.items():
-        if name in selected:
-            folder = tmp_path_factory.mktemp(name[5:25])
-            runs[name] = (start(folder), folder)
+    runs = {name: Beside(tmp_path_factory.mktemp(name[5:25])) for name in BESIDE
+            if name in selected}
+    stopping = threading.Event()
+
+    def run_in_turn():
+        for name, run in runs.items():
+            if not stopping.is_set():
+                run.proc = BESIDE[name](run.folder)
+                run.proc.wait()
+            run.done.set()
+
+    thread = threading.Thread(target=run_in_turn, daemon=True)
+    thread.start()
     yield runs
-    for proc, _ in runs.values():
-        if proc.poll() is None:
-            proc.kill()
+    stopping.set()
+    for _ in range(2):  # again after the thread ends, in case it was starting one
+        for run in runs.values():
+            if run.proc is not None and run.proc.poll() is None:
+                run.proc.kill()
+        thread.join(timeout=10)
 
 
 def finished(runs, name, timeout=600):
     """Waits for name's program -> (exit code, its output, its folder)."""
-    proc, folder = runs[name]
-    try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"{name}'s program ran past {timeout}s:\n"
-                             + (folder / "out.txt").read_text()[-3000:])
-    return code, (folder / "out.txt").read_text(), folder
+    run = runs[name]
+    if not run.done.wait(timeout):
+        if run.proc is not None:
+            run.proc.kill()
+        raise AssertionError(f"{name}'s program did not end within {timeout}s:\n"
+                             + (run.folder / "out.txt").read_text()[-3000:])
+    return run.proc.returncode, (run.folder / "out.txt").read_text(), run.folder
 
 
 def random_params(config, seed=0, scale=0.3):
