@@ -14,7 +14,7 @@ needs to understand Llama and train it on one device, top to bottom.
 Part I alone trains and samples a model:
 
     import jax, llama_jax as L
-    config, tc = L.ModelConfig(), L.TrainConfig()  # the cpu preset's model and run
+    config, tc = L.ModelConfig(), L.TrainConfig()  # the cpu preset's sizes, float32
     train, val = L.load_dataset(L.DEFAULT_DATA, tc.seq_len)  # Shakespeare, GPT-2 tokens
     params, opt_state, history = L.train_loop(config, tc, train, val)
     enc = L.get_tokenizer()
@@ -25,13 +25,14 @@ Part I alone trains and samples a model:
 Part II grows it. Each feature composes with Part I from outside: it wraps a
 Part I function, passes its own function where Part I takes one with a plain
 default, or places arrays on devices around a jitted call. No Part I function
-asks which feature is on, and Part I never names anything Part II defines.
+asks which feature is on, and Part I never calls anything Part II defines
+(its error messages do name the command line's flags).
 Part II reads top to bottom too: each section uses only Part I and the
 sections above it (test_llama_jax.py checks both).
 
     8. settings               RunModelConfig, RunTrainConfig: Part II's options
     9. run health             per-layer figures from each step, metrics.jsonl
-   10. speed                  a bfloat16 matmul gradient, the blockwise loss, remat
+   10. speed                  faster kernels and sampling, the blockwise loss, remat
    11. token files            --prepare: your own text, tokenized once to disk
    12. Muon                   --optimizer muon: orthogonalised updates for the matrices
    13. LoRA                   low-rank adapters over a frozen model
@@ -123,9 +124,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     # Padding, part of the architecture: it sets the embedding's shape.
     vocab_multiple: int = 64  # pad the vocabulary to a multiple of this for speed
-    # Numerics, not architecture: a checkpoint loads under any value of these.
+    # Numerics, not architecture: a checkpoint loads under any value of this.
     compute_dtype: str = "float32"  # "bfloat16": matmul inputs in bf16 (see dense)
-    fused_attention: bool = True  # jax.nn.dot_product_attention (cuDNN on GPU)
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
@@ -176,23 +176,13 @@ class ModelConfig:
     @property
     def padded_vocab(self):
         """V rounded up to vocab_multiple (50257 -> 50304): matmul kernels are
-        faster on round sizes (nanoGPT's trick). The padded logits are masked."""
+        faster on round sizes (nanoGPT's trick). model_forward slices the padded
+        logits off (Part II's losses mask them)."""
         return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
 
     @property
     def dtype(self):
         return jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32
-
-    def matmul(self, x, w):
-        """The layers' x @ w (see dense). With bfloat16 compute, both operands
-        are rounded to bfloat16 and the products summed in float32 (mixed
-        precision: half the bytes moved, and a GPU's tensor cores); JAX
-        derives the backward pass. Part II's RunModelConfig (section 8)
-        replaces this method with one whose gradient is written by hand."""
-        if self.compute_dtype == "bfloat16":
-            return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
-                           preferred_element_type=jnp.float32)
-        return x @ w
 
 
 @dataclass(frozen=True)
@@ -331,7 +321,7 @@ def read_windows(data, starts, length):
 
 
 def get_batch(key, data, batch_size, seq_len):
-    """Random windows of a token array, drawn on the device (call it inside jit).
+    """Random windows of a token array, drawn on the device (fastest inside jit).
     data: int32[N] -> (inputs int32[B, T], targets int32[B, T]), where the
     targets are the inputs shifted one token to the left."""
     starts = window_starts(key, data.shape[0], batch_size, seq_len)
@@ -351,19 +341,22 @@ def at_least_f32(x):
 
 
 def dense(x, w, config):
-    """x @ w: [..., I] @ [I, O] -> [..., O], as config.matmul computes it: under
-    bfloat16 compute, both operands rounded to bfloat16 and the products summed
-    into a float32 result, so activations between matmuls stay float32;
-    otherwise a plain matmul in x's dtype. (A method of the config, so that
-    Part II can give bfloat16 runs a faster gradient without a branch here.)"""
-    return config.matmul(x, w)
+    """x @ w: [..., I] @ [I, O] -> [..., O]. Under bfloat16 compute both
+    operands are rounded to bfloat16 and their products summed in float32
+    (mixed precision: half the bytes moved, and a GPU's tensor cores), so the
+    activations between matmuls stay float32; otherwise a plain matmul."""
+    if config.compute_dtype == "bfloat16":
+        return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                       preferred_element_type=jnp.float32)
+    return x @ w
 
 
 def rms_norm(x, weight, eps):
     """Root-mean-square layer norm (Zhang & Sennrich 2019): no mean subtraction,
     no bias. x: [..., D], weight: [D] -> [..., D]. Statistics in at least
-    float32, whatever x's dtype (bfloat16 weights while decoding give bfloat16
-    embeddings), so that small variance terms are not lost."""
+    float32, whatever x's dtype (decoding in bfloat16, decoding_weights in
+    section 7, gives bfloat16 embeddings), so that small variance terms are
+    not lost."""
     x32 = at_least_f32(x)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (normed * weight).astype(x.dtype)
@@ -372,7 +365,7 @@ def rms_norm(x, weight, eps):
 @functools.lru_cache(maxsize=None)
 def precompute_rope(head_width, max_seq_len, theta, scaling=None):
     """Rotary embedding tables (Su et al. 2021) as NumPy constants.
-    -> (cos, sin), each float32[S, Dh / 2]. Channel pair i rotates at frequency
+    -> (cos, sin), each float32[max_seq_len, Dh / 2]. Channel pair i rotates at frequency
     theta^(-2i / Dh) radians per position. With Llama 3.1 scaling, slow
     (long-wavelength) frequencies are divided by `factor`, fast ones are kept,
     and those in between are interpolated smoothly."""
@@ -391,7 +384,7 @@ def precompute_rope(head_width, max_seq_len, theta, scaling=None):
 
 def apply_rope(x, cos, sin):
     """Rotates channel pairs of queries or keys by their position's angle.
-    x: [B, T, N, Dh], cos/sin: [B, T, Dh / 2] -> [B, T, N, Dh].
+    x: [B, T, N, Dh], cos/sin: [B or 1, T, Dh/2] -> [B, T, N, Dh].
     The "half-split" layout pairs channel i with channel i + Dh/2 (Hugging
     Face's rotate_half). Meta's reference pairs 2i with 2i + 1 instead; the two
     agree once each head's output channels of wq and wk (our columns, Meta's
@@ -418,10 +411,9 @@ def attention_weights(q, k, mask):
     return jax.nn.softmax(scores, axis=-1)  # in float32 even for bfloat16 inputs
 
 
-def attention_reference(q, k, v, mask):
-    """softmax(q k^T / sqrt(Dh) + mask) v, written out: the reference that the
-    fused kernel is tested against, and the cached decoding path.
-    q: [B, T, H, Dh], k, v: [B, S, K, Dh], mask: bool[B or 1, T, S]
+def attend(q, k, v, mask):
+    """softmax(q k^T / sqrt(Dh) + mask) v: each query's weighted mean of the
+    values. q: [B, T, H, Dh], k, v: [B, S, K, Dh], mask: bool[B or 1, T, S]
     -> [B, T, H, Dh]."""
     B, T, H, Dh = q.shape
     probs = attention_weights(q, k, mask).astype(v.dtype)  # [B, K, G, T, S]
@@ -429,7 +421,15 @@ def attention_reference(q, k, v, mask):
     return out.reshape(B, T, H, Dh)
 
 
-def attention_qkv(p, x, cos, sin, config):
+# Part I's seams are parameters whose default is Part I's own function:
+# `dense` (above) and `attend` here, `block` in forward_hidden and `sample`
+# in generate. Part II's training step gives forward_hidden a block with its
+# bfloat16 matmul (a hand-written gradient) and, where a preset chooses it,
+# the fused attention kernel bound as dense= and attend= (section 10);
+# everything else runs these.
+
+
+def attention_qkv(p, x, cos, sin, config, dense=dense):
     """The queries, keys and values of x, with rotary positions on q and k.
     p: the attention's weights (see attention), x: [B, T, D], cos/sin:
     [B or 1, T, Dh/2] -> q [B, T, H, Dh], k [B, T, K, Dh], v [B, T, K, Dh]."""
@@ -441,39 +441,29 @@ def attention_qkv(p, x, cos, sin, config):
     return q, k, v
 
 
-def attention(p, x, cos, sin, mask, config, cache=None, position=None):
+def attention(p, x, cos, sin, mask, config, cache=None, position=None, dense=dense,
+              attend=attend):
     """Multi-head self-attention with grouped K/V heads and rotary positions.
     p: {"wq": [D, H*Dh], "wk": [D, K*Dh], "wv": [D, K*Dh], "wo": [H*Dh, D]},
     x: [B, T, D], cos/sin: [B or 1, T, Dh/2], mask: bool[B or 1, T, S], True
     where a query may attend to a key. Without a cache, S = T and the mask is
-    causal (the fused kernel applies that causal mask itself and ignores
-    `mask`). With a cache ({"k", "v"}: [B, S, K, Dh]), the new keys and values
+    causal. With a cache ({"k", "v"}: [B, S, K, Dh]), the new keys and values
     are written at `position` (int32[B]) and the queries attend to the cache.
     -> ([B, T, D], updated cache or None)."""
     B, T, _ = x.shape
     H, Dh = config.n_heads, config.head_width
-    q, k, v = attention_qkv(p, x, cos, sin, config)
+    q, k, v = attention_qkv(p, x, cos, sin, config, dense)
     if cache is not None:
         # One dynamic_update_slice per row: each row may be at its own position.
         write = jax.vmap(lambda c, new, pos: jax.lax.dynamic_update_slice(c, new, (pos, 0, 0)))
         cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), position),
                  "v": write(cache["v"], v.astype(cache["v"].dtype), position)}
-        out = attention_reference(q, cache["k"], cache["v"], mask)
-    elif config.fused_attention:
-        # jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU, XLA's
-        # own implementation elsewhere; it supports K < H without copying K/V.
-        # It applies the causal mask itself (is_causal), which lets cuDNN skip
-        # the blocks above the diagonal instead of reading a mask. cuDNN takes
-        # bfloat16 inputs, hence the cast under bfloat16 compute.
-        dt = jnp.bfloat16 if config.compute_dtype == "bfloat16" else q.dtype
-        out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt),
-                                           is_causal=True)
-    else:
-        out = attention_reference(q, k, v, mask)
+        k, v = cache["k"], cache["v"]
+    out = attend(q, k, v, mask)  # [B, T, H, Dh]
     return dense(out.reshape(B, T, H * Dh), p["wo"], config), cache  # [B, T, D]
 
 
-def feed_forward(p, x, config):
+def feed_forward(p, x, config, dense=dense):
     """SwiGLU (Shazeer 2020): w2(silu(x w1) * (x w3)).
     p: {"w1": [D, F], "w3": [D, F], "w2": [F, D]}, x: [B, T, D] -> [B, T, D]."""
     gate = jax.nn.silu(dense(x, p["w1"], config))
@@ -487,18 +477,19 @@ def dropout(x, rate, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def transformer_block(p, x, cos, sin, mask, config, cache=None, position=None, key=None):
-    """Pre-norm residual block: x + attention(norm(x)), then + ffn(norm(x)).
+def transformer_block(p, x, cos, sin, mask, config, cache=None, position=None, key=None,
+                      dense=dense, attend=attend):
+    """Pre-norm residual block: x = x + attention(norm(x)), then x + ffn(norm(x)).
     x: [B, T, D] -> ([B, T, D], cache). With a key, dropout is applied to both
     branch outputs before they join the residual stream."""
     eps = config.norm_eps
     h, cache = attention(p["attention"], rms_norm(x, p["attention_norm"], eps), cos, sin,
-                         mask, config, cache, position)
+                         mask, config, cache, position, dense, attend)
     if key is not None:
         key, sub = jax.random.split(key)
         h = dropout(h, config.dropout_rate, sub)
     x = x + h
-    h = feed_forward(p["feed_forward"], rms_norm(x, p["ffn_norm"], eps), config)
+    h = feed_forward(p["feed_forward"], rms_norm(x, p["ffn_norm"], eps), config, dense)
     if key is not None:
         h = dropout(h, config.dropout_rate, key)
     return x + h, cache
@@ -565,12 +556,11 @@ def output_weight(params):
     return params["output"] if "output" in params else params["tok_embeddings"].T
 
 
-# One forward pass, in three functions: forward_hidden runs the embedding and
-# the blocks up to the final norm (and builds the one attention mask every
-# block uses), output_logits applies the output layer, and model_forward joins
-# them and slices the padded vocabulary off. The loss (section 5) calls the two
-# halves itself so that it can mask the padded logits instead of slicing them:
-# the output matmul and its gradient keep their round V_padded width.
+# The forward pass in two steps: forward_hidden runs the embedding and the
+# blocks up to the final norm (building the one attention mask every block
+# uses), and model_forward applies the output layer. Part II's loss starts
+# from forward_hidden's hidden states (its blockwise loss never makes the
+# logits, section 10).
 
 
 def forward_hidden(params, tokens, config, cache=None, position=0, training=False, key=None,
@@ -578,9 +568,9 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
     """The transformer up to the final norm. tokens: int32[B, T] -> (h [B, T, D],
     a list over layers of each block's second output: its updated cache, or
     None without one). See model_forward for the other arguments. block: the
-    function each layer runs, transformer_block unless the caller passes its
-    own with the same arguments (Part II wraps it to recompute activations,
-    section 10, or to return health figures in place of the cache, section 9)."""
+    function each layer runs; Part II passes its own with the same arguments
+    (faster kernels or recomputed activations, section 10; health figures in
+    place of the cache, section 9)."""
     B, T = tokens.shape
     dropout_on = training and config.dropout_rate > 0
     if dropout_on and key is None:
@@ -635,25 +625,20 @@ def model_forward(params, tokens, config, cache=None, position=0, training=False
 # =============================================================================
 
 
-def cross_entropy(logits, targets, config):
-    """The plain path's mean cross-entropy: logits float32[..., V_padded],
-    targets int32[...] -> scalar, the padded vocabulary masked out."""
-    if config.padded_vocab != config.vocab_size:
-        logits = jnp.where(jnp.arange(config.padded_vocab) < config.vocab_size, logits, -jnp.inf)
+def cross_entropy(logits, targets):
+    """Mean cross-entropy in nats: logits float32[..., V], targets int32[...]
+    -> scalar. logsumexp(logits) - logit[target] is -log softmax(logits)[target],
+    computed without exponentiating a large number."""
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target_logits)
 
 
 def compute_loss(params, batch, config, training=False, key=None):
-    """Mean next-token cross-entropy in nats. batch: (inputs, targets), each
-    int32[B, T] -> float32 scalar. Computed as logsumexp(logits) - logit[target]
-    in float32, which never exponentiates a large number. The padded
-    vocabulary entries are masked out, so they carry no probability. This is
-    the reference; Part II computes the same loss block by block, without
-    ever holding the [B*T, V] logits (blockwise_cross_entropy, section 10)."""
+    """Mean next-token cross-entropy of a batch: (inputs, targets), each
+    int32[B, T] -> float32 scalar. training=True applies dropout with key."""
     inputs, targets = batch
-    h, _ = forward_hidden(params, inputs, config, training=training, key=key)
-    return cross_entropy(output_logits(params, h, config), targets, config)
+    logits, _ = model_forward(params, inputs, config, training=training, key=key)
+    return cross_entropy(logits, targets)
 
 
 def learning_rate(step, tc):
@@ -804,7 +789,7 @@ def train_loop(config, tc, train_data, val_data, log=print):
     eval_sets = {name: fixed_windows(d, tc.eval_batches, tc.batch_size, tc.seq_len)
                  for name, d in (("train", train_data), ("val", val_data))}
     history, losses = {"train": [], "eval": []}, []  # losses: device scalars not read yet
-    t_last = time.perf_counter()
+    t_last, timed_from = time.perf_counter(), 0  # speed: the steps since timed_from
     for step in range(tc.steps):
         batch_key, dropout_key = step_keys(keys, step)
         batch = _get_batch(batch_key, data, tc.batch_size, tc.seq_len)
@@ -816,13 +801,13 @@ def train_loop(config, tc, train_data, val_data, log=print):
                                  for i, x in enumerate(losses)]
             now = time.perf_counter()
             log(progress_line(done, tc, history["train"][-1][1], float(learning_rate(step, tc)),
-                              (now - t_last) / len(losses)))
-            losses, t_last = [], now
+                              (now - t_last) / (done - timed_from)))
+            losses, t_last, timed_from = [], now, done
         if done % tc.eval_every == 0 or done == tc.steps:
             train_loss, val_loss = (evaluate(params, config, eval_sets[s]) for s in ("train", "val"))
             history["eval"].append([done, train_loss, val_loss])
             log(f"eval  step {done:5d} | train {train_loss:.4f} | val {val_loss:.4f}")
-            t_last = time.perf_counter()  # evaluation time is not training speed
+            t_last, timed_from = time.perf_counter(), done  # evaluation time is not training speed
     return params, opt_state, history
 
 
@@ -831,64 +816,39 @@ def train_loop(config, tc, train_data, val_data, log=print):
 # =============================================================================
 
 
-def largest_threshold(values, count_at_least, target, iterations=40):
-    """Bisection, per row, for the largest t with count_at_least(values, t) >=
-    target, where count_at_least(values, t) shrinks as t grows. values:
-    float32[B, V] -> t: float32[B, 1]. 40 halvings of the value range reach
-    float32 resolution: 40 passes of V comparisons per row, where sorting
-    50,257 logits for every token would cost V log V and a sort's data
-    movement."""
-    lo = jnp.min(values, axis=-1, keepdims=True)  # count_at_least(lo) is everything
-    hi = jnp.max(values, axis=-1, keepdims=True) + 1.0  # count_at_least(hi) is nothing
-
-    def halve(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) / 2
-        enough = count_at_least(values, mid) >= target
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    return jax.lax.fori_loop(0, iterations, halve, (lo, hi))[0]
-
-
 def top_k_filter(logits, top_k):
     """Keeps the top_k largest logits of each row (and any tied with the k-th);
     the rest get -inf. logits: float32[B, V] -> float32[B, V]."""
-    # -inf entries (masked tokens) count as just below the row's smallest
-    # finite logit, so the bisection's range stays the finite logits' range.
-    low = jnp.min(jnp.where(jnp.isfinite(logits), logits, jnp.inf), axis=-1, keepdims=True)
-    finite = jnp.where(jnp.isfinite(logits), logits, low - 1.0)
-    kth = largest_threshold(finite, lambda x, t: jnp.sum(x >= t, axis=-1, keepdims=True), top_k)
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1] the k-th largest
     return jnp.where(logits >= kth, logits, -jnp.inf)
 
 
 def top_p_filter(logits, top_p):
-    """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most
-    likely tokens whose probability reaches top_p (tokens tied with the last
-    one kept are kept too); the rest get -inf. That set is every token with
-    probability >= t for the largest t whose set still holds top_p of the mass.
-    logits: float32[B, V] -> float32[B, V]."""
+    """Nucleus filtering (Holtzman et al. 2019): keeps the smallest set of most
+    likely tokens whose probabilities sum to at least top_p (and any tied with
+    the last one kept); the rest get -inf. logits: float32[B, V] -> float32[B, V]."""
     probs = jax.nn.softmax(logits, axis=-1)
-    target = top_p * (1 - 1e-6)  # forgive float rounding in sums that should equal top_p
-    t = largest_threshold(probs, lambda p, t: jnp.sum(jnp.where(p >= t, p, 0.0), axis=-1,
-                                                      keepdims=True), target)
-    return jnp.where(probs >= t, logits, -jnp.inf)
+    ranked = -jnp.sort(-probs, axis=-1)  # [B, V] each row's probabilities, largest first
+    before = jnp.cumsum(ranked, axis=-1) - ranked  # the mass of the tokens ranked above
+    # A token is kept while the mass above it is short of top_p (the factor
+    # forgives float rounding in sums that should equal top_p exactly).
+    n_kept = jnp.sum(before < top_p * (1 - 1e-6), axis=-1, keepdims=True)  # [B, 1], >= 1
+    smallest = jnp.take_along_axis(ranked, n_kept - 1, axis=-1)  # [B, 1]
+    return jnp.where(probs >= smallest, logits, -jnp.inf)
 
 
 def sample_token(key, logits, temperature, top_k=None, top_p=1.0):
     """Draws one token per row. logits: float32[B, V] -> int32[B].
     temperature 0 is greedy (argmax); otherwise logits / temperature, then the
-    top_k most likely (if given), then the top_p nucleus (if < 1), then one
-    draw by inverting the cumulative distribution with a single uniform number
-    per row (jax.random.categorical would draw V Gumbel numbers per row)."""
+    top_k most likely (if given), then the top_p nucleus (if < 1), then a draw
+    from the softmax of what is left."""
     greedy = jnp.argmax(logits, axis=-1)
     logits = logits / jnp.maximum(temperature, 1e-6)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p < 1.0:
         logits = top_p_filter(logits, top_p)
-    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, V]
-    u = jax.random.uniform(key, (logits.shape[0], 1), minval=1e-7) * cdf[:, -1:]
-    sampled = jnp.sum(cdf < u, axis=-1)  # the first token whose cdf reaches u
+    sampled = jax.random.categorical(key, logits, axis=-1)
     return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
 
 
@@ -944,17 +904,18 @@ def check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top
                          "or ask for fewer tokens")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "n_slots", "cache_len"))
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "n_slots", "cache_len",
+                                             "sample"))
 def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, config, top_k,
-              top_p, n_slots, cache_len):
+              top_p, n_slots, cache_len, sample):
     """The compiled part of generate. prompts: int32[B, P] (right-padded),
     lengths: int32[B], n_new: how many tokens to draw (traced, <= n_slots).
     The cache is created here, so it never leaves the device; the decode loop is
     one lax.while_loop, so the whole generation is one XLA program.
     temperature, n_new and stop_token are traced: any value reuses the program.
     top_k and top_p are static (each new value compiles once) because they
-    change the program's shape: whether a filter runs at all, and top_k is a
-    count the bisection compares against.
+    change the program's shape: whether a filter runs at all, and top_k is
+    lax.top_k's output size.
     Right padding is harmless: the prefill writes the padding's keys and
     values into a short row's cache slots past its length, but the mask lets
     each query see only slots up to its own position, and each new token is
@@ -977,7 +938,7 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
     def body(state):
         i, cache, last, out, done, key = state
         key, sub = jax.random.split(key)
-        token = jnp.where(done, stop_token, sample_token(sub, last, temperature, top_k, top_p))
+        token = jnp.where(done, stop_token, sample(sub, last, temperature, top_k, top_p))
         out = out.at[:, i].set(token)
         done = done | (token == stop_token)
         logits, cache = model_forward(params, token[:, None], config, cache, lengths + i)
@@ -988,13 +949,15 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
 
 
 def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0, top_k=None,
-             top_p=None, stop_token=None):
+             top_p=None, stop_token=None, sample=sample_token):
     """Continues one prompt (a list of token ids) or a batch of them (a list of
     lists, lengths may differ). The prompts are prefilled into a KV cache in
     one forward pass, then tokens are drawn one at a time inside one compiled
     loop; compilation happens once per (batch size, prompt-length bucket,
     max_new_tokens bucket, top_k, top_p), never per token. Rows that draw
-    stop_token stop there (the stop token ends their list).
+    stop_token stop there (the stop token ends their list). sample: a function
+    with sample_token's arguments (Part II's command line passes a faster one,
+    section 10).
     -> the prompt plus its new tokens, as a list of ints (or a list of such
     lists for a batch)."""
     single = len(prompt_tokens) > 0 and not isinstance(prompt_tokens[0], (list, tuple, np.ndarray))
@@ -1012,7 +975,7 @@ def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0
     new = _generate(params, padded, np.array([len(p) for p in prompts], np.int32), key,
                     jnp.float32(temperature), jnp.int32(max_new_tokens), jnp.int32(stop),
                     config=config, top_k=top_k, top_p=top_p, n_slots=n_slots,
-                    cache_len=cache_len)
+                    cache_len=cache_len, sample=sample)
     results = []
     for p, row in zip(prompts, np.asarray(new)):
         row = row[:max_new_tokens].tolist()
@@ -1058,35 +1021,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 # arguments of jax.jit. Checkpoints store their fields, as they always have.
 
 
-@jax.custom_vjp
-def _dense_bf16(x, w):
-    return _dense_bf16_fwd(x, w)[0]
-
-
-# In PyTorch terms: autocast to bfloat16 plus a torch.autograd.Function whose
-# backward is written by hand. The forward keeps the bfloat16 operands for the
-# backward; the two empty arrays carry only the input dtypes (residuals must
-# be arrays), so the gradients come back in x's and w's own dtypes.
-def _dense_bf16_fwd(x, w):
-    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
-    return out, (xb, wb, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
-
-
-def _dense_bf16_bwd(residuals, g):
-    # JAX's own rule would multiply the float32 gradient with float32 copies of
-    # the operands; rounding g to bfloat16 keeps both products on the fast path.
-    xb, wb, x_like, w_like = residuals
-    gb = g.astype(jnp.bfloat16)
-    dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
-    dw = jnp.dot(xb.reshape(-1, xb.shape[-1]).T, gb.reshape(-1, gb.shape[-1]),
-                 preferred_element_type=jnp.float32)
-    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
-
-
-_dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
-
-
 @dataclass(frozen=True)
 class RunModelConfig(ModelConfig):
     """ModelConfig plus the speed and memory options of section 10."""
@@ -1099,6 +1033,9 @@ class RunModelConfig(ModelConfig):
     # jax.checkpoint around each block: the backward pass recomputes a block's
     # activations from its input instead of keeping them (--remat).
     remat: bool = False
+    # --attention: "fused" trains with jax.nn.dot_product_attention
+    # (fused_attend: cuDNN's kernel on a GPU); "explicit" with Part I's attend.
+    attention: str = "fused"
 
     def __post_init__(self):
         super().__post_init__()
@@ -1107,12 +1044,8 @@ class RunModelConfig(ModelConfig):
                              f"got {self.loss_impl!r}")
         if self.loss_block <= 0:
             raise InputError(f"ModelConfig.loss_block must be positive, got {self.loss_block}")
-
-    def matmul(self, x, w):
-        """Part I's matmul, with the hand-written bfloat16 gradient of section 10."""
-        if self.compute_dtype == "bfloat16":
-            return _dense_bf16(x, w)
-        return x @ w
+        if self.attention not in ("fused", "explicit"):
+            raise InputError(f"--attention {self.attention}: choose fused or explicit")
 
 
 # The matrices LoRA can adapt, and the part of a block each belongs to.
@@ -1242,9 +1175,9 @@ def health_block(p, x, cos, sin, mask, config, cache=None, position=None, key=No
 def block_health(p, x_in, x_out, cos, sin, mask, config):
     """One block's figures, called by forward_hidden when it is asked for them.
     p: the block's weights, x_in/x_out: [B, T, D] the residual stream before and
-    after it -> {"rms": scalar, "entropy": scalar}. The fused attention kernel
-    does not return its weights, so the queries, keys and scores are computed
-    again here (three matmuls per block, forward only; tools/bench_health.py
+    after it -> {"rms": scalar, "entropy": scalar}. A block does not return its
+    attention weights (the fused kernel never even forms them), so the
+    queries, keys and scores are computed again here (three matmuls per block, forward only; tools/bench_health.py
     measures the cost); stop_gradient keeps all of it out of the backward pass."""
     p, x_in, x_out = jax.lax.stop_gradient((p, x_in, x_out))
     q, k, _ = attention_qkv(p["attention"], rms_norm(x_in, p["attention_norm"], config.norm_eps),
@@ -1375,7 +1308,7 @@ def save_health_plot(records, path):
 
 
 # =============================================================================
-# 10. Speed: a bfloat16 matmul gradient, the blockwise loss, the auto choices
+# 10. Speed: faster kernels and sampling, the blockwise loss, the auto choices
 # =============================================================================
 # A target of IGNORE carries no loss: the prompts of chat data (section 17) and
 # padding. (PyTorch's ignore_index; Hugging Face labels use -100.)
@@ -1393,6 +1326,139 @@ def masked_cross_entropy(logits, targets, config):
     target_logits = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     nats = jax.nn.logsumexp(logits, axis=-1) - target_logits
     return jnp.sum(jnp.where(keep, nats, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+
+
+# Part II's kernels for the training step, passed to Part I's transformer_block
+# (its dense= and attend= seams). First, the bfloat16 matmul with a
+# hand-written gradient: JAX's own rule for Part I's dense multiplies the
+# float32 gradient with the bfloat16 operands promoted to float32 (the slow
+# path), then rounds dx and dw to bfloat16. In PyTorch terms: autocast to
+# bfloat16 plus a torch.autograd.Function whose backward is written by hand.
+# It halves the cpu preset's step: 472 against 995 ms for the loss and its
+# gradients on the AMD EPYC (`python tools/bench_kernels.py`, docs/speed.md).
+
+
+@jax.custom_vjp
+def _dense_bf16(x, w):
+    return _dense_bf16_fwd(x, w)[0]
+
+
+# The forward keeps the bfloat16 operands for the backward; the two empty
+# arrays carry only the input dtypes (residuals must be arrays), so the
+# gradients come back in x's and w's own dtypes.
+def _dense_bf16_fwd(x, w):
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
+    return out, (xb, wb, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+
+
+def _dense_bf16_bwd(residuals, g):
+    # Rounding g to bfloat16 keeps both products on the fast path; they sum in
+    # float32, and the gradients are not rounded.
+    xb, wb, x_like, w_like = residuals
+    gb = g.astype(jnp.bfloat16)
+    dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
+    dw = jnp.dot(xb.reshape(-1, xb.shape[-1]).T, gb.reshape(-1, gb.shape[-1]),
+                 preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+_dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
+
+
+def run_dense(x, w, config):
+    """Part I's dense, with the hand-written gradient under bfloat16 compute
+    (the same forward values)."""
+    return _dense_bf16(x, w) if config.compute_dtype == "bfloat16" else x @ w
+
+
+def fused_attend(q, k, v, mask, dtype=None):
+    """Part I's attend for training (causal, no cache) by
+    jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU, XLA's own
+    implementation elsewhere, K < H without copying K/V. It applies the causal
+    mask itself (is_causal, so cuDNN skips the blocks above the diagonal) and
+    ignores `mask`. dtype: the inputs' dtype for the kernel (bfloat16 runs
+    pass bfloat16, which cuDNN takes); None keeps q's."""
+    dt = dtype or q.dtype
+    return jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), is_causal=True)
+
+
+def run_block(config):
+    """The block Part II trains with: Part I's transformer_block with
+    run_dense and, for attention "fused", fused_attend; wrapped in
+    jax.checkpoint for --remat (keep only each block's input for the backward
+    pass and recompute the rest there; config, argument 5, is static)."""
+    attend_fn = attend
+    if config.attention == "fused":
+        attend_fn = functools.partial(fused_attend, dtype=config.dtype)
+    block = functools.partial(transformer_block, dense=run_dense, attend=attend_fn)
+    return jax.checkpoint(block, static_argnums=(5,)) if config.remat else block
+
+
+# Sampling without a sort, for the command line's generation and chat. Part
+# I's sample_token sorts the vocabulary for top-p and draws with
+# jax.random.categorical (one Gumbel number per vocabulary entry). Here the
+# top-k and top-p thresholds are found by bisection on the values (40 passes
+# of V comparisons, no data movement) and the token is drawn by inverting the
+# cumulative distribution with one uniform number per row. Measured with
+# `python tools/bench_sampling.py` (alternating rounds, V = 50,257; AMD EPYC, 2
+# cores): ms per draw, Part I's against these, at batch 1 and 8: top-k 50
+# 10.6 vs 0.93 and 72.8 vs 4.8; top-p 0.9 12.3 vs 0.82 and 90.6 vs 4.7; no
+# filter 3.1 vs 0.42 and 6.0 vs 1.95 (3 to 19 times faster).
+
+
+def largest_threshold(values, count_at_least, target, iterations=40):
+    """Bisection, per row, for the largest t with count_at_least(values, t) >=
+    target, where count_at_least(values, t) shrinks as t grows. values:
+    float32[B, V] -> t: float32[B, 1]. 40 halvings of the value range reach
+    float32 resolution."""
+    lo = jnp.min(values, axis=-1, keepdims=True)  # count_at_least(lo) is everything
+    hi = jnp.max(values, axis=-1, keepdims=True) + 1.0  # count_at_least(hi) is nothing
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        enough = count_at_least(values, mid) >= target
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    return jax.lax.fori_loop(0, iterations, halve, (lo, hi))[0]
+
+
+def bisection_top_k(logits, top_k):
+    """top_k_filter (section 7) by bisection. float32[B, V] -> float32[B, V]."""
+    # -inf entries (masked tokens) count as just below the row's smallest
+    # finite logit, so the bisection's range stays the finite logits' range.
+    low = jnp.min(jnp.where(jnp.isfinite(logits), logits, jnp.inf), axis=-1, keepdims=True)
+    finite = jnp.where(jnp.isfinite(logits), logits, low - 1.0)
+    kth = largest_threshold(finite, lambda x, t: jnp.sum(x >= t, axis=-1, keepdims=True), top_k)
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def bisection_top_p(logits, top_p):
+    """top_p_filter (section 7) by bisection: the kept set is every token with
+    probability >= t for the largest t whose set still holds top_p of the
+    mass. float32[B, V] -> float32[B, V]."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    target = top_p * (1 - 1e-6)  # as in top_p_filter
+    t = largest_threshold(probs, lambda p, t: jnp.sum(jnp.where(p >= t, p, 0.0), axis=-1,
+                                                      keepdims=True), target)
+    return jnp.where(probs >= t, logits, -jnp.inf)
+
+
+def fast_sample_token(key, logits, temperature, top_k=None, top_p=1.0):
+    """sample_token's draw (the same distribution, other random numbers) with
+    the bisection filters and one uniform number per row.
+    logits: float32[B, V] -> int32[B]."""
+    greedy = jnp.argmax(logits, axis=-1)
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k is not None:
+        logits = bisection_top_k(logits, top_k)
+    if top_p < 1.0:
+        logits = bisection_top_p(logits, top_p)
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, V]
+    u = jax.random.uniform(key, (logits.shape[0], 1), minval=1e-7) * cdf[:, -1:]
+    sampled = jnp.sum(cdf < u, axis=-1)  # the first token whose cdf reaches u
+    return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
 
 
 def auto_compute_dtype(cpuinfo=None):
@@ -1540,20 +1606,15 @@ blockwise_cross_entropy = jax.custom_vjp(blockwise_cross_entropy, nondiff_argnum
 blockwise_cross_entropy.defvjp(_blockwise_ce_fwd, _blockwise_ce_bwd)
 
 
-# --remat: keep only each block's input for the backward pass, and recompute
-# the rest of its activations there (config, argument 5, is static).
-remat_block = jax.checkpoint(transformer_block, static_argnums=(5,))
-
-
 def run_loss_aux(params, batch, config, training=False, key=None, health=False):
-    """Part I's compute_loss with the options of RunModelConfig: each block
-    wrapped in jax.checkpoint for --remat, the blockwise cross-entropy where
+    """Part I's compute_loss with the options of RunModelConfig: Part II's
+    kernels and --remat (run_block), the blockwise cross-entropy where
     use_blockwise picks it, and with health=True each block's health figures
     (health_block, section 9). Targets of IGNORE (the prompts of chat data,
     section 17) carry no loss. -> (loss, [per-block figures] or [None] * L)."""
     config, _ = run_configs(config)
     inputs, targets = batch
-    block = remat_block if config.remat else transformer_block
+    block = run_block(config)
     if health:
         block = functools.partial(health_block, block=block)
     h, stats = forward_hidden(params, inputs, config, training=training, key=key, block=block)
@@ -1561,7 +1622,8 @@ def run_loss_aux(params, batch, config, training=False, key=None, health=False):
         loss = blockwise_cross_entropy(h.reshape(-1, h.shape[-1]), output_weight(params),
                                        targets.reshape(-1), config)
     else:  # Part I's cross_entropy, but targets of IGNORE count for nothing (chat data)
-        loss = masked_cross_entropy(output_logits(params, h, config), targets, config)
+        logits = at_least_f32(run_dense(h, output_weight(params), config))  # [B, T, V_padded]
+        loss = masked_cross_entropy(logits, targets, config)
     return loss, stats
 
 
@@ -1596,7 +1658,7 @@ def loss_buffer_bytes(config, n_tokens):
               jax.ShapeDtypeStruct((n_tokens,), jnp.int32))
 
     def plain_loss(h, w, t):
-        return cross_entropy(output_logits({"output": w}, h, config), t, config)
+        return masked_cross_entropy(output_logits({"output": w}, h, config), t, config)
 
     def blockwise_loss(h, w, t):
         return blockwise_cross_entropy(h, w, t, config)
@@ -3879,7 +3941,8 @@ def chat_turn(params, config, tokenizer, messages, sampling, key, template=None,
 # Streaming: the same sampling, one token per call, so that a chat can print
 # each token as it is drawn. Two programs, each compiled once per shape: the
 # prefill (per prompt-length bucket) and one decoding step (the position is
-# traced). With the same key, the tokens equal generate's (a test checks it).
+# traced). With the same key, the tokens equal generate's with
+# sample=fast_sample_token (a test checks it).
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_len"))
@@ -3896,7 +3959,7 @@ def _prefill(params, prompt, length, *, config, cache_len):
 def _decode_step(params, last, cache, position, key, temperature, *, config, top_k, top_p):
     """Draws a token from `last` [1, V] and runs it through the model at
     `position` -> (token int32[1], the next logits [1, V], cache)."""
-    token = sample_token(key, last, temperature, top_k, top_p)
+    token = fast_sample_token(key, last, temperature, top_k, top_p)
     logits, cache = model_forward(params, token[:, None], config, cache, position)
     return token, logits[:, 0], cache
 
@@ -4721,7 +4784,7 @@ def run_steps(run, stop, time_budget):
                 log(f"time budget of {time_budget:g} min reached at step {done}: "
                     "evaluating and saving")
             evaluate_and_save(run, done)
-            t_last = time.perf_counter()  # evaluation time is not training speed
+            t_last, step_last = time.perf_counter(), done  # evaluation time is not training speed
             if calibrate:  # a new schedule recompiles: count one more compile
                 tc = fit_schedule_to_budget(
                     tc, done, deadline - t_last - (t_first - t_start),
@@ -4862,15 +4925,20 @@ PRESETS = {
     # held-out plays, that beat the width-256, 600-step preset by 0.18 nats
     # per token (docs/results.md). About three passes over the corpus, so no
     # dropout; small batches give more optimizer steps in the time.
+    # The fused attention call: no slower than Part I's attend here, 1% and 5%
+    # faster in two runs of tools/bench_kernels.py on the AMD EPYC (bfloat16),
+    # 3% in float32 (docs/speed.md).
     "cpu": (dict(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=256,
-                 dropout_rate=0.0, tie_embeddings=True, compute_dtype="auto"),
+                 dropout_rate=0.0, tie_embeddings=True, compute_dtype="auto",
+                 attention="fused"),
             dict(steps=1000, batch_size=8, seq_len=128, lr=3e-3, min_lr=1.5e-4, warmup_steps=50,
                  eval_every=100)),
     # One H100/H200, bfloat16 compute. Not yet measured (docs/gpu.md): a wider,
-    # deeper model with dropout, for about 20 passes over the corpus.
+    # deeper model with dropout, for about 20 passes over the corpus, and
+    # cuDNN's fused attention (also not yet timed against attend there).
     "gpu": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512,
                  dropout_rate=0.2, tie_embeddings=True, compute_dtype="bfloat16",
-                 vocab_multiple=128),
+                 vocab_multiple=128, attention="fused"),
             dict(steps=800, batch_size=32, seq_len=256, lr=1e-3, min_lr=1e-4,
                  warmup_steps=100, eval_every=100)),
 }
@@ -4921,7 +4989,7 @@ MODEL_FIELDS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
                 "n_kv_heads": "n_kv_heads", "ffn_dim": "ffn_dim", "max_seq_len": "max_seq_len",
                 "dropout": "dropout_rate", "tie_embeddings": "tie_embeddings",
                 "dtype": "compute_dtype", "loss_impl": "loss_impl", "loss_block": "loss_block",
-                "remat": "remat"}
+                "remat": "remat", "attention": "attention"}
 TRAINING_FIELDS = ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
                    "weight_decay", "eval_every", "log_every", "seed", "health", "grad_accum",
                    "optimizer", "adam_lr")
@@ -5001,7 +5069,8 @@ def print_sample(params, config, tokenizer, args, key, log=print):
         stop = special_token(tokenizer, ENDOFTEXT, "<|end_of_text|>")
     t0 = time.perf_counter()
     out = generate(params, prompt, max_new, config, key, temperature=args.temperature,
-                   top_k=args.top_k or None, top_p=args.top_p, stop_token=stop)
+                   top_k=args.top_k or None, top_p=args.top_p, stop_token=stop,
+                   sample=fast_sample_token)
     elapsed = time.perf_counter() - t0
     new = out[len(prompt):]
     if new and new[-1] == stop:
@@ -5043,7 +5112,8 @@ def fine_tuning_configs(args, source):
     preset, tc = resolve_configs(run_args)  # compute dtype, dropout, loss; training flags
     config = dataclasses.replace(source["config"], compute_dtype=preset.compute_dtype,
                                  dropout_rate=preset.dropout_rate, loss_impl=preset.loss_impl,
-                                 loss_block=preset.loss_block, remat=preset.remat)
+                                 loss_block=preset.loss_block, remat=preset.remat,
+                                 attention=preset.attention)
     lora = dict(lora_rank=args.lora_rank or 0, lora_alpha=args.lora_alpha or 16.0,
                 lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets
                 else RunTrainConfig.lora_targets)
@@ -5375,9 +5445,10 @@ def bench_prompts(config, batch):
 def decode_speed(params, config, batch, n_new, seed=1):
     """Tokens/s of generate for `batch` 16-token prompts (compiled beforehand)."""
     prompt = bench_prompts(config, batch)
-    generate(params, prompt, n_new, config, jax.random.PRNGKey(0))  # compile
+    generate(params, prompt, n_new, config, jax.random.PRNGKey(0),
+             sample=fast_sample_token)  # compile
     t0 = time.perf_counter()
-    generate(params, prompt, n_new, config, jax.random.PRNGKey(seed))
+    generate(params, prompt, n_new, config, jax.random.PRNGKey(seed), sample=fast_sample_token)
     return batch * n_new / (time.perf_counter() - t0)
 
 
@@ -5674,6 +5745,10 @@ def build_parser():
     model.add_argument("--dropout", type=float, help=f"dropout rate ({preset_help('dropout_rate')})")
     model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
                        help=f"share the input embedding with the output layer ({preset_help('tie_embeddings')})")
+    model.add_argument("--attention", choices=["fused", "explicit"],
+                       help="the training step's attention: fused, jax.nn.dot_product_attention "
+                            "(cuDNN's kernel on a GPU), or explicit, Part I's attend; decoding "
+                            f"always runs attend ({preset_help('attention')})")
     model.add_argument("--loss", choices=["auto", "plain", "blockwise"], dest="loss_impl",
                        help="how the cross-entropy is computed: plain holds the [B*T, V] "
                             "logits; blockwise takes loss_block tokens at a time and never "

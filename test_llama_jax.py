@@ -229,22 +229,23 @@ def test_forward_matches_numpy_oracle(tied):
                                rtol=1e-4)
 
 
-def test_reference_attention_path_matches_oracle():
-    config = dataclasses.replace(TINY, fused_attention=False)
-    params = random_params(config)
-    tokens = tokens_for(config, 2, 12)
-    logits, _ = forward(params, tokens, config)
-    np.testing.assert_allclose(logits, np_llama_forward(params, tokens, config), atol=2e-4,
-                               rtol=1e-4)
-
-
 def test_fused_attention_equals_explicit_attention():
+    # Part II's fused kernel against Part I's attend, alone and in the loss.
     q = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 6, 8))
     k = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 2, 8))
     v = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 2, 8))
     causal = jnp.tril(jnp.ones((1, 9, 9), bool))
-    np.testing.assert_allclose(jax.nn.dot_product_attention(q, k, v, is_causal=True),
-                               L.attention_reference(q, k, v, causal), atol=1e-5)
+    np.testing.assert_allclose(L.fused_attend(q, k, v, causal), L.attend(q, k, v, causal),
+                               atol=1e-5)
+    config = L.run_configs(TINY)[0]
+    assert config.attention == "fused"  # Part II's default, as before --attention existed
+    params = random_params(TINY)
+    tokens = tokens_for(TINY, 2, 12)
+    batch = (tokens, jnp.roll(tokens, -1, 1))
+    fused = L.run_eval_loss(params, batch, config)
+    explicit = L.run_eval_loss(params, batch, dataclasses.replace(config, attention="explicit"))
+    assert float(fused) == pytest.approx(float(L.eval_loss(params, batch, TINY)), rel=1e-5)
+    assert float(explicit) == pytest.approx(float(L.eval_loss(params, batch, TINY)), rel=1e-6)
 
 
 def test_causality_future_tokens_do_not_change_past_logits():
@@ -374,9 +375,8 @@ def test_half_split_rope_equals_metas_interleaved_complex_rope_after_permutation
 
 
 def test_gradients_match_finite_differences():
-    # The explicit attention path: the fused kernel computes scores in float32.
-    config = L.ModelConfig(tie_embeddings=False, vocab_size=11, dim=8, n_layers=1, n_heads=2, n_kv_heads=1,
-                           max_seq_len=8, vocab_multiple=8, fused_attention=False)
+    config = L.ModelConfig(tie_embeddings=False, vocab_size=11, dim=8, n_layers=1, n_heads=2,
+                           n_kv_heads=1, max_seq_len=8, vocab_multiple=8)
     with jax.enable_x64(True):
         params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64),
                                         random_params(config, scale=0.5))
@@ -481,8 +481,8 @@ def test_bfloat16_compute_agrees_with_float32():
     np.testing.assert_allclose(a, b, atol=0.05, rtol=0.05)
     assert float(L.eval_loss(params, batch, bf16)) == pytest.approx(
         float(L.eval_loss(params, batch, TINY)), rel=1e-2)
-    # The bfloat16 backward pass (Part I's ModelConfig.matmul, differentiated
-    # by JAX) gives nearly the float32 gradient.
+    # The bfloat16 backward pass (Part I's dense, differentiated by JAX)
+    # gives nearly the float32 gradient.
     g32 = loss_grad(params, batch, config=TINY)
     g16 = loss_grad(params, batch, config=bf16)
     for a, b in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)):
@@ -493,15 +493,17 @@ def test_bfloat16_compute_agrees_with_float32():
 
 @pytest.mark.slow
 def test_hand_written_bfloat16_gradient_agrees_with_jaxs_and_float32():
-    # Part II's hand-written bfloat16 matmul gradient (_dense_bf16, installed
-    # by RunModelConfig) against float32 and against JAX's own bfloat16 one.
+    # Part II's hand-written bfloat16 matmul gradient (run_dense, in Part II's
+    # loss) against float32 and against JAX's own bfloat16 one (Part I's).
     bf16 = dataclasses.replace(TINY, compute_dtype="bfloat16")
     params = L.init_params(jax.random.PRNGKey(0), TINY)
     tokens = tokens_for(TINY, 2, 16)
     batch = (tokens, jnp.roll(tokens, -1, 1))
     g32 = loss_grad(params, batch, config=TINY)
     g_autodiff = loss_grad(params, batch, config=bf16)
-    g_written = loss_grad(params, batch, config=L.run_configs(bf16)[0])
+    run_bf16 = dataclasses.replace(L.run_configs(bf16)[0], attention="explicit", loss_impl="plain")
+    g_written = jax.jit(jax.grad(L.run_loss), static_argnames="config")(params, batch,
+                                                                       config=run_bf16)
     for g16 in (g_autodiff, g_written):
         for a, b in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)):
             cosine = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)
@@ -692,7 +694,8 @@ def test_part_one_mutates_no_argument_while_traced():
 def test_part_one_step_equals_part_two_step_without_its_options():
     # Part I's plain step and Part II's run_step (health off, the plain loss,
     # one device) are the same optimisation: same loss, same new weights.
-    config = dataclasses.replace(L.run_configs(TINY)[0], loss_impl="plain", dropout_rate=0.1)
+    config = dataclasses.replace(L.run_configs(TINY)[0], loss_impl="plain", dropout_rate=0.1,
+                                 attention="explicit")
     tc = L.RunTrainConfig(batch_size=2, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
     data = jnp.asarray(tokens_for(config, 1, 300)[0])
     keys = L.run_keys(jax.random.PRNGKey(0))
@@ -1259,7 +1262,7 @@ def test_block_health_on_blocks_with_known_answers():
     # With wq = 0 every score is 0, so each query spreads evenly over the keys it
     # may see: entropy log(t + 1) at position t. With wo = w2 = 0 each block adds
     # nothing, so the residual stream after every block is the embedding.
-    config = dataclasses.replace(TINY, fused_attention=False)
+    config = dataclasses.replace(L.run_configs(TINY)[0], attention="explicit")
     params = random_params(config)
     for layer in params["layers"]:
         layer["attention"]["wq"] = jnp.zeros_like(layer["attention"]["wq"])
@@ -1523,20 +1526,30 @@ def test_generation_sizes_its_cache_to_the_request_not_the_context(monkeypatch):
     assert out_long == out_short == naive_greedy(params, prompt, 20, TINY)
 
 
-def test_top_k_1_equals_greedy():
+# Part I's sampler (lax.top_k, a sort, jax.random.categorical) and Part II's
+# (bisection, one uniform number per row) pass the same tests.
+SAMPLERS = {"sort": (L.top_k_filter, L.top_p_filter, L.sample_token),
+            "bisection": (L.bisection_top_k, L.bisection_top_p, L.fast_sample_token)}
+sampler_names = pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+
+
+@sampler_names
+def test_top_k_1_equals_greedy(sampler):
     params = random_params(TINY)
     greedy = L.generate(params, [3, 1, 4], 15, TINY, jax.random.PRNGKey(0), temperature=0.0)
     top1 = L.generate(params, [3, 1, 4], 15, TINY, jax.random.PRNGKey(7), temperature=1.0,
-                      top_k=1)
+                      top_k=1, sample=SAMPLERS[sampler][2])
     assert top1 == greedy
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
+@sampler_names
+def test_top_p_keeps_the_smallest_set_reaching_p(sampler):
+    top_k_filter, top_p_filter, sample_token = SAMPLERS[sampler]
     probs = np.array([[0.05, 0.5, 0.15, 0.3]])
     logits = jnp.log(jnp.asarray(probs, jnp.float32))
 
     def kept(p):
-        return set(np.flatnonzero(np.isfinite(np.asarray(L.top_p_filter(logits, p))[0])))
+        return set(np.flatnonzero(np.isfinite(np.asarray(top_p_filter(logits, p))[0])))
 
     assert kept(0.4) == {1}  # 0.5 alone reaches 0.4
     assert kept(0.5) == {1}
@@ -1545,52 +1558,60 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(1.0) == {0, 1, 2, 3}
 
 
-def test_top_k_keeps_exactly_the_k_largest_against_numpy():
+@sampler_names
+def test_top_k_keeps_exactly_the_k_largest_against_numpy(sampler):
+    top_k_filter, top_p_filter, sample_token = SAMPLERS[sampler]
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, 50257)).astype(np.float32) * 4
     logits[2, :10] = 30.0  # ten tied maxima: top-3 keeps all ten
     for k in (1, 7, 50, 1000):
-        kept = np.isfinite(np.asarray(L.top_k_filter(jnp.asarray(logits), k)))
+        kept = np.isfinite(np.asarray(top_k_filter(jnp.asarray(logits), k)))
         for row in range(2):
             assert set(np.flatnonzero(kept[row])) == set(np.argsort(-logits[row])[:k])
-    kept = np.isfinite(np.asarray(L.top_k_filter(jnp.asarray(logits), 3)))
+    kept = np.isfinite(np.asarray(top_k_filter(jnp.asarray(logits), 3)))
     assert set(np.flatnonzero(kept[2])) == set(range(10))
 
 
-def test_top_k_ignores_masked_minus_infinity_entries():
+@sampler_names
+def test_top_k_ignores_masked_minus_infinity_entries(sampler):
+    top_k_filter, top_p_filter, sample_token = SAMPLERS[sampler]
     # Logits already masked to -inf (a filter before, a padded vocabulary)
     # must not stretch the bisection's range past the finite logits.
     logits = jnp.asarray([[5.0, 3.0, -jnp.inf, 1.0], [-jnp.inf, -jnp.inf, 2.0, 7.0]])
     for k, expected in ((1, [[1, 0, 0, 0], [0, 0, 0, 1]]), (2, [[1, 1, 0, 0], [0, 0, 1, 1]])):
-        kept = np.isfinite(np.asarray(L.top_k_filter(logits, k))).astype(int)
+        kept = np.isfinite(np.asarray(top_k_filter(logits, k))).astype(int)
         np.testing.assert_array_equal(kept, expected)
 
 
-def test_top_p_matches_a_sorting_numpy_reference():
+@sampler_names
+def test_top_p_matches_a_sorting_numpy_reference(sampler):
+    top_k_filter, top_p_filter, sample_token = SAMPLERS[sampler]
     rng = np.random.default_rng(1)
     logits = (rng.normal(size=(4, 5000)) * 3).astype(np.float32)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     for p in (0.1, 0.5, 0.9, 0.99):
-        kept = np.isfinite(np.asarray(L.top_p_filter(jnp.asarray(logits), p)))
+        kept = np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits), p)))
         for row in range(4):
             order = np.argsort(-probs[row])
             n = np.searchsorted(np.cumsum(probs[row][order]), p) + 1  # smallest prefix >= p
             assert set(np.flatnonzero(kept[row])) == set(order[:n]), (p, row)
 
 
-def test_samples_follow_the_softmax_distribution():
+@sampler_names
+def test_samples_follow_the_softmax_distribution(sampler):
+    top_k_filter, top_p_filter, sample_token = SAMPLERS[sampler]
     logits = jnp.array([[2.0, 1.0, 0.5, -1.0, 0.0]])
     n = 40_000
     keys = jax.random.split(jax.random.PRNGKey(0), n)
     for temperature in (1.0, 2.0):
-        draws = jax.vmap(lambda k: L.sample_token(k, logits, temperature)[0])(keys)
+        draws = jax.vmap(lambda k: sample_token(k, logits, temperature)[0])(keys)
         freq = np.bincount(np.asarray(draws), minlength=5) / n
         expected = np.asarray(jax.nn.softmax(logits[0] / temperature))
         # Chi-square with 4 degrees of freedom: 18.5 is its 0.999 quantile.
         chi2 = n * np.sum((freq - expected) ** 2 / expected)
         assert chi2 < 18.5, (temperature, freq, expected)
-    top2 = jax.vmap(lambda k: L.sample_token(k, logits, 1.0, top_k=2)[0])(keys[:5000])
+    top2 = jax.vmap(lambda k: sample_token(k, logits, 1.0, top_k=2)[0])(keys[:5000])
     assert set(np.asarray(top2).tolist()) == {0, 1}
 
 
@@ -1933,8 +1954,10 @@ def test_walkthrough_notebook_runs_in_fast_mode(programs_beside):
     code, out, folder = finished(programs_beside, "test_walkthrough_notebook_runs_in_fast_mode")
     assert code == 0, out[-5000:]
     notebook = nbformat.read(folder / "executed.ipynb", as_version=4)
-    training = next(c for c in notebook.cells if "L.run_step(" in c.source)
-    assert any("image/png" in out.get("data", {}) for out in training.outputs)
+    # The training cell redraws its plot in place; the health cell draws its own.
+    for marker in ("L.train_step(params, opt_state, batch, dropout_key", "L.run_step("):
+        cell = next(c for c in notebook.cells if marker in c.source)
+        assert any("image/png" in out.get("data", {}) for out in cell.outputs), marker
     assert "fast mode: True" in notebook.cells[1].outputs[0]["text"]
 
 
@@ -1963,8 +1986,10 @@ def test_presets_resolve_to_valid_configs_and_flags_override_them():
         assert config.compute_dtype in ("float32", "bfloat16")
         assert tc.seq_len <= config.max_seq_len
     config, tc = L.resolve_configs(parser.parse_args(
-        ["--preset", "cpu", "--dim", "64", "--seq-len", "512", "--dtype", "float32", "--lr", "1e-4"]))
+        ["--preset", "cpu", "--dim", "64", "--seq-len", "512", "--dtype", "float32", "--lr", "1e-4",
+         "--attention", "explicit"]))
     assert (config.dim, config.max_seq_len, config.compute_dtype) == (64, 512, "float32")
+    assert config.attention == "explicit"
     assert (tc.seq_len, tc.lr, tc.min_lr) == (512, 1e-4, 1e-4)  # the floor never exceeds lr
 
 
@@ -2545,7 +2570,8 @@ def test_stream_tokens_equal_generate_with_the_same_key():
     prompt = [3, 14, 15, 92, 65]
     key = jax.random.PRNGKey(7)
     streamed = list(L.stream_tokens(params, prompt, 20, TINY, key, temperature=0.9, top_k=20))
-    assert streamed == L.generate(params, prompt, 20, TINY, key, temperature=0.9, top_k=20)[5:]
+    assert streamed == L.generate(params, prompt, 20, TINY, key, temperature=0.9, top_k=20,
+                                  sample=L.fast_sample_token)[5:]
     stop = streamed[6]
     short = list(L.stream_tokens(params, prompt, 20, TINY, key, temperature=0.9, top_k=20,
                                  stop_token=stop))
@@ -3382,3 +3408,4 @@ def test_many_process_flags_are_checked_before_anything_starts(capsys):
                    "--process-id", "1", "--coordinator-timeout", "1"]) == 2
     assert f"could not reach the coordinator at localhost:{port} within 1s" in \
         capsys.readouterr().err
+

@@ -14,7 +14,6 @@ Writes its scratch files under a temporary folder and deletes them.
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
