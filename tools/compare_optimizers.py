@@ -14,6 +14,7 @@ figure can be checked, and a run that exists already is not run again.
 """
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -55,7 +56,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lrs = {"adamw": args.adamw_lrs.split(","), "muon": args.muon_lrs.split(",")}
-    order = [(opt, lr) for pair in zip(*lrs.values()) for opt, lr in zip(lrs, pair)]
+    # alternating, AdamW's first, while both lists last (then the longer one's rest)
+    order = [(opt, lr) for pair in itertools.zip_longest(*lrs.values())
+             for opt, lr in zip(lrs, pair) if lr is not None]
     results = []
     for opt, lr in order:
         folder = out / f"{opt}-{lr}"
