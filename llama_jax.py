@@ -1177,8 +1177,9 @@ def block_health(p, x_in, x_out, cos, sin, mask, config):
     p: the block's weights, x_in/x_out: [B, T, D] the residual stream before and
     after it -> {"rms": scalar, "entropy": scalar}. A block does not return its
     attention weights (the fused kernel never even forms them), so the
-    queries, keys and scores are computed again here (three matmuls per block, forward only; tools/bench_health.py
-    measures the cost); stop_gradient keeps all of it out of the backward pass."""
+    queries, keys and scores are computed again here (three matmuls per
+    block, forward only; tools/bench_health.py measures the cost);
+    stop_gradient keeps all of it out of the backward pass."""
     p, x_in, x_out = jax.lax.stop_gradient((p, x_in, x_out))
     q, k, _ = attention_qkv(p["attention"], rms_norm(x_in, p["attention_norm"], config.norm_eps),
                             cos, sin, config)
@@ -1369,7 +1370,7 @@ _dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
 def run_dense(x, w, config):
     """Part I's dense, with the hand-written gradient under bfloat16 compute
     (the same forward values)."""
-    return _dense_bf16(x, w) if config.compute_dtype == "bfloat16" else x @ w
+    return _dense_bf16(x, w) if config.compute_dtype == "bfloat16" else dense(x, w, config)
 
 
 def fused_attend(q, k, v, mask, dtype=None):
@@ -5770,7 +5771,8 @@ def build_parser():
     training.add_argument("--lr", type=float, help=f"peak learning rate ({preset_help('lr')})")
     training.add_argument("--min-lr", type=float, help=f"cosine floor ({preset_help('min_lr')})")
     training.add_argument("--warmup-steps", type=int, help=f"linear warmup steps ({preset_help('warmup_steps')})")
-    training.add_argument("--weight-decay", type=float, help=f"decoupled weight decay ({preset_help('weight_decay')})")
+    training.add_argument("--weight-decay", type=float,
+                          help=f"decoupled weight decay ({preset_help('weight_decay')})")
     training.add_argument("--optimizer", choices=["adamw", "muon"],
                           help="adamw, or muon: Muon (momentum orthogonalised by Newton-Schulz) "
                                "for the blocks' matrices and AdamW for the embedding, output "
