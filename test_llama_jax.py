@@ -101,6 +101,14 @@ def spawn(folder, command, env, cwd=HERE):
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def spawn_pytest(folder, select, env):
+    """This file's tests whose names match `select` (-k), the slow ones
+    included, in a pytest of their own (spawn) -> Popen."""
+    return spawn(folder, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--basetemp", str(folder / "tmp"), "-m", "slow or not slow", "-rs",
+                          str(HERE / "test_llama_jax.py"), "-k", select], env)
+
+
 class Beside:
     """One program of BESIDE: its folder, its process once started, and an
     event set when it has ended (or was never started)."""
@@ -3299,11 +3307,8 @@ def test_chat_batches_split_over_the_mesh_give_one_devices_losses(chat_model):
 @beside("test_one_device_and_eight_train_the_same_model")
 def start_eight_devices(folder):
     env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"))
-    return spawn(folder, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "--basetemp", str(folder / "tmp"), "-m", "slow or not slow",
-                          str(HERE / "test_llama_jax.py"), "-k",
-                          "2x4 or accumulation or between_one_device or bad_meshes "
-                          "or chat_batches_split"], env)
+    return spawn_pytest(folder, "2x4 or accumulation or between_one_device or bad_meshes "
+                                "or chat_batches_split", env)
 
 
 @pytest.mark.slow
@@ -3434,10 +3439,7 @@ def test_many_process_flags_are_checked_before_anything_starts(capsys):
 @beside(MODEL_FILE_CHECK)
 def start_model_file_tests(folder):
     env = dict(os.environ, LLAMA_JAX_MODEL_FILE_TESTS="1")
-    return spawn(folder, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "--basetemp", str(folder / "tmp"), "-m", "slow or not slow", "-rs",
-                          str(HERE / "test_llama_jax.py"), "-k", " or ".join(MODEL_FILE_WORDS)],
-                 env)
+    return spawn_pytest(folder, " or ".join(MODEL_FILE_WORDS), env)
 
 
 @pytest.mark.slow
