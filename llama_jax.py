@@ -1375,13 +1375,30 @@ def run_dense(x, w, config):
 
 def fused_attend(q, k, v, mask, dtype=None):
     """Part I's attend for training (causal, no cache) by
-    jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU, XLA's own
-    implementation elsewhere, K < H without copying K/V. It applies the causal
-    mask itself (is_causal, so cuDNN skips the blocks above the diagonal) and
-    ignores `mask`. dtype: the inputs' dtype for the kernel (bfloat16 runs
-    pass bfloat16, which cuDNN takes); None keeps q's."""
+    jax.nn.dot_product_attention, K < H without copying K/V. On a GPU, where
+    cuDNN takes the inputs (cudnn_takes), it asks for cuDNN's fused kernel:
+    the function's default, implementation=None, is XLA's own on every backend
+    (jax/_src/nn/functions.py), which writes out the [B, H, T, T] scores. It
+    applies the causal mask itself (is_causal, so cuDNN skips the blocks
+    above the diagonal) and ignores `mask`. dtype: the inputs' dtype for the
+    kernel (bfloat16 runs pass bfloat16, which cuDNN takes); None keeps q's."""
     dt = dtype or q.dtype
-    return jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), is_causal=True)
+    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
+    if cudnn_takes(q):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):  # an older cuDNN refuses it
+            pass
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def cudnn_takes(q):
+    """Whether cuDNN's fused attention can take queries like q [B, T, H, Dh]:
+    on a GPU, in bfloat16 or float16, head width a multiple of 8 up to 128
+    (jax.nn.dot_product_attention's checks for implementation="cudnn" allow
+    up to 256 from Hopper on; 128 holds on every GPU cuDNN supports)."""
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 
 def run_block(config):
@@ -4708,17 +4725,23 @@ def save_run(run):
                          "with --resume") from err
 
 
-def evaluate_and_save(run, step):
-    """Part I's evaluation on the fixed windows of both splits, logged,
-    recorded and checkpointed."""
+def evaluate_splits(run):
+    """Part I's evaluation on the fixed windows of both splits: (train, val)."""
     weights = run_weights(run)
-    train_loss, val_loss = (evaluate_run(weights, run.config, run.eval_sets[s])
-                            for s in ("train", "val"))
+    return tuple(evaluate_run(weights, run.config, run.eval_sets[s]) for s in ("train", "val"))
+
+
+def evaluate_and_save(run, step):
+    """evaluate_splits, logged, recorded and checkpointed. -> the seconds
+    the saving took."""
+    train_loss, val_loss = evaluate_splits(run)
     run.history["eval"].append([step, train_loss, val_loss])
     write_record(run, {"kind": "eval", "step": step, "train_loss": train_loss,
                        "val_loss": val_loss})
     run.log(f"eval  step {step:5d} | train {train_loss:.4f} | val {val_loss:.4f}")
+    t0 = time.perf_counter()
     save_run(run)
+    return time.perf_counter() - t0
 
 
 def log_progress(run, done, since):
@@ -4784,14 +4807,20 @@ def run_steps(run, stop, time_budget):
             if out_of_time and done < tc.steps:
                 log(f"time budget of {time_budget:g} min reached at step {done}: "
                     "evaluating and saving")
-            evaluate_and_save(run, done)
-            t_last, step_last = time.perf_counter(), done  # evaluation time is not training speed
-            if calibrate:  # a new schedule recompiles: count one more compile
+            save_seconds = evaluate_and_save(run, done)
+            if calibrate:
+                # That evaluation compiled its programs (on a GPU, most of its
+                # time): a second, compiled pass is what each later one costs.
+                t0 = time.perf_counter()
+                evaluate_splits(run)
+                eval_seconds = time.perf_counter() - t0 + save_seconds
+                # A new schedule recompiles the step: count one more compile.
                 tc = fit_schedule_to_budget(
-                    tc, done, deadline - t_last - (t_first - t_start),
-                    (now - t_first) / (done - start_step - 1), t_last - now, time_budget, log)
+                    tc, done, deadline - time.perf_counter() - (t_first - t_start),
+                    (now - t_first) / (done - start_step - 1), eval_seconds, time_budget, log)
                 run.state.tc = dataclasses.replace(tc, steps=from_process_0(tc.steps),
                                                    warmup_steps=from_process_0(tc.warmup_steps))
+            t_last, step_last = time.perf_counter(), done  # evaluation time is not training speed
         if any_process(bool(stop))[0]:
             raise KeyboardInterrupt
         step = done
@@ -4934,9 +4963,10 @@ PRESETS = {
                  attention="fused"),
             dict(steps=1000, batch_size=8, seq_len=128, lr=3e-3, min_lr=1.5e-4, warmup_steps=50,
                  eval_every=100)),
-    # One H100/H200, bfloat16 compute. Not yet measured (docs/gpu.md): a wider,
-    # deeper model with dropout, for about 20 passes over the corpus, and
-    # cuDNN's fused attention (also not yet timed against attend there).
+    # One H100/H200, bfloat16 compute. Not yet tuned (docs/gpu.md): a wider,
+    # deeper model with dropout, for about 20 passes over the corpus (15 ms
+    # per step on an H200), and cuDNN's fused attention (not yet timed
+    # against attend there).
     "gpu": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512,
                  dropout_rate=0.2, tie_embeddings=True, compute_dtype="bfloat16",
                  vocab_multiple=128, attention="fused"),
@@ -5373,8 +5403,10 @@ def run_chat(args):
 # =============================================================================
 # 20. Benchmarks: --bench
 # =============================================================================
-# Dense bfloat16 peak of the cards we quote MFU against (NVIDIA datasheets, SXM).
+# Dense bfloat16 peak of the cards we quote MFU against, and their memory
+# bandwidth, which decoding at batch 1 is bound by (NVIDIA datasheets, SXM).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.039e12}
 
 
 def flops_per_token(config, seq_len):
@@ -5418,9 +5450,11 @@ def bench_train(config, tc, n_steps, mesh=None):
     loss.block_until_ready()
     per_step = (time.perf_counter() - t0) / n_steps
     tokens_per_s = tc.batch_size * tc.seq_len / per_step
+    stats = jax.local_devices()[0].memory_stats() or {}  # None on some backends
     return {"compile_s": compile_s, "ms_per_step": per_step * 1e3,
             "train_tokens_per_s": tokens_per_s, "devices": mesh.size,
             "train_tokens_per_s_per_device": tokens_per_s / mesh.size,
+            "peak_memory_bytes": stats.get("peak_bytes_in_use"),
             "recompiled": run_step._cache_size() > 1}, params
 
 
@@ -5467,14 +5501,34 @@ def bench_long_context(params, config, n_new, rounds=5):
             "ratio": best[131072] / best[256]}
 
 
+def decode_bytes_per_token(params, config, batch, cache_len):
+    """Bytes one decoding step reads from memory, per token, at `batch` rows:
+    every matrix once (in the compute dtype: decoding_weights), shared by the
+    rows; each row's whole KV cache (the mask, not the loop, skips the empty
+    slots); one embedding row (the whole table when it is also the output)."""
+    itemsize = jnp.dtype(config.dtype).itemsize
+    weights = sum(w.size * (itemsize if w.ndim > 1 else w.dtype.itemsize)
+                  for k, w in flatten_tree(params).items() if k != "tok_embeddings")
+    embedding = params["tok_embeddings"]
+    weights += embedding.size * itemsize if config.tie_embeddings else 0
+    cache = 2 * config.n_layers * cache_len * config.n_kv_heads * config.head_width * itemsize
+    return weights / batch + cache + embedding.shape[1] * itemsize
+
+
 def bench_decode(params, config, batch, n_new, n_naive):
+    """Cached decoding against naive_generate at `batch` rows: tokens/s of
+    each, and the bytes the cached loop reads per token."""
     cached = decode_speed(params, config, batch, n_new)
-    t0 = time.perf_counter()
-    naive_generate(params, np.array(bench_prompts(config, batch)), n_naive,
-                   config).block_until_ready()
-    naive = batch * n_naive / (time.perf_counter() - t0)
+    naive = None
+    if n_naive:  # 0: not timed (each of its lengths compiles: minutes on a GPU)
+        t0 = time.perf_counter()
+        naive_generate(params, np.array(bench_prompts(config, batch)), n_naive,
+                       config).block_until_ready()
+        naive = batch * n_naive / (time.perf_counter() - t0)
+    cache_len = decoding_shapes(16, n_new, config)[2]  # bench_prompts: 16 tokens
     return {"batch": batch, "new_tokens": n_new, "decode_tokens_per_s": cached,
-            "naive_tokens_per_s": naive, "speedup": cached / naive}
+            "naive_tokens_per_s": naive, "speedup": naive and cached / naive,
+            "bytes_per_token": decode_bytes_per_token(params, config, batch, cache_len)}
 
 
 def bench_loaded_model(args):
@@ -5507,13 +5561,23 @@ def bench_decoding(params, config, on_gpu, emit):
     with the context at 131,072 positions against 256, each emitted.
     -> the two bench_decode records."""
     n_new = min(128, config.max_seq_len - 16)
-    decode = [bench_decode(params, decoding_config(config), b, n_new, n_naive=4 if on_gpu else 6)
+    # On a GPU the naive loop's compiles (one per length) would take minutes.
+    decode = [bench_decode(params, decoding_config(config), b, n_new, n_naive=0 if on_gpu else 6)
               for b in (1, 8)]
+    device = jax.devices()[0]
+    name = getattr(device, "device_kind", device.platform)
+    bandwidth = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
     for d in decode:
+        read = d["bytes_per_token"] * d["decode_tokens_per_s"]  # bytes/s the loop reads
+        d["hbm_fraction"] = None if bandwidth is None else read / bandwidth
         emit({"kind": "decode", **d},
-             f"decode batch {d['batch']}: cached {d['decode_tokens_per_s']:,.1f} tok/s, "
-             f"naive full recompute {d['naive_tokens_per_s']:,.2f} tok/s "
-             f"({d['speedup']:,.0f}x)")
+             f"decode batch {d['batch']}: cached {d['decode_tokens_per_s']:,.1f} tok/s"
+             + (f", naive full recompute {d['naive_tokens_per_s']:,.2f} tok/s "
+                f"({d['speedup']:,.0f}x)" if d["naive_tokens_per_s"] else "")
+             + f"; reads {d['bytes_per_token'] / 1e6:,.1f} MB per token, "
+             f"{read / 1e9:,.0f} GB/s"
+             + (f" ({d['hbm_fraction']:.1%} of {name}'s {bandwidth / 1e12:.2f} TB/s)"
+                if bandwidth else ""))
     long = bench_long_context(params, decoding_config(config), min(n_new, 64), rounds=3)
     emit({"kind": "decode_long_context", **long},
          f"decode batch 1, the model's context at 131,072 positions: "
@@ -5567,7 +5631,9 @@ def run_bench(args):
             f"{describe_mesh(mesh)})" if mesh.size > 1 else "")
          + f", {train_result['ms_per_step']:.0f} ms/step, MFU {mfu:.1%} (per device, of "
          f"{peak / 1e12:.3g} TFLOP/s, {peak_source}; "
-         f"{fpt / 1e6:.0f} MFLOP/token), compile {train_result['compile_s']:.1f}s")
+         f"{fpt / 1e6:.0f} MFLOP/token), compile {train_result['compile_s']:.1f}s"
+         + (f", peak memory {gb(train_result['peak_memory_bytes'])}"
+            if train_result["peak_memory_bytes"] else ""))
     n_tokens = tc.batch_size * tc.seq_len
     loss_bytes = loss_buffer_bytes(config, n_tokens)
     chosen = "blockwise" if use_blockwise(config, n_tokens) else "plain"
