@@ -1000,6 +1000,7 @@ import codecs  # noqa: E402
 import contextlib  # noqa: E402
 import glob  # noqa: E402
 import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
@@ -1077,6 +1078,11 @@ class RunTrainConfig(TrainConfig):
     optimizer: str = "adamw"
     adam_lr: float | None = None
     muon_momentum: float = 0.95  # Jordan's and optax's
+    # --checkpoint: "npz" (one file, gathered), "orbax" (each process writes
+    # its own shards, in the background; section 15) or "auto"
+    # (checkpoint_format); with Orbax, the last keep_checkpoints steps are kept.
+    checkpoint: str = "auto"
+    keep_checkpoints: int = 3
 
     def __post_init__(self):
         super().__post_init__()
@@ -1095,6 +1101,11 @@ class RunTrainConfig(TrainConfig):
         if self.grad_accum <= 0:
             raise InputError(f"TrainConfig.grad_accum (--grad-accum) must be positive, "
                              f"got {self.grad_accum}")
+        if self.checkpoint not in ("auto", "npz", "orbax"):
+            raise InputError(f"--checkpoint {self.checkpoint}: choose auto, npz or orbax")
+        if self.keep_checkpoints < 1:
+            raise InputError(f"--keep-checkpoints must be at least 1, got "
+                             f"{self.keep_checkpoints}")
         if self.lora_rank < 0 or self.lora_alpha <= 0:
             raise InputError(f"TrainConfig: need lora_rank >= 0 (--lora-rank) and lora_alpha "
                              f"> 0 (--lora-alpha), got {self.lora_rank} and {self.lora_alpha}")
@@ -2841,13 +2852,15 @@ class RunFiles(NamedTuple):
     metrics: Path      # metrics.jsonl: one JSON line per logged step (section 9)
     loss_plot: Path    # loss.png
     health_plot: Path  # health.png (section 9)
+    orbax: Path        # ckpt.orbax/: the same, as Orbax's step folders (--checkpoint orbax)
 
 
 def run_files(out_dir):
     """Where a run in out_dir keeps its files: every path into an out-dir is
     built here. -> RunFiles."""
     out = Path(out_dir)
-    return RunFiles(out / "ckpt.npz", out / "metrics.jsonl", out / "loss.png", out / "health.png")
+    return RunFiles(out / "ckpt.npz", out / "metrics.jsonl", out / "loss.png", out / "health.png",
+                    out / "ckpt.orbax")
 
 
 def special_token(tokenizer, *names):
@@ -2898,6 +2911,13 @@ def config_from_json(cls, d):
     return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def checkpoint_record(opt_state, config, tc, history, base):
+    """A checkpoint's JSON part, the same in both formats."""
+    return {"format_version": CHECKPOINT_VERSION, "model_config": dataclasses.asdict(config),
+            "train_config": dataclasses.asdict(tc), "history": history,
+            "step": int(opt_state["step"]), "base": base}
+
+
 def save_checkpoint(path, params, opt_state, key, config, tc, history, base=None):
     """Writes everything a resume needs into one .npz file: parameters,
     optimizer state, the step, the PRNG key, both configs, the loss history
@@ -2911,9 +2931,7 @@ def save_checkpoint(path, params, opt_state, key, config, tc, history, base=None
     section 14): the whole state is never copied onto one device. With several
     processes, all take part in gathering and process 0 writes."""
     path = Path(path)
-    meta = {"format_version": CHECKPOINT_VERSION, "model_config": dataclasses.asdict(config),
-            "train_config": dataclasses.asdict(tc), "history": history,
-            "step": int(opt_state["step"]), "base": base}
+    meta = checkpoint_record(opt_state, config, tc, history, base)
     arrays = {"params/" + k: v for k, v in flatten_tree(params).items()}
     arrays.update({"opt/" + k: v for k, v in flatten_tree(opt_state).items()})
     arrays = {k: gather(v) for k, v in arrays.items()}
@@ -2947,24 +2965,35 @@ def _tree_mismatches(template, arrays, prefix):
 
 def checkpoint_meta(path):
     """A checkpoint's JSON metadata alone (configs, history, step), or None if
-    there is no readable checkpoint there (load_checkpoint says why)."""
+    there is no readable checkpoint there (load_checkpoint says why). path:
+    a .npz, or an Orbax folder (its latest complete step), or None."""
     try:
+        if Path(path).is_dir():
+            manager = orbax_manager(path)
+            with manager:
+                return manager.restore(manager.latest_step(), args=orbax_args(meta=True))["meta"]
         with np.load(path, allow_pickle=False) as npz:
             return json.loads(npz["meta"].tobytes())
-    except Exception:  # missing or unreadable: the full load reports it
+    except Exception:  # missing, unreadable, no Orbax: the full load reports it
         return None
 
 
-def load_checkpoint(path, config=None):
-    """Reads a checkpoint written by save_checkpoint. With `config`, refuses
-    (CheckpointError listing every mismatch) a file whose architecture, tree,
-    shapes or dtypes differ from it; without, uses the file's own config.
+def load_checkpoint(path, config=None, mesh=None):
+    """Reads a checkpoint written by save_checkpoint (a .npz) or by
+    OrbaxWriter (an Orbax folder: its latest complete step). With `config`,
+    refuses (CheckpointError listing every mismatch) a checkpoint whose
+    architecture, tree, shapes or dtypes differ from it; without, uses its own.
     -> {"params", "opt_state", "key", "config", "train_config", "history",
-    "format_version", "base" (a fine-tuning run's base_record, else None)}.
-    The arrays are NumPy arrays on the host: a run on a mesh places each
-    one straight into its shards (place, section 14).
+    "format_version", "base" (a fine-tuning run's base_record, else None),
+    "placed", "note"}. From a .npz the arrays are NumPy arrays on the host: a
+    run on a mesh places each one straight into its shards (place, section
+    14). From Orbax, with `mesh`, each device reads its own shard of the
+    state_shardings split ("placed": True); without, NumPy arrays. "note":
+    what a reader should be told (an unfinished save passed over), or None.
     With LoRA, params are the adapters alone (load_source merges them)."""
     path = Path(path)
+    if path.is_dir():
+        return load_orbax_checkpoint(path, config, mesh)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train first (python llama_jax.py "
                               "--out-dir DIR) or pass the --out-dir that holds ckpt.npz")
@@ -2972,10 +3001,32 @@ def load_checkpoint(path, config=None):
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(arrays.pop("meta").tobytes())
+    except Exception as err:  # zipfile, zlib, JSON, missing keys: all mean "unreadable"
+        raise CheckpointError(f"{path} is not a readable llama_jax checkpoint ({type(err).__name__}:"
+                              f" {err}); it may be truncated or corrupted: delete it and "
+                              "train again") from err
+    use, saved_tc, template, opt_template = check_checkpoint(path, meta, arrays, config)
+    params = unflatten_like(template, {k[7:]: v for k, v in arrays.items()
+                                       if k.startswith("params/")})
+    opt_state = unflatten_like(opt_template, {k[4:]: v for k, v in arrays.items()
+                                              if k.startswith("opt/")})
+    return {"params": params, "opt_state": opt_state, "key": arrays["key"],
+            "config": use, "train_config": saved_tc, "history": meta["history"],
+            "format_version": meta["format_version"], "base": meta.get("base"),
+            "placed": False, "note": None}
+
+
+def check_checkpoint(path, meta, arrays, config):
+    """The checks of load_checkpoint, for either format: the format version,
+    the architecture against `config` and every array's name, shape and dtype
+    (arrays: flat names -> anything with .shape and .dtype).
+    -> (the config to use, the saved TrainConfig, the params' and the
+    optimizer state's shape trees)."""
+    try:
         version = meta["format_version"]
         saved_config = config_from_json(RunModelConfig, meta["model_config"])
         saved_tc = config_from_json(RunTrainConfig, meta["train_config"])
-    except Exception as err:  # zipfile, zlib, JSON, missing keys: all mean "unreadable"
+    except Exception as err:  # missing keys, wrong types: the metadata is not ours
         raise CheckpointError(f"{path} is not a readable llama_jax checkpoint ({type(err).__name__}:"
                               f" {err}); it may be truncated or corrupted: delete it and "
                               "train again") from err
@@ -2998,13 +3049,197 @@ def load_checkpoint(path, config=None):
         raise CheckpointError(f"checkpoint {path} does not match this model:\n  - "
                               + "\n  - ".join(problems)
                               + "\nuse the flags it was trained with, or another --out-dir")
-    params = unflatten_like(template, {k[7:]: v for k, v in arrays.items()
-                                       if k.startswith("params/")})
-    opt_state = unflatten_like(opt_template, {k[4:]: v for k, v in arrays.items()
-                                              if k.startswith("opt/")})
-    return {"params": params, "opt_state": opt_state, "key": arrays["key"],
+    return use, saved_tc, template, opt_template
+
+
+# ----------------------------------------------------------------------------- Orbax
+# The second format, for runs past one host: a folder (ckpt.orbax) of step
+# folders written by Orbax, the JAX ecosystem's checkpointing library
+# (orbax-checkpoint, https://orbax.readthedocs.io), as MaxText writes its own.
+#   - Each process writes only the shards its devices hold: nothing is
+#     gathered, so no host ever holds the whole state (.npz gathers all of it
+#     onto every process, and process 0 writes it).
+#   - Asynchronous: save returns once the shards are copied off the devices,
+#     and a thread writes them while training goes on; the next save, the end
+#     of the run or a stop waits for the one before.
+#   - Atomic: a step is written under a temporary name and renamed into place
+#     once every process has finished (Orbax's commit), so a crash mid-save
+#     leaves the steps before it, and the reader passes over the rest.
+#   - Restored onto any mesh: each device reads its own slice of each array.
+# The arrays are one tree {"params", "opt", "key"} (StandardSave); the JSON
+# part, checkpoint_record, is a second item ("meta").
+ORBAX_REQUIREMENT = "orbax-checkpoint>=0.12,<0.13"  # tested: 0.12.8
+
+
+def orbax_module(why):
+    """orbax.checkpoint, or InputError naming the package to install."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as err:
+        raise InputError(f"{why} needs the optional package orbax-checkpoint: pip install "
+                         f"'{ORBAX_REQUIREMENT}' (or use --checkpoint npz)") from err
+    return ocp
+
+
+def orbax_manager(path, keep=None):
+    """Orbax's CheckpointManager over the folder `path`: a writer's (keep:
+    the steps it keeps; it creates the folder) or a reader's (keep None)."""
+    ocp = orbax_module(f"the Orbax checkpoint {path}")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=keep is not None,
+                                           enable_async_checkpointing=True)
+    return ocp.CheckpointManager(
+        Path(path).absolute(), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+
+def orbax_args(state=None, meta=None, restore=True):
+    """The items of one save or restore: state (a tree of arrays, or for a
+    restore their ShapeDtypeStructs) and meta (the JSON; True to restore it)."""
+    ocp = orbax_module("an Orbax checkpoint")
+    items = {}
+    if state is not None:
+        items["state"] = (ocp.args.StandardRestore(state) if restore
+                          else ocp.args.StandardSave(state))
+    if meta is not None:
+        items["meta"] = ocp.args.JsonRestore() if restore else ocp.args.JsonSave(meta)
+    return ocp.args.Composite(**items)
+
+
+def unfinished_saves(path, step):
+    """The folders an interrupted save left in an Orbax folder past `step`
+    (Orbax names them STEP.orbax-checkpoint-tmp-*)."""
+    return sorted(p.name for p in Path(path).iterdir()
+                  if ".orbax-checkpoint-tmp" in p.name and p.name.split(".")[0].isdigit()
+                  and int(p.name.split(".")[0]) > step)
+
+
+def load_orbax_checkpoint(path, config=None, mesh=None):
+    """load_checkpoint for an Orbax folder: its latest complete step."""
+    manager = orbax_manager(path)
+    with manager:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{path} holds no complete Orbax step (a save that never "
+                                  "finished, or not a checkpoint folder): train again, or "
+                                  "point --out-dir at another run")
+        try:
+            meta = manager.restore(step, args=orbax_args(meta=True))["meta"]
+            saved = manager.item_metadata(step)["state"].tree
+        except Exception as err:
+            raise CheckpointError(f"{path}: step {step} is not readable ({type(err).__name__}: "
+                                  f"{err}); delete that step's folder to fall back to the one "
+                                  "before") from err
+        arrays = flatten_tree({"params": saved["params"], "opt": saved["opt"]})
+        use, saved_tc, template, opt_template = check_checkpoint(path, meta, arrays, config)
+        target = {"params": template, "opt": opt_template,
+                  "key": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+        if mesh is None:  # onto one device, then to the host
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree_util.tree_map(lambda _: one, target)
+        else:
+            shardings = {"params": state_shardings(mesh, template),
+                         "opt": state_shardings(mesh, opt_template),
+                         "key": NamedSharding(mesh, P())}
+        abstract = jax.tree_util.tree_map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), target, shardings)
+        state = manager.restore(step, args=orbax_args(state=abstract))["state"]
+    if mesh is None:
+        state = jax.tree_util.tree_map(np.asarray, state)
+    left = unfinished_saves(path, step)
+    note = (f"{path}: passed over an unfinished save ({', '.join(left)}, from a run stopped "
+            f"mid-save); step {step} is the last complete one") if left else None
+    return {"params": state["params"], "opt_state": state["opt"], "key": np.asarray(state["key"]),
             "config": use, "train_config": saved_tc, "history": meta["history"],
-            "format_version": version, "base": meta.get("base")}
+            "format_version": meta["format_version"], "base": meta.get("base"),
+            "placed": mesh is not None, "note": note}
+
+
+def saved_checkpoint(out_dir):
+    """The checkpoint a run in out_dir left: its ckpt.npz or its ckpt.orbax
+    folder; where both are there (a run that changed --checkpoint), the one
+    at the later step. -> Path, or None when there is neither."""
+    files = run_files(out_dir)
+    present = [p for p in (files.checkpoint, files.orbax) if p.exists()]
+    if len(present) == 2:
+        steps = [(checkpoint_meta(p) or {}).get("step", -1) for p in present]
+        return present[int(steps[1] > steps[0])]
+    return present[0] if present else None
+
+
+def checkpoint_format(tc, config):
+    """--checkpoint auto: Orbax where .npz would not scale, when
+    orbax-checkpoint is installed: with several processes (.npz gathers the
+    whole state onto each), or where the state, 16 bytes a parameter with
+    AdamW, would take over half of this host's memory. Else .npz: one file,
+    readable with NumPy alone. -> ("npz" or "orbax", why, in words)."""
+    if tc.checkpoint != "auto":
+        return tc.checkpoint, f"--checkpoint {tc.checkpoint}"
+    state = 16 * count_params(param_shapes(config))
+    try:
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        host = None
+    reasons = ([f"{jax.process_count()} processes"] if jax.process_count() > 1 else []) + (
+        [f"the state, {gb(state)}, is over half this host's memory"]
+        if host is not None and state > host / 2 else [])
+    if not reasons:
+        return "npz", "--checkpoint auto: npz, one process"
+    if importlib.util.find_spec("orbax") is None:
+        return "npz", (f"--checkpoint auto: npz, gathered onto every process; with "
+                       f"{' and '.join(reasons)}, orbax would scale better (pip install "
+                       f"'{ORBAX_REQUIREMENT}')")
+    return "orbax", f"--checkpoint auto: orbax, as {' and '.join(reasons)}"
+
+
+class NpzWriter:
+    """Writes a run's checkpoints as out_dir/ckpt.npz (save_checkpoint)."""
+
+    def __init__(self, out_dir):
+        self.path = run_files(out_dir).checkpoint
+
+    def save(self, params, opt_state, key, config, tc, history, base):
+        save_checkpoint(self.path, params, opt_state, key, config, tc, history, base)
+
+    def close(self):
+        pass
+
+
+class OrbaxWriter:
+    """Writes a run's checkpoints into out_dir/ckpt.orbax, one step folder
+    each, asynchronously (see above), keeping the last tc.keep_checkpoints.
+    close() waits for the save in flight."""
+
+    def __init__(self, out_dir, keep):
+        self.path = run_files(out_dir).orbax
+        self.manager = orbax_manager(self.path, keep)
+
+    def save(self, params, opt_state, key, config, tc, history, base):
+        meta = checkpoint_record(opt_state, config, tc, history, base)
+        if meta["step"] in self.manager.all_steps():  # saved again (a stop after an evaluation)
+            self.manager.wait_until_finished()
+            self.manager.delete(meta["step"])
+        state = {"params": params, "opt": opt_state, "key": np.asarray(key)}
+        self.manager.save(meta["step"], args=orbax_args(state, meta, restore=False))
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def checkpoint_writer(out_dir, tc, config, log=lambda line: None):
+    """The writer of a run's checkpoints, in the format checkpoint_format
+    chooses, which it logs."""
+    chosen, why = checkpoint_format(tc, config)
+    if chosen == "orbax":
+        orbax_module("--checkpoint orbax")
+        writer = OrbaxWriter(out_dir, tc.keep_checkpoints)
+        log(f"checkpoints: {writer.path}, each process writing its own shards in the "
+            f"background, the last {tc.keep_checkpoints} steps kept ({why})")
+    else:
+        writer = NpzWriter(out_dir)
+        log(f"checkpoints: {writer.path} ({why})")
+    return writer
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -4114,15 +4349,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def source_kind(path):
     """"hf" (a folder with config.json), "ckpt" (one of our runs: a folder with
-    ckpt.npz, or the .npz) or "gguf" (a file that starts with GGUF's magic)."""
+    ckpt.npz or ckpt.orbax, the .npz, or the Orbax folder) or "gguf" (a file
+    that starts with GGUF's magic)."""
     path = Path(path)
     if path.is_dir():
         if (path / "config.json").is_file():
             return "hf"
-        if run_files(path).checkpoint.is_file():
+        if saved_checkpoint(path) or path.suffix == ".orbax":
             return "ckpt"
         raise InputError(f"{path} holds neither a Hugging Face model (config.json) nor a "
-                         "llama_jax run (ckpt.npz)")
+                         "llama_jax run (ckpt.npz or ckpt.orbax)")
     if not path.is_file():
         raise InputError(f"{path}: no such file or folder (a model source is a Hugging Face "
                          "folder, a GGUF file or a llama_jax run)")
@@ -4210,7 +4446,8 @@ def load_source(path, kind=None, dtype="float32", gpt2_tokenizer=False):
                      special=None if gpt2_tokenizer else hf_special_tokens(settings, tokenizer))
     else:
         path = Path(path)
-        path = run_files(path).checkpoint if path.is_dir() else path
+        if path.is_dir() and path.suffix != ".orbax":  # a run's folder
+            path = saved_checkpoint(path) or run_files(path).checkpoint
         ckpt = load_checkpoint(path)
         model.update(params=ckpt["params"], config=ckpt["config"],
                      seq_len=ckpt["train_config"].seq_len, source=str(path))
@@ -4518,8 +4755,9 @@ def keep_schedule(tc, saved, log):
     return dataclasses.replace(tc, schedule_steps=schedule)
 
 
-def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
-    """A fresh run's state, or the state saved in ckpt_path for --resume.
+def start_or_resume(config, tc, out_dir, resume, log, init=None, mesh=None):
+    """A fresh run's state, or the state saved in out_dir for --resume
+    (saved_checkpoint: its ckpt.npz or ckpt.orbax).
     init: the pretrained model a fine-tuning run starts from (section 17).
     mesh: where the weights and optimizer state live, each split by
     state_shardings (section 14; default: every device, pure data parallel).
@@ -4527,15 +4765,18 @@ def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
     -> (params, opt_state, history, seed_key, tc): the seed key (saved in the
     checkpoint) gives the run's key streams; a resumed tc keeps its schedule."""
     mesh = mesh or make_mesh()
+    ckpt_path = saved_checkpoint(out_dir)
     if not resume:
         seed_key = jax.random.PRNGKey(tc.seed)
         params = initial_weights(run_keys(seed_key)["init"], config, tc, init, mesh)
         return (params, sharded_adamw_init(params, mesh, tc), {"train": [], "eval": []},
                 seed_key, tc)
-    if not ckpt_path.is_file():
-        raise InputError(f"--resume: no checkpoint at {ckpt_path}; train without --resume "
-                         "first, or point --out-dir at the run to continue")
-    ckpt = load_checkpoint(ckpt_path, config)
+    if ckpt_path is None or not ckpt_path.exists():
+        raise InputError(f"--resume: no checkpoint in {out_dir} (ckpt.npz or ckpt.orbax); train "
+                         "without --resume first, or point --out-dir at the run to continue")
+    ckpt = load_checkpoint(ckpt_path, config, mesh)
+    if ckpt["note"]:
+        log(ckpt["note"])
     check_same_base(ckpt, init, ckpt_path)
     if ckpt["train_config"].optimizer != tc.optimizer:
         raise InputError(f"--optimizer {tc.optimizer}: the run in {ckpt_path} trains with "
@@ -4545,7 +4786,9 @@ def start_or_resume(config, tc, ckpt_path, resume, log, init=None, mesh=None):
     if ckpt["format_version"] == 1:
         log("(a format-1 checkpoint: its key predates run_keys, so the resumed steps draw "
             "other batches than the original run would have)")
-    params, opt_state = place_state(mesh, (ckpt["params"], ckpt["opt_state"]))
+    params, opt_state = ckpt["params"], ckpt["opt_state"]
+    if not ckpt["placed"]:  # Orbax reads each shard in place; .npz arrays are on the host
+        params, opt_state = place_state(mesh, (params, opt_state))
     return (params, opt_state, ckpt["history"], ckpt["key"],
             keep_schedule(tc, ckpt["train_config"], log))
 
@@ -4588,6 +4831,7 @@ class Run:
       records     the metrics.jsonl records so far
       pending     (step, loss, health) of steps dispatched but not yet read
       out_dir     where its files go (run_files)
+      writer      saves its checkpoints (NpzWriter or OrbaxWriter, section 15)
       question    chat data: the held-out question the final sample answers
       state       RunState: params, opt_state, tc"""
     config: RunModelConfig
@@ -4605,6 +4849,7 @@ class Run:
     records: list
     pending: list
     out_dir: Path
+    writer: object
     question: object
     state: RunState
 
@@ -4640,11 +4885,11 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
     else:
         train_data, val_data, data_note = load_training_data(data_path, tc.seq_len,
                                                              init and init["tokenizer"])
-    ckpt_path = run_files(out_dir).checkpoint
-    params, opt_state, history, seed_key, tc = start_or_resume(config, tc, ckpt_path, resume, log,
+    params, opt_state, history, seed_key, tc = start_or_resume(config, tc, out_dir, resume, log,
                                                                init, mesh)
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+    writer = checkpoint_writer(out_dir, tc, config, log)
     records = start_metrics(run_files(out_dir).metrics, resume, int(opt_state["step"]), log)
     rows = (batch_sharding(mesh),) * 2
     eval_sets = {name: [place(b, rows) for b in evaluation_batches(d, tc, name)]
@@ -4667,7 +4912,7 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
     return Run(config=config, mesh=mesh, log=log, init=init, frozen=frozen,
                train_data=train_data, on_device=on_device, rows=rows, eval_sets=eval_sets,
                history=history, seed_key=seed_key, keys=replicated(mesh, run_keys(seed_key)),
-               records=records, pending=[], out_dir=out_dir, question=question,
+               records=records, pending=[], out_dir=out_dir, writer=writer, question=question,
                state=RunState(params, opt_state, tc))
 
 
@@ -4712,9 +4957,8 @@ def save_run(run):
     the last complete checkpoint stays as it was."""
     files = run_files(run.out_dir)
     try:
-        save_checkpoint(files.checkpoint, run.state.params, run.state.opt_state, run.seed_key,
-                        run.config, run.state.tc, run.history,
-                        run.init and base_record(run.init))
+        run.writer.save(run.state.params, run.state.opt_state, run.seed_key, run.config,
+                        run.state.tc, run.history, run.init and base_record(run.init))
         if jax.process_index() == 0:
             save_loss_plot(run.history, files.loss_plot)
             save_health_plot(run.records, files.health_plot)
@@ -4852,10 +5096,10 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     them, data parallel). With several processes, every one calls train;
     only process 0 logs and writes files."""
     run = start_run(config, tc, data_path, out_dir, resume, log, init, mesh)
-    stopped, ckpt_path = None, run_files(run.out_dir).checkpoint
+    stopped, ckpt_path = None, run.writer.path
     if init is not None and not resume:  # the pretrained model's own losses: step 0
         evaluate_and_save(run, 0)
-    with stop_requests(run.log) as stop:
+    with stop_requests(run.log) as stop, contextlib.closing(run.writer):
         try:
             run_steps(run, stop, time_budget)
         except FloatingPointError as err:
@@ -4876,7 +5120,7 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
                 save_run(run)
     return {"params": run.state.params, "opt_state": run.state.opt_state, "history": run.history,
             "stopped": stopped, "weights": None if stopped == "interrupted" else run_weights(run),
-            "question": run.question}
+            "question": run.question, "checkpoint": ckpt_path}
 
 
 def token_nats(params, inputs, targets, config):
@@ -5023,7 +5267,7 @@ MODEL_FIELDS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
                 "remat": "remat", "attention": "attention"}
 TRAINING_FIELDS = ("steps", "batch_size", "seq_len", "lr", "min_lr", "warmup_steps",
                    "weight_decay", "eval_every", "log_every", "seed", "health", "grad_accum",
-                   "optimizer", "adam_lr")
+                   "optimizer", "adam_lr", "checkpoint", "keep_checkpoints")
 
 
 def preset_configs(name=None, **overrides):
@@ -5056,7 +5300,7 @@ def resolve_configs(args):
     overrides.update({field: getattr(args, field) for field in TRAINING_FIELDS
                       if getattr(args, field) is not None})
     if overrides.get("compute_dtype", PRESETS[preset][0].get("compute_dtype")) == "auto":
-        saved = checkpoint_meta(run_files(args.out_dir).checkpoint) if args.resume else None
+        saved = checkpoint_meta(saved_checkpoint(args.out_dir)) if args.resume else None
         if saved:  # a resumed run keeps the dtype it started with
             dtype = saved["model_config"]["compute_dtype"]
             why = "the dtype of the run being resumed"
@@ -5148,7 +5392,7 @@ def fine_tuning_configs(args, source):
     lora = dict(lora_rank=args.lora_rank or 0, lora_alpha=args.lora_alpha or 16.0,
                 lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets
                 else RunTrainConfig.lora_targets)
-    saved = checkpoint_meta(run_files(args.out_dir).checkpoint) if args.resume else None
+    saved = checkpoint_meta(saved_checkpoint(args.out_dir)) if args.resume else None
     if saved:  # a resumed run keeps its adapters' shape; a flag may only repeat it
         saved_tc = config_from_json(RunTrainConfig, saved["train_config"])
         for name in lora:
@@ -5169,7 +5413,7 @@ def training_configs(args):
     -> (ModelConfig, TrainConfig, the source or None)."""
     source = args.init_from
     if source is None and args.resume:  # a fine-tuning run resumes from its own base
-        saved = checkpoint_meta(run_files(args.out_dir).checkpoint)
+        saved = checkpoint_meta(saved_checkpoint(args.out_dir))
         source = saved and saved.get("base") and saved["base"]["source"]
     if source:
         init = load_source(source)
@@ -5193,7 +5437,7 @@ def run_train(args):
     if result["stopped"] == "interrupted":
         return 130
     files = run_files(args.out_dir)
-    log(f"wrote {files.checkpoint}, {files.loss_plot}, {files.health_plot} and "
+    log(f"wrote {result['checkpoint']}, {files.loss_plot}, {files.health_plot} and "
         f"{files.metrics}; peak host memory {peak_rss_gb():.2f} GB")
     weights = result["weights"]
     if jax.process_count() > 1:  # process 0 samples alone, on its own device, from a copy
@@ -5296,10 +5540,11 @@ def load_model(args):
                            else "float32")
     if args.hf_checkpoint:
         return load_source(args.hf_checkpoint, "hf", gpt2_tokenizer=args.tokenizer == "gpt2")
-    path = run_files(args.out_dir).checkpoint
-    if not path.is_file():
-        raise InputError(f"no checkpoint at {path}: train first (python llama_jax.py), "
-                         "point --out-dir at a run, or pass --hf-checkpoint DIR or --gguf FILE")
+    path = saved_checkpoint(args.out_dir)
+    if path is None:
+        raise InputError(f"no checkpoint in {args.out_dir} (ckpt.npz or ckpt.orbax): train "
+                         "first (python llama_jax.py), point --out-dir at a run, or pass "
+                         "--hf-checkpoint DIR or --gguf FILE")
     return load_source(path, "ckpt")
 
 
@@ -5775,10 +6020,19 @@ def build_parser():
                             "replies only. With --prepare: the name to write. Default: "
                             "shakespeare.txt beside this file")
     files.add_argument("--out-dir", default="out",
-                       help="where ckpt.npz, loss.png, health.png and metrics.jsonl go "
-                            "(default: out)")
+                       help="where ckpt.npz (or ckpt.orbax), loss.png, health.png and "
+                            "metrics.jsonl go (default: out)")
+    files.add_argument("--checkpoint", choices=["auto", "npz", "orbax"],
+                       help="the checkpoint's format: npz, one file that process 0 writes after "
+                            "gathering the whole state; orbax, a folder of steps where each "
+                            "process writes its own shards in the background (needs "
+                            "orbax-checkpoint; docs/scaling.md). auto (the default): orbax with "
+                            "several processes or a state over half the host's memory, when "
+                            "installed; else npz")
+    files.add_argument("--keep-checkpoints", type=int,
+                       help="with --checkpoint orbax: the last N steps kept (default: 3)")
     files.add_argument("--resume", action="store_true",
-                       help="continue training from --out-dir/ckpt.npz up to --steps, with the "
+                       help="continue training from --out-dir's checkpoint up to --steps, with the "
                             "same batches and dropout masks as an uninterrupted run. The "
                             "learning-rate schedule stays the original run's: a larger --steps "
                             "runs on at --min-lr after its end")

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -43,6 +44,11 @@ import pytest
 from jax import test_util as jtu
 
 import llama_jax as L
+
+# orbax-checkpoint is optional (the Orbax checkpoint format); .ci/run installs it.
+HAS_ORBAX = importlib.util.find_spec("orbax") is not None
+NEEDS_ORBAX = pytest.mark.skipif(not HAS_ORBAX, reason="needs the optional orbax-checkpoint "
+                                 f"package (pip install '{L.ORBAX_REQUIREMENT}')")
 
 HERE = Path(__file__).resolve().parent
 
@@ -1404,6 +1410,88 @@ def test_progress_lines_time_finished_steps_not_their_dispatch(corpus, tmp_path,
     speeds = [float(m.group(1)) for line in lines
               if (m := re.search(r"\|\s+([\d,]+) ms/step", line.replace(",", "")))]
     assert len(speeds) == 2 and min(speeds) >= 200, lines  # steps 2 and 3, one step each
+
+
+@NEEDS_ORBAX
+@pytest.mark.slow
+def test_orbax_run_resumes_exactly_keeps_its_last_steps_and_every_reader_takes_it(
+        corpus, tmp_path, monkeypatch, capsys):
+    config = dataclasses.replace(TRAIN_TINY, dropout_rate=0.1)  # the dropout keys must resume too
+    tc = quick_tc(steps=8, eval_every=2)
+    straight = L.train(config, tc, corpus, tmp_path / "straight", log=lambda s: None)
+    assert L.saved_checkpoint(tmp_path / "straight").name == "ckpt.npz"  # auto, one process
+    orbax_tc = dataclasses.replace(tc, checkpoint="orbax", keep_checkpoints=2)
+
+    def interrupt_at_step_5(line):
+        if line.startswith("step     5/"):
+            raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    L.train(config, orbax_tc, corpus, run, log=interrupt_at_step_5)
+    resumed = L.train(config, orbax_tc, corpus, run, resume=True, log=lambda s: None)
+    np.testing.assert_allclose(np.array(resumed["history"]["train"]),
+                               np.array(straight["history"]["train"]), atol=1e-6)
+    folder = run / "ckpt.orbax"
+    assert L.saved_checkpoint(run) == folder and resumed["checkpoint"] == folder
+    assert sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) == [6, 8]  # keeps 2
+    # Every reader of a run takes the folder: --sample, --eval, --export-hf, --init-from.
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text((HERE / "shakespeare_heldout.txt").read_text()[:2000])
+    for args in (["--sample", "--max-new-tokens", "3"], ["--eval", str(heldout), "--json"],
+                 ["--export-hf", str(tmp_path / "hf")]):
+        assert L.main([*args, "--out-dir", str(run)]) == 0, capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert json.loads(next(line for line in printed.splitlines()
+                           if line.startswith("{")))["model"] == str(folder)
+    for source in (run, folder):
+        np.testing.assert_allclose(L.load_source(source)["params"]["norm"],
+                                   resumed["params"]["norm"], atol=1e-7)
+    np.testing.assert_allclose(L.load_source(tmp_path / "hf")["params"]["norm"],
+                               resumed["params"]["norm"], atol=1e-7)
+    # An unfinished save (a stop mid-save leaves it under a temporary name) is
+    # passed over, and the reader says so.
+    shutil.copytree(folder / "8", folder / "10.orbax-checkpoint-tmp-1234")
+    (folder / "10.orbax-checkpoint-tmp-1234" / "commit_success.txt").unlink()
+    saved = L.load_checkpoint(folder, config)
+    assert int(saved["opt_state"]["step"]) == 8
+    assert "passed over an unfinished save (10.orbax-checkpoint-tmp-1234" in saved["note"]
+    # Bad input: another architecture, a folder with no step, no Orbax installed.
+    with pytest.raises(L.CheckpointError, match="dim: 32 in the checkpoint, 64 requested"):
+        L.load_checkpoint(folder, dataclasses.replace(config, dim=64))
+    (tmp_path / "empty" / "ckpt.orbax").mkdir(parents=True)
+    assert L.main(["--sample", "--out-dir", str(tmp_path / "empty")]) == 2
+    assert "holds no complete Orbax step" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "orbax", None)
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
+    with pytest.raises(L.InputError, match="pip install 'orbax-checkpoint>=0.12,<0.13'"):
+        L.checkpoint_writer(tmp_path / "x", orbax_tc, config)
+    with pytest.raises(L.InputError, match="needs the optional package orbax-checkpoint"):
+        L.load_checkpoint(folder)
+
+
+@NEEDS_ORBAX
+@pytest.mark.slow
+def test_orbax_run_killed_mid_save_restores_its_last_complete_step(corpus, tmp_path):
+    # SIGKILL lands while a step is being written in the background (every
+    # step saves here): the steps committed before it restore, and resume.
+    flags = ["--data", str(corpus), "--dim", "32", "--n-layers", "2", "--n-heads", "4",
+             "--n-kv-heads", "2", "--batch-size", "4", "--seq-len", "16", "--dtype", "float32",
+             "--eval-every", "1", "--log-every", "1", "--checkpoint", "orbax"]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(HERE / "llama_jax.py"), *flags, "--steps",
+                                 "500", "--out-dir", "run"], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    wait_for_line(log, "eval  step     4 |", [proc])
+    proc.kill()
+    proc.wait(timeout=60)
+    saved = L.load_checkpoint(tmp_path / "run" / "ckpt.orbax")
+    step = int(saved["opt_state"]["step"])
+    assert step >= 3 and len(saved["history"]["train"]) == step
+    result = run_cli(*flags, "--steps", str(step + 2), "--resume", "--out-dir", "run",
+                     "--max-new-tokens", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"resumed from run/ckpt.orbax at step {step}" in result.stdout
 
 
 def test_checkpoint_round_trip_is_exact(corpus, tmp_path):
@@ -2960,14 +3048,19 @@ def test_lora_run_lowers_the_loss_and_resumes_exactly(bpe_model, corpus, tmp_pat
         if line.startswith("step     3/"):
             raise KeyboardInterrupt
 
-    L.train(config, tc, corpus, tmp_path / "resumed", log=interrupt_at_step_3, init=init)
-    resumed = L.train(config, tc, corpus, tmp_path / "resumed", resume=True, log=lambda s: None,
-                      init=init)
+    # The resumed run in the other format, Orbax, where it is installed.
+    tc_resumed = dataclasses.replace(tc, checkpoint="orbax" if HAS_ORBAX else "npz")
+    L.train(config, tc_resumed, corpus, tmp_path / "resumed", log=interrupt_at_step_3, init=init)
+    resumed = L.train(config, tc_resumed, corpus, tmp_path / "resumed", resume=True,
+                      log=lambda s: None, init=init)
     np.testing.assert_allclose(np.array(resumed["history"]["train"]),
                                np.array(straight["history"]["train"]), atol=1e-6)
     # The checkpoint holds the adapters alone; load_source merges them into the base.
-    with np.load(tmp_path / "resumed" / "ckpt.npz") as npz:
-        assert not any("tok_embeddings" in name for name in npz.files)
+    for run in ("straight", "resumed"):
+        saved = L.load_checkpoint(L.saved_checkpoint(tmp_path / run))
+        assert "tok_embeddings" not in saved["params"] and saved["base"] is not None
+    assert L.saved_checkpoint(tmp_path / "resumed").name == ("ckpt.orbax" if HAS_ORBAX
+                                                              else "ckpt.npz")
     merged = L.load_source(tmp_path / "resumed")
     np.testing.assert_allclose(
         merged["params"]["layers"][0]["attention"]["wq"],
@@ -3301,6 +3394,31 @@ def test_checkpoints_move_between_one_device_and_eight(tmp_path):
 
 
 @EIGHT_DEVICES
+@NEEDS_ORBAX
+def test_orbax_checkpoints_move_from_eight_devices_to_one_and_2x4(tmp_path):
+    # Saved from 8 devices with FSDP (each device's shards written where they
+    # are), restored onto 1 device and onto 2 x 4, each reading its own slice.
+    tc = L.RunTrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
+    ref, _, _ = steps_on_mesh(one_device(), MESH_TINY, tc)
+    _, params, opt_state = steps_on_mesh(L.make_mesh("all"), MESH_TINY, tc, n_steps=2)
+    writer = L.OrbaxWriter(tmp_path, keep=2)
+    writer.save(params, opt_state, jax.random.PRNGKey(1), MESH_TINY, tc, {"train": [], "eval": []},
+                None)
+    writer.close()
+    for then in (one_device(), L.make_mesh(4)):
+        saved = L.load_checkpoint(tmp_path / "ckpt.orbax", MESH_TINY, then)
+        assert saved["placed"] and saved["note"] is None
+        for a, b in zip(jax.tree_util.tree_leaves((saved["params"], saved["opt_state"])),
+                        jax.tree_util.tree_leaves((params, opt_state))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        wq = saved["params"]["layers"][0]["attention"]["wq"]
+        assert wq.sharding == L.state_shardings(then, {"w": wq})["w"]  # split as that mesh splits
+        losses, _, _ = steps_on_mesh(then, MESH_TINY, tc, n_steps=3,
+                                     state=(saved["params"], saved["opt_state"]))
+        np.testing.assert_allclose(losses, ref[2:], atol=1e-5, err_msg=str(then.shape))
+
+
+@EIGHT_DEVICES
 def test_plan_on_eight_devices_and_bad_meshes_get_clear_errors(capsys):
     tiny = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
             "--batch-size", "16", "--seq-len", "16", "--dtype", "float32"]
@@ -3435,8 +3553,16 @@ def test_two_processes_train_like_one_device_stop_together_and_resume_anywhere(c
     assert "8 CPU devices on 2 processes as data 8 x fsdp 1" in log0
     assert "eval  step     2 | train" in log0  # an evaluation of batches that span both
     assert "step     1/" not in (tmp_path / "p1.log").read_text()  # process 0 speaks for all
-    saved = L.checkpoint_meta(tmp_path / "run" / "ckpt.npz")
+    # --checkpoint auto: with two processes, Orbax where it is installed, and
+    # each process wrote its own shards (ocdbt.process_N); else the .npz.
+    path = L.saved_checkpoint(tmp_path / "run")
+    assert path.name == ("ckpt.orbax" if HAS_ORBAX else "ckpt.npz")
+    saved = L.checkpoint_meta(path)
     stopped_at = saved["step"]
+    if HAS_ORBAX:
+        assert "--checkpoint auto: orbax" in log0
+        assert {p.name for p in (path / str(stopped_at) / "state").glob("ocdbt.process_*")} == \
+            {"ocdbt.process_0", "ocdbt.process_1"}
     assert stopped_at >= 3 and len(saved["history"]["train"]) == stopped_at
     # The same run on this process's one device, two steps further
     config, tc = L.resolve_configs(L.build_parser().parse_args(flags))
