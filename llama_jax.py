@@ -3192,6 +3192,23 @@ def checkpoint_format(tc, config):
     return "orbax", f"--checkpoint auto: orbax, as {' and '.join(reasons)}"
 
 
+def checkpoint_plan(config, tc, mesh):
+    """--plan's lines on saving a checkpoint, in each format, per process."""
+    trainable = run_shapes(config, tc)[0]  # with LoRA, the checkpoint holds the adapters
+    state = tree_bytes(trainable) + tree_bytes(jax.eval_shape(OPTIMIZERS[tc.optimizer].init,
+                                                              trainable))
+    n = jax.process_count()
+    fsdp = mesh.shape["fsdp"]
+    shards = state / n if fsdp == mesh.size else state / fsdp  # the unique shards one process holds
+    chosen, why = checkpoint_format(tc, config)
+    return [f"checkpoint ({chosen}: {why}), per process, for {gb(state)} of weights and "
+            "optimizer state:",
+            f"  npz    host memory {gb(state):>10}  (every array gathered onto each process); "
+            f"process 0 writes {gb(state)}, the others nothing",
+            f"  orbax  host memory {gb(shards):>10}  (only its own shards, copied off its "
+            f"devices); writes at most {gb(shards)}, in the background"]
+
+
 class NpzWriter:
     """Writes a run's checkpoints as out_dir/ckpt.npz (save_checkpoint)."""
 
@@ -5493,7 +5510,7 @@ def run_plan(args):
     config, tc, _ = training_configs(args)
     mesh = make_mesh(args.fsdp)
     check_batch_split(tc, mesh)
-    for line in plan_report(config, tc, mesh):
+    for line in plan_report(config, tc, mesh) + checkpoint_plan(config, tc, mesh):
         if jax.process_index() == 0:
             print(line, flush=True)
     return 0

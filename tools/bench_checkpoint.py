@@ -1,0 +1,174 @@
+"""What a checkpoint save costs each process, .npz against Orbax, on 2 processes x 4 devices.
+
+    python tools/bench_checkpoint.py [--dim 768 --n-layers 12] [--saves 3] [--json]
+
+Starts two processes, each with 4 CPU devices (XLA's
+--xla_force_host_platform_device_count), joined by jax.distributed as a run on
+2 hosts would be, and places a model's weights and AdamW state over all 8
+devices with FSDP (make_mesh("all")). Then, for each format in a pair of fresh
+processes, it saves --saves times, as a run's evaluations do, and measures on
+each process:
+  - peak resident memory during the saves (VmRSS sampled every 5 ms), and
+    the same just before them;
+  - seconds the caller is blocked per save (what a training loop waits):
+    .npz gathers every array onto each process and process 0 writes the file;
+    Orbax returns once the shards are copied off the devices and writes them
+    in a background thread (its finish time is reported too);
+  - bytes the process wrote (/proc/self/io's wchar).
+The default model, width 768 with 12 layers and GPT-2's vocabulary, untied,
+has 153M parameters: 1.8 GB of float32 weights and AdamW moments.
+Needs orbax-checkpoint (pip install 'orbax-checkpoint>=0.12,<0.13') and Linux.
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def vm_rss():
+    """This process's resident memory, bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def written():
+    """Bytes this process has written through write() and friends (Linux)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+class PeakRSS:
+    """Samples VmRSS in a thread while the block runs; .peak: the largest."""
+
+    def __enter__(self):
+        self.peak, self.running = vm_rss(), True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, vm_rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def worker(args):
+    """One of the two processes: build the state, save it --saves times."""
+    import jax
+    import numpy as np
+    sys.path.insert(0, str(ROOT))
+    import llama_jax as L
+    L.start_distributed(args.coordinator, 2, args.process_id)
+    config = L.RunModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64,
+                              n_kv_heads=max(1, args.dim // 256), tie_embeddings=False,
+                              max_seq_len=256, compute_dtype="float32")
+    tc = L.RunTrainConfig(batch_size=8, seq_len=32)
+    mesh = L.make_mesh("all")
+    params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
+    opt_state = L.sharded_adamw_init(params, mesh, tc)
+    jax.block_until_ready((params, opt_state))
+    key, history = np.asarray(jax.random.PRNGKey(1)), {"train": [], "eval": []}
+    out = Path(args.out)
+    writer = (L.OrbaxWriter(out, keep=2) if args.format == "orbax"
+              else L.NpzWriter(out))
+    before_rss, before_written = vm_rss(), written()
+    blocked = []
+    with PeakRSS() as peak:
+        for i in range(args.saves):
+            # A new step each time, as a run saves at each evaluation.
+            opt_state = {**opt_state, "step": opt_state["step"] + 1}
+            t0 = time.perf_counter()
+            writer.save(params, opt_state, key, config, tc, history, None)
+            blocked.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        writer.close()
+        finish = time.perf_counter() - t0
+    print(json.dumps({"process": jax.process_index(), "format": args.format,
+                      "params": L.count_params(params), "saves": args.saves,
+                      "rss_before_gb": before_rss / 1e9, "peak_rss_gb": peak.peak / 1e9,
+                      "blocked_s": blocked, "finish_s": finish,
+                      "written_gb_per_save": (written() - before_written) / args.saves / 1e9}),
+          flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_format(fmt, args, folder):
+    """Both processes for one format -> their JSON records."""
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, "--worker", "--format", fmt, "--process-id", str(i),
+         "--coordinator", f"localhost:{port}", "--out", str(folder / fmt), "--dim",
+         str(args.dim), "--n-layers", str(args.n_layers), "--saves", str(args.saves)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    records = []
+    for p in procs:
+        out, err = p.communicate(timeout=1800)
+        if p.returncode != 0:
+            sys.exit(f"{fmt} process failed:\n{err[-3000:]}")
+        records.append(json.loads(out.strip().splitlines()[-1]))
+    return records
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--n-layers", type=int, default=12)
+    parser.add_argument("--saves", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--format", help=argparse.SUPPRESS)
+    parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--coordinator", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {fmt: run_format(fmt, args, Path(tmp)) for fmt in ("npz", "orbax")}
+    if args.json:
+        for records in results.values():
+            for r in records:
+                print(json.dumps(r))
+    params = results["npz"][0]["params"]
+    print(f"{params / 1e6:.0f}M parameters on 2 processes x 4 CPU devices, FSDP over 8, "
+          f"{args.saves} saves each")
+    print(f"{'format':7s} {'process':>7s} {'RSS before':>10s} {'peak RSS':>9s} "
+          f"{'blocked/save':>12s} {'finish':>7s} {'written/save':>12s}")
+    for fmt, records in results.items():
+        for r in records:
+            print(f"{fmt:7s} {r['process']:7d} {r['rss_before_gb']:8.2f} GB {r['peak_rss_gb']:6.2f} GB"
+                  f" {sum(r['blocked_s']) / len(r['blocked_s']):10.2f} s {r['finish_s']:5.2f} s"
+                  f" {r['written_gb_per_save']:9.2f} GB")
+    for name, key, agg in (("peak RSS", "peak_rss_gb", max),
+                           ("blocked per save", "blocked_s", lambda v: max(sum(x) / len(x) for x in v))):
+        npz = agg([r[key] for r in results["npz"]])
+        orbax = agg([r[key] for r in results["orbax"]])
+        print(f"{name}, the larger process: orbax / npz = {orbax:.2f} / {npz:.2f} = "
+              f"{orbax / npz:.2f}")
+
+
+if __name__ == "__main__":
+    main()
