@@ -14,7 +14,9 @@ each process:
     .npz gathers every array onto each process and process 0 writes the file;
     Orbax returns once the shards are copied off the devices and writes them
     in a background thread (its finish time is reported too);
-  - bytes the process wrote (/proc/self/io's wchar).
+  - bytes the process wrote to disk (/proc/self/io's write_bytes), and
+    the other bytes it passed to write() (wchar less those: the gather's
+    messages between the processes, over sockets).
 The default model, width 768 with 12 layers and GPT-2's vocabulary, untied,
 has 153M parameters: 1.8 GB of float32 weights and AdamW moments.
 Needs orbax-checkpoint (pip install 'orbax-checkpoint>=0.12,<0.13') and Linux.
@@ -43,10 +45,12 @@ def vm_rss():
     return 0
 
 
-def written():
-    """Bytes this process has written through write() and friends (Linux)."""
+def io_counts():
+    """(bytes this process sent to storage, bytes it passed to write() and
+    friends, sockets included) so far: /proc/self/io's write_bytes and wchar."""
     with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+        fields = dict(line.split(":") for line in f)
+    return int(fields["write_bytes"]), int(fields["wchar"])
 
 
 class PeakRSS:
@@ -82,12 +86,17 @@ def worker(args):
     mesh = L.make_mesh("all")
     params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
     opt_state = L.sharded_adamw_init(params, mesh, tc)
+    # Moments as a trained run has them, not zeros (Orbax's files compress
+    # zeros to almost nothing).
+    opt_state = {**opt_state, "mu": jax.tree_util.tree_map(lambda p: 0.5 * p, params),
+                 "nu": jax.tree_util.tree_map(lambda p: p * p, params)}
     jax.block_until_ready((params, opt_state))
     key, history = np.asarray(jax.random.PRNGKey(1)), {"train": [], "eval": []}
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     writer = (L.OrbaxWriter(out, keep=2) if args.format == "orbax"
               else L.NpzWriter(out))
-    before_rss, before_written = vm_rss(), written()
+    before_rss, (before_disk, before_chars) = vm_rss(), io_counts()
     blocked = []
     with PeakRSS() as peak:
         for i in range(args.saves):
@@ -99,11 +108,15 @@ def worker(args):
         t0 = time.perf_counter()
         writer.close()
         finish = time.perf_counter() - t0
+    disk, chars = io_counts()
     print(json.dumps({"process": jax.process_index(), "format": args.format,
                       "params": L.count_params(params), "saves": args.saves,
                       "rss_before_gb": before_rss / 1e9, "peak_rss_gb": peak.peak / 1e9,
                       "blocked_s": blocked, "finish_s": finish,
-                      "written_gb_per_save": (written() - before_written) / args.saves / 1e9}),
+                      "written_gb_per_save": (disk - before_disk) / args.saves / 1e9,
+                      # what else went through write(): the gather's messages
+                      "sent_gb_per_save": max(0, (chars - before_chars) - (disk - before_disk))
+                      / args.saves / 1e9}),
           flush=True)
 
 
@@ -118,17 +131,25 @@ def run_format(fmt, args, folder):
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen(
-        [sys.executable, __file__, "--worker", "--format", fmt, "--process-id", str(i),
-         "--coordinator", f"localhost:{port}", "--out", str(folder / fmt), "--dim",
-         str(args.dim), "--n-layers", str(args.n_layers), "--saves", str(args.saves)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    # Each process's output to a file of its own: a pipe left unread would
+    # stop one process while the other waits for it at a collective.
+    logs = [folder / f"{fmt}_{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, __file__, "--worker", "--format", fmt, "--process-id", str(i),
+                 "--coordinator", f"localhost:{port}", "--out", str(folder / fmt), "--dim",
+                 str(args.dim), "--n-layers", str(args.n_layers), "--saves", str(args.saves)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
     records = []
-    for p in procs:
-        out, err = p.communicate(timeout=1800)
+    for p, log in zip(procs, logs):
+        p.wait(timeout=1800)
+        lines = log.read_text().splitlines()
         if p.returncode != 0:
-            sys.exit(f"{fmt} process failed:\n{err[-3000:]}")
-        records.append(json.loads(out.strip().splitlines()[-1]))
+            sys.exit(f"{fmt} process failed:\n" + "\n".join(lines[-30:]))
+        records.append(json.loads(next(line for line in reversed(lines)
+                                       if line.startswith("{"))))
     return records
 
 
@@ -156,12 +177,12 @@ def main():
     print(f"{params / 1e6:.0f}M parameters on 2 processes x 4 CPU devices, FSDP over 8, "
           f"{args.saves} saves each")
     print(f"{'format':7s} {'process':>7s} {'RSS before':>10s} {'peak RSS':>9s} "
-          f"{'blocked/save':>12s} {'finish':>7s} {'written/save':>12s}")
+          f"{'blocked/save':>12s} {'finish':>7s} {'disk/save':>10s} {'sent/save':>10s}")
     for fmt, records in results.items():
         for r in records:
             print(f"{fmt:7s} {r['process']:7d} {r['rss_before_gb']:8.2f} GB {r['peak_rss_gb']:6.2f} GB"
                   f" {sum(r['blocked_s']) / len(r['blocked_s']):10.2f} s {r['finish_s']:5.2f} s"
-                  f" {r['written_gb_per_save']:9.2f} GB")
+                  f" {r['written_gb_per_save']:7.2f} GB {r['sent_gb_per_save']:7.2f} GB")
     for name, key, agg in (("peak RSS", "peak_rss_gb", max),
                            ("blocked per save", "blocked_s", lambda v: max(sum(x) / len(x) for x in v))):
         npz = agg([r[key] for r in results["npz"]])
