@@ -1003,6 +1003,7 @@ import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -3071,6 +3072,14 @@ def check_checkpoint(path, meta, arrays, config):
 ORBAX_REQUIREMENT = "orbax-checkpoint>=0.12,<0.13"  # tested: 0.12.8
 
 
+def orbax_installed():
+    """Whether orbax-checkpoint can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("orbax.checkpoint") is not None
+    except ImportError:  # no orbax package at all
+        return False
+
+
 def orbax_module(why):
     """orbax.checkpoint, or InputError naming the package to install."""
     try:
@@ -3086,6 +3095,7 @@ def orbax_manager(path, keep=None):
     the steps it keeps; it creates the folder) or a reader's (keep None)."""
     ocp = orbax_module(f"the Orbax checkpoint {path}")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=keep is not None,
+                                           cleanup_tmp_directories=keep is not None,
                                            enable_async_checkpointing=True)
     return ocp.CheckpointManager(
         Path(path).absolute(), options=options,
@@ -3123,14 +3133,14 @@ def load_orbax_checkpoint(path, config=None, mesh=None):
             raise CheckpointError(f"{path} holds no complete Orbax step (a save that never "
                                   "finished, or not a checkpoint folder): train again, or "
                                   "point --out-dir at another run")
+        unreadable = (f"{path}: step {step} is not readable ({{}}); delete that step's folder "
+                      "to fall back to the one before")
         try:
             meta = manager.restore(step, args=orbax_args(meta=True))["meta"]
             saved = manager.item_metadata(step)["state"].tree
-        except Exception as err:
-            raise CheckpointError(f"{path}: step {step} is not readable ({type(err).__name__}: "
-                                  f"{err}); delete that step's folder to fall back to the one "
-                                  "before") from err
-        arrays = flatten_tree({"params": saved["params"], "opt": saved["opt"]})
+            arrays = flatten_tree({"params": saved["params"], "opt": saved["opt"]})
+        except Exception as err:  # Orbax's and tensorstore's errors, or another tree
+            raise CheckpointError(unreadable.format(f"{type(err).__name__}: {err}")) from err
         use, saved_tc, template, opt_template = check_checkpoint(path, meta, arrays, config)
         target = {"params": template, "opt": opt_template,
                   "key": jax.ShapeDtypeStruct((2,), jnp.uint32)}
@@ -3143,7 +3153,10 @@ def load_orbax_checkpoint(path, config=None, mesh=None):
                          "key": NamedSharding(mesh, P())}
         abstract = jax.tree_util.tree_map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), target, shardings)
-        state = manager.restore(step, args=orbax_args(state=abstract))["state"]
+        try:
+            state = manager.restore(step, args=orbax_args(state=abstract))["state"]
+        except Exception as err:  # a missing or damaged shard file
+            raise CheckpointError(unreadable.format(f"{type(err).__name__}: {err}")) from err
     if mesh is None:
         state = jax.tree_util.tree_map(np.asarray, state)
     left = unfinished_saves(path, step)
@@ -3167,15 +3180,24 @@ def saved_checkpoint(out_dir):
     return present[0] if present else None
 
 
+def checkpoint_bytes(config, tc):
+    """Bytes of what a checkpoint holds: the trained weights (with LoRA, the
+    adapters) and the optimizer's state."""
+    trainable = run_shapes(config, tc)[0]
+    return tree_bytes(trainable) + tree_bytes(jax.eval_shape(OPTIMIZERS[tc.optimizer].init,
+                                                             trainable))
+
+
 def checkpoint_format(tc, config):
     """--checkpoint auto: Orbax where .npz would not scale, when
     orbax-checkpoint is installed: with several processes (.npz gathers the
-    whole state onto each), or where the state, 16 bytes a parameter with
-    AdamW, would take over half of this host's memory. Else .npz: one file,
-    readable with NumPy alone. -> ("npz" or "orbax", why, in words)."""
+    whole state onto each), or where the state (checkpoint_bytes: 12 bytes a
+    parameter with AdamW) would take over half of this host's memory. Else
+    .npz: one file, readable with NumPy alone.
+    -> ("npz" or "orbax", why, in words)."""
     if tc.checkpoint != "auto":
         return tc.checkpoint, f"--checkpoint {tc.checkpoint}"
-    state = 16 * count_params(param_shapes(config))
+    state = checkpoint_bytes(config, tc)
     try:
         host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -3185,7 +3207,7 @@ def checkpoint_format(tc, config):
         if host is not None and state > host / 2 else [])
     if not reasons:
         return "npz", "--checkpoint auto: npz, one process"
-    if importlib.util.find_spec("orbax") is None:
+    if not orbax_installed():
         return "npz", (f"--checkpoint auto: npz, gathered onto every process; with "
                        f"{' and '.join(reasons)}, orbax would scale better (pip install "
                        f"'{ORBAX_REQUIREMENT}')")
@@ -3194,12 +3216,11 @@ def checkpoint_format(tc, config):
 
 def checkpoint_plan(config, tc, mesh):
     """--plan's lines on saving a checkpoint, in each format, per process."""
-    trainable = run_shapes(config, tc)[0]  # with LoRA, the checkpoint holds the adapters
-    state = tree_bytes(trainable) + tree_bytes(jax.eval_shape(OPTIMIZERS[tc.optimizer].init,
-                                                              trainable))
-    n = jax.process_count()
+    state = checkpoint_bytes(config, tc)
+    # The distinct FSDP shards one process's devices hold (each group of fsdp
+    # devices holds one copy of the state; a process's devices are contiguous).
     fsdp = mesh.shape["fsdp"]
-    shards = state / n if fsdp == mesh.size else state / fsdp  # the unique shards one process holds
+    shards = state * min(jax.local_device_count(), fsdp) / fsdp
     chosen, why = checkpoint_format(tc, config)
     return [f"checkpoint ({chosen}: {why}), per process, for {gb(state)} of weights and "
             "optimizer state:",
@@ -3233,21 +3254,44 @@ class OrbaxWriter:
 
     def save(self, params, opt_state, key, config, tc, history, base):
         meta = checkpoint_record(opt_state, config, tc, history, base)
-        if meta["step"] in self.manager.all_steps():  # saved again (a stop after an evaluation)
-            self.manager.wait_until_finished()
-            self.manager.delete(meta["step"])
+        if meta["step"] in self.manager.all_steps():  # a stop just after an evaluation's save
+            return
         state = {"params": params, "opt": opt_state, "key": np.asarray(key)}
-        self.manager.save(meta["step"], args=orbax_args(state, meta, restore=False))
+        try:
+            saved = self.manager.save(meta["step"], args=orbax_args(state, meta, restore=False))
+        except Exception as err:  # the save before it failed in the background: disk, rights
+            raise OSError(f"Orbax: {type(err).__name__}: {err}") from err
+        if not saved:  # Orbax refuses a step at or before its latest one
+            raise OSError(f"Orbax did not save step {meta['step']}: {self.path} holds later "
+                          "steps of another run")
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise OSError(f"Orbax: {type(err).__name__}: {err}") from err
+        finally:
+            self.manager.close()
 
 
-def checkpoint_writer(out_dir, tc, config, log=lambda line: None):
+def checkpoint_writer(out_dir, tc, config, log=lambda line: None, resume=False):
     """The writer of a run's checkpoints, in the format checkpoint_format
-    chooses, which it logs."""
+    chooses, which it logs. A fresh run (resume False) first removes an
+    earlier run's checkpoints from out_dir, in either format, as it would
+    write over its ckpt.npz: a reader takes the later of the two
+    (saved_checkpoint), and Orbax would not save steps before an old run's."""
     chosen, why = checkpoint_format(tc, config)
+    files = run_files(out_dir)
+    if not resume and jax.process_index() == 0:
+        for old in (files.checkpoint, files.orbax):
+            if old.exists():
+                log(f"a fresh run: removing the earlier run's {old}")
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
+    if not resume and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("fresh run: old checkpoints removed")
     if chosen == "orbax":
         orbax_module("--checkpoint orbax")
         writer = OrbaxWriter(out_dir, tc.keep_checkpoints)
@@ -4906,7 +4950,6 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
                                                                init, mesh)
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    writer = checkpoint_writer(out_dir, tc, config, log)
     records = start_metrics(run_files(out_dir).metrics, resume, int(opt_state["step"]), log)
     rows = (batch_sharding(mesh),) * 2
     eval_sets = {name: [place(b, rows) for b in evaluation_batches(d, tc, name)]
@@ -4926,6 +4969,7 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
     # there; a token file's batches are read on the host, one step at a time,
     # and each device receives its rows.
     on_device = replicated(mesh, train_data) if isinstance(train_data, np.ndarray) else None
+    writer = checkpoint_writer(out_dir, tc, config, log, resume)  # last: train() closes it
     return Run(config=config, mesh=mesh, log=log, init=init, frozen=frozen,
                train_data=train_data, on_device=on_device, rows=rows, eval_sets=eval_sets,
                history=history, seed_key=seed_key, keys=replicated(mesh, run_keys(seed_key)),
@@ -4966,6 +5010,22 @@ def write_record(run, record):
     if jax.process_index() == 0:
         with open(run_files(run.out_dir).metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def closing_writer(run):
+    """Closes the run's checkpoint writer at the end, however the run ends:
+    Orbax waits there for the save in flight, and a failed background write
+    gets save_run's message."""
+    try:
+        yield
+    finally:
+        try:
+            run.writer.close()
+        except OSError as err:
+            raise InputError(f"could not write the run's checkpoint in {run.out_dir} ({err}); "
+                             "the last complete one there is kept: free some space (or "
+                             "choose another --out-dir) and continue with --resume") from err
 
 
 def save_run(run):
@@ -5095,10 +5155,12 @@ def run_steps(run, stop, time_budget):
 def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=print,
           time_budget=None, init=None, mesh=None):
     """Trains a model and returns {"params", "opt_state", "history", "stopped",
-    "weights"} (weights: the model's, which are params except with LoRA).
-    Writes out_dir/ckpt.npz (atomically) and out_dir/loss.png at every
-    evaluation and at the end. With resume=True, continues from out_dir/ckpt.npz;
-    it must have been written with the same architecture.
+    "weights", "question", "checkpoint"} (weights: the model's, which are
+    params except with LoRA; checkpoint: the path of its checkpoint).
+    Writes a checkpoint (out_dir/ckpt.npz, or the ckpt.orbax folder with
+    --checkpoint orbax; section 15) and out_dir/loss.png at every evaluation
+    and at the end. With resume=True, continues from that checkpoint; it
+    must have been written with the same architecture.
     time_budget (minutes of wall clock, compile included) shortens the run to
     fit: after 10 timed steps and one timed evaluation, tc.steps is lowered so
     that the cosine schedule ends inside the budget (the step recompiles once
@@ -5111,13 +5173,14 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     in the result is the first held-out one's question (else None).
     mesh: the devices to train on (make_mesh, section 14; default: all of
     them, data parallel). With several processes, every one calls train;
-    only process 0 logs and writes files."""
+    only process 0 logs and writes files, except Orbax's checkpoint, where
+    each process writes its own shards."""
     run = start_run(config, tc, data_path, out_dir, resume, log, init, mesh)
     stopped, ckpt_path = None, run.writer.path
-    if init is not None and not resume:  # the pretrained model's own losses: step 0
-        evaluate_and_save(run, 0)
-    with stop_requests(run.log) as stop, contextlib.closing(run.writer):
+    with stop_requests(run.log) as stop, closing_writer(run):
         try:
+            if init is not None and not resume:  # the pretrained model's own losses: step 0
+                evaluate_and_save(run, 0)
             run_steps(run, stop, time_budget)
         except FloatingPointError as err:
             run.log(f"stopped: the loss became non-finite at step {int(err.args[0]) + 1}; the "
@@ -6056,8 +6119,8 @@ def build_parser():
     tune = p.add_argument_group("fine-tuning")
     tune.add_argument("--init-from", metavar="SOURCE",
                       help="start training from a pretrained model instead of random weights: "
-                           "a Hugging Face folder, a GGUF file or a llama_jax run (its folder "
-                           "or ckpt.npz). Its architecture and tokenizer are used (--data is "
+                           "a Hugging Face folder, a GGUF file or a llama_jax run (its folder, "
+                           "its ckpt.npz or its ckpt.orbax). Its architecture and tokenizer are used (--data is "
                            "tokenized with it; with --prepare, the data set is written with "
                            "it); defaults become --lr 5e-5 (LoRA: 1e-3), --min-lr lr/10, "
                            "--warmup-steps 10")

@@ -295,6 +295,10 @@ def test_fused_attention_in_bfloat16_asks_cudnn_on_a_gpu_and_falls_back_elsewher
     assert not L.cudnn_takes(q)  # float32: cuDNN's fused kernel takes 16-bit inputs
     fused = L.fused_attend(q, k, v, causal, dtype=jnp.bfloat16)
     assert fused.dtype == jnp.bfloat16
+    if jax.default_backend() == "gpu":  # cuDNN's kernel is the one compiled, not a fallback
+        lowered = jax.jit(functools.partial(L.fused_attend, dtype=jnp.bfloat16)).lower(
+            q, k, v, causal).as_text()
+        assert "cudnn" in lowered.lower()
     np.testing.assert_allclose(np.asarray(fused, np.float32), want, atol=3e-2)
     # Where cuDNN is asked for and refuses (on a CPU: "cuDNN is not detected"),
     # XLA's kernel answers instead of an error.
@@ -1222,6 +1226,15 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
             if name in s:
                 np.testing.assert_allclose(r[name], s[name], rtol=1e-5, err_msg=name)
     assert (tmp_path / "resumed" / "health.png").is_file()
+    if HAS_ORBAX:
+        # A fresh run in that folder (here a .npz one) removes the earlier run's
+        # checkpoint, or a reader would take the later step: the old run's.
+        lines = []
+        L.train(config, dataclasses.replace(tc, steps=2), corpus, tmp_path / "resumed",
+                log=lines.append)
+        assert f"a fresh run: removing the earlier run's {folder}" in lines
+        assert not folder.exists() and L.checkpoint_meta(L.saved_checkpoint(
+            tmp_path / "resumed"))["step"] == 2
 
 
 @pytest.mark.slow
@@ -1471,8 +1484,9 @@ def test_every_reader_takes_an_orbax_run_and_bad_input_gets_a_message(tmp_path, 
 @NEEDS_ORBAX
 @pytest.mark.slow
 def test_orbax_run_killed_mid_save_restores_its_last_complete_step(corpus, tmp_path):
-    # SIGKILL lands while a step is being written in the background (every
-    # step saves here): the steps committed before it restore, and resume.
+    # SIGKILL lands at any point of a run that saves at every step, so often
+    # while a step is being written in the background: the last step
+    # committed before it restores, and resumes exactly where it was.
     flags = ["--data", str(corpus), "--dim", "32", "--n-layers", "2", "--n-heads", "4",
              "--n-kv-heads", "2", "--batch-size", "4", "--seq-len", "16", "--dtype", "float32",
              "--eval-every", "1", "--log-every", "1", "--checkpoint", "orbax"]
@@ -1486,7 +1500,7 @@ def test_orbax_run_killed_mid_save_restores_its_last_complete_step(corpus, tmp_p
     proc.wait(timeout=60)
     saved = L.load_checkpoint(tmp_path / "run" / "ckpt.orbax")
     step = int(saved["opt_state"]["step"])
-    assert step >= 3 and len(saved["history"]["train"]) == step
+    assert step >= 2 and len(saved["history"]["train"]) == step
     config, tc = L.resolve_configs(L.build_parser().parse_args([*flags, "--steps", str(step + 2)]))
     lines = []
     resumed = L.train(config, tc, corpus, tmp_path / "run", resume=True, log=lines.append)
@@ -2271,9 +2285,10 @@ def test_gpu_check_dry_run_writes_every_figure(programs_beside):
                      "bench_loss_memory", "bench_summary", "profile", "train_budget", "summary"]
     env_rec, tests, profile, budget, summary = (records[0], records[1], records[-3], records[-2],
                                                 records[-1])
-    # The profile's kernel time is the step's, summed by kind (on a CPU, XLA's host threads).
+    # The profile's kernels (on a CPU, XLA's work on the host threads), largest first.
     assert profile["step_ms"] > 0 and len(profile["top"]) >= 3
-    assert sum(profile["by_kind_ms"].values()) == pytest.approx(profile["device_busy_ms"], rel=1e-2)
+    assert [t["ms"] for t in profile["top"]] == sorted((t["ms"] for t in profile["top"]),
+                                                      reverse=True)
     # Decoding at batch 1 reads every weight once per token: at least the
     # untied output matrix (32 x 50,304 in float32 on a CPU).
     decode1 = next(r for r in records if r["kind"] == "bench_decode")

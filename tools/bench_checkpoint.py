@@ -144,9 +144,14 @@ def run_format(fmt, args, folder):
                 env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
     records = []
     for p, log in zip(procs, logs):
-        p.wait(timeout=1800)
+        try:
+            p.wait(timeout=1800)
+        except subprocess.TimeoutExpired:
+            pass
         lines = log.read_text().splitlines()
         if p.returncode != 0:
+            for other in procs:  # the other waits in a collective: end it too
+                other.kill()
             sys.exit(f"{fmt} process failed:\n" + "\n".join(lines[-30:]))
         records.append(json.loads(next(line for line in reversed(lines)
                                        if line.startswith("{"))))

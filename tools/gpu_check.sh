@@ -5,8 +5,9 @@
 # OUTDIR/junit.xml, the gpu preset's loss curve to OUTDIR/loss.png and the
 # profiled steps' trace to OUTDIR/trace.json.gz.
 #
-#     GPU_CHECK_STEPS="tests bench profile" tools/gpu_check.sh OUTDIR  # about 6 min
-#     GPU_CHECK_STEPS=train tools/gpu_check.sh OUTDIR                  # about 6.5 min
+#     GPU_CHECK_STEPS="tests bench profile" tools/gpu_check.sh OUT1  # about 6 min
+#     GPU_CHECK_STEPS=train tools/gpu_check.sh OUT2                  # about 6.5 min
+# (each call starts its OUTDIR's files afresh: give the two calls two folders)
 #     tools/gpu_check.sh --dry-run OUTDIR   # every step on CPU, tiny sizes
 #
 # All the steps in one call would overrun 9 minutes on an H200, hence the two
@@ -187,7 +188,8 @@ with open(sys.argv[1], "a") as out:
             rec["kind"] = "bench_" + rec["kind"]
             out.write(json.dumps({**rec, "run": label}) + "\n")
 ' "$RESULTS" "b$B"
-        [ "${PIPESTATUS[0]}" = 0 ] || record kind=bench_error run="b$B" exit_code="${PIPESTATUS[0]}"
+        RC=${PIPESTATUS[0]}
+        [ "$RC" = 0 ] || record kind=bench_error run="b$B" exit_code="$RC"
     done
 fi
 
@@ -198,7 +200,8 @@ if has profile; then
     timeout "$LIMIT_PROFILE" "$PY" tools/profile_step.py --json "${BENCH_MODEL[@]}" \
         --batch-size "$B" --seq-len "$BENCH_SEQ" --trace-steps 3 --trace-out "$RUN_DIR/trace.json.gz" \
         ${GPU_CHECK_BENCH_FLAGS:-} 2>> "$LOG" | tee -a "$LOG" | grep '^{' >> "$RESULTS"
-    [ "${PIPESTATUS[0]}" = 0 ] || record kind=profile_error exit_code="${PIPESTATUS[0]}"
+    RC=${PIPESTATUS[0]}
+    [ "$RC" = 0 ] || record kind=profile_error exit_code="$RC"
     # Kept when small enough to come back from the GPU machine (16 MiB per file).
     if [ -f "$RUN_DIR/trace.json.gz" ] && [ "$(stat -c %s "$RUN_DIR/trace.json.gz")" -lt 16000000 ]; then
         cp "$RUN_DIR/trace.json.gz" "$OUT/trace.json.gz"
@@ -221,15 +224,16 @@ train_one() {
     # The held-out plays (never trained on), in what is left of the step's
     # limit, so that the whole stays under its cap.
     left=$(( LIMIT_TRAIN - seconds ))
-    if [ -f "$dir/ckpt.npz" ] && [ "$left" -ge 10 ]; then
+    if "$PY" -c 'import sys, llama_jax as L; sys.exit(L.saved_checkpoint(sys.argv[1]) is None)' \
+            "$dir" 2>/dev/null && [ "$left" -ge 10 ]; then
         heldout=$(timeout "$left" "$PY" llama_jax.py --eval "$HELDOUT_TEXT" --json \
             --out-dir "$dir" 2>> "$dir.log" | tail -n 1)
         echo "$heldout" >> "$dir.log"
     fi
-    "$PY" - "$RESULTS" "$dir/ckpt.npz" "$rc" "$seconds" "$BUDGET" \
+    "$PY" - "$RESULTS" "$dir" "$rc" "$seconds" "$BUDGET" \
         "${GPU_CHECK_TRAIN_FLAGS:-} $*" "$heldout" "$name" >> "$dir.log" 2>&1 <<'EOF'
 import json, sys
-path, ckpt, rc, seconds, budget, extra, heldout, name = sys.argv[1:]
+path, run_dir, rc, seconds, budget, extra, heldout, name = sys.argv[1:]
 rec = {"kind": "train_budget", "run": name, "exit_code": int(rc), "wall_s": int(seconds),
        "budget_min": float(budget), "extra_flags": extra.strip(), "steps": None,
        "schedule_steps": None,
@@ -242,7 +246,7 @@ except (ValueError, KeyError, TypeError):
     pass
 try:
     import llama_jax as L
-    c = L.load_checkpoint(ckpt)
+    c = L.load_checkpoint(L.saved_checkpoint(run_dir))  # ckpt.npz or ckpt.orbax
     step, train_loss, val_loss = c["history"]["eval"][-1]
     tc = c["train_config"]
     rec.update(steps=int(c["opt_state"]["step"]), schedule_steps=tc.steps,
