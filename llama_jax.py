@@ -3003,9 +3003,7 @@ def load_checkpoint(path, config=None, mesh=None):
             arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(arrays.pop("meta").tobytes())
     except Exception as err:  # zipfile, zlib, JSON, missing keys: all mean "unreadable"
-        raise CheckpointError(f"{path} is not a readable llama_jax checkpoint ({type(err).__name__}:"
-                              f" {err}); it may be truncated or corrupted: delete it and "
-                              "train again") from err
+        raise unreadable_checkpoint(path, err) from err
     use, saved_tc, template, opt_template = check_checkpoint(path, meta, arrays, config)
     params = unflatten_like(template, {k[7:]: v for k, v in arrays.items()
                                        if k.startswith("params/")})
@@ -3015,6 +3013,12 @@ def load_checkpoint(path, config=None, mesh=None):
             "config": use, "train_config": saved_tc, "history": meta["history"],
             "format_version": meta["format_version"], "base": meta.get("base"),
             "placed": False, "note": None}
+
+
+def unreadable_checkpoint(path, err):
+    """The CheckpointError for a file or metadata that cannot be read."""
+    return CheckpointError(f"{path} is not a readable llama_jax checkpoint ({type(err).__name__}:"
+                           f" {err}); it may be truncated or corrupted: delete it and train again")
 
 
 def check_checkpoint(path, meta, arrays, config):
@@ -3028,9 +3032,7 @@ def check_checkpoint(path, meta, arrays, config):
         saved_config = config_from_json(RunModelConfig, meta["model_config"])
         saved_tc = config_from_json(RunTrainConfig, meta["train_config"])
     except Exception as err:  # missing keys, wrong types: the metadata is not ours
-        raise CheckpointError(f"{path} is not a readable llama_jax checkpoint ({type(err).__name__}:"
-                              f" {err}); it may be truncated or corrupted: delete it and "
-                              "train again") from err
+        raise unreadable_checkpoint(path, err) from err
     if version not in (1, CHECKPOINT_VERSION):
         raise CheckpointError(f"{path} has checkpoint format {version}; this llama_jax reads "
                               f"format {CHECKPOINT_VERSION}")
@@ -5751,15 +5753,22 @@ def measured_matmul_peak(dtype, n=2048, repeats=5):
     return 2 * n ** 3 * repeats / matmul_seconds(a, a, repeats)
 
 
+def bench_state(config, tc, mesh):
+    """What --bench's run_step takes: random tokens on every device, fresh
+    weights and optimizer state split over the mesh, the key streams.
+    -> (data, params, opt_state, keys)."""
+    data = replicated(mesh, np.random.RandomState(0).randint(0, config.vocab_size, 1_000_000,
+                                                             dtype=np.int32))
+    params = sharded_init(jax.random.PRNGKey(1), config, mesh)
+    return (data, params, sharded_adamw_init(params, mesh, tc),
+            replicated(mesh, run_keys(jax.random.PRNGKey(2))))
+
+
 def bench_train(config, tc, n_steps, mesh=None):
     """-> dict with compile time, ms/step and tokens/s of run_step (in
     total, and per device of the mesh; default: every device)."""
     mesh = mesh or make_mesh()
-    data = replicated(mesh, np.random.RandomState(0).randint(0, config.vocab_size, 1_000_000,
-                                                             dtype=np.int32))
-    params = sharded_init(jax.random.PRNGKey(1), config, mesh)
-    opt_state = sharded_adamw_init(params, mesh, tc)
-    key = replicated(mesh, run_keys(jax.random.PRNGKey(2)))
+    data, params, opt_state, key = bench_state(config, tc, mesh)
     t0 = time.perf_counter()
     params, opt_state, loss, _ = run_step(params, opt_state, data, key, config, tc, None, mesh)
     loss.block_until_ready()

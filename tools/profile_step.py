@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_jax as L  # noqa: E402
@@ -108,11 +107,7 @@ def main():
     config, tc = L.resolve_configs(args)
     mesh = L.make_mesh(args.fsdp)
     L.check_batch_split(tc, mesh)
-    data = L.replicated(mesh, np.random.RandomState(0).randint(
-        0, config.vocab_size, 1_000_000, dtype=np.int32))
-    params = L.sharded_init(jax.random.PRNGKey(1), config, mesh)
-    opt_state = L.sharded_adamw_init(params, mesh, tc)
-    keys = L.replicated(mesh, L.run_keys(jax.random.PRNGKey(2)))
+    data, params, opt_state, keys = L.bench_state(config, tc, mesh)  # --bench's
 
     def steps(n, params, opt_state):
         for _ in range(n):
