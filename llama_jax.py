@@ -3069,7 +3069,12 @@ def check_checkpoint(path, meta, arrays, config):
 #     once every process has finished (Orbax's commit), so a crash mid-save
 #     leaves the steps before it, and the reader passes over the rest.
 #   - Restored onto any mesh: each device reads its own slice of each array.
-# The arrays are one tree {"params", "opt", "key"} (StandardSave); the JSON
+#   - Uncompressed: Orbax compresses with zstd by default, which saved only 8%
+#     of the bytes of float32 weights and AdamW moments (0.84 against 0.91 GB
+#     a process, 153M parameters) but raised a process's peak memory during a
+#     save by 1.0 to 1.5 GB, where uncompressed it rose by under 0.05 GB
+#     (tools/bench_checkpoint.py --orbax-compression, docs/scaling.md).
+# The arrays are one tree {"params", "opt", "key"} (PyTreeSave); the JSON
 # part, checkpoint_record, is a second item ("meta").
 ORBAX_REQUIREMENT = "orbax-checkpoint>=0.12,<0.13"  # tested: 0.12.8
 
@@ -3092,16 +3097,18 @@ def orbax_module(why):
     return ocp
 
 
-def orbax_manager(path, keep=None):
+def orbax_manager(path, keep=None, compress=False):
     """Orbax's CheckpointManager over the folder `path`: a writer's (keep:
-    the steps it keeps; it creates the folder) or a reader's (keep None)."""
+    the steps it keeps; it creates the folder) or a reader's (keep None).
+    compress: zstd, Orbax's default, off here (see above); a reader reads
+    either."""
     ocp = orbax_module(f"the Orbax checkpoint {path}")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=keep is not None,
                                            cleanup_tmp_directories=keep is not None,
                                            enable_async_checkpointing=True)
     return ocp.CheckpointManager(
         Path(path).absolute(), options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=compress),
                        "meta": ocp.JsonCheckpointHandler()})
 
 
@@ -3110,9 +3117,10 @@ def orbax_args(state=None, meta=None, restore=True):
     restore their ShapeDtypeStructs) and meta (the JSON; True to restore it)."""
     ocp = orbax_module("an Orbax checkpoint")
     items = {}
-    if state is not None:
-        items["state"] = (ocp.args.StandardRestore(state) if restore
-                          else ocp.args.StandardSave(state))
+    if state is not None:  # a restore's ShapeDtypeStructs carry the shardings to read into
+        items["state"] = (ocp.args.PyTreeRestore(
+            state, restore_args=ocp.checkpoint_utils.construct_restore_args(state))
+            if restore else ocp.args.PyTreeSave(state))
     if meta is not None:
         items["meta"] = ocp.args.JsonRestore() if restore else ocp.args.JsonSave(meta)
     return ocp.args.Composite(**items)
@@ -3250,9 +3258,9 @@ class OrbaxWriter:
     each, asynchronously (see above), keeping the last tc.keep_checkpoints.
     close() waits for the save in flight."""
 
-    def __init__(self, out_dir, keep):
+    def __init__(self, out_dir, keep, compress=False):
         self.path = run_files(out_dir).orbax
-        self.manager = orbax_manager(self.path, keep)
+        self.manager = orbax_manager(self.path, keep, compress)
 
     def save(self, params, opt_state, key, config, tc, history, base):
         meta = checkpoint_record(opt_state, config, tc, history, base)

@@ -1446,6 +1446,20 @@ def test_every_reader_takes_an_orbax_run_and_bad_input_gets_a_message(tmp_path, 
     writer.close()
     run, folder = tmp_path / "run", tmp_path / "run" / "ckpt.orbax"
     assert L.saved_checkpoint(run) == folder
+    # Written uncompressed (zstd, Orbax's default, cost memory for little gain on
+    # float32 weights); a step written compressed, as earlier versions did, still
+    # loads. The zero moments show which is which: zstd shrinks them to nothing.
+    zstd = L.OrbaxWriter(tmp_path / "zstd", keep=1, compress=True)
+    zstd.save(params, {**L.adamw_init(params), "step": jnp.int32(1)}, jax.random.PRNGKey(0),
+              config, tc, {"train": [], "eval": []}, None)
+    zstd.close()
+
+    def size(step):
+        return sum(f.stat().st_size for f in step.rglob("*") if f.is_file())
+
+    assert size(tmp_path / "zstd" / "ckpt.orbax" / "1") < 0.7 * size(folder / "1")
+    np.testing.assert_array_equal(L.load_checkpoint(tmp_path / "zstd" / "ckpt.orbax")
+                                  ["params"]["norm"], params["norm"])
     # Every reader of a run takes the folder: --sample, --eval, --export-hf, --init-from.
     heldout = tmp_path / "heldout.txt"
     heldout.write_text((HERE / "shakespeare_heldout.txt").read_text()[:2000])

@@ -1,6 +1,7 @@
 """What a checkpoint save costs each process, .npz against Orbax, on 2 processes x 4 devices.
 
-    python tools/bench_checkpoint.py [--dim 768 --n-layers 12] [--saves 3] [--json]
+    python tools/bench_checkpoint.py [--dim 768 --n-layers 12] [--saves 3] [--gap 10] [--json]
+                                     [--formats npz,orbax] [--orbax-compression]
 
 Starts two processes, each with 4 CPU devices (XLA's
 --xla_force_host_platform_device_count), joined by jax.distributed as a run on
@@ -8,12 +9,15 @@ Starts two processes, each with 4 CPU devices (XLA's
 devices with FSDP (make_mesh("all")). Then, for each format in a pair of fresh
 processes, it saves --saves times, as a run's evaluations do, and measures on
 each process:
-  - peak resident memory during the saves (VmRSS sampled every 5 ms), and
-    the same just before them;
+  - peak resident memory during the saves (VmRSS sampled every 5 ms), the
+    same just before them, and before any array was made (the runtime's);
   - seconds the caller is blocked per save (what a training loop waits):
     .npz gathers every array onto each process and process 0 writes the file;
     Orbax returns once the shards are copied off the devices and writes them
-    in a background thread (its finish time is reported too);
+    in a background thread (its finish time is reported too). Between saves
+    the caller waits --gap seconds, as a run trains between evaluations; with
+    --gap 0 the saves follow each other, and each Orbax save first waits for
+    the write of the one before;
   - bytes the process wrote to disk (/proc/self/io's write_bytes), and
     the other bytes it passed to write() (wchar less those: the gather's
     messages between the processes, over sockets).
@@ -79,6 +83,7 @@ def worker(args):
     sys.path.insert(0, str(ROOT))
     import llama_jax as L
     L.start_distributed(args.coordinator, 2, args.process_id)
+    runtime_rss = vm_rss()  # Python, JAX and its runtime, before any array
     config = L.RunModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64,
                               n_kv_heads=max(1, args.dim // 256), tie_embeddings=False,
                               max_seq_len=256, compute_dtype="float32")
@@ -94,12 +99,15 @@ def worker(args):
     key, history = np.asarray(jax.random.PRNGKey(1)), {"train": [], "eval": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    writer = (L.OrbaxWriter(out, keep=2) if args.format == "orbax"
+    writer = (L.OrbaxWriter(out, keep=2, compress=args.orbax_compression)
+              if args.format == "orbax"
               else L.NpzWriter(out))
     before_rss, (before_disk, before_chars) = vm_rss(), io_counts()
     blocked = []
     with PeakRSS() as peak:
         for i in range(args.saves):
+            if i:
+                time.sleep(args.gap)  # the training between two evaluations
             # A new step each time, as a run saves at each evaluation.
             opt_state = {**opt_state, "step": opt_state["step"] + 1}
             t0 = time.perf_counter()
@@ -111,7 +119,8 @@ def worker(args):
     disk, chars = io_counts()
     print(json.dumps({"process": jax.process_index(), "format": args.format,
                       "params": L.count_params(params), "saves": args.saves,
-                      "rss_before_gb": before_rss / 1e9, "peak_rss_gb": peak.peak / 1e9,
+                      "rss_runtime_gb": runtime_rss / 1e9, "rss_before_gb": before_rss / 1e9,
+                      "peak_rss_gb": peak.peak / 1e9,
                       "blocked_s": blocked, "finish_s": finish,
                       "written_gb_per_save": (disk - before_disk) / args.saves / 1e9,
                       # what else went through write(): the gather's messages
@@ -140,7 +149,9 @@ def run_format(fmt, args, folder):
             procs.append(subprocess.Popen(
                 [sys.executable, __file__, "--worker", "--format", fmt, "--process-id", str(i),
                  "--coordinator", f"localhost:{port}", "--out", str(folder / fmt), "--dim",
-                 str(args.dim), "--n-layers", str(args.n_layers), "--saves", str(args.saves)],
+                 str(args.dim), "--n-layers", str(args.n_layers), "--saves", str(args.saves),
+                 "--gap", str(args.gap)] + (["--orbax-compression"] if args.orbax_compression
+                                            else []),
                 env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
     records = []
     for p, log in zip(procs, logs):
@@ -163,6 +174,13 @@ def main():
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--n-layers", type=int, default=12)
     parser.add_argument("--saves", type=int, default=3)
+    parser.add_argument("--gap", type=float, default=10.0,
+                        help="seconds between saves, as training between evaluations would "
+                             "take (0: back to back)")
+    parser.add_argument("--formats", default="npz,orbax", help="which formats: npz,orbax")
+    parser.add_argument("--orbax-compression", action="store_true",
+                        help="Orbax with zstd compression, its default, which llama_jax.py "
+                             "turns off")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--format", help=argparse.SUPPRESS)
@@ -173,14 +191,14 @@ def main():
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {fmt: run_format(fmt, args, Path(tmp)) for fmt in ("npz", "orbax")}
+        results = {fmt: run_format(fmt, args, Path(tmp)) for fmt in args.formats.split(",")}
     if args.json:
         for records in results.values():
             for r in records:
                 print(json.dumps(r))
-    params = results["npz"][0]["params"]
+    params = next(iter(results.values()))[0]["params"]
     print(f"{params / 1e6:.0f}M parameters on 2 processes x 4 CPU devices, FSDP over 8, "
-          f"{args.saves} saves each")
+          f"{args.saves} saves each, {args.gap:g} s apart")
     print(f"{'format':7s} {'process':>7s} {'RSS before':>10s} {'peak RSS':>9s} "
           f"{'blocked/save':>12s} {'finish':>7s} {'disk/save':>10s} {'sent/save':>10s}")
     for fmt, records in results.items():
@@ -188,6 +206,8 @@ def main():
             print(f"{fmt:7s} {r['process']:7d} {r['rss_before_gb']:8.2f} GB {r['peak_rss_gb']:6.2f} GB"
                   f" {sum(r['blocked_s']) / len(r['blocked_s']):10.2f} s {r['finish_s']:5.2f} s"
                   f" {r['written_gb_per_save']:7.2f} GB {r['sent_gb_per_save']:7.2f} GB")
+    if len(results) < 2:
+        return
     for name, key, agg in (("peak RSS", "peak_rss_gb", max),
                            ("blocked per save", "blocked_s", lambda v: max(sum(x) / len(x) for x in v))):
         npz = agg([r[key] for r in results["npz"]])
