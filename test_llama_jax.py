@@ -1255,15 +1255,22 @@ def test_muon_runs_learn_resume_exactly_and_plan_counts_their_state(corpus, tmp_
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert a[-1, 1] < a[0, 1]  # it learns
     with pytest.raises(L.InputError, match="trains with muon, whose state it holds"):
-        L.train(TRAIN_TINY, dataclasses.replace(tc, optimizer="adamw", steps=8), corpus,
-                tmp_path / "resumed", resume=True, log=lambda s: None)
+        L.train(TRAIN_TINY, dataclasses.replace(tc, optimizer="adamw", adam_lr=None, steps=8),
+                corpus, tmp_path / "resumed", resume=True, log=lambda s: None)
+    # From the command line, --resume without --optimizer keeps the run's (the cpu
+    # preset's is AdamW).
+    _, kept = L.resolve_configs(L.build_parser().parse_args(
+        ["--preset", "cpu", "--dtype", "float32", "--resume", "--out-dir",
+         str(tmp_path / "resumed")]))
+    assert kept.optimizer == "muon"
     # --plan: Muon keeps one moment for the blocks' matrices, AdamW's two for the rest.
     config = L.run_configs(TRAIN_TINY)[0]
     mesh = L.make_mesh(1)
     params = L.param_shapes(config)
     hidden = sum(v.size for k, v in L.flatten_tree(params).items()
                  if L.flatten_tree(L.muon_mask(params))[k]) * 4
-    adamw = L.memory_plan(config, dataclasses.replace(tc, optimizer="adamw"), mesh)["optimizer"]
+    adamw = L.memory_plan(config, dataclasses.replace(tc, optimizer="adamw", adam_lr=None),
+                          mesh)["optimizer"]
     assert L.memory_plan(config, tc, mesh)["optimizer"] == adamw - hidden
     # The flags; and LoRA, which it refuses, saying why.
     _, flagged = L.resolve_configs(L.build_parser().parse_args(
@@ -2156,6 +2163,20 @@ def test_presets_resolve_to_valid_configs_and_flags_override_them():
     assert (config.dim, config.max_seq_len, config.compute_dtype) == (64, 512, "float32")
     assert config.attention == "explicit"
     assert (tc.seq_len, tc.lr, tc.min_lr) == (512, 1e-4, 1e-4)  # the floor never exceeds lr
+    # The gpu preset trains with Muon; --optimizer adamw takes its AdamW rates, not Muon's
+    # 4x larger ones, and --adam-lr, which cannot apply to AdamW, is refused.
+    _, gpu = L.resolve_configs(parser.parse_args(["--preset", "gpu"]))
+    assert (gpu.optimizer, gpu.adam_lr, gpu.lr / gpu.adam_lr) == ("muon", 1e-3, 4)
+    _, adamw = L.resolve_configs(parser.parse_args(["--preset", "gpu", "--optimizer", "adamw"]))
+    assert (adamw.optimizer, adamw.lr, adamw.min_lr, adamw.adam_lr) == ("adamw", 1e-3,
+                                                                        pytest.approx(1e-4), None)
+    with pytest.raises(L.InputError, match="needs --optimizer muon"):
+        L.resolve_configs(parser.parse_args(["--preset", "cpu", "--adam-lr", "1e-3"]))
+    # Fine-tuning uses AdamW whatever the preset's optimizer (Muon refuses LoRA).
+    source = {"config": config, "source": "a base model"}
+    for lora in ([], ["--lora-rank", "4"]):
+        _, tuned = L.fine_tuning_configs(parser.parse_args(["--preset", "gpu", *lora]), source)
+        assert (tuned.optimizer, tuned.adam_lr) == ("adamw", None)
 
 
 def test_preset_configs_equal_the_command_lines_and_take_overrides():
