@@ -1467,15 +1467,25 @@ def test_every_reader_takes_an_orbax_run_and_bad_input_gets_a_message(tmp_path, 
     assert size(tmp_path / "zstd" / "ckpt.orbax" / "1") < 0.7 * size(folder / "1")
     np.testing.assert_array_equal(L.load_checkpoint(tmp_path / "zstd" / "ckpt.orbax")
                                   ["params"]["norm"], params["norm"])
-    # Every reader of a run takes the folder: --sample, --eval, --export-hf, --init-from.
+    # Every reader of a run takes the folder: --sample, --eval, --export-hf,
+    # --export-gguf (with gguf installed), --chat, --init-from.
     heldout = tmp_path / "heldout.txt"
     heldout.write_text((HERE / "shakespeare_heldout.txt").read_text()[:2000])
-    for args in (["--sample", "--max-new-tokens", "3"], ["--eval", str(heldout), "--json"],
-                 ["--export-hf", str(tmp_path / "hf")]):
+    readers = [["--sample", "--max-new-tokens", "3"], ["--eval", str(heldout), "--json"],
+               ["--export-hf", str(tmp_path / "hf")]]
+    if importlib.util.find_spec("gguf"):
+        readers.append(["--export-gguf", str(tmp_path / "run.gguf")])
+    for args in readers:
         assert L.main([*args, "--out-dir", str(run)]) == 0, capsys.readouterr()
     printed = capsys.readouterr().out
     assert json.loads(next(line for line in printed.splitlines()
                            if line.startswith("{")))["model"] == str(folder)
+    if importlib.util.find_spec("gguf"):
+        np.testing.assert_allclose(L.load_gguf(tmp_path / "run.gguf")[0]["norm"], params["norm"],
+                                   atol=1e-3)  # written as float16
+    # --chat reads the model, then finds that a plain language model has no chat format.
+    assert L.main(["--chat", "--prompt", "hi", "--out-dir", str(run)]) == 2
+    assert "this model has no chat format" in capsys.readouterr().err
     for source in (run, folder, tmp_path / "hf"):
         np.testing.assert_allclose(L.load_source(source)["params"]["norm"], params["norm"],
                                    atol=1e-7)
