@@ -2982,7 +2982,7 @@ def checkpoint_meta(path):
         return None
 
 
-def load_checkpoint(path, config=None, mesh=None):
+def load_checkpoint(path, config=None, mesh=None, weights_only=False):
     """Reads a checkpoint written by save_checkpoint (a .npz) or by
     OrbaxWriter (an Orbax folder: its latest complete step). With `config`,
     refuses (CheckpointError listing every mismatch) a checkpoint whose
@@ -2994,10 +2994,13 @@ def load_checkpoint(path, config=None, mesh=None):
     14). From Orbax, with `mesh`, each device reads its own shard of the
     state_shardings split ("placed": True); without, NumPy arrays. "note":
     what a reader should be told (an unfinished save passed over), or None.
-    With LoRA, params are the adapters alone (load_source merges them)."""
+    With LoRA, params are the adapters alone (load_source merges them).
+    weights_only: an Orbax step's optimizer state is left unread ("opt_state"
+    None), as the readers of a run (load_source) want: a state that needs
+    Orbax may not fit one host with its moments."""
     path = Path(path)
     if path.is_dir():
-        return load_orbax_checkpoint(path, config, mesh)
+        return load_orbax_checkpoint(path, config, mesh, weights_only)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: train first (python llama_jax.py "
                               "--out-dir DIR) or pass the --out-dir that holds ckpt.npz")
@@ -3115,14 +3118,16 @@ def orbax_manager(path, keep=None, compress=False):
                        "meta": ocp.JsonCheckpointHandler()})
 
 
-def orbax_args(state=None, meta=None, restore=True):
+def orbax_args(state=None, meta=None, restore=True, partial=False):
     """The items of one save or restore: state (a tree of arrays, or for a
-    restore their ShapeDtypeStructs) and meta (the JSON; True to restore it)."""
+    restore their ShapeDtypeStructs; partial: a part of the saved tree) and
+    meta (the JSON; True to restore it)."""
     ocp = orbax_module("an Orbax checkpoint")
     items = {}
     if state is not None:  # a restore's ShapeDtypeStructs carry the shardings to read into
         items["state"] = (ocp.args.PyTreeRestore(
-            state, restore_args=ocp.checkpoint_utils.construct_restore_args(state))
+            state, restore_args=ocp.checkpoint_utils.construct_restore_args(state),
+            partial_restore=partial)
             if restore else ocp.args.PyTreeSave(state))
     if meta is not None:
         items["meta"] = ocp.args.JsonRestore() if restore else ocp.args.JsonSave(meta)
@@ -3137,7 +3142,7 @@ def unfinished_saves(path, step):
                   and int(p.name.split(".")[0]) > step)
 
 
-def load_orbax_checkpoint(path, config=None, mesh=None):
+def load_orbax_checkpoint(path, config=None, mesh=None, weights_only=False):
     """load_checkpoint for an Orbax folder: its latest complete step."""
     manager = orbax_manager(path)
     with manager:
@@ -3157,6 +3162,8 @@ def load_orbax_checkpoint(path, config=None, mesh=None):
         use, saved_tc, template, opt_template = check_checkpoint(path, meta, arrays, config)
         target = {"params": template, "opt": opt_template,
                   "key": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+        if weights_only:
+            del target["opt"]
         if mesh is None:  # onto one device, then to the host
             one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree_util.tree_map(lambda _: one, target)
@@ -3164,10 +3171,12 @@ def load_orbax_checkpoint(path, config=None, mesh=None):
             shardings = {"params": state_shardings(mesh, template),
                          "opt": state_shardings(mesh, opt_template),
                          "key": NamedSharding(mesh, P())}
+            shardings = {k: shardings[k] for k in target}
         abstract = jax.tree_util.tree_map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), target, shardings)
         try:
-            state = manager.restore(step, args=orbax_args(state=abstract))["state"]
+            state = manager.restore(step, args=orbax_args(state=abstract,
+                                                          partial=weights_only))["state"]
         except Exception as err:  # a missing or damaged shard file
             raise CheckpointError(unreadable.format(f"{type(err).__name__}: {err}")) from err
     if mesh is None:
@@ -3175,7 +3184,8 @@ def load_orbax_checkpoint(path, config=None, mesh=None):
     left = unfinished_saves(path, step)
     note = (f"{path}: passed over an unfinished save ({', '.join(left)}, from a run stopped "
             f"mid-save); step {step} is the last complete one") if left else None
-    return {"params": state["params"], "opt_state": state["opt"], "key": np.asarray(state["key"]),
+    return {"params": state["params"], "opt_state": state.get("opt"),
+            "key": np.asarray(state["key"]),
             "config": use, "train_config": saved_tc, "history": meta["history"],
             "format_version": meta["format_version"], "base": meta.get("base"),
             "placed": mesh is not None, "note": note}
@@ -4522,7 +4532,7 @@ def load_source(path, kind=None, dtype="float32", gpt2_tokenizer=False):
         path = Path(path)
         if path.is_dir() and path.suffix != ".orbax":  # a run's folder
             path = saved_checkpoint(path) or run_files(path).checkpoint
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, weights_only=True)
         model.update(params=ckpt["params"], config=ckpt["config"],
                      seq_len=ckpt["train_config"].seq_len, source=str(path))
         model.update(base_model(ckpt, path, dtype) if ckpt["base"] is not None

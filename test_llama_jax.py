@@ -1489,6 +1489,11 @@ def test_every_reader_takes_an_orbax_run_and_bad_input_gets_a_message(tmp_path, 
     for source in (run, folder, tmp_path / "hf"):
         np.testing.assert_allclose(L.load_source(source)["params"]["norm"], params["norm"],
                                    atol=1e-7)
+    # The readers read the weights alone: the optimizer's moments stay on disk.
+    light = L.load_checkpoint(folder, weights_only=True)
+    assert light["opt_state"] is None and int(light["key"][1]) == 0
+    np.testing.assert_array_equal(light["params"]["layers"][1]["attention"]["wq"],
+                                  params["layers"][1]["attention"]["wq"])
     # An unfinished save (a stop mid-save leaves it under a temporary name) is
     # passed over, and the reader says so.
     shutil.copytree(folder / "2", folder / "3.orbax-checkpoint-tmp-1234")
