@@ -1099,9 +1099,6 @@ class RunTrainConfig(TrainConfig):
                              f"{self.muon_momentum}")
         if self.adam_lr is not None and self.adam_lr <= 0:
             raise InputError(f"--adam-lr must be positive, got {self.adam_lr}")
-        if self.adam_lr is not None and self.optimizer == "adamw":
-            raise InputError("--adam-lr sets the rate of the weights Muon leaves to AdamW, so "
-                             "it needs --optimizer muon; with AdamW, --lr is the rate of all")
         if self.grad_accum <= 0:
             raise InputError(f"TrainConfig.grad_accum (--grad-accum) must be positive, "
                              f"got {self.grad_accum}")
@@ -3078,7 +3075,8 @@ def check_checkpoint(path, meta, arrays, config):
 #   - Uncompressed: Orbax compresses with zstd by default, which saved only 8%
 #     of the bytes of float32 weights and AdamW moments (0.84 against 0.91 GB
 #     a process, 153M parameters) but raised a process's peak memory during a
-#     save by 1.0 to 1.5 GB, where uncompressed it rose by under 0.05 GB
+#     save by 1.0 to 1.5 GB (two runs, saves 10 s apart), where uncompressed
+#     it rose by about 0.05 GB
 #     (tools/bench_checkpoint.py --orbax-compression, docs/scaling.md).
 # The arrays are one tree {"params", "opt", "key"} (PyTreeSave); the JSON
 # part, checkpoint_record, is a second item ("meta").
@@ -5314,11 +5312,14 @@ PRESETS = {
     # deeper model with dropout, for about 20 passes over the corpus (15 ms
     # per step on an H200), and cuDNN's fused attention (not yet timed
     # against attend there).
-    # Muon, not yet measured on a GPU: on the cpu preset it beat AdamW on the
-    # held-out plays with both seeds tried, at 4x AdamW's best peak rate for
-    # the matrices and AdamW's own rate for the rest (docs/training.md), so
-    # here 4 x 1e-3 and 1e-3, with the floor at a tenth of the peak as before.
-    # --optimizer adamw takes the AdamW rates (adamw_rates).
+    # Muon, not yet measured on a GPU: on the cpu preset it led AdamW on the
+    # held-out plays with both seeds tried (by 0.04 and 0.08), at 4x the
+    # preset's AdamW rate for the matrices and that rate for the rest
+    # (docs/training.md), so here 4 x 1e-3 and 1e-3, the floor a tenth of the
+    # peak as before. --lr is Muon's rate; --optimizer adamw takes the AdamW
+    # rates (adamw_rates). The cpu preset stays on AdamW, Part I's optimizer,
+    # since its lead there is small; published gains (modded-nanogpt, 124M
+    # parameters on GPUs) come at sizes nearer this preset's.
     "gpu": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512,
                  dropout_rate=0.2, tie_embeddings=True, compute_dtype="bfloat16",
                  vocab_multiple=128, attention="fused"),
@@ -5333,9 +5334,10 @@ def adamw_rates(training):
     --optimizer adamw (or fine-tuning, which uses AdamW) starts from those."""
     if training.get("optimizer", "adamw") == "adamw":
         return training
-    ratio = training["adam_lr"] / training["lr"]
-    return {**training, "optimizer": "adamw", "lr": training["adam_lr"],
-            "min_lr": training["min_lr"] * ratio, "adam_lr": None}
+    adam_lr = training.get("adam_lr") or training["lr"]
+    ratio = adam_lr / training["lr"]
+    return {**training, "optimizer": "adamw", "lr": adam_lr,
+            "min_lr": training.get("min_lr", TrainConfig.min_lr) * ratio, "adam_lr": None}
 
 
 def preset_help(field):
@@ -5529,6 +5531,8 @@ def fine_tuning_configs(args, source):
                                  f"being resumed has {name} {theirs}; leave the flag out")
             lora[name] = theirs
     defaults = FINE_TUNING["lora" if lora["lora_rank"] else "full"]
+    if saved:  # and the optimizer whose state it holds
+        defaults = {**defaults, "optimizer": saved_tc.optimizer, "adam_lr": saved_tc.adam_lr}
     given = {name: getattr(args, name) for name in defaults if getattr(args, name) is not None}
     tc = dataclasses.replace(tc, **{**defaults, **given}, **lora)
     return config, dataclasses.replace(tc, min_lr=min(tc.min_lr, tc.lr))
@@ -5544,10 +5548,15 @@ def training_configs(args):
         source = saved and saved.get("base") and saved["base"]["source"]
     if source:
         init = load_source(source)
-        return (*fine_tuning_configs(args, init), init)
-    if args.lora_rank:
+        config, tc = fine_tuning_configs(args, init)
+    elif args.lora_rank:
         raise InputError("--lora-rank adapts a pretrained model: pass --init-from SOURCE")
-    return (*resolve_configs(args), None)
+    else:
+        (config, tc), init = resolve_configs(args), None
+    if args.adam_lr is not None and tc.optimizer != "muon":  # refused, not ignored
+        raise InputError("--adam-lr sets the rate of the weights Muon leaves to AdamW, so "
+                         "it needs --optimizer muon; with AdamW, --lr is the rate of all")
+    return config, tc, init
 
 
 def run_train(args):
@@ -6234,7 +6243,8 @@ def build_parser():
                                f"({preset_help('optimizer')})")
     training.add_argument("--adam-lr", type=float,
                           help="with --optimizer muon: the AdamW-trained weights' peak "
-                               "learning rate (default: --lr)")
+                               "learning rate (default: the gpu preset's "
+                               f"{PRESETS['gpu'][1]['adam_lr']:g}, else --lr)")
     training.add_argument("--eval-every", type=int,
                           help=f"evaluate, plot and checkpoint every N steps ({preset_help('eval_every')})")
     training.add_argument("--log-every", type=int, help=f"a progress line every N steps ({preset_help('log_every')})")

@@ -188,6 +188,9 @@ def main():
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = set(args.formats.split(",")) - {"npz", "orbax"}
+    if unknown:
+        parser.error(f"--formats: {', '.join(sorted(unknown))}; choose among npz,orbax")
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:

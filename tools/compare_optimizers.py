@@ -46,13 +46,18 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=3.0, help="minutes per run (--time-budget)")
     p.add_argument("--adamw-lrs", default="1.5e-3,3e-3,6e-3")
     p.add_argument("--muon-lrs", default="3e-3,6e-3,1.2e-2")
-    p.add_argument("--muon-adam-lr", default="3e-3",
-                   help="the Muon runs' --adam-lr (embedding, output, norms): the cpu "
-                        "preset's AdamW rate, so that the Muon runs vary Muon's rate alone")
+    p.add_argument("--muon-adam-lr",
+                   help="the Muon runs' --adam-lr (embedding, output, norms); default: the "
+                        "preset's AdamW rate (3e-3 for cpu, 1e-3 for gpu), so that the Muon "
+                        "runs vary Muon's rate alone")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--heldout", default=str(HERE / "shakespeare_heldout.txt"))
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.muon_adam_lr is None:
+        sys.path.insert(0, str(HERE))
+        import llama_jax as L
+        args.muon_adam_lr = f"{L.adamw_rates(L.PRESETS[args.preset][1])['lr']:g}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lrs = {"adamw": args.adamw_lrs.split(","), "muon": args.muon_lrs.split(",")}

@@ -22,7 +22,7 @@
 #               the step's kernels, summed by kind, and the largest
 #   5. train    the gpu preset under --time-budget 5 (GPU_CHECK_BUDGET_MIN),
 #               then --eval on shakespeare_heldout.txt; GPU_CHECK_TRAIN_FLAGS
-#               adds flags, e.g. "--steps 3000 --lr 2e-3", to tune it. It
+#               adds flags, e.g. "--steps 3000 --lr 8e-3", to tune it. It
 #               shares the GPU with no other step: its budget is wall-clock
 #   6. summary  the figures against the GPU goals in docs/gpu.md
 # The dry run writes the same keys, so a test keeps this script working in CI.

@@ -3,12 +3,14 @@ occurs in the training text.
 
     python tools/heldout_breakdown.py OUT_DIR [OUT_DIR ...] [--text shakespeare_heldout.txt]
 
-For each run folder (ckpt.npz or ckpt.orbax, as --eval reads it), the held-out text is cut
-into the windows --eval uses (the run's --seq-len) and every target token is put in a bucket
-by its count in shakespeare.txt: never seen, 1-9 times, 10-99, 100-999, 1,000 or more. It
-prints each bucket's share of the tokens, its mean loss and its part of the total. Then it
-adds one constant to the logits of every token the training text never has (the best of a few)
-and prints the loss that gives: how much the model's treatment of tokens it never saw costs.
+For each run folder (read as --eval reads it: ckpt.npz or ckpt.orbax, a LoRA run merged),
+the held-out text is cut into the windows --eval uses (its start token first, windows of the
+run's --seq-len), so the total is --eval's figure, and every target token is put in a bucket
+by its count in shakespeare.txt (training and validation splits together): never, 1-9 times,
+10-99, 100-999, 1,000 or more. It prints each bucket's share of the tokens, its mean loss and
+its part of the total. Then it adds one constant to the logits of every token the corpus never
+has (the best of +1, +2, +3, chosen on the held-out text itself: an upper bound) and prints the
+loss that gives: what the model's treatment of tokens it never saw costs.
 """
 
 import argparse
@@ -28,11 +30,15 @@ BUCKETS = ((0, 0, "never"), (1, 9, "1-9"), (10, 99, "10-99"), (100, 999, "100-99
 
 
 def token_losses(params, config, tokens, seq_len, unseen, shift, rows=32):
-    """Each target's loss, nats: float64[N]. unseen: bool[V]; shift is added
-    to those tokens' logits. tokens cut into windows of seq_len + 1."""
-    n = (len(tokens) - 1) // seq_len
-    x = tokens[:n * seq_len].reshape(n, seq_len)  # [n, T]
-    y = tokens[1:n * seq_len + 1].reshape(n, seq_len)  # [n, T]: the next token
+    """Each target's loss, nats, and the targets: (float64[N], int[N]) for
+    the N = len(tokens) - 1 predictions. unseen: bool[V]; shift is added to
+    those tokens' logits. The tokens are cut as evaluate_text cuts them:
+    windows of seq_len predictions, the last one padded."""
+    n = -(-(len(tokens) - 1) // seq_len)
+    padded = np.zeros(n * seq_len + 1, np.int32)
+    padded[:len(tokens)] = tokens
+    x = padded[:-1].reshape(n, seq_len)  # [n, T]
+    y = padded[1:].reshape(n, seq_len)  # [n, T]: the next token
 
     @jax.jit
     def losses(params, x, y):
@@ -46,7 +52,8 @@ def token_losses(params, config, tokens, seq_len, unseen, shift, rows=32):
     x, y = np.pad(x, ((0, pad), (0, 0))), np.pad(y, ((0, pad), (0, 0)))
     out = np.concatenate([np.asarray(losses(params, x[i:i + rows], y[i:i + rows]))
                           for i in range(0, len(x), rows)])
-    return out[:n].ravel().astype(np.float64), y[:n].ravel()
+    keep = len(tokens) - 1  # the padding's predictions dropped
+    return out[:n].ravel()[:keep].astype(np.float64), y[:n].ravel()[:keep]
 
 
 def main():
@@ -56,22 +63,24 @@ def main():
     args = parser.parse_args()
     enc = L.get_tokenizer()
     train = np.array(enc.encode_ordinary(L.load_text(ROOT / "shakespeare.txt")))
-    held = np.array(enc.encode_ordinary(L.load_text(args.text)))
+    # As evaluate_text: the start token first, as the first token's context.
+    held = np.array([enc.eot_token] + enc.encode_ordinary(L.load_text(args.text)))
     for run in args.runs:
-        path = L.saved_checkpoint(run)
-        if path is None:
-            sys.exit(f"{run}: no checkpoint (ckpt.npz or ckpt.orbax)")
-        ckpt = L.load_checkpoint(path)
-        params, config = jax.tree_util.tree_map(jnp.asarray, ckpt["params"]), ckpt["config"]
+        try:
+            model = L.load_source(run)
+        except L.InputError as err:
+            sys.exit(f"{run}: {err}")
+        params = jax.tree_util.tree_map(jnp.asarray, model["params"])
+        config = model["config"]
         counts = np.bincount(train, minlength=config.vocab_size)[:config.vocab_size]
         unseen = jnp.asarray(counts == 0)
-        seq_len = ckpt["train_config"].seq_len
+        seq_len = model["seq_len"]
         loss, targets = token_losses(params, config, held, seq_len, unseen, 0.0)
         seen = counts[targets]
         print(f"{run}: {loss.mean():.4f} nats/token on {args.text} ({len(loss):,} targets; "
               f"{int(unseen.sum()):,} of {config.vocab_size:,} token ids never occur in "
               "shakespeare.txt)")
-        print(f"  {'count in training':>18s} {'share':>6s} {'mean loss':>9s} {'part':>6s}")
+        print(f"  {'in shakespeare.txt':>18s} {'share':>6s} {'mean loss':>9s} {'part':>6s}")
         for low, high, name in BUCKETS:
             mask = (seen >= low) & (seen <= (high if high is not None else np.inf))
             print(f"  {name:>18s} {mask.mean():6.3f} {loss[mask].mean():9.2f} "
