@@ -2402,7 +2402,7 @@ def sharded_init(key, config, mesh):
     return jax.jit(init_params, static_argnums=1, out_shardings=shardings)(key, config)
 
 
-def sharded_adamw_init(params, mesh, tc=None):
+def sharded_optimizer_init(params, mesh, tc=None):
     """The optimizer's state (tc.optimizer's, default AdamW's), its moments
     split like the weights."""
     init = adamw_init if tc is None else OPTIMIZERS[tc.optimizer].init
@@ -4851,7 +4851,7 @@ def start_or_resume(config, tc, out_dir, resume, log, init=None, mesh=None):
     if not resume:
         seed_key = jax.random.PRNGKey(tc.seed)
         params = initial_weights(run_keys(seed_key)["init"], config, tc, init, mesh)
-        return (params, sharded_adamw_init(params, mesh, tc), {"train": [], "eval": []},
+        return (params, sharded_optimizer_init(params, mesh, tc), {"train": [], "eval": []},
                 seed_key, tc)
     if ckpt_path is None or not ckpt_path.exists():
         raise InputError(f"--resume: no checkpoint in {out_dir} (ckpt.npz or ckpt.orbax); train "
@@ -5814,7 +5814,7 @@ def bench_state(config, tc, mesh):
     data = replicated(mesh, np.random.RandomState(0).randint(0, config.vocab_size, 1_000_000,
                                                              dtype=np.int32))
     params = sharded_init(jax.random.PRNGKey(1), config, mesh)
-    return (data, params, sharded_adamw_init(params, mesh, tc),
+    return (data, params, sharded_optimizer_init(params, mesh, tc),
             replicated(mesh, run_keys(jax.random.PRNGKey(2))))
 
 

@@ -3381,7 +3381,7 @@ def steps_on_mesh(mesh, config, tc, n_steps=5, state=None):
     and data -> (losses, params, opt_state)."""
     if state is None:
         params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
-        opt_state = L.sharded_adamw_init(params, mesh, tc)
+        opt_state = L.sharded_optimizer_init(params, mesh, tc)
     else:
         params, opt_state = L.place_state(mesh, state)
     data = L.replicated(mesh, np.random.RandomState(0).randint(0, 256, 5000).astype(np.int32))

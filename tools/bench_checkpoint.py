@@ -90,7 +90,7 @@ def worker(args):
     tc = L.RunTrainConfig(batch_size=8, seq_len=32)
     mesh = L.make_mesh("all")
     params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
-    opt_state = L.sharded_adamw_init(params, mesh, tc)
+    opt_state = L.sharded_optimizer_init(params, mesh, tc)
     # Moments as a trained run has them, not zeros (Orbax's files compress
     # zeros to almost nothing).
     opt_state = {**opt_state, "mu": jax.tree_util.tree_map(lambda p: 0.5 * p, params),

@@ -400,7 +400,7 @@ tc = L.RunTrainConfig(batch_size=16, seq_len=16, health=False)
 data = np.random.RandomState(0).randint(0, 256, 4000).astype(np.int32)
 for mesh in (L.make_mesh(1, jax.devices()[:1]), L.make_mesh("all")):
     params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
-    opt_state = L.sharded_adamw_init(params, mesh)
+    opt_state = L.sharded_optimizer_init(params, mesh)
     keys = L.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
     wq = params["layers"][0]["attention"]["wq"]
     print(f"{mesh.size} device(s): wq {wq.shape} is held as", wq.sharding.shard_shape(wq.shape),
