@@ -5234,6 +5234,21 @@ def token_nats(params, inputs, targets, config):
 token_nats_jit = jax.jit(token_nats, static_argnames=("config",))
 
 
+def text_windows(ids, T):
+    """ids cut as evaluate_text reads them: windows of T predictions that do
+    not overlap, each token predicted once, the last window padded.
+    -> (inputs int32[W, T], targets int32[W, T], mask bool[W, T]: False on
+    the padding), W = ceil((len(ids) - 1) / T)."""
+    n_pred = len(ids) - 1
+    n_windows = -(-n_pred // T)
+    padded = np.zeros(n_windows * T + 1, np.int32)
+    padded[:len(ids)] = ids
+    inputs = padded[:-1].reshape(n_windows, T)  # [W, T]
+    targets = padded[1:].reshape(n_windows, T)  # [W, T]: each input's next token
+    mask = (np.arange(n_windows * T) < n_pred).reshape(n_windows, T)
+    return inputs, targets, mask
+
+
 def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=None, log=None):
     """The model's loss on every token of `text`, so that models with different
     tokenizers can be compared (bits per byte). The text is encoded, the
@@ -5259,12 +5274,8 @@ def evaluate_text(params, config, tokenizer, text, seq_len=None, batch_size=None
     T = min(seq_len or min(config.max_seq_len, 1024), config.max_seq_len)
     batch_size = batch_size or max(1, 4096 // T)
     n_pred = len(ids) - 1
-    n_windows = -(-n_pred // T)
-    padded = np.zeros(n_windows * T + 1, np.int32)
-    padded[:len(ids)] = ids
-    inputs = padded[:-1].reshape(n_windows, T)
-    targets = padded[1:].reshape(n_windows, T)
-    mask = (np.arange(n_windows * T) < n_pred).reshape(n_windows, T)
+    inputs, targets, mask = text_windows(ids, T)
+    n_windows = len(inputs)
     total, t0, shown = 0.0, time.perf_counter(), time.perf_counter()
     for i in range(0, n_windows, batch_size):
         rows = slice(i, i + batch_size)

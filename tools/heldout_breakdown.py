@@ -32,13 +32,10 @@ BUCKETS = ((0, 0, "never"), (1, 9, "1-9"), (10, 99, "10-99"), (100, 999, "100-99
 def token_losses(params, config, tokens, seq_len, unseen, shift, rows=32):
     """Each target's loss, nats, and the targets: (float64[N], int[N]) for
     the N = len(tokens) - 1 predictions. unseen: bool[V]; shift is added to
-    those tokens' logits. The tokens are cut as evaluate_text cuts them:
-    windows of seq_len predictions, the last one padded."""
-    n = -(-(len(tokens) - 1) // seq_len)
-    padded = np.zeros(n * seq_len + 1, np.int32)
-    padded[:len(tokens)] = tokens
-    x = padded[:-1].reshape(n, seq_len)  # [n, T]
-    y = padded[1:].reshape(n, seq_len)  # [n, T]: the next token
+    those tokens' logits. The tokens are cut as evaluate_text cuts them
+    (text_windows)."""
+    x, y, mask = L.text_windows(tokens, seq_len)  # [n, T] each
+    n = len(x)
 
     @jax.jit
     def losses(params, x, y):
@@ -52,8 +49,7 @@ def token_losses(params, config, tokens, seq_len, unseen, shift, rows=32):
     x, y = np.pad(x, ((0, pad), (0, 0))), np.pad(y, ((0, pad), (0, 0)))
     out = np.concatenate([np.asarray(losses(params, x[i:i + rows], y[i:i + rows]))
                           for i in range(0, len(x), rows)])
-    keep = len(tokens) - 1  # the padding's predictions dropped
-    return out[:n].ravel()[:keep].astype(np.float64), y[:n].ravel()[:keep]
+    return out[:n][mask].astype(np.float64), y[:n][mask]  # the padding's predictions dropped
 
 
 def main():
