@@ -5424,16 +5424,23 @@ def preset_configs(name=None, **overrides):
     return RunModelConfig(**model), RunTrainConfig(**training)
 
 
-def resolve_configs(args):
+def resumed_meta(args):
+    """With --resume, the metadata of the checkpoint the run continues from
+    (checkpoint_meta), else None."""
+    return checkpoint_meta(saved_checkpoint(args.out_dir)) if args.resume else None
+
+
+def resolve_configs(args, saved=None):
     """The preset's values, overridden by the flags that were given
-    (preset_configs), with --dtype auto decided and said.
+    (preset_configs), with --dtype auto decided and said. saved: the resumed
+    checkpoint's metadata where the caller has read it (resumed_meta).
     -> (RunModelConfig, RunTrainConfig)."""
     preset = args.preset or default_preset()
     overrides = {field: getattr(args, flag) for flag, field in MODEL_FIELDS.items()
                  if getattr(args, flag) is not None}
     overrides.update({field: getattr(args, field) for field in TRAINING_FIELDS
                       if getattr(args, field) is not None})
-    saved = checkpoint_meta(saved_checkpoint(args.out_dir)) if args.resume else None
+    saved = saved or resumed_meta(args)
     if saved and args.optimizer is None:  # a resumed run keeps the optimizer whose state it has
         overrides["optimizer"] = saved["train_config"].get("optimizer", "adamw")
     if overrides.get("compute_dtype", PRESETS[preset][0].get("compute_dtype")) == "auto":
@@ -5512,11 +5519,11 @@ ARCHITECTURE_FLAGS = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads"
                       "max_seq_len": "max_seq_len", "tie_embeddings": "tie_embeddings"}
 
 
-def fine_tuning_configs(args, source):
+def fine_tuning_configs(args, source, saved=None):
     """--init-from: the source's architecture with the run's compute settings,
     and the training flags over fine-tuning's defaults. An architecture flag
-    that disagrees with the source is refused, naming it.
-    -> (ModelConfig, TrainConfig)."""
+    that disagrees with the source is refused, naming it. saved: as
+    resolve_configs takes it. -> (ModelConfig, TrainConfig)."""
     for flag, field in ARCHITECTURE_FLAGS.items():
         given, theirs = getattr(args, flag), getattr(source["config"], field)
         if given is not None and given != theirs:
@@ -5524,7 +5531,8 @@ def fine_tuning_configs(args, source):
                              f"{source['source']}, whose {field} is {theirs}: the architecture "
                              f"comes from --init-from, so leave --{flag.replace('_', '-')} out")
     run_args = argparse.Namespace(**{**vars(args), **{flag: None for flag in ARCHITECTURE_FLAGS}})
-    preset, tc = resolve_configs(run_args)  # compute dtype, dropout, loss; training flags
+    saved = saved or resumed_meta(args)
+    preset, tc = resolve_configs(run_args, saved)  # compute dtype, dropout, loss; training flags
     config = dataclasses.replace(source["config"], compute_dtype=preset.compute_dtype,
                                  dropout_rate=preset.dropout_rate, loss_impl=preset.loss_impl,
                                  loss_block=preset.loss_block, remat=preset.remat,
@@ -5532,7 +5540,6 @@ def fine_tuning_configs(args, source):
     lora = dict(lora_rank=args.lora_rank or 0, lora_alpha=args.lora_alpha or 16.0,
                 lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets
                 else RunTrainConfig.lora_targets)
-    saved = checkpoint_meta(saved_checkpoint(args.out_dir)) if args.resume else None
     if saved:  # a resumed run keeps its adapters' shape; a flag may only repeat it
         saved_tc = config_from_json(RunTrainConfig, saved["train_config"])
         for name in lora:
@@ -5553,17 +5560,17 @@ def training_configs(args):
     """The run's configs, from the flags, or from --init-from's source (a
     resumed fine-tuning run finds its base in its checkpoint).
     -> (ModelConfig, TrainConfig, the source or None)."""
+    saved = resumed_meta(args)  # read once, for the three functions that need it
     source = args.init_from
-    if source is None and args.resume:  # a fine-tuning run resumes from its own base
-        saved = checkpoint_meta(saved_checkpoint(args.out_dir))
-        source = saved and saved.get("base") and saved["base"]["source"]
+    if source is None and saved:  # a fine-tuning run resumes from its own base
+        source = saved.get("base") and saved["base"]["source"]
     if source:
         init = load_source(source)
-        config, tc = fine_tuning_configs(args, init)
+        config, tc = fine_tuning_configs(args, init, saved)
     elif args.lora_rank:
         raise InputError("--lora-rank adapts a pretrained model: pass --init-from SOURCE")
     else:
-        (config, tc), init = resolve_configs(args), None
+        (config, tc), init = resolve_configs(args, saved), None
     if args.adam_lr is not None and tc.optimizer != "muon":  # refused, not ignored
         raise InputError("--adam-lr sets the rate of the weights Muon leaves to AdamW, so "
                          "it needs --optimizer muon; with AdamW, --lr is the rate of all")

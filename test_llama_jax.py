@@ -2172,7 +2172,7 @@ def test_committed_notebook_shows_a_real_run_and_stays_small():
     assert [c.source for c in make_notebook.build().cells] == [c.source for c in notebook.cells]
 
 
-def test_presets_resolve_to_valid_configs_and_flags_override_them(tmp_path):
+def test_presets_resolve_to_valid_configs_and_flags_override_them(tmp_path, monkeypatch):
     parser = L.build_parser()
     for name in L.PRESETS:
         config, tc = L.resolve_configs(parser.parse_args(["--preset", name]))
@@ -2207,10 +2207,14 @@ def test_presets_resolve_to_valid_configs_and_flags_override_them(tmp_path):
     L.save_checkpoint(tmp_path / "ckpt.npz", weights, L.muon_init(weights),
                       jax.random.PRNGKey(0), tiny, L.RunTrainConfig(optimizer="muon", adam_lr=1e-4),
                       {"train": [], "eval": []})
+    reads = []  # its checkpoint's metadata is read once, not once per function that uses it
+    monkeypatch.setattr(L, "checkpoint_meta",
+                        lambda path, read=L.checkpoint_meta: reads.append(path) or read(path))
     _, resumed = L.fine_tuning_configs(parser.parse_args(
         ["--preset", "cpu", "--resume", "--out-dir", str(tmp_path)]), {"config": tiny,
                                                                       "source": "a base"})
     assert (resumed.optimizer, resumed.adam_lr) == ("muon", 1e-4)
+    assert reads == [tmp_path / "ckpt.npz"]
 
 
 def test_preset_configs_equal_the_command_lines_and_take_overrides():
