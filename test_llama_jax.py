@@ -3675,11 +3675,17 @@ def test_two_processes_train_like_one_device_stop_together_and_resume_anywhere(c
     # (JAX's coordination service ends it once the lost process has been
     # silent for --coordinator-timeout; our own message when a collective fails
     # first).
-    procs = start_two_processes([*flags[:3], "killed", *flags[4:]], tmp_path, timeout=5)
-    wait_for_line(tmp_path / "p0.log", "step     2/", procs)
+    # First it saves a .npz at step 2, process 0 gathering the FSDP shards that
+    # process 1 holds (the path --checkpoint auto leaves when Orbax is absent).
+    procs = start_two_processes([*flags[:3], "killed", *flags[4:], "--fsdp", "8",
+                                 "--checkpoint", "npz"], tmp_path, timeout=5)
+    wait_for_line(tmp_path / "p0.log", "step     3/", procs)
     procs[1].kill()
+    gathered = L.load_checkpoint(tmp_path / "killed" / "ckpt.npz", config)
+    assert gathered["history"]["train"][:2] == pytest.approx(ref[:2], abs=1e-5)
     assert procs[0].wait(timeout=60) != 0
     log0 = (tmp_path / "p0.log").read_text()
+    assert "8 CPU devices on 2 processes as data 1 x fsdp 8" in log0
     assert ("lost contact with process 1" in log0
             or "tasks are unhealthy (stopped sending heartbeats):\n1\n" in log0), log0[-2000:]
 
