@@ -14,6 +14,7 @@ loss that gives: what the model's treatment of tokens it never saw costs.
 """
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -29,6 +30,17 @@ BUCKETS = ((0, 0, "never"), (1, 9, "1-9"), (10, 99, "10-99"), (100, 999, "100-99
            (1000, None, "1,000+"))
 
 
+@functools.partial(jax.jit, static_argnames="config")
+def shifted_nats(params, x, y, config, unseen, shift):
+    """L.token_nats with `shift` added to the logits of the tokens where
+    unseen (bool[V]) is True: int32[b, T] twice -> float32[b, T]. The shift
+    is an argument, not a constant, so every shift runs one compiled step."""
+    logits = L.model_forward(params, x, config)[0].astype(jnp.float32)  # [b, T, V]
+    logits = logits + jnp.where(unseen, shift, 0.0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]  # [b, T]
+
+
 def token_losses(params, config, tokens, seq_len, unseen, shift, rows=32):
     """Each target's loss, nats, and the targets: (float64[N], int[N]) for
     the N = len(tokens) - 1 predictions. unseen: bool[V]; shift is added to
@@ -36,18 +48,11 @@ def token_losses(params, config, tokens, seq_len, unseen, shift, rows=32):
     (text_windows)."""
     x, y, mask = L.text_windows(tokens, seq_len)  # [n, T] each
     n = len(x)
-
-    @jax.jit
-    def losses(params, x, y):
-        logits = L.model_forward(params, x, config)[0].astype(jnp.float32)  # [b, T, V]
-        logits = logits + jnp.where(unseen, shift, 0.0)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]  # [b, T]
-
     # Padded to whole batches of `rows`, so that one shape compiles.
     pad = -n % rows
     x, y = np.pad(x, ((0, pad), (0, 0))), np.pad(y, ((0, pad), (0, 0)))
-    out = np.concatenate([np.asarray(losses(params, x[i:i + rows], y[i:i + rows]))
+    out = np.concatenate([np.asarray(shifted_nats(params, x[i:i + rows], y[i:i + rows], config,
+                                                  unseen, shift))
                           for i in range(0, len(x), rows)])
     return out[:n][mask].astype(np.float64), y[:n][mask]  # the padding's predictions dropped
 
