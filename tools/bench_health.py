@@ -12,6 +12,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llama_jax as L  # noqa: E402
+
+import llamatool as lt
 from bench_vs_hf import best_of_rounds, jax_stepper  # noqa: E402  (this folder)
 
 
@@ -20,7 +22,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=10, help="timed steps per round and setting")
     args = p.parse_args(argv)
-    config, tc = L.preset_configs("cpu")
+    config, tc = lt.configs.preset_configs("cpu")
     contenders = {f"health {name}": jax_stepper(config, dataclasses.replace(tc, health=on))
                   for name, on in (("on", True), ("off", False))}
     best = best_of_rounds(contenders, tc.batch_size * tc.seq_len, args.steps, args.rounds,

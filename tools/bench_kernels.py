@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_jax as L  # noqa: E402
+import llamatool as lt
 
 
 def loss_fn(params, batch, config, dense, attend):
@@ -30,22 +31,22 @@ def loss_fn(params, batch, config, dense, attend):
     block = functools.partial(L.transformer_block, dense=dense, attend=attend)
     h, _ = L.forward_hidden(params, batch[0], config, block=block)
     logits = L.at_least_f32(dense(h, L.output_weight(params), config))
-    return L.masked_cross_entropy(logits, batch[1], config)
+    return lt.speed.masked_cross_entropy(logits, batch[1], config)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", choices=sorted(L.PRESETS))
+    parser.add_argument("--preset", default="cpu", choices=sorted(lt.presets.PRESETS))
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5, help="steps per round")
     args = parser.parse_args()
-    config, tc = L.preset_configs(args.preset, compute_dtype=args.dtype)
-    fused = functools.partial(L.fused_attend, dtype=config.dtype)
+    config, tc = lt.configs.preset_configs(args.preset, compute_dtype=args.dtype)
+    fused = functools.partial(lt.speed.fused_attend, dtype=config.dtype)
     variants = {"Part I's dense, attend": (L.dense, L.attend),
                 "Part I's dense, fused_attend": (L.dense, fused),
-                "run_dense, attend": (L.run_dense, L.attend),
-                "run_dense, fused_attend": (L.run_dense, fused)}
+                "run_dense, attend": (lt.speed.run_dense, L.attend),
+                "run_dense, fused_attend": (lt.speed.run_dense, fused)}
     if args.dtype == "float32":  # run_dense is Part I's matmul there
         variants = {k: v for k, v in variants.items() if k.startswith("Part I")}
     params = L.init_params(jax.random.PRNGKey(0), config)

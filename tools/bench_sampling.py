@@ -3,7 +3,7 @@
     python tools/bench_sampling.py [--rounds 7] [--vocab 50257]
 
 Part I's sample_token filters with lax.top_k and a sort and draws with
-jax.random.categorical; Part II's fast_sample_token (section 10) finds the
+jax.random.categorical; Part II's fast_sample_token (llamatool/speed.py) finds the
 same thresholds by bisection and draws by inverting the cumulative
 distribution. Each is jitted and compiled first; then, for each setting
 (top-k 50, top-p 0.9, both, neither), the two are timed in alternating rounds
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_jax as L  # noqa: E402
+import llamatool as lt
 
 SETTINGS = {"top-k 50": dict(top_k=50, top_p=1.0), "top-p 0.9": dict(top_k=None, top_p=0.9),
             "top-k 50, top-p 0.9": dict(top_k=50, top_p=0.9),
@@ -49,7 +50,7 @@ def main():
         for batch in (1, 8):
             logits = 3 * jax.random.normal(jax.random.PRNGKey(batch), (batch, args.vocab))
             fns = [jax.jit(lambda k, x, s=s: s(k, x, jnp.float32(0.8), **filters))
-                   for s in (L.sample_token, L.fast_sample_token)]
+                   for s in (L.sample_token, lt.speed.fast_sample_token)]
             for fn in fns:
                 fn(jax.random.PRNGKey(0), logits).block_until_ready()  # compile
             best = [float("inf"), float("inf")]

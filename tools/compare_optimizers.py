@@ -57,7 +57,8 @@ def main(argv=None):
     if args.muon_adam_lr is None:
         sys.path.insert(0, str(HERE))
         import llama_jax as L
-        args.muon_adam_lr = f"{L.adamw_rates(L.PRESETS[args.preset][1])['lr']:g}"
+        import llamatool as lt
+        args.muon_adam_lr = f"{lt.presets.adamw_rates(lt.presets.PRESETS[args.preset][1])['lr']:g}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lrs = {"adamw": args.adamw_lrs.split(","), "muon": args.muon_lrs.split(",")}

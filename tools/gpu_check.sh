@@ -224,7 +224,7 @@ train_one() {
     # The held-out plays (never trained on), in what is left of the step's
     # limit, so that the whole stays under its cap.
     left=$(( LIMIT_TRAIN - seconds ))
-    if "$PY" -c 'import sys, llama_jax as L; sys.exit(L.saved_checkpoint(sys.argv[1]) is None)' \
+    if "$PY" -c 'import sys, llamatool as lt; sys.exit(lt.checkpoint_formats.saved_checkpoint(sys.argv[1]) is None)' \
             "$dir" 2>/dev/null && [ "$left" -ge 10 ]; then
         heldout=$(timeout "$left" "$PY" llama_jax.py --eval "$HELDOUT_TEXT" --json \
             --out-dir "$dir" 2>> "$dir.log" | tail -n 1)
@@ -246,17 +246,18 @@ except (ValueError, KeyError, TypeError):
     pass
 try:
     import llama_jax as L
-    c = L.load_checkpoint(L.saved_checkpoint(run_dir))  # ckpt.npz or ckpt.orbax
-    step, train_loss, val_loss = c["history"]["eval"][-1]
-    tc = c["train_config"]
-    rec.update(steps=int(c["opt_state"]["step"]), schedule_steps=tc.steps,
-               val_loss=val_loss, train_loss=train_loss, params=L.count_params(c["params"]),
-               tokens=int(c["opt_state"]["step"]) * tc.batch_size * tc.seq_len,
-               config={k: getattr(c["config"], k) for k in
+    from llamatool.checkpoint_formats import load_checkpoint, saved_checkpoint
+    c = load_checkpoint(saved_checkpoint(run_dir))  # in whichever format the run wrote
+    step, train_loss, val_loss = c.history["eval"][-1]
+    tc = c.train_config
+    rec.update(steps=int(c.opt_state["step"]), schedule_steps=tc.steps,
+               val_loss=val_loss, train_loss=train_loss, params=L.count_params(c.params),
+               tokens=int(c.opt_state["step"]) * tc.batch_size * tc.seq_len,
+               config={k: getattr(c.config, k) for k in
                        ("dim", "n_layers", "n_heads", "n_kv_heads", "dropout_rate",
                         "compute_dtype", "max_seq_len", "tie_embeddings")},
                batch_size=tc.batch_size, seq_len=tc.seq_len, lr=tc.lr,
-               evals=[[int(s), round(t, 4), round(v, 4)] for s, t, v in c["history"]["eval"]])
+               evals=[[int(s), round(t, 4), round(v, 4)] for s, t, v in c.history["eval"]])
 except Exception as err:  # report, never stop the script: the other figures count
     rec["error"] = f"{type(err).__name__}: {err}"
 open(path, "a").write(json.dumps(rec) + "\n")

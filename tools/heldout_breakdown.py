@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import llama_jax as L  # noqa: E402
+import llamatool as lt
 
 BUCKETS = ((0, 0, "never"), (1, 9, "1-9"), (10, 99, "10-99"), (100, 999, "100-999"),
            (1000, None, "1,000+"))
@@ -32,7 +33,7 @@ BUCKETS = ((0, 0, "never"), (1, 9, "1-9"), (10, 99, "10-99"), (100, 999, "100-99
 
 @functools.partial(jax.jit, static_argnames="config")
 def shifted_nats(params, x, y, config, unseen, shift):
-    """L.token_nats with `shift` added to the logits of the tokens where
+    """lt.evaluation.token_nats with `shift` added to the logits of the tokens where
     unseen (bool[V]) is True: int32[b, T] twice -> float32[b, T]. The shift
     is an argument, not a constant, so every shift runs one compiled step."""
     logits = L.model_forward(params, x, config)[0].astype(jnp.float32)  # [b, T, V]
@@ -46,7 +47,7 @@ def token_losses(params, config, tokens, seq_len, unseen, shift, rows=32):
     the N = len(tokens) - 1 predictions. unseen: bool[V]; shift is added to
     those tokens' logits. The tokens are cut as evaluate_text cuts them
     (text_windows)."""
-    x, y, mask = L.text_windows(tokens, seq_len)  # [n, T] each
+    x, y, mask = lt.evaluation.text_windows(tokens, seq_len)  # [n, T] each
     n = len(x)
     # Padded to whole batches of `rows`, so that one shape compiles.
     pad = -n % rows
@@ -68,14 +69,14 @@ def main():
     held = np.array([enc.eot_token] + enc.encode_ordinary(L.load_text(args.text)))
     for run in args.runs:
         try:
-            model = L.load_source(run)
+            model = lt.sources.load_source(run)
         except L.InputError as err:
             sys.exit(f"{run}: {err}")
-        params = jax.tree_util.tree_map(jnp.asarray, model["params"])
-        config = model["config"]
+        params = jax.tree_util.tree_map(jnp.asarray, model.params)
+        config = model.config
         counts = np.bincount(train, minlength=config.vocab_size)[:config.vocab_size]
         unseen = jnp.asarray(counts == 0)
-        seq_len = model["seq_len"]
+        seq_len = model.seq_len
         loss, targets = token_losses(params, config, held, seq_len, unseen, 0.0)
         seen = counts[targets]
         print(f"{run}: {loss.mean():.4f} nats/token on {args.text} ({len(loss):,} targets; "

@@ -34,6 +34,8 @@ import numpy as np  # noqa: E402
 
 import llama_jax as L  # noqa: E402
 
+import llamatool as lt
+
 TEXTS = {"plain": "KING RICHARD. A horse! a horse! my kingdom for a horse!",
          "accented": "Caf\u00e9 na\u00efve, cr\u00e8me br\u00fbl\u00e9e; \u00c5ngstr\u00f6m \u2014 "
                      "\u00bfqu\u00e9 tal?",
@@ -88,8 +90,8 @@ def models(run, work):
 
 
 def compare(llm_class, gguf_path, label, kind):
-    ours = L.load_source(gguf_path, "gguf")  # the weights exactly as the file holds them
-    params, config, enc = ours["params"], ours["config"], ours["tokenizer"]
+    ours = lt.sources.load_source(gguf_path, "gguf")  # the weights exactly as the file holds them
+    params, config, enc = ours.params, ours.config, ours.tokenizer
     # The KV cache in float32 (GGML type 0), as llama_jax keeps it: llama.cpp's
     # default float16 cache alone moves the logits by about 3e-4.
     llm = llm_class(model_path=str(gguf_path), n_ctx=256, logits_all=True, verbose=False,
@@ -121,7 +123,7 @@ def compare(llm_class, gguf_path, label, kind):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default=str(ROOT / "out"), help="our Shakespeare run (default out/)")
-    p.add_argument("--types", nargs="+", default=list(L.GGUF_TYPES), choices=L.GGUF_TYPES)
+    p.add_argument("--types", nargs="+", default=list(lt.gguf_file.GGUF_TYPES), choices=lt.gguf_file.GGUF_TYPES)
     p.add_argument("--work", help="a folder for the runs and exports, kept (default: a "
                                   "temporary one); runs found there are used again")
     p.add_argument("--json", action="store_true")

@@ -41,6 +41,7 @@ import numpy as np
 from IPython.display import display
 
 import llama_jax as L
+import llamatool as lt
 
 FAST = os.environ.get("LLAMA_JAX_FAST") == "1"
 print(f"JAX {jax.__version__} on {jax.devices()[0].platform.upper()}; fast mode: {FAST}")"""),
@@ -174,7 +175,7 @@ print("targets", targets.shape, targets[0, :8].tolist(), " (the inputs, one toke
 logits, _ = L.model_forward(params, inputs, config)
 print("logits", logits.shape, logits.dtype)
 print(f"loss at init: {float(L.compute_loss(params, batch, config)):.3f}   ln(50257) = {np.log(50257):.3f}")"""),
-    ("code", """flat = L.flatten_tree(params)  # Part II's (section 15): "a/b/c" names for the tree's leaves
+    ("code", """flat = lt.checkpoints.flatten_tree(params)  # Part II's (llamatool/checkpoints.py): "a/b/c" names for the tree's leaves
 for name, value in flat.items():
     if name.startswith("layers/") and not name.startswith("layers/0/"):
         continue
@@ -281,20 +282,20 @@ smoothly with depth, and the entropy falls from its uniform start as heads learn
 look. Here are the figures of a short run of the same model and data, then of one with a
 learning rate far too large."""),
     ("code", """def short_run(lr, steps=6 if FAST else 40):
-    run_tc = L.RunTrainConfig(steps=steps, batch_size=8, seq_len=tc.seq_len, lr=lr, warmup_steps=5)
+    run_tc = lt.settings.RunTrainConfig(steps=steps, batch_size=8, seq_len=tc.seq_len, lr=lr, warmup_steps=5)
     p = L.init_params(keys["init"], config)
     o = L.adamw_init(p)
     out = []
     for s in range(steps):
-        p, o, loss, h = L.run_step(p, o, data, keys, config, run_tc)
-        out.append(L.health_record(s + 1, float(loss), float(L.learning_rate(s, run_tc)), None, 0,
+        p, o, loss, h = lt.step.run_step(p, o, data, keys, config, run_tc)
+        out.append(lt.health.health_record(s + 1, float(loss), float(L.learning_rate(s, run_tc)), None, 0,
                                    [jax.device_get(h)]))
     return out
 
 
 runs = {"lr 3e-3": short_run(3e-3), "lr 1e-1 (too large)": short_run(1e-1)}
 fig = plt.figure(figsize=(10, 6.5))
-L.draw_health(fig, runs["lr 3e-3"])
+lt.health.draw_health(fig, runs["lr 3e-3"])
 plt.show()"""),
     ("md", """A learning rate far too large, for contrast: the same model and data for a few dozen
 steps at 3e-3 (as above) and at 1e-1. The large one moves the weights by more than half
@@ -360,33 +361,33 @@ t0 = time.perf_counter()
 L.generate(params, prompt, n_new, config, jax.random.PRNGKey(1))
 cached = n_new / (time.perf_counter() - t0)
 t0 = time.perf_counter()
-# Part II's naive_generate (section 20): the whole sequence through model_forward for every
+# Part II's naive_generate (llamatool/bench.py): the whole sequence through model_forward for every
 # new token, jitted per length (a first implementation's loop; --bench's baseline).
-L.naive_generate(params, np.array([prompt]), n_new, config).block_until_ready()
+lt.bench.naive_generate(params, np.array([prompt]), n_new, config).block_until_ready()
 naive = n_new / (time.perf_counter() - t0)
 print(f"KV cache: {cached:,.1f} tokens/s; re-running the whole sequence per token: {naive:,.2f} "
       f"tokens/s, compiling for each length included -> {cached / naive:,.0f}x faster")"""),
     ("md", """## 10. Checkpoints
 
-Part II's `save_checkpoint` (section 15) writes one `.npz` file: parameters, optimizer state,
+Part II's `save_checkpoint` (llamatool/checkpoints.py) writes one `.npz` file: parameters, optimizer state,
 step, PRNG key, both configs and the loss history, written atomically. Loading it back must
 give the same logits."""),
     ("code", """import tempfile
 from pathlib import Path
 
 path = Path(tempfile.mkdtemp()) / "ckpt.npz"
-L.save_checkpoint(path, params, opt_state, seed_key, config, tc, history)
-loaded = L.load_checkpoint(path, config)
+lt.checkpoint_npz.save_checkpoint(path, params, opt_state, seed_key, config, tc, history)
+loaded = lt.checkpoint_formats.load_checkpoint(path, config)
 check = jnp.array([prompt])
 a, _ = L.model_forward(params, check, config)
-b, _ = L.model_forward(loaded["params"], check, config)
-print(f"{path.stat().st_size / 1e6:.1f} MB, step {int(loaded['opt_state']['step'])}, "
+b, _ = L.model_forward(loaded.params, check, config)
+print(f"{path.stat().st_size / 1e6:.1f} MB, step {int(loaded.opt_state['step'])}, "
       f"max logit difference {float(jnp.max(jnp.abs(a - b)))}")"""),
     ("md", """## 11. Many devices
 
 Part II's `run_step` runs on a mesh of devices: the batch is split over all of them and,
-with FSDP, every matrix and its AdamW moments too (`state_shardings` in section 14 of the
-module holds the rule). The layers and the loss do not change; `jax.jit` compiles them for
+with FSDP, every matrix and its AdamW moments too (`state_shardings` in
+`llamatool/devices.py` holds the rule). The layers and the loss do not change; `jax.jit` compiles them for
 the mesh. A CPU can pretend to have 8 devices, but only if told before JAX starts, so this
 cell runs a fresh Python with `XLA_FLAGS=--xla_force_host_platform_device_count=8`: it shows
 where the pieces of one matrix live, and that one step on 8 devices gives the loss of one
@@ -394,14 +395,14 @@ device."""),
     ("code", """import os, subprocess, sys
 
 script = '''
-import importlib.util, jax, numpy as np, llama_jax as L
+import importlib.util, jax, numpy as np, llama_jax as L, llamatool as lt
 config = L.ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
-tc = L.RunTrainConfig(batch_size=16, seq_len=16, health=False)
+tc = lt.settings.RunTrainConfig(batch_size=16, seq_len=16, health=False)
 data = np.random.RandomState(0).randint(0, 256, 4000).astype(np.int32)
-for mesh in (L.make_mesh(1, jax.devices()[:1]), L.make_mesh("all")):
-    params = L.sharded_init(jax.random.PRNGKey(0), config, mesh)
-    opt_state = L.sharded_optimizer_init(params, mesh)
-    keys = L.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
+for mesh in (lt.devices.make_mesh(1, jax.devices()[:1]), lt.devices.make_mesh("all")):
+    params = lt.devices.sharded_init(jax.random.PRNGKey(0), config, mesh)
+    opt_state = lt.devices.sharded_optimizer_init(params, mesh)
+    keys = lt.devices.replicated(mesh, L.run_keys(jax.random.PRNGKey(1)))
     wq = params["layers"][0]["attention"]["wq"]
     print(f"{mesh.size} device(s): wq {wq.shape} is held as", wq.sharding.shard_shape(wq.shape),
           "on each of", len(wq.sharding.device_set))
@@ -409,7 +410,7 @@ for mesh in (L.make_mesh(1, jax.devices()[:1]), L.make_mesh("all")):
         jax.debug.visualize_array_sharding(wq)
     elif mesh.size > 1:  # without rich, the devices holding a piece each
         print([str(s.device) for s in wq.addressable_shards])
-    _, _, loss, _ = L.run_step(params, opt_state, L.replicated(mesh, data), keys, config, tc,
+    _, _, loss, _ = lt.step.run_step(params, opt_state, lt.devices.replicated(mesh, data), keys, config, tc,
                                  None, mesh)
     print(f"loss of the first step: {float(loss):.6f}")
 '''

@@ -30,6 +30,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_jax as L  # noqa: E402
+import llamatool as lt
 
 # Kernel-name fragments -> kind, tried in order (lower case). cuBLAS's and
 # cuDNN's GEMM kernels carry gemm/xmma/nvjet/cutlass; XLA's Triton GEMMs
@@ -97,21 +98,21 @@ def summarize(events, n_steps, wall_s, top=10):
 
 
 def main():
-    parser = L.build_parser()
+    parser = lt.cli.build_parser()
     parser.add_argument("--trace-steps", type=int, default=5)
     parser.add_argument("--trace-out", help="also keep the Perfetto trace here (.json.gz)")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     args.batch_size = args.batch_size or (16 if on_gpu else 8)  # --bench's defaults
     args.seq_len = args.seq_len or (1024 if on_gpu else 256)
-    config, tc = L.resolve_configs(args)
-    mesh = L.make_mesh(args.fsdp)
-    L.check_batch_split(tc, mesh)
-    data, params, opt_state, keys = L.bench_state(config, tc, mesh)  # --bench's
+    config, tc = lt.configs.resolve_configs(args)
+    mesh = lt.devices.make_mesh(args.fsdp)
+    lt.devices.check_batch_split(tc, mesh)
+    data, params, opt_state, keys = lt.bench.bench_state(config, tc, mesh)  # --bench's
 
     def steps(n, params, opt_state):
         for _ in range(n):
-            params, opt_state, loss, _ = L.run_step(params, opt_state, data, keys, config, tc,
+            params, opt_state, loss, _ = lt.step.run_step(params, opt_state, data, keys, config, tc,
                                                     None, mesh)
         loss.block_until_ready()
         return params, opt_state

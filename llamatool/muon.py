@@ -1,0 +1,129 @@
+"""Muon: an optimizer for the hidden matrices."""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax import adamw_init, adamw_update, global_norm
+
+
+# Muon (Keller Jordan, 2024, "Muon: An optimizer for hidden layers in neural
+# networks", kellerjordan.github.io/posts/muon; used in modded-nanogpt's speed
+# runs) updates a weight matrix with its momentum orthogonalised: the momentum
+# M = U S V^T becomes about U V^T, so that every direction the gradient points
+# in moves by about as much, instead of a few dominant ones taking the step.
+# The orthogonalisation is five steps of a quintic Newton-Schulz iteration,
+# X <- a X + b (X X^T) X + c (X X^T)^2 X with (a, b, c) = (3.4445, -4.7750,
+# 2.0315), on M scaled to unit Frobenius norm (so every singular value starts
+# in (0, 1]); it acts on each singular value s alone, as the polynomial
+# p(s) = a s + b s^3 + c s^5, and five steps take any s >= 0.003 into about
+# [0.68, 1.21] (test_llama_jax.py checks both): close enough to 1 for
+# training, and cheaper than an SVD, since it is only matmuls.
+#
+# It is for the 2-D matrices inside the blocks (wq, wk, wv, wo, w1, w2, w3).
+# The embedding (a lookup, not a matmul of its input), the output layer and
+# the norm gains stay on AdamW, as in modded-nanogpt and nanochat.
+#
+# Choices, and where they come from:
+# - Momentum: 0.95, Nesterov, as an exponential moving average with bias
+#   correction, the form of optax.contrib.muon (the test's oracle); it equals
+#   Jordan's g + 0.95 * buf up to a scale, which the normalisation removes,
+#   once the bias correction has faded.
+# - The update's size: 0.2 * sqrt(max(I, O)) times the orthogonalised [I, O]
+#   matrix, Moonshot AI's rule (Liu et al. 2025, "Muon is Scalable for LLM
+#   Training", arXiv:2502.16982): it gives the update the RMS of a typical
+#   AdamW update, so that Muon can take AdamW's learning rate and weight decay.
+# - Weight decay: decoupled, as AdamW's (p -= lr * wd * p), which Moonshot
+#   found Muon needs at scale.
+# - The iteration runs in float32: Jordan runs it in bfloat16 on GPUs, where
+#   its matmuls are the cost, but float32 is the fast path on most CPUs, and
+#   it keeps the test against a float64 NumPy loop tight. Its cost is 5
+#   iterations of three small products per matrix, beside a step's forward
+#   and backward pass over every token.
+
+MUON_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # (a, b, c), from Jordan's post
+
+
+def newton_schulz(g, steps=5, eps=1e-8):
+    """About U V^T for g = U S V^T: the quintic iteration above on g scaled to
+    unit Frobenius norm. g: [m, n] -> float32[m, n]. A tall g is turned wide
+    first, so that X X^T is the smaller of the two Gram matrices."""
+    a, b, c = NEWTON_SCHULZ
+    x = g.astype(jnp.float32)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / (jnp.linalg.norm(x) + eps)
+    for _ in range(steps):
+        gram = x @ x.T  # [m, m], m the smaller side
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def muon_mask(params):
+    """params' tree with True at the matrices Muon trains (MUON_MATRICES in
+    every block) and False elsewhere."""
+    def block(layer):
+        return {group: ({name: name in MUON_MATRICES for name in sub} if isinstance(sub, dict)
+                        else False) for group, sub in layer.items()}
+    return {name: ([block(layer) for layer in value] if name == "layers"
+                   else jax.tree_util.tree_map(lambda _: False, value))
+            for name, value in params.items()}
+
+
+def muon_init(params):
+    """Muon's state: {"mu": zeros like params (Muon's momentum for the hidden
+    matrices, AdamW's first moment for the rest), "nu": AdamW's second moment
+    for the rest and an empty float32[0] for each hidden matrix (Muon keeps
+    one moment, not two), "step"}."""
+    nu = jax.tree_util.tree_map(lambda p, hidden: jnp.zeros((0,) if hidden else p.shape, p.dtype),
+                                params, muon_mask(params))
+    return {"mu": jax.tree_util.tree_map(jnp.zeros_like, params), "nu": nu,
+            "step": jnp.zeros((), jnp.int32)}
+
+
+def muon_update(params, grads, state, lr, tc):
+    """One step after global-norm clipping (as adamw_update's): Muon at lr for
+    the hidden matrices, AdamW at lr * adam_lr / tc.lr for the rest (tc.adam_lr:
+    their own peak rate, default tc.lr). -> (new params, new state)."""
+    norm = global_norm(grads)
+    grads = jax.tree_util.tree_map(lambda g: g * jnp.minimum(1.0, tc.grad_clip / (norm + 1e-6)),
+                                   grads)
+    t = state["step"] + 1
+    beta, b1, b2 = tc.muon_momentum, tc.beta1, tc.beta2
+    adam_lr = lr * (tc.adam_lr / tc.lr) if tc.adam_lr else lr  # the schedule's shape, its peak
+
+    def update(p, g, m, v, hidden):
+        if hidden:  # Muon
+            m = beta * m + (1 - beta) * g
+            nesterov = beta * m / (1 - beta ** (t + 1)) + (1 - beta) * g / (1 - beta ** t)
+            scale = 0.2 * math.sqrt(max(p.shape))  # Moonshot's: AdamW's update RMS
+            return p - lr * (scale * newton_schulz(nesterov) + tc.weight_decay * p), m, v
+        m = b1 * m + (1 - b1) * g  # AdamW, as adamw_update
+        v = b2 * v + (1 - b2) * g * g
+        decay = tc.weight_decay * p if p.ndim > 1 else 0.0
+        step = m / (1 - b1 ** t) / (jnp.sqrt(v / (1 - b2 ** t)) + tc.eps)
+        return p - adam_lr * (step + decay), m, v
+
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    out = [update(*x) for x in zip(leaves, tree.flatten_up_to(grads),
+                                   tree.flatten_up_to(state["mu"]),
+                                   tree.flatten_up_to(state["nu"]),
+                                   tree.flatten_up_to(muon_mask(params)))]
+    new = [tree.unflatten(column) for column in zip(*out)]
+    return new[0], {"mu": new[1], "nu": new[2], "step": t}
+
+
+class Optimizer(NamedTuple):
+    """init(params) -> a fresh state; update(params, grads, state, lr, tc) ->
+    (new params, new state)."""
+    init: object
+    update: object
+
+
+# The optimizers a run can use (--optimizer).
+OPTIMIZERS = {"adamw": Optimizer(adamw_init, adamw_update),
+              "muon": Optimizer(muon_init, muon_update)}
