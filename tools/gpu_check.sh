@@ -132,11 +132,11 @@ run_tests() {
     # -m "slow or not slow": every selected test, the slow ones included (pytest.ini).
     local selected start rc
     selected=$("$PY" -m pytest -q -p no:cacheprovider -m "slow or not slow" --collect-only \
-        -k "$GPU_TESTS" test_llama_jax.py 2>/dev/null | grep -c '::')
+        -k "$GPU_TESTS" test_llama_jax.py tests 2>/dev/null | grep -c '::')
     start=$(date +%s)
     JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$LIMIT_TESTS" "$PY" -m pytest -q \
         -p no:cacheprovider -m "slow or not slow" -k "${TEST_SELECT:-$GPU_TESTS}" \
-        --junitxml="$OUT/junit.xml" test_llama_jax.py > "$RUN_DIR/tests.log" 2>&1
+        --junitxml="$OUT/junit.xml" test_llama_jax.py tests > "$RUN_DIR/tests.log" 2>&1
     rc=$?
     "$PY" - "$RESULTS" "$OUT/junit.xml" "$selected" "$rc" "$(( $(date +%s) - start ))" \
         "${TEST_SELECT:-$GPU_TESTS}" >> "$RUN_DIR/tests.log" 2>&1 <<'EOF'
