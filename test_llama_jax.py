@@ -436,6 +436,14 @@ def test_learning_rate_schedule_warmup_peak_and_floor():
     assert float(L.learning_rate(1500, tc)) == pytest.approx(1e-4)
     lrs = [float(L.learning_rate(s, tc)) for s in range(100, 1000, 50)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    # Every step against the schedule written out in NumPy: a linear decay
+    # meets the cosine at its start, middle and end, so those points alone
+    # would not tell them apart.
+    s = np.arange(1500)
+    progress = np.clip((s - 100) / (999 - 100), 0, 1)
+    want = np.where(s < 100, 1e-3 * (s + 1) / 100,
+                    1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * progress)))
+    np.testing.assert_allclose(L.learning_rate(jnp.arange(1500), tc), want, rtol=1e-5)
 
 
 def test_adamw_matches_numpy_reference_over_several_steps():

@@ -44,9 +44,15 @@ def test_muon_and_adamw_steps_equal_optax():
     params = random_params(config, scale=0.1)
     tc = lt.settings.RunTrainConfig(optimizer="muon", weight_decay=0.1)
     lr = 0.02
-    grads = random_params(config, seed=5, scale=1.0)
-    norm = float(L.global_norm(grads))
-    grads = jax.tree_util.tree_map(lambda g: g * 0.5 / norm, grads)  # below grad_clip: no clip
+    # Each step's gradient an independent draw, so that the momentum points
+    # elsewhere than the gradient: with multiples of one matrix it would be a
+    # multiple too, and Newton-Schulz, which normalises its input, would hide
+    # any mistake that only rescales it (a wrong bias correction, say).
+    def draw(step):
+        g = random_params(config, seed=5 + step, scale=1.0)
+        norm = float(L.global_norm(g))
+        return jax.tree_util.tree_map(lambda x: x * 0.5 / norm, g)  # below grad_clip: no clip
+
     hidden = lt.muon.muon_mask(params)
     pick = lambda tree, want: {k: v for k, v in lt.checkpoints.flatten_tree(tree).items()  # noqa: E731
                                if lt.checkpoints.flatten_tree(hidden)[k] == want}
@@ -65,7 +71,7 @@ def test_muon_and_adamw_steps_equal_optax():
     s_all = adamw.init(params)
     theirs_all = params
     for step in range(3):  # bias corrections and momentum over several steps
-        g = jax.tree_util.tree_map(lambda x: x * (1 + 0.3 * step), grads)
+        g = draw(step)
         ours, state = muon_update(ours, g, state, lr, tc=tc)
         ours_adamw, state_adamw = adamw_update(ours_adamw, g, state_adamw, lr, tc=tc)
         for part, update, st in (("muon", muon_step, s_muon), ("adam", adamw_step, s_adam)):
