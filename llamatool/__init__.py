@@ -20,6 +20,7 @@ from llamatool import checkpoints        # what checkpoint formats share: the re
 from llamatool import checkpoint_npz     # the .npz checkpoint: one file, written by process 0
 from llamatool import checkpoint_orbax   # the Orbax checkpoint: a folder of steps, each process its own shards
 from llamatool import checkpoint_formats # the table of formats: choosing, reading, writing, --plan
+from llamatool import handover           # a fresh run keeps the earlier run's files until it has a checkpoint
 from llamatool import hugging_face       # Hugging Face folders: safetensors and config.json, in and out
 from llamatool import bpe                # other models' tokenizers: Llama 3's, byte-level BPE
 from llamatool import gguf_file          # GGUF (llama.cpp's file): read and write
@@ -37,7 +38,7 @@ from llamatool import bench              # --bench: training speed, MFU, decodin
 from llamatool import cli                # the table of modes, the parser, main
 
 __all__ = ["settings", "health", "speed", "token_files", "muon", "lora", "devices", "step", "plan",
-           "hosts", "checkpoints", "checkpoint_npz", "checkpoint_orbax", "checkpoint_formats",
+           "hosts", "checkpoints", "checkpoint_npz", "checkpoint_orbax", "checkpoint_formats", "handover",
            "hugging_face", "bpe", "gguf_file", "chat",
            "fine_tuning", "sources", "chat_data", "training", "evaluation", "presets", "flags", "configs", "modes",
            "bench", "cli"]

@@ -6,11 +6,9 @@ and the writer all read the table.
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import jax
-from jax.experimental import multihost_utils
 
 from llama_jax import InputError
 from llamatool.muon import OPTIMIZERS
@@ -77,7 +75,17 @@ def saved_checkpoint(out_dir):
     -> Path, or None when there is none."""
     present = [Path(out_dir) / f.filename for f in FORMATS if (Path(out_dir) / f.filename).exists()]
     if len(present) > 1:
-        return max(present, key=lambda p: (checkpoint_meta(p) or {}).get("step", -1))
+        steps = {p: (checkpoint_meta(p) or {}).get("step") for p in present}
+        unread = [p for p, step in steps.items() if step is None]
+        if unread:  # it may hold a later step: never pass over it in silence
+            read = [p for p in present if p not in unread]
+            fmt = format_of(unread[0])
+            why = (f"it needs the optional package: pip install '{fmt.requirement}'"
+                   if not fmt.installed() else "it is damaged or unfinished")
+            raise CheckpointError(f"{unread[0]} cannot be read ({why}), and it may hold a later "
+                                  f"step than {read[0] if read else 'the others'}: fix that, "
+                                  f"or move it out of {out_dir} to use the older one")
+        return max(present, key=lambda p: steps[p])
     return present[0] if present else None
 
 
@@ -129,28 +137,23 @@ def checkpoint_plan(config, tc, mesh):
             + [f"  {f.name:<6} {f.plan(state, shards)}" for f in FORMATS])
 
 
-def checkpoint_writer(out_dir, tc, config, log=lambda line: None, resume=False):
-    """The writer of a run's checkpoints, in the format checkpoint_format
-    chooses, which it logs. A fresh run (resume False) first removes an
-    earlier run's checkpoints from out_dir, in every format, as it would
-    write over its ckpt.npz: a reader takes the latest of them
-    (saved_checkpoint), and Orbax would not save steps before an old run's."""
-    chosen, why = checkpoint_format(tc, config)
+def check_format_installed(tc, config):
+    """The chosen format's package is there, or InputError naming it: checked
+    before a run touches anything."""
+    chosen, _ = checkpoint_format(tc, config)
     if not chosen.installed():
         raise InputError(f"--checkpoint {chosen.name} needs the optional package "
                          f"{chosen.requirement.split('>')[0].split('=')[0]}: pip install "
                          f"'{chosen.requirement}' (or use --checkpoint {FORMATS[0].name})")
-    if not resume and jax.process_index() == 0:
-        for f in FORMATS:
-            old = Path(out_dir) / f.filename
-            if old.exists():
-                log(f"a fresh run: removing the earlier run's {old}")
-                if old.is_dir():
-                    shutil.rmtree(old)
-                else:
-                    old.unlink()
-    if not resume and jax.process_count() > 1:
-        multihost_utils.sync_global_devices("fresh run: old checkpoints removed")
+
+
+def checkpoint_writer(out_dir, tc, config, log=lambda line: None):
+    """The writer of a run's checkpoints into out_dir, in the format
+    checkpoint_format chooses, which it logs. It removes nothing: a fresh run
+    over an earlier one writes into a folder of its own until its first
+    checkpoint is complete (llamatool/handover.py)."""
+    check_format_installed(tc, config)
+    chosen, why = checkpoint_format(tc, config)
     writer = chosen.writer(Path(out_dir) / chosen.filename, tc.keep_checkpoints)
     log(f"checkpoints: {writer.path}{writer.how} ({why})")
     return writer

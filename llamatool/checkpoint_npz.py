@@ -105,7 +105,7 @@ class NpzWriter:
 
 
 NPZ = CheckpointFormat(
-    name="npz", filename="ckpt.npz", scales=False, requirement=None,
+    name="npz", filename="ckpt.npz", scales=False, keeps_steps=False, requirement=None,
     installed=lambda: True, recognises=is_npz, meta=npz_meta, load=load_npz, writer=NpzWriter,
     plan=lambda state, shards: (f"host memory {gb(state):>10}  (every array gathered onto each "
                                 f"process); process 0 writes {gb(state)}, the others nothing"))

@@ -206,6 +206,7 @@ def orbax_plan(state, shards):
 
 
 ORBAX = CheckpointFormat(
-    name="orbax", filename="ckpt.orbax", scales=True, requirement=ORBAX_REQUIREMENT,
+    name="orbax", filename="ckpt.orbax", scales=True, keeps_steps=True,
+    requirement=ORBAX_REQUIREMENT,
     installed=orbax_installed, recognises=is_orbax_folder, meta=orbax_meta, load=load_orbax,
     writer=OrbaxWriter, plan=orbax_plan)

@@ -109,6 +109,7 @@ class CheckpointFormat(NamedTuple):
     name: --checkpoint's choice; filename: its name in a run's --out-dir;
     scales: --checkpoint auto picks it for several processes or a state over
     half the host's memory (else the first format of FORMATS);
+    keeps_steps: it keeps several steps (--keep-checkpoints applies);
     requirement: the optional package it needs, as pip names it, or None;
     installed() -> bool; recognises(path) -> whether path is one;
     meta(path) -> its JSON part (checkpoint_record), raising on any failure;
@@ -120,6 +121,7 @@ class CheckpointFormat(NamedTuple):
     name: str
     filename: str
     scales: bool
+    keeps_steps: bool
     requirement: str | None
     installed: Callable
     recognises: Callable

@@ -13,7 +13,8 @@ from llama_jax import ENDOFTEXT, InputError, TrainConfig, generate
 from llamatool.settings import ARCHITECTURE_FIELDS, RunModelConfig, RunTrainConfig
 from llamatool.speed import auto_compute_dtype, fast_sample_token
 from llamatool.checkpoints import config_from_json
-from llamatool.checkpoint_formats import checkpoint_meta, saved_checkpoint
+from llamatool.checkpoint_formats import (FORMATS, checkpoint_format, checkpoint_meta,
+                                          saved_checkpoint)
 from llamatool.bpe import special_token
 from llamatool.chat import Sampling
 from llamatool.sources import load_source
@@ -207,6 +208,12 @@ def training_configs(args):
         raise InputError("--lora-rank adapts a pretrained model: pass --init-from SOURCE")
     else:
         (config, tc), init = resolve_configs(args, saved), None
+    chosen, why = checkpoint_format(tc, config)
+    if args.keep_checkpoints is not None and not chosen.keeps_steps:  # refused, not ignored
+        raise InputError(f"--keep-checkpoints applies to a format that keeps several steps "
+                         f"({', '.join(f.name for f in FORMATS if f.keeps_steps)}), and this "
+                         f"run writes {chosen.name} ({why}): drop it, or add --checkpoint "
+                         f"{next(f.name for f in FORMATS if f.keeps_steps)}")
     if args.adam_lr is not None and tc.optimizer != "muon":  # refused, not ignored
         raise InputError("--adam-lr sets the rate of the weights Muon leaves to AdamW, so "
                          "it needs --optimizer muon; with AdamW, --lr is the rate of all")

@@ -15,7 +15,8 @@ from llamatool.devices import check_batch_split, gather, make_mesh
 from llamatool.plan import plan_report
 from llamatool.hosts import lost_processes
 from llamatool.checkpoints import run_files
-from llamatool.checkpoint_formats import checkpoint_names, checkpoint_plan, saved_checkpoint
+from llamatool.checkpoint_formats import (check_format_installed, checkpoint_names,
+                                          checkpoint_plan, saved_checkpoint)
 from llamatool.gguf_file import check_gguf_export, save_gguf
 from llamatool.chat import chat_prompt, chat_turn
 from llamatool.sources import export_hf, load_source
@@ -28,9 +29,9 @@ from llamatool.configs import (decoding_config, print_sample, sampling_from,
 
 def run_train(args):
     log = functools.partial(print, flush=True) if jax.process_index() == 0 else lambda *a: None
-    if args.time_budget is not None and args.time_budget <= 0:
+    if args.time_budget is not None and not 0 < args.time_budget < float("inf"):
         raise InputError(f"--time-budget must be a positive number of minutes, got "
-                         f"{args.time_budget}")
+                         f"{args.time_budget}: leave it out to run every --steps")
     config, tc, init = training_configs(args)
     mesh = make_mesh(args.fsdp)
     result = train(config, tc, args.data or DEFAULT_DATA, args.out_dir, resume=args.resume,
@@ -94,6 +95,7 @@ def run_on_many_processes(args):
 def run_plan(args):
     """--plan: the memory and communication of a training run, then exit."""
     config, tc, _ = training_configs(args)
+    check_format_installed(tc, config)  # plan only a save the run would make
     mesh = make_mesh(args.fsdp)
     check_batch_split(tc, mesh)
     for line in plan_report(config, tc, mesh) + checkpoint_plan(config, tc, mesh):
@@ -185,6 +187,9 @@ def run_export_gguf(args):
 
 def run_eval(args):
     """--eval FILE: loss, perplexity and bits per byte of the model on a text."""
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise InputError(f"--seq-len {args.seq_len}: the window must hold at least one token; "
+                         "leave it out to use the length the model was trained at")
     model = load_model(args)
     if model.tokenizer is None:
         raise InputError("--eval needs the model's tokenizer to read the text, and none was "

@@ -26,8 +26,9 @@ from llamatool.step import run_step
 from llamatool.plan import check_plan_fits, describe_plan, memory_plan
 from llamatool.hosts import any_process, from_process_0
 from llamatool.checkpoints import run_files
-from llamatool.checkpoint_formats import (checkpoint_names, checkpoint_writer, load_checkpoint,
-                                          saved_checkpoint)
+from llamatool.checkpoint_formats import (check_format_installed, checkpoint_names,
+                                          checkpoint_writer, load_checkpoint, saved_checkpoint)
+from llamatool.handover import finish_handover, hand_over, staging_dir
 from llamatool.fine_tuning import (base_record, check_same_base, check_source_tokenizer,
     describe_fine_tuning, frozen_base, initial_weights, tree_sha256)
 from llamatool.chat_data import load_chats
@@ -189,11 +190,15 @@ def start_or_resume(config, tc, out_dir, resume, log, init=None, mesh=None):
 class RunState:
     """What changes as a run trains: the trained weights (params: the whole
     model's, or with LoRA the adapters), the optimizer's state (opt_state,
-    with the step count) and the training config (tc: a time budget shortens
-    its schedule once)."""
+    with the step count), the training config (tc: a time budget shortens
+    its schedule once), where its files go (out_dir: the run's --out-dir, or
+    a fresh run's staging folder until its first checkpoint is complete,
+    llamatool/handover.py) and what saves its checkpoints there (writer)."""
     params: dict
     opt_state: dict
     tc: RunTrainConfig
+    out_dir: Path
+    writer: object
 
 
 @dataclass(frozen=True)
@@ -215,8 +220,7 @@ class Run:
       seed_key    the run's key; keys: the streams drawn from it (run_keys)
       records     the metrics.jsonl records so far
       pending     (step, loss, health) of steps dispatched but not yet read
-      out_dir     where its files go (run_files)
-      writer      saves its checkpoints (NpzWriter or OrbaxWriter, llamatool/checkpoints.py)
+      final_dir   its --out-dir (where its files go: state.out_dir)
       question    chat data: the held-out question the final sample answers
       state       RunState: params, opt_state, tc"""
     config: RunModelConfig
@@ -233,10 +237,22 @@ class Run:
     keys: object
     records: list
     pending: list
-    out_dir: Path
-    writer: object
+    final_dir: Path
     question: object
     state: RunState
+
+
+def start_files(out_dir, resume, step, log):
+    """The folder a run writes into (out_dir, or a fresh run's staging folder
+    while an earlier run's files are there: llamatool/handover.py) and the
+    metrics records kept (start_metrics). -> (folder, records)."""
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = staging_dir(out_dir, resume)
+    if run_dir != out_dir:
+        log(f"{out_dir} holds an earlier run's files: they stay until this run's first "
+            f"checkpoint is complete (in {run_dir} until then), which then takes their place")
+    return run_dir, start_metrics(run_files(run_dir).metrics, resume, step, log)
 
 
 def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
@@ -254,6 +270,8 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
     mesh = mesh or make_mesh()
     if jax.process_index() != 0:
         log = lambda *args, **kwargs: None  # noqa: E731 (process 0 speaks for all)
+    check_format_installed(tc, config)  # before anything is read or written
+    finish_handover(out_dir, log)  # one a crash cut short; before a resume reads the folder
     check_batch_split(tc, mesh)
     if init is not None:
         check_source_tokenizer(init, config)
@@ -272,9 +290,7 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
                                                              init and init.tokenizer)
     params, opt_state, history, seed_key, tc = start_or_resume(config, tc, out_dir, resume, log,
                                                                init, mesh)
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    records = start_metrics(run_files(out_dir).metrics, resume, int(opt_state["step"]), log)
+    run_dir, records = start_files(out_dir, resume, int(opt_state["step"]), log)
     rows = (batch_sharding(mesh),) * 2
     eval_sets = {name: [place(b, rows) for b in evaluation_batches(d, tc, name)]
                  for name, d in (("train", train_data), ("val", val_data))}
@@ -293,12 +309,12 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
     # there; a token file's batches are read on the host, one step at a time,
     # and each device receives its rows.
     on_device = replicated(mesh, train_data) if isinstance(train_data, np.ndarray) else None
-    writer = checkpoint_writer(out_dir, tc, config, log, resume)  # last: train() closes it
+    writer = checkpoint_writer(run_dir, tc, config, log)  # last: train() closes it
     return Run(config=config, mesh=mesh, log=log, init=init, frozen=frozen,
                train_data=train_data, on_device=on_device, rows=rows, eval_sets=eval_sets,
                history=history, seed_key=seed_key, keys=replicated(mesh, run_keys(seed_key)),
-               records=records, pending=[], out_dir=out_dir, writer=writer, question=question,
-               state=RunState(params, opt_state, tc))
+               records=records, pending=[], final_dir=out_dir, question=question,
+               state=RunState(params, opt_state, tc, run_dir, writer))
 
 
 def evaluation_batches(data, tc, split):
@@ -332,7 +348,7 @@ def write_record(run, record):
     """Keeps a metrics record and appends it to out_dir/metrics.jsonl."""
     run.records.append(record)
     if jax.process_index() == 0:
-        with open(run_files(run.out_dir).metrics, "a", encoding="utf-8") as f:
+        with open(run_files(run.state.out_dir).metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -345,26 +361,43 @@ def closing_writer(run):
         yield
     finally:
         try:
-            run.writer.close()
+            run.state.writer.close()
         except OSError as err:
-            raise InputError(f"could not write the run's checkpoint in {run.out_dir} ({err}); "
+            raise InputError(f"could not write the run's checkpoint in {run.state.out_dir} ({err}); "
                              "the last complete one there is kept: free some space (or "
                              "choose another --out-dir) and continue with --resume") from err
+
+
+def what_is_kept(run):
+    """What a run that stops without saving leaves on disk, in words."""
+    if run.state.out_dir != run.final_dir:
+        return (f"this run saved no checkpoint, and the earlier run's files in {run.final_dir} "
+                "are as they were")
+    if not run.state.writer.path.exists():
+        return "this run saved no checkpoint"
+    return f"the last good checkpoint ({run.state.writer.path}) was kept"
 
 
 def save_run(run):
     """The checkpoint, atomically, and the loss and health plots. A failed
     write (a full disk, a folder made read-only) ends the run with a message;
     the last complete checkpoint stays as it was."""
-    files = run_files(run.out_dir)
+    files = run_files(run.state.out_dir)
     try:
-        run.writer.save(run.state.params, run.state.opt_state, run.seed_key, run.config,
+        run.state.writer.save(run.state.params, run.state.opt_state, run.seed_key, run.config,
                         run.state.tc, run.history, run.init and base_record(run.init))
         if jax.process_index() == 0:
             save_loss_plot(run.history, files.loss_plot)
             save_health_plot(run.records, files.health_plot)
+        if run.state.out_dir != run.final_dir:  # a fresh run's first checkpoint: hand over
+            run.state.writer.close()  # Orbax: the save complete on disk
+            hand_over(run.state.out_dir, run.final_dir)
+            run.state.out_dir = run.final_dir
+            run.state.writer = checkpoint_writer(run.final_dir, run.state.tc, run.config)
+            run.log(f"this run's first checkpoint is complete: its files replace the earlier "
+                    f"run's in {run.final_dir}")
     except OSError as err:
-        raise InputError(f"could not write the run's files in {run.out_dir} "
+        raise InputError(f"could not write the run's files in {run.state.out_dir} "
                          f"({err.strerror or err}); the last complete checkpoint there is "
                          "kept: free some space (or choose another --out-dir) and continue "
                          "with --resume") from err
@@ -500,21 +533,21 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     only process 0 logs and writes files, except Orbax's checkpoint, where
     each process writes its own shards."""
     run = start_run(config, tc, data_path, out_dir, resume, log, init, mesh)
-    stopped, ckpt_path = None, run.writer.path
+    stopped, ckpt_path = None, run.final_dir / run.state.writer.path.name
     with stop_requests(run.log) as stop, closing_writer(run):
         try:
             if init is not None and not resume:  # the pretrained model's own losses: step 0
                 evaluate_and_save(run, 0)
             run_steps(run, stop, time_budget)
         except FloatingPointError as err:
-            run.log(f"stopped: the loss became non-finite at step {int(err.args[0]) + 1}; the "
-                    f"last good checkpoint ({ckpt_path}) was kept. Lower --lr or check the data.")
+            run.log(f"stopped: the loss became non-finite at step {int(err.args[0]) + 1}; "
+                    f"{what_is_kept(run)}. Lower --lr or check the data.")
             stopped = "non-finite"
         except KeyboardInterrupt:
             stopped = "interrupted"
             state = (run.state.params, run.state.opt_state)
             if any(x.is_deleted() for x in jax.tree_util.tree_leaves(state)):
-                run.log(f"aborted inside a step: {ckpt_path} keeps the last saved state")
+                run.log(f"aborted inside a step: {what_is_kept(run)}")
             else:
                 run.history["train"] += [[s + 1, float(v)]
                                          for s, v, _ in jax.device_get(run.pending)]

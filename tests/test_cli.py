@@ -253,3 +253,31 @@ def test_the_default_run_loses_what_it_lost_before_the_package(tmp_path):
     for key in ("train", "eval"):
         np.testing.assert_allclose(np.array(got[key]), np.array(want["history"][key]),
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_values_and_flags_that_cannot_apply_to_the_format_or_mode_are_one_line_refusals(
+        corpus, tmp_path, monkeypatch, capsys):
+    # Each ends in one line naming the value and the fix, exit code 2, and no
+    # file written (issue: nothing lost, nothing silently ignored).
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be.")
+    out = tmp_path / "out"
+    data = ["--data", str(corpus)]
+    cases = [([*data, "--time-budget", "nan"], "--time-budget must be a positive number of minutes"),
+             ([*data, "--time-budget", "inf"], "--time-budget must be a positive number of minutes"),
+             (["--eval", str(text), "--seq-len", "-5"], "--seq-len -5: the window must hold"),
+             (["--eval", str(text), "--seq-len", "0"], "--seq-len 0: the window must hold"),
+             ([*data, "--keep-checkpoints", "2", "--checkpoint", "npz"],
+              "--keep-checkpoints applies to a format that keeps several steps")]
+    for argv, message in cases:
+        assert lt.cli.main([*argv, "--out-dir", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+    # --plan plans only a save the run would make: without orbax-checkpoint, it
+    # refuses --checkpoint orbax as the run does.
+    npz, orbax = lt.checkpoint_formats.FORMATS
+    monkeypatch.setattr(lt.checkpoint_formats, "FORMATS",
+                        (npz, orbax._replace(installed=lambda: False)))
+    assert lt.cli.main(["--plan", "--checkpoint", "orbax", "--dim", "32", "--n-layers", "1"]) == 2
+    assert "--checkpoint orbax needs the optional package" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import llama_jax as L  # noqa: E402
-import llamatool as lt
+import llamatool as lt  # noqa: E402
 
 BUCKETS = ((0, 0, "never"), (1, 9, "1-9"), (10, 99, "10-99"), (100, 999, "100-999"),
            (1000, None, "1,000+"))

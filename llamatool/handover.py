@@ -1,0 +1,107 @@
+"""A fresh run over an earlier one: the earlier run's files stay until the new run has a checkpoint.
+
+A fresh run in an --out-dir that holds an earlier run's files (a checkpoint in
+any format, metrics.jsonl, the plots) writes its own into OUT/.fresh/ until its
+first checkpoint there is complete. Then hand_over moves the earlier run's
+files into OUT/.previous/, this run's into OUT/, and only then deletes
+.previous/. A run that stops before its first checkpoint, for any reason,
+leaves the earlier run's files as they were. Each move is a rename within one
+file system, so a crash leaves every file whole in one of the three folders,
+and finish_handover, before the next run, completes what it began.
+"""
+
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from llamatool.checkpoints import run_files
+from llamatool.checkpoint_formats import FORMATS, checkpoint_meta, saved_checkpoint
+
+STAGING, PREVIOUS = ".fresh", ".previous"
+
+
+def run_file_names():
+    """The names of the files a run keeps in its --out-dir."""
+    files = run_files(".")
+    return [f.filename for f in FORMATS] + [files.metrics.name, files.loss_plot.name,
+                                            files.health_plot.name]
+
+
+def files_of_a_run(folder):
+    """The run files that exist in folder -> [Path]."""
+    return [Path(folder) / name for name in run_file_names() if (Path(folder) / name).exists()]
+
+
+def complete_checkpoint(folder):
+    """Whether folder holds a checkpoint whose metadata reads (for Orbax: a
+    committed step)."""
+    path = saved_checkpoint(folder) if Path(folder).is_dir() else None
+    return path is not None and checkpoint_meta(path) is not None
+
+
+def move_into(files, folder):
+    folder.mkdir(exist_ok=True)
+    for f in files:
+        f.replace(folder / f.name)
+
+
+def finish_handover(out_dir, log=lambda line: None):
+    """Before a run starts (or resumes) in out_dir: completes a handover that a
+    crash interrupted, or clears the staging folder of a fresh run that
+    stopped before its first checkpoint (it holds that run's first metrics
+    and nothing else). Process 0 alone touches the files."""
+    out = Path(out_dir)
+    staging, previous = out / STAGING, out / PREVIOUS
+    if jax.process_index() == 0 and staging.is_dir():
+        if complete_checkpoint(staging):
+            log(f"{staging} holds a run's first complete checkpoint: finishing its handover "
+                "to " + str(out))
+            move_into(files_of_a_run(out), previous)
+            move_into(files_of_a_run(staging), out)
+        else:
+            log(f"removing {staging}: a fresh run there stopped before its first checkpoint")
+        shutil.rmtree(staging)
+    if jax.process_index() == 0 and previous.is_dir():
+        if complete_checkpoint(out):  # the new run is in place: the earlier one may go
+            shutil.rmtree(previous)
+        else:  # moved aside, then the move of the new run's files was cut short
+            move_into(files_of_a_run(previous), out)
+            shutil.rmtree(previous)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("llama_jax: handover finished")
+
+
+def staging_dir(out_dir, resume):
+    """Where a run writes until its first checkpoint is complete: out_dir,
+    unless it is a fresh run over an earlier run's files; then out_dir/.fresh.
+    Process 0 decides (it alone writes the run's files) and tells the others."""
+    out = Path(out_dir)
+    over_earlier = not resume and jax.process_index() == 0 and bool(files_of_a_run(out))
+    if jax.process_count() > 1:
+        over_earlier = bool(multihost_utils.broadcast_one_to_all(np.int32(over_earlier)))
+    if not over_earlier:
+        return out
+    if jax.process_index() == 0:
+        (out / STAGING).mkdir(parents=True, exist_ok=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("llama_jax: staging folder made")
+    return out / STAGING
+
+
+def hand_over(staging, out_dir):
+    """The run in staging has its first complete checkpoint: its files replace
+    the earlier run's in out_dir (moved aside first, deleted last). Every
+    process calls it, after its checkpoint writer is closed."""
+    out = Path(out_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("llama_jax: first checkpoint complete")
+    if jax.process_index() == 0:
+        move_into(files_of_a_run(out), out / PREVIOUS)
+        move_into(files_of_a_run(staging), out)
+        shutil.rmtree(staging)
+        shutil.rmtree(out / PREVIOUS)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("llama_jax: handover done")
