@@ -87,9 +87,9 @@ forward = jax.jit(L.model_forward, static_argnames=("config", "training"))
 # tools/gpu_check.sh --dry-run and pytest in a process with 8 CPU devices.
 # Such a program is mostly one core's compiling, so when its test is selected
 # it runs beside the in-process tests: one at a time, in the order of their
-# tests in this file, from the start of the session (two programs at once on
+# tests in the suite, from the start of the session (two programs at once on
 # two cores, not four, each slowing the rest). Its test, where it stands in
-# this file, waits for it and checks what it wrote.
+# the suite, waits for it and checks what it wrote.
 BESIDE = {}  # test name -> start(folder) -> Popen writing folder/out.txt
 
 

@@ -16,7 +16,7 @@ from llama_jax import InputError
 from llamatool.devices import state_shardings
 from llamatool.plan import gb
 from llamatool.checkpoints import (CheckpointError, CheckpointFormat, check_checkpoint,
-                                   checkpoint_record, flatten_tree, loaded_checkpoint)
+                                   checkpoint_record, flatten_tree, in_brief, loaded_checkpoint)
 
 
 # The second format, for runs past one host: a folder (ckpt.orbax) of step
@@ -121,7 +121,7 @@ def load_orbax(path, config=None, mesh=None, weights_only=False):
             saved = manager.item_metadata(step)["state"].tree
             arrays = flatten_tree({"params": saved["params"], "opt": saved["opt"]})
         except Exception as err:  # Orbax's and tensorstore's errors, or another tree
-            raise CheckpointError(unreadable.format(f"{type(err).__name__}: {err}")) from err
+            raise CheckpointError(unreadable.format(in_brief(err))) from err
         use, saved_tc, template, opt_template = check_checkpoint(path, meta, arrays, config)
         target = {"params": template, "opt": opt_template,
                   "key": jax.ShapeDtypeStruct((2,), jnp.uint32)}
@@ -141,7 +141,7 @@ def load_orbax(path, config=None, mesh=None, weights_only=False):
             state = manager.restore(step, args=orbax_args(state=abstract,
                                                           partial=weights_only))["state"]
         except Exception as err:  # a missing or damaged shard file
-            raise CheckpointError(unreadable.format(f"{type(err).__name__}: {err}")) from err
+            raise CheckpointError(unreadable.format(in_brief(err))) from err
     if mesh is None:
         state = jax.tree_util.tree_map(np.asarray, state)
     left = unfinished_saves(path, step)

@@ -143,10 +143,17 @@ def _tree_mismatches(template, arrays, prefix):
     return problems
 
 
+def in_brief(err, width=160):
+    """An error as one short line: its type and the start of its first line
+    (a storage library's message can run to a thousand lines)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first[:width]}{'...' if len(first) > width else ''}"
+
+
 def unreadable_checkpoint(path, err):
     """The CheckpointError for a file or metadata that cannot be read."""
-    return CheckpointError(f"{path} is not a readable llama_jax checkpoint ({type(err).__name__}:"
-                           f" {err}); it may be truncated or corrupted: delete it and train again")
+    return CheckpointError(f"{path} is not a readable llama_jax checkpoint ({in_brief(err)}); "
+                           "it may be truncated or corrupted: delete it and train again")
 
 
 def check_checkpoint(path, meta, arrays, config):

@@ -54,8 +54,8 @@ def frozen_base(init, config, tc):
 
 
 def initial_weights(key, config, tc, init, mesh):
-    """The trainable weights a run starts from, split over the mesh (section
-    14): random (init_params) without a base, LoRA's adapters (lora_init), or
+    """The trainable weights a run starts from, split over the mesh
+    (llamatool/devices.py): random (init_params) without a base, LoRA's adapters (lora_init), or
     the base's weights in float32 (the optimizer's updates are too small for
     bfloat16)."""
     if init is None:

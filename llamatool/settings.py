@@ -1,4 +1,4 @@
-"""Settings: Part I's configs plus the options of Part II's features."""
+"""Settings: the reference's configs plus the options of the package's features."""
 
 import dataclasses
 import os
@@ -49,7 +49,7 @@ LORA_MATRICES = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": 
 
 @dataclass(frozen=True)
 class RunTrainConfig(TrainConfig):
-    """TrainConfig plus the options of Part II's training: health figures
+    """TrainConfig plus the options of the package's training: health figures
     (llamatool/health.py), LoRA (llamatool/lora.py) and gradient accumulation (llamatool/devices.py)."""
 
     health: bool = True  # per-layer health figures from each step (llamatool/health.py)
@@ -117,8 +117,8 @@ def lr_schedule(tc):
 
 
 def run_configs(config, tc=None):
-    """Part I configs as Part II's (a RunModelConfig or RunTrainConfig is returned as it is), with
-    Part II's defaults for the options. -> (RunModelConfig, RunTrainConfig
+    """Part I configs as the package's (a RunModelConfig or RunTrainConfig is returned as it is), with
+    the package's defaults for the options. -> (RunModelConfig, RunTrainConfig
     or None)."""
     if not isinstance(config, RunModelConfig):
         config = RunModelConfig(**{f.name: getattr(config, f.name)

@@ -30,7 +30,7 @@ def masked_cross_entropy(logits, targets, config):
     return jnp.sum(jnp.where(keep, nats, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 
-# Part II's kernels for the training step, passed to Part I's transformer_block
+# The package's kernels for the training step, passed to Part I's transformer_block
 # (its dense= and attend= seams). First, the bfloat16 matmul with a
 # hand-written gradient: JAX's own rule for Part I's dense multiplies the
 # float32 gradient with the bfloat16 operands promoted to float32 (the slow
@@ -103,7 +103,7 @@ def cudnn_takes(q):
 
 
 def run_block(config):
-    """The block Part II trains with: Part I's transformer_block with
+    """The block the package trains with: Part I's transformer_block with
     run_dense and, for attention "fused", fused_attend; wrapped in
     jax.checkpoint for --remat (keep only each block's input for the backward
     pass and recompute the rest there; config, argument 5, is static)."""
@@ -326,7 +326,7 @@ blockwise_cross_entropy.defvjp(_blockwise_ce_fwd, _blockwise_ce_bwd)
 
 
 def run_loss_aux(params, batch, config, training=False, key=None, health=False):
-    """Part I's compute_loss with the options of RunModelConfig: Part II's
+    """Part I's compute_loss with the options of RunModelConfig: the package's
     kernels and --remat (run_block), the blockwise cross-entropy where
     use_blockwise picks it, and with health=True each block's health figures
     (health_block, llamatool/health.py). Targets of IGNORE (the prompts of chat data,
@@ -347,7 +347,7 @@ def run_loss_aux(params, batch, config, training=False, key=None, health=False):
 
 
 def run_loss(params, batch, config, training=False, key=None):
-    """run_loss_aux's loss alone: compute_loss's signature, Part II's choices."""
+    """run_loss_aux's loss alone: compute_loss's signature, the package's choices."""
     return run_loss_aux(params, batch, config, training, key)[0]
 
 

@@ -1,4 +1,4 @@
-"""Part II's training step."""
+"""The command line's training step: health figures, gradient accumulation, LoRA, a mesh."""
 
 import functools
 
@@ -40,7 +40,7 @@ def accumulate_gradients(grad_fn, params, batch, key, n, mesh=None):
     return (losses.mean(), mean(stats)), jax.tree_util.tree_map(lambda g: g / n, total)
 
 
-# Part II's training step. Part I's train_step is loss, gradients, AdamW; this
+# The package's training step. Part I's train_step is loss, gradients, AdamW; this
 # one is the same three (learning_rate and adamw_update are Part I's), with the
 # loss and its gradients computed by composition: run_loss_aux for the speed
 # options and health figures, lora_merge in front of it for LoRA,

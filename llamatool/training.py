@@ -526,7 +526,7 @@ def train(config, tc, data_path=DEFAULT_DATA, out_dir="out", resume=False, log=p
     init: fine-tune this pretrained model (load_source, llamatool/sources.py) instead of
     starting from random weights; its tokenizer reads the data, and it is
     evaluated before the first step (step 0 of the history). A .jsonl
-    data_path holds conversations (load_chats, llamatool/sources.py), and "question"
+    data_path holds conversations (load_chats, llamatool/chat_data.py), and "question"
     in the result is the first held-out one's question (else None).
     mesh: the devices to train on (make_mesh, llamatool/devices.py; default: all of
     them, data parallel). With several processes, every one calls train;

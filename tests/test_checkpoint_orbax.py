@@ -94,6 +94,16 @@ def test_every_reader_takes_an_orbax_run_and_bad_input_gets_a_message(tmp_path, 
     (tmp_path / "empty" / "ckpt.orbax").mkdir(parents=True)
     assert lt.cli.main(["--sample", "--out-dir", str(tmp_path / "empty")]) == 2
     assert "holds no complete Orbax step" in capsys.readouterr().err
+    # A step whose data files are gone: one line naming the step and the fix
+    # (the storage library's own message runs to a thousand lines).
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    for data in (damaged / "ckpt.orbax" / "2" / "state").rglob("d/*"):
+        data.unlink()
+    assert lt.cli.main(["--sample", "--out-dir", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and len(err) < 500, err[:2000]
+    assert "step 2 is not readable" in err and "delete that step's folder" in err
     monkeypatch.setitem(sys.modules, "orbax", None)
     monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
     with pytest.raises(L.InputError, match="pip install 'orbax-checkpoint>=0.12,<0.13'"):

@@ -2,14 +2,15 @@
 
     python tools/fault_loop.py --format npz --kills 10 --out /tmp/faults
     python tools/fault_loop.py --format orbax --kills 10 --out /tmp/faults
-    python tools/fault_loop.py --format npz --file-limit-kb 200 --out /tmp/faults
+    python tools/fault_loop.py --format npz --file-limit-kb 5000 --out /tmp/faults
 
 A tiny model trains on shakespeare.txt and saves every 5 steps. Each round starts the run
 (fresh the first time, --resume after), sends SIGKILL at a random moment, then reads the
 run's checkpoint the way --resume does (saved_checkpoint, load_checkpoint): it must load, and
-its step must never be below the one before. With --file-limit-kb the run instead starts under
-a limit on the size of any file it writes (ulimit -f): its save fails, and a run without the
-limit must then resume from the last complete step. Last, a run resumes to the end. It prints
+its step must never be below the one before. With --file-limit-kb, the second round instead
+resumes under a limit on the size of any file it writes (ulimit -f; below the checkpoint's
+size): its save fails, and a run without the limit must then resume from the last complete
+step. Last, a run resumes to the end. It prints
 one line per round and a count, and exits 1 if any check failed.
 """
 
@@ -49,7 +50,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--format", choices=["npz", "orbax"], default="npz")
     p.add_argument("--kills", type=int, default=10)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--file-limit-kb", type=int, help="instead of kills: one run under ulimit -f")
     p.add_argument("--out", default="/tmp/fault_loop")
     p.add_argument("--seed", type=int, default=0)
@@ -59,10 +60,10 @@ def main():
     if out.exists():  # this tool's own scratch folder, from an earlier call
         shutil.rmtree(out)
     last, failures = None, 0
-    rounds = 1 if args.file_limit_kb else args.kills
+    rounds = 2 if args.file_limit_kb else args.kills
     for i in range(rounds):
         resume = last is not None
-        if args.file_limit_kb:
+        if args.file_limit_kb and i == 1:  # after a first checkpoint: a save that cannot finish
             limit = args.file_limit_kb * 1024
             proc = subprocess.run(
                 command(args, out, resume), capture_output=True, text=True,
@@ -79,8 +80,11 @@ def main():
             what = f"killed after {wait:.1f}s"
         try:
             step = saved_step(out)
-            ok = step is not None and (last is None or step >= last)
-            said = f"resumes at step {step}" + ("" if ok else f" (before: {last})")
+            # No checkpoint yet is fine before the first save; after it, never.
+            ok = step is None if last is None and step is None else (
+                step is not None and (last is None or step >= last))
+            said = (f"resumes at step {step}" if step is not None else "no checkpoint yet") + (
+                "" if ok else f" (before: {last})")
         except Exception as err:  # a checkpoint that does not load is a failure
             step, ok, said = last, False, f"does not load: {type(err).__name__}: {err}"[:200]
         failures += not ok
