@@ -348,7 +348,7 @@ def naive_greedy(params, prompt, n_new, config):
     return seq
 
 
-# Part I's sampler (lax.top_k, a sort, jax.random.categorical) and Part II's
+# Part I's sampler (lax.top_k, a sort, jax.random.categorical) and the package's
 # (bisection, one uniform number per row) pass the same tests.
 SAMPLERS = {"sort": (L.top_k_filter, L.top_p_filter, L.sample_token),
             "bisection": (lt.speed.bisection_top_k, lt.speed.bisection_top_p, lt.speed.fast_sample_token)}

@@ -78,9 +78,9 @@ class InputError(ValueError):
 class ModelConfig:
     """The architecture. Frozen, so it is hashable and can be a static argument
     of jax.jit. Field names follow Meta's reference model.py where it has the
-    field. The defaults are the cpu preset's model (PRESETS, llamatool/configs.py: what
+    field. The defaults are the cpu preset's model (PRESETS, llamatool/presets.py: what
     `python llama_jax.py` trains on a CPU), in float32 (the preset's dtype is
-    "auto": Part II picks float32 or bfloat16 for the machine, llamatool/speed.py)."""
+    "auto": the package picks float32 or bfloat16 for the machine, llamatool/speed.py)."""
 
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
     dim: int = 128  # D, the width of the residual stream
@@ -164,7 +164,7 @@ class ModelConfig:
     def padded_vocab(self):
         """V rounded up to vocab_multiple (50257 -> 50304): matmul kernels are
         faster on round sizes (nanoGPT's trick). model_forward slices the padded
-        logits off (Part II's losses mask them)."""
+        logits off (the package's losses mask them)."""
         return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
 
     @property
@@ -175,7 +175,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings: everything a training run needs beyond the model.
-    The defaults are the cpu preset's (PRESETS, llamatool/configs.py)."""
+    The defaults are the cpu preset's (PRESETS, llamatool/presets.py)."""
 
     steps: int = 1000
     batch_size: int = 8  # B sequences per step
@@ -188,7 +188,7 @@ class TrainConfig:
     beta2: float = 0.95  # 0.95 rather than 0.999, as in Llama and GPT-3 training
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping, as in the Llama papers
-    eval_every: int = 100  # evaluate (and, in Part II, plot and checkpoint) this often
+    eval_every: int = 100  # evaluate (and, in the package, plot and checkpoint) this often
     eval_batches: int = 8  # fixed windows per split for each evaluation
     log_every: int = 25  # a progress line every this many steps
     seed: int = 0
@@ -302,7 +302,7 @@ def window_starts(key, n_tokens, batch_size, seq_len):
 
 def read_windows(data, starts, length):
     """Token windows on the host: data int[N] (an array, a memmap, or anything
-    indexed as one, such as Part II's token files), starts int[B]
+    indexed as one, such as the package's token files), starts int[B]
     -> int32[B, length]."""
     return np.asarray(data[np.asarray(starts)[:, None] + np.arange(length)], np.int32)
 
@@ -375,7 +375,7 @@ def apply_rope(x, cos, sin):
     The "half-split" layout pairs channel i with channel i + Dh/2 (Hugging
     Face's rotate_half). Meta's reference pairs 2i with 2i + 1 instead; the two
     agree once each head's output channels of wq and wk (our columns, Meta's
-    rows) are permuted (test_llama_jax.py checks it)."""
+    rows) are permuted (tests/test_gguf_file.py checks it)."""
     x1, x2 = jnp.split(at_least_f32(x), 2, axis=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -410,7 +410,7 @@ def attend(q, k, v, mask):
 
 # Part I's seams are parameters whose default is Part I's own function:
 # `dense` (above) and `attend` here, `block` in forward_hidden and `sample`
-# in generate. Part II's training step gives forward_hidden a block with its
+# in generate. The package's training step gives forward_hidden a block with its
 # bfloat16 matmul (a hand-written gradient) and, where a preset chooses it,
 # the fused attention kernel bound as dense= and attend= (llamatool/speed.py);
 # everything else runs these.
@@ -545,7 +545,7 @@ def output_weight(params):
 
 # The forward pass in two steps: forward_hidden runs the embedding and the
 # blocks up to the final norm (building the one attention mask every block
-# uses), and model_forward applies the output layer. Part II's loss starts
+# uses), and model_forward applies the output layer. The package's loss starts
 # from forward_hidden's hidden states (its blockwise loss never makes the
 # logits, llamatool/speed.py).
 
@@ -555,7 +555,7 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
     """The transformer up to the final norm. tokens: int32[B, T] -> (h [B, T, D],
     a list over layers of each block's second output: its updated cache, or
     None without one). See model_forward for the other arguments. block: the
-    function each layer runs; Part II passes its own with the same arguments
+    function each layer runs; the package passes its own with the same arguments
     (faster kernels or recomputed activations, llamatool/speed.py; health figures in
     place of the cache, llamatool/health.py)."""
     B, T = tokens.shape
@@ -753,11 +753,11 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 # The training loop, flat as nanoGPT's train.py: keys, a batch, a step, now and
 # then a progress line and an evaluation. It reads a loss (which waits for the
 # device) only when it prints one, so Python queues the next steps meanwhile.
-# `python llama_jax.py` runs Part II's train() (llamatool/training.py) instead: the same
+# `python llama_jax.py` runs the package's train() (llamatool/training.py) instead: the same
 # pieces (step_keys, learning_rate, adamw_update, fixed_windows, evaluate,
 # progress_line), plus checkpoints and exact resume, Ctrl-C, token files, many
 # devices, time budgets and health figures. Written as hooks into this loop,
-# they would bury it; so this loop stays the lesson, and Part II's is the tool.
+# they would bury it; so this loop stays the lesson, and the package's is the tool.
 
 _get_batch = jax.jit(get_batch, static_argnums=(2, 3))
 
@@ -943,7 +943,7 @@ def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0
     loop; compilation happens once per (batch size, prompt-length bucket,
     max_new_tokens bucket, top_k, top_p), never per token. Rows that draw
     stop_token stop there (the stop token ends their list). sample: a function
-    with sample_token's arguments (Part II's command line passes a faster one,
+    with sample_token's arguments (the package's command line passes a faster one,
     llamatool/speed.py).
     -> the prompt plus its new tokens, as a list of ints (or a list of such
     lists for a batch)."""

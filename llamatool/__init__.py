@@ -3,7 +3,7 @@ configs, layers, model, loss, AdamW, a training loop, sampling); everything the
 command line adds is a module here, one concern each.
 
 The modules, in import order: each imports llama_jax and only modules above it
-(tests/test_layout.py checks this), so this list is also the reading order.
+(test_llama_jax.py checks this), so this list is also the reading order.
 """
 
 from llamatool import settings           # RunModelConfig, RunTrainConfig: options beyond Part I's configs

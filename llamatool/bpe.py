@@ -1,4 +1,4 @@
-"""Other models' tokenizers."""
+"""Other models' tokenizers: Llama 3's tiktoken file, and byte-level BPE from a tokenizer.json."""
 
 from pathlib import Path
 

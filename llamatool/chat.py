@@ -1,4 +1,4 @@
-"""Chat and streaming."""
+"""Chat: chat templates (a model's own, or ChatML) and replies streamed as they are generated."""
 
 import codecs
 import functools

@@ -1,4 +1,4 @@
-"""Chat fine-tuning."""
+"""Conversations (JSONL) as training data: ChatWindows whose loss counts only the replies."""
 
 import hashlib
 import json

@@ -149,7 +149,7 @@ def check_format_installed(tc, config):
 
 def checkpoint_writer(out_dir, tc, config, log=lambda line: None):
     """The writer of a run's checkpoints into out_dir, in the format
-    checkpoint_format chooses, which it logs. It removes nothing: a fresh run
+    checkpoint_format chooses, which it logs. It removes no earlier run's files: a fresh run
     over an earlier one writes into a folder of its own until its first
     checkpoint is complete (llamatool/handover.py)."""
     check_format_installed(tc, config)

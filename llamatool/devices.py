@@ -1,4 +1,4 @@
-"""Many devices and many hosts."""
+"""Many devices: the mesh, FSDP shardings, and placing arrays on devices around a jitted call."""
 
 import jax
 import numpy as np
@@ -26,7 +26,7 @@ from llamatool.muon import OPTIMIZERS
 # The layers, model and loss (sections 3 to 5) know nothing of it: they are
 # written for one device, jax.jit compiles them for the mesh from the
 # shardings of their inputs (GSPMD), and the results are those of one device
-# to float32 rounding (test_llama_jax.py checks 1, 8, FSDP and 2 x 4). The
+# to float32 rounding (tests/test_devices.py checks 1, 8, FSDP and 2 x 4). The
 # mesh's axes are "auto": jax 0.10's default, "explicit", would make every
 # einsum in the model say how its output is split.
 # Several hosts (processes) join one mesh through jax.distributed; every

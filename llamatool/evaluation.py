@@ -1,4 +1,4 @@
-"""evaluation."""
+"""--eval: nats per token, perplexity and bits per byte of a text (evaluate_text)."""
 
 import math
 import time

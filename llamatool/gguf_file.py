@@ -1,4 +1,4 @@
-"""GGUF."""
+"""GGUF, llama.cpp's file: read a llama model with its tokenizer, and write one."""
 
 import os
 from pathlib import Path

@@ -3,8 +3,8 @@
 A fresh run in an --out-dir that holds an earlier run's files (a checkpoint in
 any format, metrics.jsonl, the plots) writes its own into OUT/.fresh/ until its
 first checkpoint there is complete. Then hand_over moves the earlier run's
-files into OUT/.previous/, this run's into OUT/, and only then deletes
-.previous/. A run that stops before its first checkpoint, for any reason,
+files into OUT/.previous/ (marking it MOVED), this run's into OUT/ (its
+checkpoint last), and only then deletes .previous/. A run that stops before its first checkpoint, for any reason,
 leaves the earlier run's files as they were. Each move is a rename within one
 file system, so a crash leaves every file whole in one of the three folders,
 and finish_handover, before the next run, completes what it began.
@@ -17,10 +17,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llamatool.checkpoints import run_files
-from llamatool.checkpoint_formats import FORMATS, checkpoint_meta, saved_checkpoint
+from llamatool.checkpoints import CheckpointError, run_files
+from llamatool.checkpoint_formats import FORMATS, checkpoint_meta, format_of, saved_checkpoint
 
-STAGING, PREVIOUS = ".fresh", ".previous"
+STAGING, PREVIOUS, MOVED = ".fresh", ".previous", "MOVED"
 
 
 def run_file_names():
@@ -37,9 +37,16 @@ def files_of_a_run(folder):
 
 def complete_checkpoint(folder):
     """Whether folder holds a checkpoint whose metadata reads (for Orbax: a
-    committed step)."""
+    committed step). One whose format's package is not installed is not
+    judged: CheckpointError, so that nothing is deleted on a guess."""
     path = saved_checkpoint(folder) if Path(folder).is_dir() else None
-    return path is not None and checkpoint_meta(path) is not None
+    if path is None:
+        return False
+    fmt = format_of(path)
+    if not fmt.installed():
+        raise CheckpointError(f"{path} needs the optional package to be read: pip install "
+                              f"'{fmt.requirement}', then run again")
+    return checkpoint_meta(path) is not None
 
 
 def move_into(files, folder):
@@ -48,28 +55,44 @@ def move_into(files, folder):
         f.replace(folder / f.name)
 
 
+def move_in_new_files(staging, out):
+    """The new run's files from staging into out, its checkpoint last: once
+    the checkpoint is in out, nothing of the new run is left to move."""
+    files = files_of_a_run(staging)
+    checkpoints = {f.filename for f in FORMATS}
+    move_into([f for f in files if f.name not in checkpoints], out)
+    move_into([f for f in files if f.name in checkpoints], out)
+    shutil.rmtree(staging)
+
+
 def finish_handover(out_dir, log=lambda line: None):
     """Before a run starts (or resumes) in out_dir: completes a handover that a
     crash interrupted, or clears the staging folder of a fresh run that
     stopped before its first checkpoint (it holds that run's first metrics
-    and nothing else). Process 0 alone touches the files."""
+    and nothing else). MOVED in .previous/ marks that the earlier run's files
+    are all there, so the files in out_dir are the new run's. Process 0 alone
+    touches the files."""
     out = Path(out_dir)
     staging, previous = out / STAGING, out / PREVIOUS
+    moved = (previous / MOVED).exists()
     if jax.process_index() == 0 and staging.is_dir():
-        if complete_checkpoint(staging):
+        if complete_checkpoint(staging):  # the new run's first checkpoint: hand over
             log(f"{staging} holds a run's first complete checkpoint: finishing its handover "
-                "to " + str(out))
-            move_into(files_of_a_run(out), previous)
-            move_into(files_of_a_run(staging), out)
+                f"to {out}")
+            if not moved:
+                move_into(files_of_a_run(out), previous)
+                (previous / MOVED).touch()
+            move_in_new_files(staging, out)
+        elif moved and complete_checkpoint(out):  # cut short after its checkpoint moved in
+            move_in_new_files(staging, out)
         else:
             log(f"removing {staging}: a fresh run there stopped before its first checkpoint")
-        shutil.rmtree(staging)
+            shutil.rmtree(staging)
     if jax.process_index() == 0 and previous.is_dir():
-        if complete_checkpoint(out):  # the new run is in place: the earlier one may go
-            shutil.rmtree(previous)
-        else:  # moved aside, then the move of the new run's files was cut short
-            move_into(files_of_a_run(previous), out)
-            shutil.rmtree(previous)
+        if not (moved and complete_checkpoint(out)):  # the earlier run comes back
+            move_into([f for f in files_of_a_run(previous) if not (out / f.name).exists()],
+                      out)
+        shutil.rmtree(previous)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("llama_jax: handover finished")
 
@@ -100,8 +123,8 @@ def hand_over(staging, out_dir):
         multihost_utils.sync_global_devices("llama_jax: first checkpoint complete")
     if jax.process_index() == 0:
         move_into(files_of_a_run(out), out / PREVIOUS)
-        move_into(files_of_a_run(staging), out)
-        shutil.rmtree(staging)
+        (out / PREVIOUS / MOVED).touch()
+        move_in_new_files(staging, out)
         shutil.rmtree(out / PREVIOUS)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("llama_jax: handover done")

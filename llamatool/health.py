@@ -1,4 +1,4 @@
-"""Run health."""
+"""Run health: per-block figures from each training step, metrics.jsonl and health.png."""
 
 import json
 import os
@@ -23,7 +23,7 @@ from llama_jax import attention_qkv, attention_weights, global_norm, rms_norm, t
 
 def health_block(p, x, cos, sin, mask, config, cache=None, position=None, key=None,
                  block=transformer_block):
-    """A block for forward_hidden (section 4) that runs `block` and returns
+    """A block for forward_hidden (llama_jax.py, section 4) that runs `block` and returns
     its health figures where the plain block returns its cache (training runs
     without one). -> ([B, T, D], {"rms", "entropy"})."""
     y, _ = block(p, x, cos, sin, mask, config, cache, position, key)

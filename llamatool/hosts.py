@@ -1,4 +1,4 @@
-"""Many hosts."""
+"""Many processes (hosts): start them, watch for a lost one, agree on when to stop."""
 
 import os
 import socket

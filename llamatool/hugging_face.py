@@ -1,4 +1,4 @@
-"""Hugging Face."""
+"""Hugging Face folders: safetensors and config.json, read and written."""
 
 import json
 import ml_dtypes

@@ -1,4 +1,4 @@
-"""modes."""
+"""What each mode runs: train, prepare, plan, sample, eval, chat and the exports (cli.MODES names them)."""
 
 import functools
 import itertools
@@ -116,7 +116,7 @@ FINE_TUNED_CHAT_PROMPT = "Write a few lines of a play."
 
 
 def sample_model(model, args, key, log=print, question=None):
-    """A sample from a model (load_source's dict): a chat reply to --prompt
+    """A sample from a model (load_source's Model): a chat reply to --prompt
     when the model has a chat format, else a continuation of it. question: a
     conversation to reply to instead (chat data's first held-out question)."""
     config, tokenizer = decoding_config(model.config), model.tokenizer

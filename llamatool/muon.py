@@ -19,7 +19,7 @@ from llama_jax import adamw_init, adamw_update, global_norm
 # 2.0315), on M scaled to unit Frobenius norm (so every singular value starts
 # in (0, 1]); it acts on each singular value s alone, as the polynomial
 # p(s) = a s + b s^3 + c s^5, and five steps take any s >= 0.003 into about
-# [0.68, 1.21] (test_llama_jax.py checks both): close enough to 1 for
+# [0.68, 1.21] (tests/test_muon.py checks both): close enough to 1 for
 # training, and cheaper than an SVD, since it is only matmuls.
 #
 # It is for the 2-D matrices inside the blocks (wq, wk, wv, wo, w1, w2, w3).

@@ -1,4 +1,4 @@
-"""The plan."""
+"""--plan: memory and communication per device, from shapes alone, and whether a run fits."""
 
 import dataclasses
 import functools

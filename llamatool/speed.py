@@ -144,7 +144,7 @@ def largest_threshold(values, count_at_least, target, iterations=40):
 
 
 def bisection_top_k(logits, top_k):
-    """top_k_filter (section 7) by bisection. float32[B, V] -> float32[B, V]."""
+    """top_k_filter (llama_jax.py, section 7) by bisection. float32[B, V] -> float32[B, V]."""
     # -inf entries (masked tokens) count as just below the row's smallest
     # finite logit, so the bisection's range stays the finite logits' range.
     low = jnp.min(jnp.where(jnp.isfinite(logits), logits, jnp.inf), axis=-1, keepdims=True)
@@ -154,7 +154,7 @@ def bisection_top_k(logits, top_k):
 
 
 def bisection_top_p(logits, top_p):
-    """top_p_filter (section 7) by bisection: the kept set is every token with
+    """top_p_filter (llama_jax.py, section 7) by bisection: the kept set is every token with
     probability >= t for the largest t whose set still holds top_p of the
     mass. float32[B, V] -> float32[B, V]."""
     probs = jax.nn.softmax(logits, axis=-1)

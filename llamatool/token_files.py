@@ -1,4 +1,4 @@
-"""Token files: your own data at any size."""
+"""Token files: your own text, tokenized once to disk by --prepare, read a batch at a time."""
 
 import codecs
 import glob

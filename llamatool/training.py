@@ -1,4 +1,4 @@
-"""The full training run: resume, signals, time budgets, --eval."""
+"""The full training run behind python llama_jax.py: train(), resume, signals, time budgets."""
 
 import contextlib
 import dataclasses
@@ -220,13 +220,14 @@ class Run:
       seed_key    the run's key; keys: the streams drawn from it (run_keys)
       records     the metrics.jsonl records so far
       pending     (step, loss, health) of steps dispatched but not yet read
-      final_dir   its --out-dir (where its files go: state.out_dir)
+      final_dir   its --out-dir; state.out_dir is where it writes now (a staging
+                  folder until a fresh run's first checkpoint: llamatool/handover.py)
       question    chat data: the held-out question the final sample answers
       state       RunState: params, opt_state, tc"""
     config: RunModelConfig
     mesh: object
     log: object
-    init: dict | None
+    init: object  # a Model, or None
     frozen: dict | None
     train_data: object
     on_device: object
@@ -240,6 +241,20 @@ class Run:
     final_dir: Path
     question: object
     state: RunState
+
+
+def check_out_dir(out_dir, init, resume):
+    """Refuses an --out-dir that is a file or inside one (checked before any
+    work: mkdir would fail only after the data is loaded), and a fresh run's
+    --out-dir that holds the model it starts from, which it would replace."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"--out-dir {out_dir}: {folder} is a file, not a folder; choose "
+                             "another --out-dir")
+    source = Path(init.source).resolve() if init is not None else None
+    if source is not None and not resume and out_dir.resolve() in (source, *source.parents):
+        raise InputError(f"--init-from {init.source} is in --out-dir {out_dir}, whose earlier "
+                         "run this fresh run replaces: choose another --out-dir")
 
 
 def start_files(out_dir, resume, step, log):
@@ -262,11 +277,7 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
                          f"(max_seq_len {config.max_seq_len}): lower --seq-len")
     config, tc = run_configs(config, tc)
     out_dir = Path(out_dir)
-    # Checked before any work: mkdir would fail only after the data is loaded.
-    for folder in (out_dir, *out_dir.parents):
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"--out-dir {out_dir}: {folder} is a file, not a folder; choose "
-                             "another --out-dir")
+    check_out_dir(out_dir, init, resume)
     mesh = mesh or make_mesh()
     if jax.process_index() != 0:
         log = lambda *args, **kwargs: None  # noqa: E731 (process 0 speaks for all)

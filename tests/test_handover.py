@@ -98,10 +98,35 @@ def test_a_handover_cut_short_is_finished_before_the_next_run(corpus, tmp_path):
     out = tmp_path / "c"
     shutil.copytree(later, out)
     shutil.copytree(earlier, out / lt.handover.PREVIOUS)
+    (out / lt.handover.PREVIOUS / lt.handover.MOVED).touch()
     lt.handover.finish_handover(out)
     assert step(out) == 3 and not (out / lt.handover.PREVIOUS).exists()
+    # Killed while the new run's files moved in (its metrics moved, its
+    # checkpoint, which goes last, not yet): they are the new run's, and stay.
+    out = tmp_path / "e"
+    shutil.copytree(earlier, out / lt.handover.PREVIOUS)
+    (out / lt.handover.PREVIOUS / lt.handover.MOVED).touch()
+    shutil.copytree(later, out / lt.handover.STAGING)
+    (out / lt.handover.STAGING / "metrics.jsonl").replace(out / "metrics.jsonl")
+    lt.handover.finish_handover(out)
+    assert step(out) == 3 and not (out / lt.handover.PREVIOUS).exists()
+    assert (out / "metrics.jsonl").read_bytes() == (later / "metrics.jsonl").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in later.iterdir())
     # Moved aside, and nothing to take its place: the earlier run comes back.
     out = tmp_path / "d"
     shutil.copytree(earlier, out / lt.handover.PREVIOUS)
     lt.handover.finish_handover(out)
     assert step(out) == 2 and not (out / lt.handover.PREVIOUS).exists()
+
+
+def test_a_fresh_run_may_not_start_from_a_model_in_its_own_out_dir(corpus, tmp_path, capsys):
+    # It would replace the run it starts from (and a LoRA run reads its base
+    # again to sample or resume).
+    out = tmp_path / "out"
+    train(corpus, out, steps=2, eval_every=2)
+    before = run_files_bytes(out)
+    assert lt.cli.main(["--init-from", str(out), "--out-dir", str(out), "--data", str(corpus),
+                        "--seq-len", "16", "--batch-size", "4",
+                        "--steps", "2"]) == 2
+    assert "is in --out-dir" in capsys.readouterr().err
+    assert run_files_bytes(out) == before

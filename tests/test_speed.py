@@ -15,7 +15,7 @@ from conftest import TINY, loss_grad, random_params, tokens_for
 
 
 def test_fused_attention_equals_explicit_attention():
-    # Part II's fused kernel against Part I's attend, alone and in the loss.
+    # The package's fused kernel against Part I's attend, alone and in the loss.
     q = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 6, 8))
     k = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 2, 8))
     v = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 2, 8))
@@ -23,7 +23,7 @@ def test_fused_attention_equals_explicit_attention():
     np.testing.assert_allclose(lt.speed.fused_attend(q, k, v, causal), L.attend(q, k, v, causal),
                                atol=1e-5)
     config = lt.settings.run_configs(TINY)[0]
-    assert config.attention == "fused"  # Part II's default, as before --attention existed
+    assert config.attention == "fused"  # The package's default, as before --attention existed
     params = random_params(TINY)
     tokens = tokens_for(TINY, 2, 12)
     batch = (tokens, jnp.roll(tokens, -1, 1))
@@ -59,7 +59,7 @@ def test_fused_attention_in_bfloat16_asks_cudnn_on_a_gpu_and_falls_back_elsewher
 
 @pytest.mark.slow
 def test_hand_written_bfloat16_gradient_agrees_with_jaxs_and_float32():
-    # Part II's hand-written bfloat16 matmul gradient (run_dense, in Part II's
+    # The package's hand-written bfloat16 matmul gradient (run_dense, in the package's
     # loss) against float32 and against JAX's own bfloat16 one (Part I's).
     bf16 = dataclasses.replace(TINY, compute_dtype="bfloat16")
     params = L.init_params(jax.random.PRNGKey(0), TINY)

@@ -14,7 +14,7 @@ from conftest import TINY, random_params, tokens_for
 
 
 def test_part_one_step_equals_part_two_step_without_its_options():
-    # Part I's plain step and Part II's run_step (health off, the plain loss,
+    # Part I's plain step and the package's run_step (health off, the plain loss,
     # one device) are the same optimisation: same loss, same new weights.
     config = dataclasses.replace(lt.settings.run_configs(TINY)[0], loss_impl="plain", dropout_rate=0.1,
                                  attention="explicit")

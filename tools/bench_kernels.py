@@ -1,9 +1,9 @@
-"""Part I's kernels against Part II's, in the training step's loss and gradients.
+"""Part I's kernels against the package's, in the training step's loss and gradients.
 
     python tools/bench_kernels.py [--preset cpu] [--dtype bfloat16] [--rounds 5]
 
 Part I's transformer_block takes `dense` and `attend` with Part I's functions
-as defaults; Part II's training passes run_dense (under bfloat16, a matmul
+as defaults; the package's training passes run_dense (under bfloat16, a matmul
 whose gradient is written by hand) and, where a preset chooses it,
 fused_attend (jax.nn.dot_product_attention). This times jax.value_and_grad of
 the loss for each combination at the preset's model and batch, compiled first,
@@ -27,7 +27,7 @@ import llamatool as lt
 
 
 def loss_fn(params, batch, config, dense, attend):
-    """Part II's plain loss with the given kernels."""
+    """The package's plain loss with the given kernels."""
     block = functools.partial(L.transformer_block, dense=dense, attend=attend)
     h, _ = L.forward_hidden(params, batch[0], config, block=block)
     logits = L.at_least_f32(dense(h, L.output_weight(params), config))

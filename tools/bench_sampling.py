@@ -1,13 +1,13 @@
-"""Part I's sampler against Part II's, one draw at a time, at batch 1 and 8.
+"""Part I's sampler against the package's, one draw at a time, at batch 1 and 8.
 
     python tools/bench_sampling.py [--rounds 7] [--vocab 50257]
 
 Part I's sample_token filters with lax.top_k and a sort and draws with
-jax.random.categorical; Part II's fast_sample_token (llamatool/speed.py) finds the
+jax.random.categorical; the package's fast_sample_token (llamatool/speed.py) finds the
 same thresholds by bisection and draws by inverting the cumulative
 distribution. Each is jitted and compiled first; then, for each setting
 (top-k 50, top-p 0.9, both, neither), the two are timed in alternating rounds
-(Part I, Part II, Part I, ...) so that a change in the machine's load falls
+(Part I's, the package's, Part I's, ...) so that a change in the machine's load falls
 on both, and the best round of each is reported in ms per draw.
 """
 
@@ -45,7 +45,7 @@ def main():
     args = parser.parse_args()
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; vocabulary {args.vocab:,}; "
           f"best of {args.rounds} alternating rounds of {args.repeats} draws")
-    print(f"{'setting':<22}{'batch':>6}{'Part I ms':>11}{'Part II ms':>12}{'ratio':>8}")
+    print(f"{'setting':<22}{'batch':>6}{'Part I ms':>11}{'package ms':>12}{'ratio':>8}")
     for name, filters in SETTINGS.items():
         for batch in (1, 8):
             logits = 3 * jax.random.normal(jax.random.PRNGKey(batch), (batch, args.vocab))

@@ -51,7 +51,9 @@ def main():
     p.add_argument("--format", choices=["npz", "orbax"], default="npz")
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--file-limit-kb", type=int, help="instead of kills: one run under ulimit -f")
+    p.add_argument("--file-limit-kb", type=int,
+                   help="two rounds: a kill, then a resume under ulimit -f (below the "
+                        "checkpoint's size)")
     p.add_argument("--out", default="/tmp/fault_loop")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -63,7 +65,7 @@ def main():
     rounds = 2 if args.file_limit_kb else args.kills
     for i in range(rounds):
         resume = last is not None
-        if args.file_limit_kb and i == 1:  # after a first checkpoint: a save that cannot finish
+        if args.file_limit_kb and i == 1 and last is not None:  # a save that cannot finish
             limit = args.file_limit_kb * 1024
             proc = subprocess.run(
                 command(args, out, resume), capture_output=True, text=True,
@@ -81,7 +83,7 @@ def main():
         try:
             step = saved_step(out)
             # No checkpoint yet is fine before the first save; after it, never.
-            ok = step is None if last is None and step is None else (
+            ok = (last is None and step is None) or (
                 step is not None and (last is None or step >= last))
             said = (f"resumes at step {step}" if step is not None else "no checkpoint yet") + (
                 "" if ok else f" (before: {last})")

@@ -80,7 +80,7 @@ else
 fi
 # The tests that exercise what differs on a GPU: fused (cuDNN) vs explicit
 # attention, bfloat16 vs float32, the padded vocabulary, cached decoding vs the
-# full forward, the NumPy oracle, Part II's sharded step on one device, and a
+# full forward, the NumPy oracle, the package's sharded step on one device, and a
 # checkpoint saved and restored.
 GPU_TESTS="fused_attention or bfloat16 or padded_vocabulary or cached_decode or prefill"
 GPU_TESTS+=" or cache_rows or forward_matches_numpy or greedy_generate"

@@ -23,7 +23,7 @@ what each does: the tokenizer, embeddings, RMSNorm, rotary embeddings, grouped-q
 SwiGLU, the whole model and its loss, gradients and one training step the JAX way, training
 with a loss curve redrawn as it goes, the run's health, sampling with a KV cache,
 checkpoints and many devices. The cells call the module (Part I, and where a cell says so,
-Part II); the training loop is written out (it is `train_loop`'s) so that it can redraw its
+the package); the training loop is written out (it is `train_loop`'s) so that it can redraw its
 plot.
 
 It runs top to bottom on a 2-core CPU in about 8 minutes (8 min 17 s on an AMD EPYC with
@@ -175,7 +175,7 @@ print("targets", targets.shape, targets[0, :8].tolist(), " (the inputs, one toke
 logits, _ = L.model_forward(params, inputs, config)
 print("logits", logits.shape, logits.dtype)
 print(f"loss at init: {float(L.compute_loss(params, batch, config)):.3f}   ln(50257) = {np.log(50257):.3f}")"""),
-    ("code", """flat = lt.checkpoints.flatten_tree(params)  # Part II's (llamatool/checkpoints.py): "a/b/c" names for the tree's leaves
+    ("code", """flat = lt.checkpoints.flatten_tree(params)  # The package's (llamatool/checkpoints.py): "a/b/c" names for the tree's leaves
 for name, value in flat.items():
     if name.startswith("layers/") and not name.startswith("layers/0/"):
         continue
@@ -268,7 +268,7 @@ for step in range(tc.steps):
 print(f"final validation loss {history['eval'][-1][2]:.3f} after {time.perf_counter() - t0:.0f}s")"""),
     ("md", """### Is the run healthy?
 
-The loss says whether a run learns, not why it stalls or blows up. Part II's training step,
+The loss says whether a run learns, not why it stalls or blows up. The package's training step,
 `run_step` (the one `python llama_jax.py` runs), can also return a few numbers per block,
 computed inside the same jitted step: the gradient norm before clipping, the update's size
 relative to the weights, the RMS of the residual stream after the block, and the attention's
@@ -361,7 +361,7 @@ t0 = time.perf_counter()
 L.generate(params, prompt, n_new, config, jax.random.PRNGKey(1))
 cached = n_new / (time.perf_counter() - t0)
 t0 = time.perf_counter()
-# Part II's naive_generate (llamatool/bench.py): the whole sequence through model_forward for every
+# The package's naive_generate (llamatool/bench.py): the whole sequence through model_forward for every
 # new token, jitted per length (a first implementation's loop; --bench's baseline).
 lt.bench.naive_generate(params, np.array([prompt]), n_new, config).block_until_ready()
 naive = n_new / (time.perf_counter() - t0)
@@ -369,7 +369,7 @@ print(f"KV cache: {cached:,.1f} tokens/s; re-running the whole sequence per toke
       f"tokens/s, compiling for each length included -> {cached / naive:,.0f}x faster")"""),
     ("md", """## 10. Checkpoints
 
-Part II's `save_checkpoint` (llamatool/checkpoints.py) writes one `.npz` file: parameters, optimizer state,
+The package's `save_checkpoint` (llamatool/checkpoint_npz.py) writes one `.npz` file: parameters, optimizer state,
 step, PRNG key, both configs and the loss history, written atomically. Loading it back must
 give the same logits."""),
     ("code", """import tempfile
@@ -385,7 +385,7 @@ print(f"{path.stat().st_size / 1e6:.1f} MB, step {int(loaded.opt_state['step'])}
       f"max logit difference {float(jnp.max(jnp.abs(a - b)))}")"""),
     ("md", """## 11. Many devices
 
-Part II's `run_step` runs on a mesh of devices: the batch is split over all of them and,
+The package's `run_step` runs on a mesh of devices: the batch is split over all of them and,
 with FSDP, every matrix and its AdamW moments too (`state_shardings` in
 `llamatool/devices.py` holds the rule). The layers and the loss do not change; `jax.jit` compiles them for
 the mesh. A CPU can pretend to have 8 devices, but only if told before JAX starts, so this

@@ -3,7 +3,7 @@
     python tools/profile_step.py [llama_jax.py's model and training flags] [--trace-steps 5]
         [--trace-out FILE.json.gz] [--json]
 
-The step is --bench's (Part II's run_step on every device, the same flags:
+The step is --bench's (the package's run_step on every device, the same flags:
 --dim, --batch-size, --dtype, ...). It is compiled, run twice, and then
 --trace-steps more steps are traced with jax.profiler. The trace is written as
 Perfetto JSON (create_perfetto_trace), which this script reads back with the
