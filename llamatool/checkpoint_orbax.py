@@ -4,7 +4,11 @@ One row of checkpoint_formats.FORMATS (ORBAX, at the end); it needs the optional
 package orbax-checkpoint, imported only when a checkpoint is read or written.
 """
 
+import functools
 import importlib.util
+import logging
+import sys
+import traceback
 from pathlib import Path
 
 import jax
@@ -58,7 +62,41 @@ def orbax_module(why):
     except ImportError as err:
         raise InputError(f"{why} needs the optional package orbax-checkpoint: pip install "
                          f"'{ORBAX_REQUIREMENT}' (or use --checkpoint npz)") from err
+    quiet_background_failures()
     return ocp
+
+
+class OrbaxFailureLogs(logging.Filter):
+    """Drops the error logs of Orbax's failed background work: when a write
+    fails (a full disk), each of its threads logs the failure with a
+    traceback (absl's logger), and asyncio logs each task whose failure
+    nobody read; the same error reaches the caller as an exception, which is
+    reported in one line."""
+
+    def filter(self, record):
+        frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info else []
+        from_orbax = "/orbax/" in record.pathname or any("/orbax/" in f.filename for f in frames)
+        return not (record.levelno >= logging.ERROR and from_orbax)
+
+
+@functools.lru_cache(maxsize=None)  # once per process
+def quiet_background_failures():
+    """After one storage error (a damaged step, a full disk), tensorstore's
+    threads go on answering to asyncio loops that Orbax has closed: each
+    answer fails with "Event loop is closed", and Python prints each through
+    sys.excepthook (44 tracebacks for one full disk here). The error that
+    matters has reached the caller already; those, and the logs of it
+    (OrbaxFailureLogs), are dropped. (A damaged step's read still prints
+    some of the former, by another path.)"""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(OrbaxFailureLogs())
+    hook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            hook(kind, value, tb)
+
+    sys.excepthook = excepthook
 
 
 def orbax_manager(path, keep=None, compress=False):
@@ -171,7 +209,7 @@ class OrbaxWriter:
         try:
             saved = self.manager.save(meta["step"], args=orbax_args(state, meta, restore=False))
         except Exception as err:  # the save before it failed in the background: disk, rights
-            raise OSError(f"Orbax: {type(err).__name__}: {err}") from err
+            raise OSError(f"Orbax: {in_brief(err)}") from err
         if not saved:  # Orbax refuses a step at or before its latest one
             raise OSError(f"Orbax did not save step {meta['step']}: {self.path} holds later "
                           "steps of another run")
@@ -180,7 +218,7 @@ class OrbaxWriter:
         try:
             self.manager.wait_until_finished()
         except Exception as err:
-            raise OSError(f"Orbax: {type(err).__name__}: {err}") from err
+            raise OSError(f"Orbax: {in_brief(err)}") from err
         finally:
             self.manager.close()
 

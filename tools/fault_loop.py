@@ -16,7 +16,6 @@ one line per round and a count, and exits 1 if any check failed.
 
 import argparse
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -66,10 +65,9 @@ def main():
     for i in range(rounds):
         resume = last is not None
         if args.file_limit_kb and i == 1 and last is not None:  # a save that cannot finish
-            limit = args.file_limit_kb * 1024
-            proc = subprocess.run(
-                command(args, out, resume), capture_output=True, text=True,
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+            proc = subprocess.run(  # the shell's ulimit: no fork of this threaded process
+                ["bash", "-c", f'ulimit -f {args.file_limit_kb} && exec "$@"', "bash",
+                 *command(args, out, resume)], capture_output=True, text=True)
             what = f"under ulimit -f {args.file_limit_kb} KB: exit {proc.returncode}, " + \
                    (proc.stderr.strip().splitlines() or ["(no message)"])[-1][:160]
         else:
