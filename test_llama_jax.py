@@ -4,10 +4,12 @@ The README's quick command runs this file; tests/ holds the package's, one file 
 Every test: python -m pytest -q -m "slow or not slow" test_llama_jax.py tests"""
 
 import dataclasses
+import functools
 import hashlib
 import re
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -315,6 +317,18 @@ def test_the_reference_is_one_module_in_memory_when_run():
     result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "True True"
+
+
+def test_the_module_docstrings_example_runs(monkeypatch, capsys):
+    # The example at the top of llama_jax.py, as written, with a two-step
+    # TrainConfig in place of the default's 1,000 steps.
+    example = L.__doc__.split("It trains and samples a model by itself:")[1].split("\n\n")[1]
+    assert "L.train_loop(config, tc, train, val)" in example
+    monkeypatch.setattr(L, "TrainConfig", functools.partial(
+        L.TrainConfig, steps=2, eval_every=2, eval_batches=1, log_every=1))
+    exec(textwrap.dedent(example), {})
+    printed = capsys.readouterr().out
+    assert "ROMEO:" in printed.split("eval")[-1]  # the sample, after the training lines
 
 
 def test_the_reference_contents_name_its_sections():
