@@ -167,8 +167,11 @@ def load_orbax(path, config=None, mesh=None, weights_only=False):
             raise CheckpointError(f"{path} holds no complete Orbax step (a save that never "
                                   "finished, or not a checkpoint folder): train again, or "
                                   "point --out-dir at another run")
-        unreadable = (f"{path}: step {step} is not readable ({{}}); delete that step's folder "
-                      "to fall back to the one before")
+        older = [s for s in manager.all_steps() if s < step]
+        unreadable = (f"{path}: step {step} is not readable ({{}}); it is the latest, so it "
+                      "is not passed over: " + (f"delete that step's folder to fall back to "
+                                               f"step {max(older)}" if older else
+                                               "no earlier step is kept, so train again"))
         try:
             meta = manager.restore(step, args=orbax_args(meta=True))["meta"]
             saved = manager.item_metadata(step)["state"].tree

@@ -103,7 +103,7 @@ def test_every_reader_takes_an_orbax_run_and_bad_input_gets_a_message(tmp_path, 
     assert lt.cli.main(["--sample", "--out-dir", str(damaged)]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and len(err) < 500, err[:2000]
-    assert "step 2 is not readable" in err and "delete that step's folder" in err
+    assert "step 2 is not readable" in err and "delete that step's folder to fall back to step 1" in err
     monkeypatch.setitem(sys.modules, "orbax", None)
     monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
     with pytest.raises(L.InputError, match="pip install 'orbax-checkpoint>=0.12,<0.13'"):
