@@ -137,10 +137,9 @@ def checkpoint_plan(config, tc, mesh):
             + [f"  {f.name:<6} {f.plan(state, shards)}" for f in FORMATS])
 
 
-def check_format_installed(tc, config):
-    """The chosen format's package is there, or InputError naming it: checked
-    before a run touches anything."""
-    chosen, _ = checkpoint_format(tc, config)
+def check_format_installed(chosen):
+    """The chosen format's package (a row of FORMATS) is there, or InputError
+    naming it: checked before a run touches anything."""
     if not chosen.installed():
         raise InputError(f"--checkpoint {chosen.name} needs the optional package "
                          f"{chosen.requirement.split('>')[0].split('=')[0]}: pip install "
@@ -152,8 +151,8 @@ def checkpoint_writer(out_dir, tc, config, log=lambda line: None):
     checkpoint_format chooses, which it logs. It removes no earlier run's files: a fresh run
     over an earlier one writes into a folder of its own until its first
     checkpoint is complete (llamatool/handover.py)."""
-    check_format_installed(tc, config)
     chosen, why = checkpoint_format(tc, config)
+    check_format_installed(chosen)
     writer = chosen.writer(Path(out_dir) / chosen.filename, tc.keep_checkpoints)
     log(f"checkpoints: {writer.path}{writer.how} ({why})")
     return writer

@@ -21,7 +21,6 @@ from llamatool.lora import lora_init
 class RunFiles(NamedTuple):
     """The files a training run keeps in its --out-dir besides its checkpoint,
     whose name is its format's (CheckpointFormat.filename)."""
-    out_dir: Path
     metrics: Path      # metrics.jsonl: one JSON line per logged step (llamatool/health.py)
     loss_plot: Path    # loss.png
     health_plot: Path  # health.png (llamatool/health.py)
@@ -30,7 +29,7 @@ class RunFiles(NamedTuple):
 def run_files(out_dir):
     """Where a run in out_dir keeps its files. -> RunFiles."""
     out = Path(out_dir)
-    return RunFiles(out, out / "metrics.jsonl", out / "loss.png", out / "health.png")
+    return RunFiles(out / "metrics.jsonl", out / "loss.png", out / "health.png")
 
 
 # 2: the key is the run's seed key, from which run_keys derives its streams.

@@ -22,6 +22,8 @@ from llamatool.presets import PRESETS, preset_help
 PROMPT_DEFAULT = "\n"
 MODEL_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunModelConfig))
 TRAIN_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunTrainConfig))
+FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(RunModelConfig)
+               + dataclasses.fields(RunTrainConfig)}
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,13 @@ class Flag:
         --no-x), default None, the help with the presets' values."""
         settings = dict(self.kwargs)
         if self.field is not None:
-            kind = {f.name: f.type for f in dataclasses.fields(RunModelConfig)
-                    + dataclasses.fields(RunTrainConfig)}[self.field]
-            if "bool" in str(kind):
+            kind = FIELD_TYPES[self.field]
+            if "bool" in kind:
                 settings.setdefault("action", argparse.BooleanOptionalAction)
                 settings.setdefault("default", None)
             elif "choices" not in settings:
-                settings.setdefault("type", int if "int" in str(kind) else
-                                    float if "float" in str(kind) else str)
+                settings.setdefault("type", int if "int" in kind else
+                                    float if "float" in kind else str)
         text = f"{self.help} ({preset_help(self.field)})" if self.presets else self.help
         return {**settings, "help": text}
 

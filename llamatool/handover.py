@@ -65,6 +65,18 @@ def move_in_new_files(staging, out):
     shutil.rmtree(staging)
 
 
+def replace_earlier_run(staging, out):
+    """The handover itself, or what a crash left of it: the earlier run's
+    files aside into out/.previous/ (marked MOVED once all are there), the
+    new run's in (move_in_new_files), then .previous/ deleted."""
+    previous = out / PREVIOUS
+    if not (previous / MOVED).exists():
+        move_into(files_of_a_run(out), previous)
+        (previous / MOVED).touch()
+    move_in_new_files(staging, out)
+    shutil.rmtree(previous)
+
+
 def finish_handover(out_dir, log=lambda line: None):
     """Before a run starts (or resumes) in out_dir: completes a handover that a
     crash interrupted, or clears the staging folder of a fresh run that
@@ -79,12 +91,9 @@ def finish_handover(out_dir, log=lambda line: None):
         if complete_checkpoint(staging):  # the new run's first checkpoint: hand over
             log(f"{staging} holds a run's first complete checkpoint: finishing its handover "
                 f"to {out}")
-            if not moved:
-                move_into(files_of_a_run(out), previous)
-                (previous / MOVED).touch()
-            move_in_new_files(staging, out)
+            replace_earlier_run(staging, out)
         elif moved and complete_checkpoint(out):  # cut short after its checkpoint moved in
-            move_in_new_files(staging, out)
+            replace_earlier_run(staging, out)
         else:
             log(f"removing {staging}: a fresh run there stopped before its first checkpoint")
             shutil.rmtree(staging)
@@ -122,9 +131,6 @@ def hand_over(staging, out_dir):
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("llama_jax: first checkpoint complete")
     if jax.process_index() == 0:
-        move_into(files_of_a_run(out), out / PREVIOUS)
-        (out / PREVIOUS / MOVED).touch()
-        move_in_new_files(staging, out)
-        shutil.rmtree(out / PREVIOUS)
+        replace_earlier_run(Path(staging), out)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("llama_jax: handover done")

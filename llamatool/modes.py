@@ -15,8 +15,8 @@ from llamatool.devices import check_batch_split, gather, make_mesh
 from llamatool.plan import plan_report
 from llamatool.hosts import lost_processes
 from llamatool.checkpoints import run_files
-from llamatool.checkpoint_formats import (check_format_installed, checkpoint_names,
-                                          checkpoint_plan, saved_checkpoint)
+from llamatool.checkpoint_formats import (check_format_installed, checkpoint_format,
+                                          checkpoint_names, checkpoint_plan, saved_checkpoint)
 from llamatool.gguf_file import check_gguf_export, save_gguf
 from llamatool.chat import chat_prompt, chat_turn
 from llamatool.sources import export_hf, load_source
@@ -95,7 +95,7 @@ def run_on_many_processes(args):
 def run_plan(args):
     """--plan: the memory and communication of a training run, then exit."""
     config, tc, _ = training_configs(args)
-    check_format_installed(tc, config)  # plan only a save the run would make
+    check_format_installed(checkpoint_format(tc, config)[0])  # plan only a save the run makes
     mesh = make_mesh(args.fsdp)
     check_batch_split(tc, mesh)
     for line in plan_report(config, tc, mesh) + checkpoint_plan(config, tc, mesh):

@@ -26,8 +26,9 @@ from llamatool.step import run_step
 from llamatool.plan import check_plan_fits, describe_plan, memory_plan
 from llamatool.hosts import any_process, from_process_0
 from llamatool.checkpoints import run_files
-from llamatool.checkpoint_formats import (check_format_installed, checkpoint_names,
-                                          checkpoint_writer, load_checkpoint, saved_checkpoint)
+from llamatool.checkpoint_formats import (check_format_installed, checkpoint_format,
+                                          checkpoint_names, checkpoint_writer, load_checkpoint,
+                                          saved_checkpoint)
 from llamatool.handover import finish_handover, hand_over, staging_dir
 from llamatool.fine_tuning import (base_record, check_same_base, check_source_tokenizer,
     describe_fine_tuning, frozen_base, initial_weights, tree_sha256)
@@ -281,7 +282,7 @@ def start_run(config, tc, data_path, out_dir, resume, log, init, mesh):
     mesh = mesh or make_mesh()
     if jax.process_index() != 0:
         log = lambda *args, **kwargs: None  # noqa: E731 (process 0 speaks for all)
-    check_format_installed(tc, config)  # before anything is read or written
+    check_format_installed(checkpoint_format(tc, config)[0])  # before anything is touched
     finish_handover(out_dir, log)  # one a crash cut short; before a resume reads the folder
     check_batch_split(tc, mesh)
     if init is not None:
