@@ -35,10 +35,11 @@ from llamatool import flags              # every flag but the modes': one table,
 from llamatool import configs            # the run's configs from the preset and the flags
 from llamatool import modes              # what each mode runs: train, sample, eval, chat, exports
 from llamatool import bench              # --bench: training speed, MFU, decoding
+from llamatool import tasks              # --tasks: HellaSwag, ARC, PIQA... accuracy, 0-shot, offline
 from llamatool import cli                # the table of modes, the parser, main
 
 __all__ = ["settings", "health", "speed", "token_files", "muon", "lora", "devices", "step", "plan",
            "hosts", "checkpoints", "checkpoint_npz", "checkpoint_orbax", "checkpoint_formats", "handover",
            "hugging_face", "bpe", "gguf_file", "chat",
            "fine_tuning", "sources", "chat_data", "training", "evaluation", "presets", "flags", "configs", "modes",
-           "bench", "cli"]
+           "bench", "tasks", "cli"]

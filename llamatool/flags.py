@@ -92,7 +92,11 @@ FLAGS = rows(
     "what to do",
     flag("--gguf-type", "with --export-gguf: how matrices are stored: f32, f16 (default) or "
          "q8_0 (llama.cpp's 8-bit blocks: 32 weights, one f16 scale)", choices=GGUF_TYPES),
-    flag("--json", "with --bench or --eval: print JSON instead of text", action="store_true"),
+    flag("--json", "with --bench, --eval or --tasks: print JSON instead of text",
+         action="store_true"),
+    flag("--limit", "with --tasks: score the first N questions of each task, in the file's "
+         "order, so that anyone can score the same ones (default: all)", type=int,
+         metavar="N"),
     flag("--preset", "default model and training sizes (default: gpu when JAX sees a GPU, "
          "else cpu)", choices=sorted(PRESETS), reads=frozenset({"training"})),
 ) + rows(
