@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import count_params, decoding_shapes, generate, model_forward, run_keys
-from llamatool.speed import fast_sample_token, loss_buffer_bytes, use_blockwise
+from llamatool.speed import fast_sample_token, loss_block_size, loss_buffer_bytes, use_blockwise
 from llamatool.devices import (check_batch_split, describe_mesh, make_mesh, replicated,
     sharded_init, sharded_optimizer_init)
 from llamatool.step import run_step
@@ -74,11 +74,21 @@ def bench_train(config, tc, n_steps, mesh=None):
     per_step = (time.perf_counter() - t0) / n_steps
     tokens_per_s = tc.batch_size * tc.seq_len / per_step
     stats = jax.local_devices()[0].memory_stats() or {}  # None on some backends
+    compiled = run_step.lower(params, opt_state, data, key, config, tc, None, mesh).compile()
     return {"compile_s": compile_s, "ms_per_step": per_step * 1e3,
+            "attention": attention_kernel(compiled.as_text()),
             "train_tokens_per_s": tokens_per_s, "devices": mesh.size,
             "train_tokens_per_s_per_device": tokens_per_s / mesh.size,
             "peak_memory_bytes": stats.get("peak_bytes_in_use"),
             "recompiled": run_step._cache_size() > 1}, params
+
+
+def attention_kernel(hlo_text):
+    """Which attention a compiled program runs, read from the program, not
+    from what was asked for (fused_attend falls back to XLA's where cuDNN
+    refuses at trace time): "cuDNN" where it calls cuDNN's fused kernels (the
+    custom calls __cudnn$fmha...), else "XLA" (the scores written out)."""
+    return "cuDNN" if "__cudnn$fmha" in hlo_text else "XLA"
 
 
 def naive_generate(params, tokens, n_new, config):
@@ -254,17 +264,19 @@ def run_bench(args):
             f"{describe_mesh(mesh)})" if mesh.size > 1 else "")
          + f", {train_result['ms_per_step']:.0f} ms/step, MFU {mfu:.1%} (per device, of "
          f"{peak / 1e12:.3g} TFLOP/s, {peak_source}; "
-         f"{fpt / 1e6:.0f} MFLOP/token), compile {train_result['compile_s']:.1f}s"
+         f"{fpt / 1e6:.0f} MFLOP/token), attention {train_result['attention']}'s "
+         f"(asked: {config.attention}), compile {train_result['compile_s']:.1f}s"
          + (f", peak memory {gb(train_result['peak_memory_bytes'])}"
             if train_result["peak_memory_bytes"] else ""))
     n_tokens = tc.batch_size * tc.seq_len
     loss_bytes = loss_buffer_bytes(config, n_tokens)
     chosen = "blockwise" if use_blockwise(config, n_tokens) else "plain"
-    emit({"kind": "loss_memory", "loss_impl": chosen, "loss_block": config.loss_block,
+    block = loss_block_size(config, n_tokens)
+    emit({"kind": "loss_memory", "loss_impl": chosen, "loss_block": block,
           "temp_bytes": loss_bytes},
          f"loss   {chosen} ({config.loss_impl}) cross-entropy; temporary buffers of the loss "
          f"and its gradient: plain {loss_bytes['plain'] / 2**20:,.0f} MiB, blockwise "
-         f"({config.loss_block} tokens per block) {loss_bytes['blockwise'] / 2**20:,.0f} MiB")
+         f"({block} tokens per block) {loss_bytes['blockwise'] / 2**20:,.0f} MiB")
     # --max-new-tokens 0: training only
     decode = [] if args.max_new_tokens == 0 else bench_decoding(params, config, on_gpu, emit)
     if args.json:

@@ -153,12 +153,14 @@ FLAGS = rows(
          "(cuDNN's kernel on a GPU), or explicit, Part I's attend; decoding always runs attend",
          field="attention", presets=True, choices=["fused", "explicit"]),
     flag("--loss", "how the cross-entropy is computed: plain holds the [B*T, V] logits; "
-         "blockwise takes loss_block tokens at a time and never does (for large vocabularies "
-         "and batches); auto: blockwise once the float32 logits would exceed 1 GiB, or for "
-         "float32 compute on a CPU, where it is faster (default auto)", field="loss_impl",
+         "blockwise takes --loss-block tokens at a time and never does (for large "
+         "vocabularies and batches); auto: plain where its temporaries (about 12 bytes per "
+         "token and vocabulary entry) fit an eighth of the device's memory, else blockwise; "
+         "and blockwise for float32 compute on a CPU, where it is faster (default auto; "
+         "--plan shows the choice)", field="loss_impl",
          dest="loss_impl", choices=["auto", "plain", "blockwise"]),
-    flag("--loss-block", "tokens per block of the blockwise loss (default "
-         f"{RunModelConfig.loss_block})", field="loss_block"),
+    flag("--loss-block", "tokens per block of the blockwise loss (default: the largest power "
+         "of two whose temporaries fit an eighth of the device's memory)", field="loss_block"),
     flag("--dtype", "matmul dtype; weights and optimizer stay float32. auto: bfloat16 on a "
          "GPU, or on a CPU where it is faster (AMD with avx512_bf16, Intel with AMX), else "
          "float32 (as on an Intel CPU with avx512_bf16 and no AMX); --resume keeps the run's "

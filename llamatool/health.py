@@ -1,5 +1,6 @@
 """Run health: per-block figures from each training step, metrics.jsonl and health.png."""
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -8,50 +9,83 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import attention_qkv, attention_weights, global_norm, rms_norm, transformer_block
+from llama_jax import (attention_qkv, attention_weights, forward_hidden, get_batch, global_norm,
+    rms_norm, step_keys, transformer_block)
 
 
 # A loss curve says that a run diverged or stalled, not why. Each training
 # step also returns a few numbers per block, from what the step already has:
 # the gradient's norm (before clipping), the size of the update relative to
 # the weights (|new - old| / |old|; Karpathy's rule of thumb is about 1e-3 for a
-# healthy run), the RMS of the residual stream after the block (it should grow
-# slowly, not explode), and the mean entropy of the attention (in nats: 0 when
+# healthy run) and the RMS of the residual stream after the block (it should
+# grow slowly, not explode). The mean entropy of the attention (in nats: 0 when
 # each query looks at one key, log(t + 1) when it spreads evenly over the t + 1
-# it may see). They go to out/metrics.jsonl and out/health.png.
+# it may see) needs the [B, H, T, T] attention weights, which the fused kernel
+# never forms and which cost O(T^2) to rebuild, so it is not taken inside the
+# timed step: at each logged step, one forward pass of its own measures it on
+# the batch that step trained on, with the weights the step left
+# (logged_entropy), outside the step's timing. They go to out/metrics.jsonl
+# and out/health.png.
 
 
 def health_block(p, x, cos, sin, mask, config, cache=None, position=None, key=None,
                  block=transformer_block):
     """A block for forward_hidden (llama_jax.py, section 4) that runs `block` and returns
-    its health figures where the plain block returns its cache (training runs
-    without one). -> ([B, T, D], {"rms", "entropy"})."""
+    its health figure where the plain block returns its cache (training runs
+    without one). -> ([B, T, D], {"rms"})."""
     y, _ = block(p, x, cos, sin, mask, config, cache, position, key)
-    return y, block_health(p, x, y, cos, sin, mask, config)
+    return y, block_health(y)
 
 
-def block_health(p, x_in, x_out, cos, sin, mask, config):
-    """One block's figures, called by forward_hidden when it is asked for them.
-    p: the block's weights, x_in/x_out: [B, T, D] the residual stream before and
-    after it -> {"rms": scalar, "entropy": scalar}. A block does not return its
-    attention weights (the fused kernel never even forms them), so the
-    queries, keys and scores are computed again here (three matmuls per
-    block, forward only; tools/bench_health.py measures the cost);
-    stop_gradient keeps all of it out of the backward pass."""
-    p, x_in, x_out = jax.lax.stop_gradient((p, x_in, x_out))
-    q, k, _ = attention_qkv(p["attention"], rms_norm(x_in, p["attention_norm"], config.norm_eps),
+def block_health(x_out):
+    """One block's figure inside the training step: the RMS of the residual
+    stream after it, x_out [B, T, D] -> {"rms": scalar}, out of the backward
+    pass (stop_gradient). Nothing of size T x T."""
+    x_out = jax.lax.stop_gradient(x_out)
+    return {"rms": jnp.sqrt(jnp.mean(jnp.square(x_out.astype(jnp.float32))))}
+
+
+def entropy_block(p, x, cos, sin, mask, config, cache=None, position=None, key=None,
+                  block=transformer_block):
+    """A block for forward_hidden that runs `block` and returns the mean
+    entropy of its attention weights (queries and keys computed again from
+    the block's input: a block does not return its weights).
+    -> ([B, T, D], scalar)."""
+    y, _ = block(p, x, cos, sin, mask, config, cache, position, key)
+    q, k, _ = attention_qkv(p["attention"], rms_norm(x, p["attention_norm"], config.norm_eps),
                             cos, sin, config)
     probs = attention_weights(q, k, mask)  # [B, K, G, T, S]
     entropy = -jnp.sum(probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), axis=-1)  # 0 log 0 = 0
-    rms = jnp.sqrt(jnp.mean(jnp.square(x_out.astype(jnp.float32))))
-    return {"rms": rms, "entropy": jnp.mean(entropy)}
+    return y, jnp.mean(entropy)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def attention_entropy(params, inputs, config):
+    """Each block's mean attention entropy on inputs int32[B, T], forward
+    only. -> float32[L]."""
+    _, entropies = forward_hidden(params, inputs, config, block=entropy_block)
+    return jnp.stack(entropies)
+
+
+def logged_entropy(weights, data, keys, step, config, tc):
+    """attention_entropy on the batch step `step` trained on: drawn from
+    `data` with the step's keys as run_step draws it, or `data` itself when
+    it is the batch (a token file's), its first micro-batch's rows only (the
+    memory --grad-accum keeps within). weights: what the model runs on (the
+    merged weights with LoRA). -> float32[L] on the host."""
+    if isinstance(data, tuple):
+        inputs = data[0]
+    else:
+        inputs = get_batch(step_keys(keys, step)[0], data, tc.batch_size, tc.seq_len)[0]
+    rows = max(1, inputs.shape[0] // max(1, tc.grad_accum))
+    return np.asarray(jax.device_get(attention_entropy(weights, inputs[:rows], config)))
 
 
 def step_health(old_params, new_params, grads, stats, tc):
     """A training step's health: {"grad_norm": the global gradient norm before
     clipping, "clipped": whether clipping scaled it down (as adamw_update does),
-    "layer_grad_norm", "layer_update_ratio", "layer_rms", "layer_attn_entropy":
-    float32[L] each, per block}."""
+    "layer_grad_norm", "layer_update_ratio", "layer_rms": float32[L] each, per
+    block}."""
     norm = global_norm(grads)
 
     def ratio(new, old):
@@ -63,8 +97,7 @@ def step_health(old_params, new_params, grads, stats, tc):
             "layer_grad_norm": jnp.stack([global_norm(g) for g in grads["layers"]]),
             "layer_update_ratio": jnp.stack([ratio(n, o) for n, o in
                                              zip(new_params["layers"], old_params["layers"])]),
-            "layer_rms": jnp.stack([s["rms"] for s in stats]),
-            "layer_attn_entropy": jnp.stack([s["entropy"] for s in stats])}
+            "layer_rms": jnp.stack([s["rms"] for s in stats])}
 
 
 def start_metrics(path, resume, step, log):
@@ -95,10 +128,11 @@ def start_metrics(path, resume, step, log):
     return records
 
 
-def health_record(step, loss, lr, seconds_per_step, tokens_per_step, healths):
+def health_record(step, loss, lr, seconds_per_step, tokens_per_step, healths, entropy=None):
     """The metrics.jsonl line of a logged step: its loss, learning rate and
     speed, its own health figures, and how many steps since the previous
-    line were clipped. healths: the health dicts of those steps, host arrays."""
+    line were clipped. healths: the health dicts of those steps, host arrays;
+    entropy: the step's attention entropy per block (logged_entropy), or None."""
     record = {"kind": "train", "step": step, "loss": loss, "lr": lr, "ms_per_step": None,
               "tokens_per_s": None}
     if seconds_per_step is not None:  # unknown for the step that compiled
@@ -109,8 +143,10 @@ def health_record(step, loss, lr, seconds_per_step, tokens_per_step, healths):
         record.update({"grad_norm": float(last["grad_norm"]), "clipped": bool(last["clipped"]),
                        "clipped_steps": int(sum(bool(h["clipped"]) for h in healths)),
                        "steps": len(healths)})
-        for name in ("layer_grad_norm", "layer_update_ratio", "layer_rms", "layer_attn_entropy"):
+        for name in ("layer_grad_norm", "layer_update_ratio", "layer_rms"):
             record[name] = [float(x) for x in last[name]]
+        if entropy is not None:
+            record["layer_attn_entropy"] = [float(x) for x in entropy]
     return record
 
 
@@ -141,9 +177,11 @@ def draw_health(fig, records):
               ("layer_rms", "residual stream RMS after each block", False),
               ("layer_attn_entropy", "attention entropy per block (nats)", False)]
     for ax, (name, title, log_scale) in zip(axes[1:], panels):
-        values = np.array([r[name] for r in rows])  # [steps, L]
+        have = [r for r in rows if name in r]  # entropy: where it was measured
+        values = np.array([r[name] for r in have]).reshape(len(have), n_layers)  # [steps, L]
         for i in range(n_layers):
-            ax.plot(steps, values[:, i], color=colours[i], lw=1, label=f"block {i}")
+            ax.plot([r["step"] for r in have], values[:, i], color=colours[i], lw=1,
+                    label=f"block {i}")
         ax.set_title(title, fontsize=10)
         if log_scale:
             ax.set_yscale("log")

@@ -3,7 +3,6 @@
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,8 @@ import numpy as np
 
 from llama_jax import InputError, run_keys
 from llamatool.settings import param_shapes
-from llamatool.speed import loss_buffer_bytes, run_loss, use_blockwise
+from llamatool.speed import (device_memory, loss_block_size, loss_buffer_bytes, loss_memory_budget,
+    loss_temp_bytes, run_loss, use_blockwise)
 from llamatool.muon import OPTIMIZERS
 from llamatool.lora import lora_init
 from llamatool.devices import batch_sharding, copies, describe_batch, state_shardings
@@ -97,18 +97,19 @@ def communication_bytes(config, tc, mesh):
             "all-reduce": 2 * (d - 1) / d * full / g}
 
 
-def device_memory():
-    """-> (bytes one device may use, where the figure comes from)."""
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and stats.get("bytes_limit"):
-        return stats["bytes_limit"], f"{getattr(device, 'device_kind', device.platform)} memory"
-    try:  # CPU devices share the host's memory
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None, "unknown"
-    n = jax.local_device_count()
-    return total // n, f"host memory / {n} CPU device{'s' if n > 1 else ''}"
+def loss_choice(config, n_tokens):
+    """--plan's words for the loss use_blockwise and loss_block_size choose."""
+    plain, budget = loss_temp_bytes(config, n_tokens), loss_memory_budget()
+    if not use_blockwise(config, n_tokens):
+        return (f"the loss: plain; its temporaries, about {gb(plain)}, fit the "
+                f"{gb(budget)} it may take (an eighth of the device's memory)")
+    block = loss_block_size(config, n_tokens)
+    why = ("--loss blockwise" if config.loss_impl == "blockwise" else
+           f"the plain loss's about {gb(plain)} would not fit the {gb(budget)} it may take"
+           if plain > budget else "float32 on a CPU, where it is faster")
+    size = ("--loss-block" if config.loss_block else
+            "the largest power of two that fits" if block < n_tokens else "all of them")
+    return f"the loss: blockwise ({why}), {block:,} tokens per block ({size})"
 
 
 def gb(n):
@@ -168,6 +169,7 @@ def plan_report(config, tc, mesh):
         lines.append(f"  loss         {gb(loss[chosen]):>10}  (XLA's temporary buffers of the "
                      f"{chosen} cross-entropy and its gradient over {n_tokens} tokens; "
                      f"{alternative}: {gb(loss[alternative])})")
+        lines.append("  " + loss_choice(config, n_tokens))
     except Exception as err:  # noqa: BLE001 (a plan without it is still useful)
         lines.append(f"  (the loss's buffers unavailable: {type(err).__name__}: {err})")
     try:

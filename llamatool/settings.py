@@ -23,7 +23,7 @@ class RunModelConfig(ModelConfig):
     # (blockwise_cross_entropy: never holds the [B*T, V] logits), or "auto":
     # blockwise where it is needed or faster (use_blockwise).
     loss_impl: str = "auto"
-    loss_block: int = 512  # tokens per block of the blockwise loss
+    loss_block: int = 0  # tokens per block of the blockwise loss; 0: by memory (loss_block_size)
     # jax.checkpoint around each block: the backward pass recomputes a block's
     # activations from its input instead of keeping them (--remat).
     remat: bool = False
@@ -36,8 +36,9 @@ class RunModelConfig(ModelConfig):
         if self.loss_impl not in ("auto", "plain", "blockwise"):
             raise InputError(f"ModelConfig.loss_impl must be 'auto', 'plain' or 'blockwise', "
                              f"got {self.loss_impl!r}")
-        if self.loss_block <= 0:
-            raise InputError(f"ModelConfig.loss_block must be positive, got {self.loss_block}")
+        if self.loss_block < 0:
+            raise InputError(f"--loss-block {self.loss_block}: give a positive number of tokens, "
+                             "or leave it out to let memory decide")
         if self.attention not in ("fused", "explicit"):
             raise InputError(f"--attention {self.attention}: choose fused or explicit")
 

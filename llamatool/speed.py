@@ -1,6 +1,7 @@
 """Speed: faster kernels and sampling, the blockwise loss, the auto choices."""
 
 import functools
+import os
 from pathlib import Path
 
 import jax
@@ -218,7 +219,7 @@ def auto_compute_dtype(cpuinfo=None):
 # [B*T, V_padded] and, in the backward pass, their gradient of the same size:
 # 2 x 8.4 GB for Llama 3's 128,256-token vocabulary at 8 x 2048 tokens, more
 # than the rest of a 1B model's training state. blockwise_cross_entropy runs
-# over blocks of `loss_block` tokens (a lax.scan), and for each block computes
+# over blocks of loss_block_size tokens (a lax.scan), and for each block computes
 # the logits, the loss and, when differentiated, the gradient right away:
 # softmax minus one-hot is the gradient of cross-entropy with respect to the
 # logits, so dh = G W^T and dW = h^T G follow, and the block's logits are
@@ -230,30 +231,77 @@ def auto_compute_dtype(cpuinfo=None):
 # one more matmul). Evaluation, which needs no gradient, runs the primal
 # function, from which jit drops the gradient's work.
 
-# "auto" takes the blockwise path above this many bytes of float32 logits,
-# where the plain path's logits and their gradient would hold twice this.
-BLOCKWISE_ABOVE_BYTES = 1 << 30
+# Memory decides the loss: the plain path where its temporaries fit
+# comfortably, else blockwise in the largest blocks that do. "Comfortably" is
+# an eighth of one device's memory (device_memory): the rest is for the
+# weights, the optimizer, the activations and XLA's own buffers. On the H200
+# (141 GB) the 153M model's 16 x 1,024 tokens take the plain path (about 10 GB
+# by loss_temp_bytes; 6.2 GiB by XLA's analysis, docs/gpu.md); at 8 x 2,048
+# tokens of Llama 3's vocabulary on a 24 GB CPU host, blocks of 1,024.
+LOSS_MEMORY_SHARE = 8
+
+
+def device_memory():
+    """-> (bytes one device may use, where the figure comes from)."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"], f"{getattr(device, 'device_kind', device.platform)} memory"
+    try:  # CPU devices share the host's memory
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+    n = jax.local_device_count()
+    return total // n, f"host memory / {n} CPU device{'s' if n > 1 else ''}"
+
+
+def loss_memory_budget():
+    """The bytes the loss's temporaries may take: an eighth of a device's
+    memory (4 GiB where it is unknown)."""
+    limit, _ = device_memory()
+    return (limit or 32 << 30) // LOSS_MEMORY_SHARE
+
+
+def loss_temp_bytes(config, n_tokens):
+    """What the plain loss's temporaries hold for n_tokens tokens, about:
+    the float32 logits, their exponentials and their gradient, each
+    [n_tokens, V_padded] (XLA's analysis, loss_buffer_bytes, finds a little
+    less: it reuses some)."""
+    return 3 * 4 * n_tokens * config.padded_vocab
 
 
 def use_blockwise(config, n_tokens):
     """Whether run_loss takes the blockwise path for n_tokens tokens.
-    "auto": above BLOCKWISE_ABOVE_BYTES of logits, for memory; and, for speed,
-    float32 compute on a CPU, where its hand-written gradient (one fused pass
-    for softmax minus one-hot) beat the plain path's autodiff (a scatter for
-    the target logits, a select for the padding, a transposed copy of the
-    logits' gradient): 1.57x the whole training step at the benchmark
-    configuration on an Intel Xeon (`python tools/bench_vs_hf.py`; docs/speed.md).
-    With bfloat16 on the CPU both ran within noise, so plain."""
+    "auto": where the plain path's temporaries would take more than
+    loss_memory_budget; and, for speed, float32 compute on a CPU, where its
+    hand-written gradient (one fused pass for softmax minus one-hot) beat the
+    plain path's autodiff (a scatter for the target logits, a select for the
+    padding, a transposed copy of the logits' gradient): 1.57x the whole
+    training step at the benchmark configuration on an Intel Xeon (`python
+    tools/bench_vs_hf.py`; docs/speed.md). With bfloat16 on the CPU both ran
+    within noise, so plain."""
     if config.loss_impl != "auto":
         return config.loss_impl == "blockwise"
-    if n_tokens * config.padded_vocab * 4 > BLOCKWISE_ABOVE_BYTES:
+    if loss_temp_bytes(config, n_tokens) > loss_memory_budget():
         return True
     return config.compute_dtype == "float32" and jax.default_backend() == "cpu"
 
 
+def loss_block_size(config, n_tokens):
+    """Tokens per block of the blockwise loss: config.loss_block where
+    given (--loss-block), else the largest power of two whose temporaries
+    fit loss_memory_budget (at least 64), at most n_tokens."""
+    if config.loss_block:
+        return min(config.loss_block, n_tokens)
+    budget, block = loss_memory_budget(), 1 << max(0, (n_tokens - 1).bit_length())
+    while block > 64 and loss_temp_bytes(config, block) > budget:
+        block //= 2
+    return min(block, n_tokens)
+
+
 def blockwise_cross_entropy(h, w, targets, config):
     """The mean cross-entropy of compute_loss from the final hidden states, by
-    blocks of config.loss_block tokens. h: [N, D], w: [D, V_padded] (the output
+    blocks of loss_block_size tokens. h: [N, D], w: [D, V_padded] (the output
     weight), targets: int32[N] (IGNORE: no loss) -> scalar, the mean over the
     targets that count. A custom VJP (below) returns the gradients computed
     alongside the loss."""
@@ -263,7 +311,7 @@ def blockwise_cross_entropy(h, w, targets, config):
 def _blockwise_ce(h, w, targets, config, with_grads=False):
     """-> (mean loss, (dL/dh [N, D], dL/dw [D, V_padded]) or None)."""
     N, D = h.shape
-    n = min(config.loss_block, N)
+    n = loss_block_size(config, N)
     blocks = -(-N // n)
     pad = blocks * n - N  # the last block is padded with rows that count for nothing
     hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(blocks, n, D)

@@ -16,7 +16,7 @@ import numpy as np
 from llama_jax import (DEFAULT_DATA, InputError, count_params, fixed_windows, learning_rate,
     progress_line, run_keys)
 from llamatool.settings import RunModelConfig, RunTrainConfig, lr_schedule, run_configs
-from llamatool.health import health_record, save_health_plot, start_metrics
+from llamatool.health import health_record, logged_entropy, save_health_plot, start_metrics
 from llamatool.speed import evaluate_run
 from llamatool.token_files import ChatWindows, host_batch, load_training_data
 from llamatool.lora import merged_weights
@@ -445,19 +445,23 @@ def log_progress(run, done, since):
     healths = read_losses(run.pending, run.history)
     now = time.perf_counter()
     seconds_per_step = (now - since[0]) / (done - since[1]) if done > since[1] else None
+    # The attention entropy: a forward pass of its own, outside the timed
+    # window (the next one starts after it; health.py says why).
+    entropy = (logged_entropy(run_weights(run), batch_for(run, done - 1), run.keys, done - 1,
+                              run.config, tc) if tc.health else None)
     record = health_record(done, run.history["train"][-1][1],
                            float(learning_rate(done - 1, lr_schedule(tc))), seconds_per_step,
-                           tc.batch_size * tc.seq_len, healths)
+                           tc.batch_size * tc.seq_len, healths, entropy)
     write_record(run, record)
     if seconds_per_step is None:  # the step that compiled: no speed to report
-        return now
+        return time.perf_counter()
     line = progress_line(done, tc, record["loss"], record["lr"], seconds_per_step)
     if "grad_norm" in record:
         line += f" | grad {record['grad_norm']:.2f}"
         if record["clipped_steps"]:
             line += f" ({record['clipped_steps']}/{record['steps']} clipped)"
     run.log(line)
-    return now
+    return time.perf_counter()
 
 
 def run_steps(run, stop, time_budget):

@@ -1,12 +1,16 @@
 """Tests of llamatool/bench.py."""
 
+import dataclasses
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import finished
+import llama_jax as L
+import llamatool as lt
+
+from conftest import TINY, finished
 
 
 @pytest.mark.slow
@@ -31,6 +35,8 @@ def test_gpu_check_dry_run_writes_every_figure(programs_beside):
     decode1 = next(r for r in records if r["kind"] == "bench_decode")
     assert decode1["bytes_per_token"] >= 32 * 50304 * 4
     assert env_rec["backend"] == "cpu" and env_rec["jax"] == jax.__version__
+    # Which attention ran, read from the compiled step: XLA's on a CPU.
+    assert {r["attention"] for r in records if r["kind"] == "bench_train"} == {"XLA"}
     # The GPU selection still names the tests it is meant to (renames would empty it).
     assert tests["selected"] >= 12 and tests["passed"] >= 1 and tests["failed"] == 0
     assert [r["batch"] for r in records if r["kind"] == "bench_decode"] == [1, 8]
@@ -40,3 +46,36 @@ def test_gpu_check_dry_run_writes_every_figure(programs_beside):
     assert summary["decode_tokens_per_s_b1"] > 0 and summary["budget_val_loss"] is not None
     assert (out / "loss.png").is_file() and (out / "junit.xml").is_file()
     assert "Traceback" not in log
+
+
+def test_the_cuda_lowering_of_the_step_calls_cudnns_attention(monkeypatch):
+    """Lowered for CUDA on this CPU, as a GPU would trace it (cudnn_takes
+    sees a GPU), the bfloat16 training step calls cuDNN's fused attention
+    forward and backward, and attention_kernel reads that from the program;
+    the CPU's own step runs XLA's. jax checks cuDNN's version and the GPU's
+    compute capability when it traces implementation="cudnn"; with no CUDA
+    here, those two checks (jax internals) are answered as an H100's would
+    be. Skips where the installed jax differs."""
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not all(hasattr(fused, f) for f in ("check_cudnn_version", "check_compute_capability")):
+        pytest.skip("this jax checks cuDNN differently; the lowering is checked on a GPU")
+    config = dataclasses.replace(lt.settings.run_configs(TINY)[0], compute_dtype="bfloat16",
+                                 attention="fused", dim=64, n_heads=4, n_kv_heads=2,
+                                 max_seq_len=64)
+    tc = lt.settings.RunTrainConfig(batch_size=2, seq_len=64, health=False)
+    params = L.init_params(jax.random.PRNGKey(0), config)
+    args = (params, L.adamw_init(params), np.zeros(1000, np.int32),
+            L.run_keys(jax.random.PRNGKey(1)), config, tc)
+    assert lt.bench.attention_kernel(lt.step.run_step.lower(*args).compile().as_text()) == "XLA"
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(lt.speed.jax, "default_backend", lambda: "gpu")
+    jax.clear_caches()  # trace again: the CPU's trace above chose XLA's attention
+    try:
+        text = lt.step.run_step.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"this jax cannot lower for CUDA here: {type(err).__name__}: {err}")
+    finally:
+        jax.clear_caches()  # no later test may reuse a trace made "on a GPU"
+    assert "__cudnn$fmhaSoftmax(" in text and "__cudnn$fmhaSoftmaxBackward(" in text
+    assert lt.bench.attention_kernel(text) == "cuDNN"

@@ -152,9 +152,11 @@ def test_blockwise_loss_of_a_128k_vocabulary_fits_in_a_gigabyte():
     config = lt.settings.RunModelConfig(vocab_size=128256, dim=D, compute_dtype="bfloat16")
     assert config.padded_vocab == 128256
     assert lt.speed.use_blockwise(config, N)  # what "auto" picks here
-    temp = lt.speed.loss_buffer_bytes(config, N)
+    temp = lt.speed.loss_buffer_bytes(dataclasses.replace(config, loss_block=512), N)
     assert temp["plain"] > 16e9
     assert temp["blockwise"] < 1 << 30
+    # By memory (no --loss-block): the largest blocks whose temporaries fit the budget.
+    assert lt.speed.loss_buffer_bytes(config, N)["blockwise"] < lt.speed.loss_memory_budget()
 
 
 def test_auto_choices_follow_the_hardware_and_the_dtype():
@@ -170,7 +172,8 @@ def test_auto_choices_follow_the_hardware_and_the_dtype():
     # (memory); plain for small bfloat16 ones; an explicit choice is kept.
     f32, bf16 = lt.settings.RunModelConfig(), lt.settings.RunModelConfig(compute_dtype="bfloat16")
     assert lt.speed.use_blockwise(f32, 1024) and not lt.speed.use_blockwise(bf16, 1024)
-    assert lt.speed.use_blockwise(bf16, (lt.speed.BLOCKWISE_ABOVE_BYTES // (4 * bf16.padded_vocab)) + 1)
+    n_fits = lt.speed.loss_memory_budget() // (12 * bf16.padded_vocab)  # plain's temporaries fit
+    assert not lt.speed.use_blockwise(bf16, n_fits) and lt.speed.use_blockwise(bf16, n_fits + 1)
     assert not lt.speed.use_blockwise(dataclasses.replace(f32, loss_impl="plain"), 1024)
     assert lt.speed.use_blockwise(dataclasses.replace(bf16, loss_impl="blockwise"), 8)
 
@@ -191,3 +194,27 @@ def test_remat_gives_the_same_loss_and_gradients():
     tc = L.TrainConfig(batch_size=2, seq_len=16)
     assert (lt.plan.activation_bytes_per_row(dataclasses.replace(config, remat=True), tc)
             < lt.plan.activation_bytes_per_row(config, tc))
+
+
+def test_memory_decides_the_loss_and_its_block(monkeypatch):
+    """Plain where the plain loss's temporaries fit the budget; else blockwise
+    in the largest power-of-two blocks that fit; --loss-block is kept."""
+    bf16 = lt.settings.RunModelConfig(compute_dtype="bfloat16")  # V_padded 50,304
+    per_token = 12 * bf16.padded_vocab
+    monkeypatch.setattr(lt.speed, "loss_memory_budget", lambda: 1000 * per_token)
+    assert not lt.speed.use_blockwise(bf16, 1000) and lt.speed.use_blockwise(bf16, 1001)
+    assert lt.speed.loss_block_size(bf16, 16384) == 512  # 1,024 would not fit
+    assert lt.speed.loss_block_size(bf16, 300) == 300  # all of them, in one block
+    assert lt.speed.loss_block_size(dataclasses.replace(bf16, loss_block=96), 16384) == 96
+    for module in (lt.speed, lt.plan):
+        monkeypatch.setattr(module, "loss_memory_budget", lambda: 17.6e9)  # an H200's eighth
+    assert not lt.speed.use_blockwise(bf16, 16 * 1024)  # the 153M run: the plain loss
+    words = lt.plan.loss_choice(bf16, 16 * 1024)
+    assert words == ("the loss: plain; its temporaries, about 9.89 GB, fit the 17.60 GB it may "
+                     "take (an eighth of the device's memory)"), words
+    monkeypatch.setattr(lt.speed, "loss_memory_budget", lambda: 1000 * per_token)
+    monkeypatch.setattr(lt.plan, "loss_memory_budget", lambda: 1000 * per_token)
+    assert lt.plan.loss_choice(bf16, 16384).endswith(
+        "512 tokens per block (the largest power of two that fits)")
+    with pytest.raises(L.InputError, match="--loss-block -1: give a positive number"):
+        lt.settings.RunModelConfig(loss_block=-1)

@@ -271,8 +271,10 @@ print(f"final validation loss {history['eval'][-1][2]:.3f} after {time.perf_coun
 The loss says whether a run learns, not why it stalls or blows up. The package's training step,
 `run_step` (the one `python llama_jax.py` runs), can also return a few numbers per block,
 computed inside the same jitted step: the gradient norm before clipping, the update's size
-relative to the weights, the RMS of the residual stream after the block, and the attention's
-entropy (`python tools/bench_health.py` measures what they cost). `python llama_jax.py`
+relative to the weights and the RMS of the residual stream after the block. The attention's
+entropy needs the T x T attention weights, which the fast kernels never form, so
+`logged_entropy` measures it in a forward pass of its own, on the batch the step trained on
+(`python tools/bench_health.py` measures what they cost). `python llama_jax.py`
 writes them to `out/metrics.jsonl` and draws them in `out/health.png`. What to look for: the
 gradient norm falls after the first steps and then moves within a small range (clipping at
 1.0 still scales many steps of a model this small: the count is printed below), updates stay
@@ -288,8 +290,9 @@ learning rate far too large."""),
     out = []
     for s in range(steps):
         p, o, loss, h = lt.step.run_step(p, o, data, keys, config, run_tc)
+        entropy = lt.health.logged_entropy(p, data, keys, s, config, run_tc)
         out.append(lt.health.health_record(s + 1, float(loss), float(L.learning_rate(s, run_tc)), None, 0,
-                                   [jax.device_get(h)]))
+                                   [jax.device_get(h)], entropy))
     return out
 
 
