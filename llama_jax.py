@@ -594,15 +594,16 @@ def output_logits(params, h, config):
     return at_least_f32(dense(h, output_weight(params), config))
 
 
-def model_forward(params, tokens, config, cache=None, position=0, training=False, key=None):
+def model_forward(params, tokens, config, cache=None, position=0, training=False, key=None,
+                  block=transformer_block):
     """The Llama forward pass.
     tokens: int32[B, T]. Without a cache: causal attention over the T tokens.
     With a cache (from init_cache): the tokens sit at positions position ..
     position + T - 1 (position: a scalar or int32[B], traced is fine), their
     keys and values are written there, and they attend to every earlier slot.
-    training=True applies dropout with `key`.
+    training=True applies dropout with `key`. block: as in forward_hidden.
     -> (logits float32[B, T, vocab_size], the updated cache or None)."""
-    h, new_cache = forward_hidden(params, tokens, config, cache, position, training, key)
+    h, new_cache = forward_hidden(params, tokens, config, cache, position, training, key, block)
     logits = output_logits(params, h, config)[..., :config.vocab_size]
     return logits, (None if cache is None else new_cache)
 
@@ -892,9 +893,9 @@ def check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "n_slots", "cache_len",
-                                             "sample"))
+                                             "sample", "prepare", "block"))
 def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, config, top_k,
-              top_p, n_slots, cache_len, sample):
+              top_p, n_slots, cache_len, sample, prepare, block):
     """The compiled part of generate. prompts: int32[B, P] (right-padded),
     lengths: int32[B], n_new: how many tokens to draw (traced, <= n_slots).
     The cache is created here, so it never leaves the device; the decode loop is
@@ -912,9 +913,9 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
     context decodes a short request as fast as a short-context model would.
     -> int32[B, n_slots]: the new tokens (after a row's stop token: the stop token)."""
     B = prompts.shape[0]
-    params = decoding_weights(params, config)
+    params = prepare(params, config)
     logits, cache = model_forward(params, prompts, config, init_cache(config, B, cache_len),
-                                  position=0)
+                                  position=0, block=block)
     last = logits[jnp.arange(B), lengths - 1]  # [B, V] each row's next-token logits
     out = jnp.full((B, n_slots), stop_token, jnp.int32)
 
@@ -928,7 +929,8 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
         token = jnp.where(done, stop_token, sample(sub, last, temperature, top_k, top_p))
         out = out.at[:, i].set(token)
         done = done | (token == stop_token)
-        logits, cache = model_forward(params, token[:, None], config, cache, lengths + i)
+        logits, cache = model_forward(params, token[:, None], config, cache, lengths + i,
+                                      block=block)
         return i + 1, cache, logits[:, 0], out, done, key
 
     state = (jnp.int32(0), cache, last, out, jnp.zeros((B,), bool), key)
@@ -936,15 +938,18 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
 
 
 def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0, top_k=None,
-             top_p=None, stop_token=None, sample=sample_token):
+             top_p=None, stop_token=None, sample=sample_token, prepare=decoding_weights,
+             block=transformer_block):
     """Continues one prompt (a list of token ids) or a batch of them (a list of
     lists, lengths may differ). The prompts are prefilled into a KV cache in
     one forward pass, then tokens are drawn one at a time inside one compiled
     loop; compilation happens once per (batch size, prompt-length bucket,
     max_new_tokens bucket, top_k, top_p), never per token. Rows that draw
     stop_token stop there (the stop token ends their list). sample: a function
-    with sample_token's arguments (the package's command line passes a faster one,
-    llamatool/speed.py).
+    with sample_token's arguments; prepare: what the weights become once,
+    before the loop; block: what each layer runs. The package's command line
+    passes faster ones of each (llamatool/speed.py: a sampler without a sort,
+    and blocks that read their q, k, v and w1, w3 matrices as one).
     -> the prompt plus its new tokens, as a list of ints (or a list of such
     lists for a batch)."""
     single = len(prompt_tokens) > 0 and not isinstance(prompt_tokens[0], (list, tuple, np.ndarray))
@@ -962,7 +967,7 @@ def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0
     new = _generate(params, padded, np.array([len(p) for p in prompts], np.int32), key,
                     jnp.float32(temperature), jnp.int32(max_new_tokens), jnp.int32(stop),
                     config=config, top_k=top_k, top_p=top_p, n_slots=n_slots,
-                    cache_len=cache_len, sample=sample)
+                    cache_len=cache_len, sample=sample, prepare=prepare, block=block)
     results = []
     for p, row in zip(prompts, np.asarray(new)):
         row = row[:max_new_tokens].tolist()

@@ -2,14 +2,16 @@
 
 import dataclasses
 import json
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import count_params, decoding_shapes, generate, model_forward, run_keys
-from llamatool.speed import fast_sample_token, loss_block_size, loss_buffer_bytes, use_blockwise
+from llama_jax import (_generate, count_params, decoding_shapes, decoding_weights, generate,
+    model_forward, run_keys, transformer_block)
+from llamatool.speed import FAST_DECODING, fast_sample_token, loss_block_size, loss_buffer_bytes, use_blockwise
 from llamatool.devices import (check_batch_split, describe_mesh, make_mesh, replicated,
     sharded_init, sharded_optimizer_init)
 from llamatool.step import run_step
@@ -114,9 +116,9 @@ def decode_speed(params, config, batch, n_new, seed=1):
     """Tokens/s of generate for `batch` 16-token prompts (compiled beforehand)."""
     prompt = bench_prompts(config, batch)
     generate(params, prompt, n_new, config, jax.random.PRNGKey(0),
-             sample=fast_sample_token)  # compile
+             **FAST_DECODING)  # compile
     t0 = time.perf_counter()
-    generate(params, prompt, n_new, config, jax.random.PRNGKey(seed), sample=fast_sample_token)
+    generate(params, prompt, n_new, config, jax.random.PRNGKey(seed), **FAST_DECODING)
     return batch * n_new / (time.perf_counter() - t0)
 
 
@@ -285,3 +287,60 @@ def run_bench(args):
               "decode_tokens_per_s_batch8": decode[1]["decode_tokens_per_s"] if decode else None},
              "")
     return 0
+
+
+def hlo_computations(hlo_text):
+    """An HLO module's text as {computation name: its instruction lines}."""
+    computations, name = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            name = head.group(1)
+            computations[name] = []
+        elif name is not None and line.startswith(" ") and "=" in line:
+            computations[name].append(line.strip())
+    return computations
+
+
+def decode_loop_counts(params, config, batch=1, decoding=None, n_new=32):
+    """What one token costs in generate's compiled program: the decoding
+    loop's body (the while loop's, with the computations it calls), as counts
+    of its top-level instructions (each a kernel on a GPU, roughly), and, in
+    everything it runs, matrix products (dot), scatters and copies.
+    decoding: generate's sample, prepare and block (default Part I's).
+    -> {"instructions", "dots", "scatters", "copies", "scatters_lowered"}."""
+    prompt = np.zeros((batch, 16), np.int32)
+    width, n_slots, cache_len = decoding_shapes(16, n_new, config)
+    kwargs = dict(config=config, top_k=None, top_p=1.0, n_slots=n_slots, cache_len=cache_len,
+                  sample=fast_sample_token, prepare=decoding_weights, block=transformer_block)
+    kwargs.update(decoding or {})
+    lowered = _generate.lower(params, prompt[:, :width], np.full(batch, 16, np.int32),
+                              jax.random.PRNGKey(0), jnp.float32(1.0), jnp.int32(n_new),
+                              jnp.int32(-1), **kwargs)
+    text = lowered.compile().as_text()
+    comps = hlo_computations(text)
+
+    def reachable(body):  # the body and every computation it calls
+        seen, todo = set(), [body]
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in comps:
+                continue
+            seen.add(name)
+            for line in comps[name]:
+                todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)="
+                                   r"\{?%?([\w.\-]+)", line)
+        return seen
+
+    bodies = [re.search(r"body=%?([\w.\-]+)", line).group(1)
+              for lines in comps.values() for line in lines if " while(" in line]
+    # The decoding loop is the largest; the others are the random-number generator's.
+    body, seen = max(((b, reachable(b)) for b in bodies),
+                     key=lambda bs: sum(len(comps[n]) for n in bs[1]))
+    lines = [line for name in seen for line in comps[name]]
+    op = lambda kind: sum(1 for line in lines if re.search(rf"\b{kind}\(", line))  # noqa: E731
+    return {"instructions": len(comps[body]), "dots": op("dot"), "scatters": op("scatter"),
+            "copies": op("copy"),
+            # What the program asks for before XLA's CPU passes, which may
+            # already turn a one-row scatter into an update in place.
+            "scatters_lowered": lowered.as_text().count("stablehlo.scatter")}

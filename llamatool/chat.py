@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import (ENDOFTEXT, InputError, check_generate_args, decoding_shapes,
-    decoding_weights, init_cache, model_forward, sampling_filters)
-from llamatool.speed import fast_sample_token
+    init_cache, model_forward, sampling_filters)
+from llamatool.speed import decode_block, fast_sample_token, fused_decoding_weights
 from llamatool.bpe import special_token
 
 
@@ -145,8 +145,8 @@ def chat_turn(params, config, tokenizer, messages, sampling, key, template=None,
 # Streaming: the same sampling, one token per call, so that a chat can print
 # each token as it is drawn. Two programs, each compiled once per shape: the
 # prefill (per prompt-length bucket) and one decoding step (the position is
-# traced). With the same key, the tokens equal generate's with
-# sample=fast_sample_token (a test checks it).
+# traced). With the same key, the tokens equal generate's with the package's
+# FAST_DECODING (llamatool/speed.py; a test checks it).
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_len"))
@@ -154,7 +154,7 @@ def _prefill(params, prompt, length, *, config, cache_len):
     """prompt: int32[1, P] right-padded, length: its real length (traced)
     -> (the next token's logits [1, V], a cache of cache_len slots)."""
     logits, cache = model_forward(params, prompt, config, init_cache(config, 1, cache_len),
-                                  position=0)
+                                  position=0, block=decode_block)
     return logits[:, length - 1], cache
 
 
@@ -164,7 +164,8 @@ def _decode_step(params, last, cache, position, key, temperature, *, config, top
     """Draws a token from `last` [1, V] and runs it through the model at
     `position` -> (token int32[1], the next logits [1, V], cache)."""
     token = fast_sample_token(key, last, temperature, top_k, top_p)
-    logits, cache = model_forward(params, token[:, None], config, cache, position)
+    logits, cache = model_forward(params, token[:, None], config, cache, position,
+                                  block=decode_block)
     return token, logits[:, 0], cache
 
 
@@ -178,7 +179,7 @@ def stream_tokens(params, prompt, max_new_tokens, config, key, temperature=1.0, 
     width, _, cache_len = decoding_shapes(len(prompt), max_new_tokens, config)
     padded = np.zeros((1, width), np.int32)
     padded[0, :len(prompt)] = prompt
-    params = decoding_weights(params, config)
+    params = fused_decoding_weights(params, config)  # once per reply, not per token
     last, cache = _prefill(params, padded, jnp.int32(len(prompt)), config=config,
                            cache_len=cache_len)
     top_k, top_p = sampling_filters(top_k, top_p, config)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from llama_jax import ENDOFTEXT, InputError, TrainConfig, generate
 from llamatool.settings import ARCHITECTURE_FIELDS, RunModelConfig, RunTrainConfig
-from llamatool.speed import auto_compute_dtype, fast_sample_token
+from llamatool.speed import FAST_DECODING, auto_compute_dtype
 from llamatool.checkpoints import config_from_json
 from llamatool.checkpoint_formats import (FORMATS, checkpoint_format, checkpoint_meta,
                                           saved_checkpoint)
@@ -128,7 +128,7 @@ def print_sample(params, config, tokenizer, args, key, log=print):
     t0 = time.perf_counter()
     out = generate(params, prompt, max_new, config, key, temperature=args.temperature,
                    top_k=args.top_k or None, top_p=args.top_p, stop_token=stop,
-                   sample=fast_sample_token)
+                   **FAST_DECODING)
     elapsed = time.perf_counter() - t0
     new = out[len(prompt):]
     if new and new[-1] == stop:

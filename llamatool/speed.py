@@ -7,8 +7,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from llama_jax import (at_least_f32, attend, dense, forward_hidden, output_logits, output_weight,
-    transformer_block)
+from llama_jax import (apply_rope, at_least_f32, attend, decoding_weights, dense, forward_hidden,
+    output_logits, output_weight, rms_norm, transformer_block)
 from llamatool.settings import run_configs
 from llamatool.health import health_block
 
@@ -41,26 +41,31 @@ def masked_cross_entropy(logits, targets, config):
 # gradients on the AMD EPYC (`python tools/bench_kernels.py`, docs/speed.md).
 
 
-@jax.custom_vjp
-def _dense_bf16(x, w):
-    return _dense_bf16_fwd(x, w)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_bf16(x, w, out_dtype):
+    return _dense_bf16_fwd(x, w, out_dtype)[0]
 
 
 # The forward keeps the bfloat16 operands for the backward; the two empty
 # arrays carry only the input dtypes (residuals must be arrays), so the
-# gradients come back in x's and w's own dtypes.
-def _dense_bf16_fwd(x, w):
+# gradients come back in x's and w's own dtypes. Each product is asked for in
+# the dtype it is kept in: bfloat16 for activations and their gradients (the
+# next layer rounds its input to bfloat16 anyway), float32 for the logits and
+# the weights' gradients. The sums run in float32 either way: a GPU's bfloat16
+# matmuls accumulate in float32, and XLA's CPU backend computes bfloat16
+# products in float32 and rounds the result.
+def _dense_bf16_fwd(x, w, out_dtype):
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
+    out = jnp.dot(xb, wb, preferred_element_type=out_dtype)
     return out, (xb, wb, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 
 
-def _dense_bf16_bwd(residuals, g):
+def _dense_bf16_bwd(out_dtype, residuals, g):
     # Rounding g to bfloat16 keeps both products on the fast path; they sum in
     # float32, and the gradients are not rounded.
     xb, wb, x_like, w_like = residuals
     gb = g.astype(jnp.bfloat16)
-    dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
+    dx = jnp.dot(gb, wb.T, preferred_element_type=x_like.dtype)
     dw = jnp.dot(xb.reshape(-1, xb.shape[-1]).T, gb.reshape(-1, gb.shape[-1]),
                  preferred_element_type=jnp.float32)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
@@ -69,10 +74,24 @@ def _dense_bf16_bwd(residuals, g):
 _dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
 
 
-def run_dense(x, w, config):
-    """Part I's dense, with the hand-written gradient under bfloat16 compute
-    (the same forward values)."""
-    return _dense_bf16(x, w) if config.compute_dtype == "bfloat16" else dense(x, w, config)
+def run_dense(x, w, config, out_dtype=None):
+    """Part I's dense, with the hand-written gradient under bfloat16 compute,
+    and its result in out_dtype (default: the compute dtype, so that the
+    activations between matmuls are bfloat16 under bfloat16 compute)."""
+    if config.compute_dtype != "bfloat16":
+        return dense(x, w, config)
+    return _dense_bf16(x, w, out_dtype or jnp.bfloat16)
+
+
+def in_compute_dtype(block, dtype):
+    """block with its input cast to dtype: under bfloat16 compute the residual
+    stream leaves the (float32) embedding as bfloat16 at the first block and
+    stays so; each block's norms still take their statistics in float32
+    (Part I's rms_norm), softmax runs in float32, and the loss and the
+    optimizer see float32."""
+    def run(p, x, *args, **kwargs):
+        return block(p, x.astype(dtype), *args, **kwargs)
+    return run
 
 
 def fused_attend(q, k, v, mask, dtype=None):
@@ -105,13 +124,16 @@ def cudnn_takes(q):
 
 def run_block(config):
     """The block the package trains with: Part I's transformer_block with
-    run_dense and, for attention "fused", fused_attend; wrapped in
+    run_dense and, for attention "fused", fused_attend; under bfloat16
+    compute, on a bfloat16 residual stream (in_compute_dtype); wrapped in
     jax.checkpoint for --remat (keep only each block's input for the backward
     pass and recompute the rest there; config, argument 5, is static)."""
     attend_fn = attend
     if config.attention == "fused":
         attend_fn = functools.partial(fused_attend, dtype=config.dtype)
     block = functools.partial(transformer_block, dense=run_dense, attend=attend_fn)
+    if config.compute_dtype == "bfloat16":
+        block = in_compute_dtype(block, jnp.bfloat16)
     return jax.checkpoint(block, static_argnums=(5,)) if config.remat else block
 
 
@@ -179,6 +201,67 @@ def fast_sample_token(key, logits, temperature, top_k=None, top_p=1.0):
     u = jax.random.uniform(key, (logits.shape[0], 1), minval=1e-7) * cdf[:, -1:]
     sampled = jnp.sum(cdf < u, axis=-1)  # the first token whose cdf reaches u
     return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
+
+
+# Decoding with fewer, larger kernels. At batch 1 a token's work is a chain of
+# small matrix-vector products, each its own kernel on a GPU, so launches, not
+# memory bandwidth, bound it (docs/gpu.md: 0.69 ms a token, about 270 kernels).
+# The package decodes with each block's wq|wk|wv and w1|w3 concatenated once,
+# when the weights are prepared (one product for q, k and v, one for the two
+# SwiGLU inputs: 9 products a block to 6, counting attention's two), and at
+# batch 1 writes the cache with one dynamic_update_slice instead of Part I's
+# vmapped one, which XLA lowers to a scatter. `python tools/decode_program.py`
+# counts both loops' instructions.
+
+
+def fused_decoding_weights(params, config):
+    """Part I's decoding_weights, then each block's attention as {"wqkv":
+    [D, (H + 2K) Dh], "wo"} and feed-forward as {"w13": [D, 2F], "w2"}: the
+    weights decode_block reads. Runs once per generate call, before its loop."""
+    params = decoding_weights(params, config)
+    layers = []
+    for layer in params["layers"]:
+        a, f = layer["attention"], layer["feed_forward"]
+        layers.append({**layer,
+                       "attention": {"wqkv": jnp.concatenate([a["wq"], a["wk"], a["wv"]], axis=1),
+                                     "wo": a["wo"]},
+                       "feed_forward": {"w13": jnp.concatenate([f["w1"], f["w3"]], axis=1),
+                                        "w2": f["w2"]}})
+    return {**params, "layers": layers}
+
+
+def write_cache(cache, new, position):
+    """new [B, T, K, Dh] written into cache [B, S, K, Dh] at each row's
+    position (int32[B]). At batch 1, one dynamic_update_slice (in place);
+    else Part I's, one per row."""
+    new = new.astype(cache.dtype)
+    if cache.shape[0] == 1:
+        return jax.lax.dynamic_update_slice(cache, new, (0, position[0], 0, 0))
+    write = jax.vmap(lambda c, n, pos: jax.lax.dynamic_update_slice(c, n, (pos, 0, 0)))
+    return write(cache, new, position)
+
+
+def decode_block(p, x, cos, sin, mask, config, cache=None, position=None, key=None):
+    """Part I's transformer_block for decoding, from fused_decoding_weights'
+    matrices: the same sums, in three matrix products fewer. No dropout.
+    x: [B, T, D] -> ([B, T, D], cache)."""
+    B, T, _ = x.shape
+    H, K, Dh, eps = config.n_heads, config.n_kv_heads, config.head_width, config.norm_eps
+    qkv = dense(rms_norm(x, p["attention_norm"], eps), p["attention"]["wqkv"], config)
+    q, k, v = jnp.split(qkv, [H * Dh, (H + K) * Dh], axis=-1)  # [B, T, H*Dh], [B, T, K*Dh] x 2
+    q = apply_rope(q.reshape(B, T, H, Dh), cos, sin)
+    k = apply_rope(k.reshape(B, T, K, Dh), cos, sin)
+    cache = {"k": write_cache(cache["k"], k, position),
+             "v": write_cache(cache["v"], v.reshape(B, T, K, Dh), position)}
+    out = attend(q, cache["k"], cache["v"], mask)  # [B, T, H, Dh]
+    x = x + dense(out.reshape(B, T, H * Dh), p["attention"]["wo"], config)
+    gate, up = jnp.split(dense(rms_norm(x, p["ffn_norm"], eps), p["feed_forward"]["w13"], config),
+                         2, axis=-1)  # [B, T, F] each
+    return x + dense(jax.nn.silu(gate) * up, p["feed_forward"]["w2"], config), cache
+
+
+# What the command line decodes with: generate(..., **FAST_DECODING).
+FAST_DECODING = dict(sample=fast_sample_token, prepare=fused_decoding_weights, block=decode_block)
 
 
 def auto_compute_dtype(cpuinfo=None):
@@ -389,7 +472,8 @@ def run_loss_aux(params, batch, config, training=False, key=None, health=False):
         loss = blockwise_cross_entropy(h.reshape(-1, h.shape[-1]), output_weight(params),
                                        targets.reshape(-1), config)
     else:  # Part I's cross_entropy, but targets of IGNORE count for nothing (chat data)
-        logits = at_least_f32(run_dense(h, output_weight(params), config))  # [B, T, V_padded]
+        logits = at_least_f32(run_dense(h, output_weight(params), config,  # [B, T, V_padded]
+                                        jnp.float32))
         loss = masked_cross_entropy(logits, targets, config)
     return loss, stats
 

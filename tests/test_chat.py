@@ -16,7 +16,7 @@ def test_stream_tokens_equal_generate_with_the_same_key():
     key = jax.random.PRNGKey(7)
     streamed = list(lt.chat.stream_tokens(params, prompt, 20, TINY, key, temperature=0.9, top_k=20))
     assert streamed == L.generate(params, prompt, 20, TINY, key, temperature=0.9, top_k=20,
-                                  sample=lt.speed.fast_sample_token)[5:]
+                                  **lt.speed.FAST_DECODING)[5:]
     stop = streamed[6]
     short = list(lt.chat.stream_tokens(params, prompt, 20, TINY, key, temperature=0.9, top_k=20,
                                  stop_token=stop))

@@ -1,7 +1,9 @@
 """Tests of llamatool/speed.py."""
 
+import collections
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -218,3 +220,94 @@ def test_memory_decides_the_loss_and_its_block(monkeypatch):
         "512 tokens per block (the largest power of two that fits)")
     with pytest.raises(L.InputError, match="--loss-block -1: give a positive number"):
         lt.settings.RunModelConfig(loss_block=-1)
+
+
+def test_decoding_with_fused_matrices_equals_part_ones():
+    """FAST_DECODING's blocks (wq|wk|wv and w1|w3 as one matrix each, the
+    cache written in place at batch 1) give Part I's logits and tokens."""
+    config = TINY
+    params = random_params(config)
+    fused = lt.speed.fused_decoding_weights(params, config)
+    for B in (1, 3):
+        prompt = tokens_for(config, B, 7)
+        cache = L.init_cache(config, B, 12)
+        ours, cache_ours = L.model_forward(fused, prompt, config, cache, 0,
+                                           block=lt.speed.decode_block)
+        theirs, cache_theirs = L.model_forward(params, prompt, config, cache, 0)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+        step = tokens_for(config, B, 1, seed=5)
+        position = jnp.array([7, 5, 6][:B])
+        ours, _ = L.model_forward(fused, step, config, cache_ours, position,
+                                  block=lt.speed.decode_block)
+        theirs, _ = L.model_forward(params, step, config, cache_theirs, position)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    prompts = [[3, 14, 15, 92, 65], [2, 71]]
+    key = jax.random.PRNGKey(0)
+    assert (L.generate(params, prompts, 12, config, key, temperature=0.0, **lt.speed.FAST_DECODING)
+            == L.generate(params, prompts, 12, config, key, temperature=0.0))
+
+
+def test_the_decoding_loop_runs_fewer_products_and_writes_the_cache_without_a_scatter():
+    """Read from the compiled decoding loop (tools/decode_program.py prints
+    the same): Part I's runs 9 matrix products a block (q, k, v, o, w1, w2,
+    w3 and attention's two) and the output layer's; the package's 6 a block.
+    At batch 1 the package's program asks for no scatter into the cache."""
+    config = TINY
+    params = random_params(config)
+    part_one = lt.bench.decode_loop_counts(params, config)
+    package = lt.bench.decode_loop_counts(params, config, decoding=lt.speed.FAST_DECODING)
+    assert part_one["dots"] == 9 * config.n_layers + 1
+    assert package["dots"] == 6 * config.n_layers + 1
+    assert package["instructions"] < part_one["instructions"]
+    # Part I's vmapped dynamic_update_slice: a scatter per cache write (k and v,
+    # each block, in the prefill and in the loop); the package's: none (what
+    # remains is generate's output buffer, out.at[:, i].set).
+    assert part_one["scatters_lowered"] >= 4 * config.n_layers
+    assert package["scatters_lowered"] <= 2
+
+
+def lowered_results(text, shape, dtype):
+    """{op: how many} of the lowered program's operations whose result is a
+    tensor of `shape` and `dtype` (StableHLO text)."""
+    pattern = re.compile(rf"(-> |: )tensor<{'x'.join(map(str, shape))}x{dtype}>$")
+    ops = collections.Counter()
+    for line in text.splitlines():
+        if pattern.search(line.strip()):
+            m = re.search(r"= \"?([\w.@]+)", line)
+            ops[m.group(1) if m else "?"] += 1
+    return ops
+
+
+@pytest.mark.parametrize("attention", ["explicit", "fused"])
+def test_bfloat16_compute_keeps_the_activations_and_the_residual_stream_in_bfloat16(attention):
+    """Under bfloat16 compute, the training step's lowered program (what a
+    GPU compiles; XLA's CPU backend computes bfloat16 arithmetic in float32)
+    makes every matmul output, residual add and feed-forward activation of
+    [B, T, D] and [B, T, F] in bfloat16; float32 ones of that shape come only
+    from the norms' statistics and the embedding's lookup. The loss and the
+    gradients agree with float32 as Part I's bfloat16 test asks."""
+    config = dataclasses.replace(lt.settings.run_configs(TINY)[0], compute_dtype="bfloat16",
+                                 attention=attention, dim=48, n_heads=4, n_kv_heads=2, ffn_dim=96)
+    params = random_params(config)
+    data = np.arange(500, dtype=np.int32) % config.vocab_size
+    tc = lt.settings.RunTrainConfig(batch_size=2, seq_len=23, health=False)
+    text = lt.step.run_step.lower(params, L.adamw_init(params), data,
+                                  L.run_keys(jax.random.PRNGKey(0)), config, tc).as_text()
+    assert not lowered_results(text, (2, 23, 96), "f32")  # the feed-forward's activations
+    assert lowered_results(text, (2, 23, 96), "bf16")["stablehlo.dot_general"] > 0
+    f32 = lowered_results(text, (2, 23, 48), "f32")
+    assert set(f32) <= {"stablehlo.multiply", "stablehlo.broadcast_in_dim", "stablehlo.add",
+                        "stablehlo.convert", "stablehlo.gather"}, f32
+    bf16 = lowered_results(text, (2, 23, 48), "bf16")
+    assert bf16["stablehlo.dot_general"] > 0 and bf16["stablehlo.add"] >= 2 * config.n_layers
+    tokens = tokens_for(config, 2, 16)
+    batch = (tokens, jnp.roll(tokens, -1, 1))
+    f32_config = dataclasses.replace(config, compute_dtype="float32")
+    loss = jax.jit(lt.speed.run_loss, static_argnames="config")
+    assert float(loss(params, batch, config=config)) == pytest.approx(
+        float(loss(params, batch, config=f32_config)), rel=1e-2)
+    grad = jax.jit(jax.grad(lt.speed.run_loss), static_argnames="config")
+    for a, b in zip(jax.tree_util.tree_leaves(grad(params, batch, config=f32_config)),
+                    jax.tree_util.tree_leaves(grad(params, batch, config=config))):
+        cosine = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)
+        assert b.dtype == jnp.float32 and float(cosine) > 0.99
