@@ -74,20 +74,33 @@ def _dense_bf16_bwd(out_dtype, residuals, g):
 _dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
 
 
+def bfloat16_activations(config):
+    """Whether the training step keeps its activations and residual stream in
+    bfloat16: under bfloat16 compute, on a GPU or TPU, where it halves the
+    bytes every elementwise kernel moves. Not on a CPU: XLA's CPU backend does
+    bfloat16 arithmetic in float32 anyway, converting at every kernel's edges,
+    and the cpu preset's step ran slower that way: 1.01x transformers' speed
+    against 1.19x with float32 activations (`python tools/bench_vs_hf.py
+    --dtype bfloat16 --loss plain --rounds 5 --steps 4`, best rounds, AMD
+    EPYC, 2 cores; docs/gpu.md)."""
+    return config.compute_dtype == "bfloat16" and jax.default_backend() != "cpu"
+
+
 def run_dense(x, w, config, out_dtype=None):
     """Part I's dense, with the hand-written gradient under bfloat16 compute,
-    and its result in out_dtype (default: the compute dtype, so that the
-    activations between matmuls are bfloat16 under bfloat16 compute)."""
+    and its result in out_dtype (default: bfloat16 where the activations are,
+    bfloat16_activations; else float32)."""
     if config.compute_dtype != "bfloat16":
         return dense(x, w, config)
-    return _dense_bf16(x, w, out_dtype or jnp.bfloat16)
+    default = jnp.bfloat16 if bfloat16_activations(config) else jnp.float32
+    return _dense_bf16(x, w, out_dtype or default)
 
 
 def in_compute_dtype(block, dtype):
-    """block with its input cast to dtype: under bfloat16 compute the residual
-    stream leaves the (float32) embedding as bfloat16 at the first block and
-    stays so; each block's norms still take their statistics in float32
-    (Part I's rms_norm), softmax runs in float32, and the loss and the
+    """block with its input cast to dtype: with bfloat16 activations the
+    residual stream leaves the (float32) embedding as bfloat16 at the first
+    block and stays so; each block's norms still take their statistics in
+    float32 (Part I's rms_norm), softmax runs in float32, and the loss and the
     optimizer see float32."""
     def run(p, x, *args, **kwargs):
         return block(p, x.astype(dtype), *args, **kwargs)
@@ -124,15 +137,15 @@ def cudnn_takes(q):
 
 def run_block(config):
     """The block the package trains with: Part I's transformer_block with
-    run_dense and, for attention "fused", fused_attend; under bfloat16
-    compute, on a bfloat16 residual stream (in_compute_dtype); wrapped in
+    run_dense and, for attention "fused", fused_attend; with
+    bfloat16_activations, on a bfloat16 residual stream (in_compute_dtype); wrapped in
     jax.checkpoint for --remat (keep only each block's input for the backward
     pass and recompute the rest there; config, argument 5, is static)."""
     attend_fn = attend
     if config.attention == "fused":
         attend_fn = functools.partial(fused_attend, dtype=config.dtype)
     block = functools.partial(transformer_block, dense=run_dense, attend=attend_fn)
-    if config.compute_dtype == "bfloat16":
+    if bfloat16_activations(config):
         block = in_compute_dtype(block, jnp.bfloat16)
     return jax.checkpoint(block, static_argnums=(5,)) if config.remat else block
 

@@ -279,13 +279,16 @@ def lowered_results(text, shape, dtype):
 
 
 @pytest.mark.parametrize("attention", ["explicit", "fused"])
-def test_bfloat16_compute_keeps_the_activations_and_the_residual_stream_in_bfloat16(attention):
-    """Under bfloat16 compute, the training step's lowered program (what a
-    GPU compiles; XLA's CPU backend computes bfloat16 arithmetic in float32)
-    makes every matmul output, residual add and feed-forward activation of
-    [B, T, D] and [B, T, F] in bfloat16; float32 ones of that shape come only
-    from the norms' statistics and the embedding's lookup. The loss and the
-    gradients agree with float32 as Part I's bfloat16 test asks."""
+def test_bfloat16_compute_keeps_the_activations_and_the_residual_stream_in_bfloat16(
+        attention, monkeypatch):
+    """Under bfloat16 compute, the training step as a GPU traces it (on a CPU
+    the activations stay float32: bfloat16_activations says why) makes every
+    matmul output, residual add and feed-forward activation of [B, T, D] and
+    [B, T, F] in bfloat16 in its lowered program; float32 ones of that shape
+    come only from the norms' statistics and the embedding's lookup. The loss
+    and the gradients agree with float32 as Part I's bfloat16 test asks."""
+    monkeypatch.setattr(lt.speed.jax, "default_backend", lambda: "gpu")
+    jax.clear_caches()
     config = dataclasses.replace(lt.settings.run_configs(TINY)[0], compute_dtype="bfloat16",
                                  attention=attention, dim=48, n_heads=4, n_kv_heads=2, ffn_dim=96)
     params = random_params(config)
@@ -311,3 +314,5 @@ def test_bfloat16_compute_keeps_the_activations_and_the_residual_stream_in_bfloa
                     jax.tree_util.tree_leaves(grad(params, batch, config=config))):
         cosine = jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)
         assert b.dtype == jnp.float32 and float(cosine) > 0.99
+    monkeypatch.undo()
+    jax.clear_caches()
