@@ -829,9 +829,16 @@ def sample_token(key, logits, temperature, top_k=None, top_p=1.0):
     """Draws one token per row. logits: float32[B, V] -> int32[B].
     temperature 0 is greedy (argmax); otherwise logits / temperature, then the
     top_k most likely (if given), then the top_p nucleus (if < 1), then a draw
-    from the softmax of what is left."""
+    from the softmax of what is left. Top-k alone draws among its k values
+    (jax.random.categorical makes one random number per entry it draws from:
+    k of them, not V); only top-p needs the whole sorted distribution."""
     greedy = jnp.argmax(logits, axis=-1)
     logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k is not None and top_p >= 1.0:
+        values, indices = jax.lax.top_k(logits, top_k)  # [B, k] each, largest first
+        choice = jax.random.categorical(key, values, axis=-1)  # [B], an index into the k
+        sampled = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+        return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p < 1.0:

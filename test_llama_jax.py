@@ -619,6 +619,12 @@ def test_samples_follow_the_softmax_distribution(sampler):
         assert chi2 < 18.5, (temperature, freq, expected)
     top2 = jax.vmap(lambda k: sample_token(k, logits, 1.0, top_k=2)[0])(keys[:5000])
     assert set(np.asarray(top2).tolist()) == {0, 1}
+    # Top-k draws from the softmax of the k largest, renormalised.
+    draws = jax.vmap(lambda k: sample_token(k, logits, 1.0, top_k=3)[0])(keys)
+    freq = np.bincount(np.asarray(draws), minlength=5)[[0, 1, 2]] / n
+    expected = np.asarray(jax.nn.softmax(logits[0, :3]))
+    chi2 = n * np.sum((freq - expected) ** 2 / expected)  # 2 degrees of freedom: 13.8
+    assert chi2 < 13.8, (freq, expected)
 
 
 def test_same_key_same_tokens_and_different_keys_differ():

@@ -1,6 +1,6 @@
 """Part I's sampler against the package's, one draw at a time, at batch 1 and 8.
 
-    python tools/bench_sampling.py [--rounds 7] [--vocab 50257]
+    python tools/bench_sampling.py [--rounds 7] [--vocab 50257] [--generate]
 
 Part I's sample_token filters with lax.top_k and a sort and draws with
 jax.random.categorical; the package's fast_sample_token (llamatool/speed.py) finds the
@@ -9,6 +9,11 @@ distribution. Each is jitted and compiled first; then, for each setting
 (top-k 50, top-p 0.9, both, neither), the two are timed in alternating rounds
 (Part I's, the package's, Part I's, ...) so that a change in the machine's load falls
 on both, and the best round of each is reported in ms per draw.
+
+--generate times whole decoding instead: generate at the seed configuration
+(width 256, 6 blocks, 8 heads, 4 K/V heads), batch 1, 16-token prompt, 200
+new tokens at temperature 0.8 and top-k 50, Part I's sample_token against the
+package's, alternating rounds: tokens per second.
 """
 
 import argparse
@@ -37,12 +42,33 @@ def timed(fn, key, logits, repeats):
     return (time.perf_counter() - t0) / repeats
 
 
+def time_generate(rounds, n_new=200):
+    config = L.ModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256)
+    params = L.init_params(jax.random.PRNGKey(0), config)
+    samplers = {"Part I's sample_token": L.sample_token,
+                "the package's fast_sample_token": lt.speed.fast_sample_token}
+    prompt, best = list(range(1, 17)), {}
+    for sample in samplers.values():  # compile
+        L.generate(params, prompt, n_new, config, jax.random.PRNGKey(0), 0.8, 50, sample=sample)
+    for r in range(rounds):
+        for name, sample in samplers.items():
+            t0 = time.perf_counter()
+            L.generate(params, prompt, n_new, config, jax.random.PRNGKey(r), 0.8, 50,
+                       sample=sample)
+            best[name] = max(best.get(name, 0.0), n_new / (time.perf_counter() - t0))
+    print(f"generate at the seed configuration, batch 1, top-k 50, best of {rounds} rounds: "
+          + ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in best.items()))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--generate", action="store_true", help="time generate instead")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=20, help="draws per round")
     parser.add_argument("--vocab", type=int, default=50257)
     args = parser.parse_args()
+    if args.generate:
+        return time_generate(args.rounds)
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; vocabulary {args.vocab:,}; "
           f"best of {args.rounds} alternating rounds of {args.repeats} draws")
     print(f"{'setting':<22}{'batch':>6}{'Part I ms':>11}{'package ms':>12}{'ratio':>8}")
