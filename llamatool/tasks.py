@@ -161,8 +161,10 @@ def continuation_logprobs(params, contexts, context_lens, continuations, owner, 
     # padding's keys; the continuation overwrites them before it attends.
     before = jnp.concatenate([h_ctx[owner, start - 1][:, None], h_cont[:, :-1]], axis=1)
     logits = output_logits(params, before, config)[..., :config.vocab_size]  # [N, L, V]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, continuations[..., None], axis=-1)[..., 0]  # [N, L]
+    # log p(token) = its logit - logsumexp(all logits): two reductions over
+    # the logits, no [N, L, V] log-softmax written out.
+    target = jnp.take_along_axis(logits, continuations[..., None], axis=-1)[..., 0]  # [N, L]
+    return target - jax.nn.logsumexp(logits, axis=-1)
 
 
 def padded_length(n, smallest):
@@ -298,7 +300,10 @@ def evaluate_task(model, name, limit=None, log=None, folder=None):
     questions = read_questions(path, limit)
     if not questions:
         raise InputError(f"--tasks {name}: {path} holds no questions")
-    max_len = model.seq_len or model.config.max_seq_len
+    # The model's context, as lm-eval's max_length; not the length a run
+    # trained at, which would cut PIQA's longest solutions (up to 255 GPT-2
+    # tokens with their goal) from a model trained at 128.
+    max_len = model.config.max_seq_len
     t0 = time.perf_counter()
     encoded = encode_questions(model.tokenizer, questions, max_len, name)
     scores = score_questions(model.params, model.config, encoded, log)

@@ -44,7 +44,7 @@ def main():
     import time
     t0 = time.perf_counter()
     encoded = lt.tasks.encode_questions(model.tokenizer, questions,
-                                        model.seq_len or model.config.max_seq_len, args.task)
+                                        model.config.max_seq_len, args.task)
     scores = lt.tasks.score_questions(model.params, model.config, encoded,
                                       log=lambda line: print(line, file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t0
