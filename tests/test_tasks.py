@@ -89,7 +89,7 @@ def random_encoded(config, seed=0):
     rng = np.random.RandomState(seed)
     tokens = lambda n: [int(t) for t in rng.randint(0, config.vocab_size, n)]  # noqa: E731
     out = []
-    for q in range(7):
+    for q in range(5):
         n_choices = 2 + q % 4
         contexts = ([tokens(rng.randint(1, 12))] if q % 3 else
                     [tokens(rng.randint(1, 12)) for _ in range(n_choices)])
