@@ -293,11 +293,13 @@ def accuracies(questions, scores):
             for name, k in (("acc", right), ("acc_norm", norm_right))}
 
 
-def evaluate_task(model, name, limit=None, log=None, folder=None):
-    """One task's scores for a Model (sources.Model). -> {"task", "split",
-    "questions", "acc", "acc_norm", "seconds", "questions_per_s"}."""
+def evaluate_task(model, name, limit=None, log=None, folder=None, pick=None):
+    """One task's scores for a Model (sources.Model). pick: a function from
+    the task's questions to those to score (tools/task_sample.py's random
+    sample); default the first `limit`. -> {"task", "split", "questions",
+    "acc", "acc_norm", "seconds", "questions_per_s"}."""
     path = task_file(name, folder)
-    questions = read_questions(path, limit)
+    questions = read_questions(path, limit) if pick is None else pick(read_questions(path))
     if not questions:
         raise InputError(f"--tasks {name}: {path} holds no questions")
     # The model's context, as lm-eval's max_length; not the length a run

@@ -28,31 +28,22 @@ def main():
     p.add_argument("--out-dir", default="out")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    try:
-        path = lt.tasks.task_file(args.task)
-        questions = lt.tasks.read_questions(path)
+    def pick(questions):
         if not 0 < args.n <= len(questions):
             raise lt.tasks.InputError(f"--n {args.n}: {args.task} has {len(questions)} questions")
-        pick = sorted(np.random.RandomState(args.seed).choice(len(questions), args.n,
-                                                              replace=False))
-        questions = [questions[i] for i in pick]
+        chosen = np.random.RandomState(args.seed).choice(len(questions), args.n, replace=False)
+        return [questions[i] for i in sorted(chosen)]
+
+    try:
         model = lt.modes.load_model(argparse.Namespace(gguf=args.gguf, dtype=None,
                                                        hf_checkpoint=args.hf_checkpoint,
                                                        tokenizer=None, out_dir=args.out_dir))
+        r = lt.tasks.evaluate_task(model, args.task, pick=pick, log=lambda line: print(
+            line, file=sys.stderr, flush=True))
     except lt.tasks.InputError as err:
         sys.exit(f"error: {err}")
-    import time
-    t0 = time.perf_counter()
-    encoded = lt.tasks.encode_questions(model.tokenizer, questions,
-                                        model.config.max_seq_len, args.task)
-    scores = lt.tasks.score_questions(model.params, model.config, encoded,
-                                      log=lambda line: print(line, file=sys.stderr, flush=True))
-    seconds = time.perf_counter() - t0
-    r = {"task": args.task, "sample": f"{args.n} of the questions at random, seed {args.seed}",
-         "questions": args.n, **lt.tasks.accuracies(questions, scores), "seconds": seconds,
-         "questions_per_s": args.n / seconds}
+    r["sample"] = f"{args.n} of the questions at random, seed {args.seed}"
     print(json.dumps({"model": model.source, **r}) if args.json else lt.tasks.format_result(r))
-
 
 if __name__ == "__main__":
     main()
