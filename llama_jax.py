@@ -30,11 +30,11 @@ Each composes with this module from outside: it wraps a function here, passes
 its own function where one here takes one with a plain default, or places
 arrays on devices around a jitted call. Nothing here asks which feature is on,
 and this module imports nothing of the package (its __main__ block hands the
-command line over; the tests check both).
+command line over).
 
-Shapes are written with these letters: B batch, T time (tokens), S the KV
-cache's slots (generate sizes the cache to the request, at most max_seq_len),
-D model width, H query heads, K key/value heads, G = H // K query heads per
+Shapes are written with these letters: B batch, T time (the tokens at hand),
+S the keys each query can be compared with (T without a KV cache, the cache's
+slots with one), D model width, H query heads, K key/value heads, G = H // K query heads per
 key/value head, N either H or K (a function used for both), Dh head width, F
 feed-forward width, V vocabulary, V_padded the vocabulary rounded up to a
 multiple of vocab_multiple (the embedding's and output layer's width).
@@ -77,10 +77,10 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture. Frozen, so it is hashable and can be a static argument
-    of jax.jit. Field names follow Meta's reference model.py where it has the
-    field. The defaults are the cpu preset's model (PRESETS, llamatool/presets.py: what
-    `python llama_jax.py` trains on a CPU), in float32 (the preset's dtype is
-    "auto": the package picks float32 or bfloat16 for the machine, llamatool/speed.py)."""
+    of jax.jit (jit compiles one program per distinct config). Field names
+    follow Meta's reference model.py where it has the field. The defaults are a
+    small model (7.5M parameters, most of them the embedding) that learns
+    Shakespeare's look on a laptop CPU in minutes."""
 
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
     dim: int = 128  # D, the width of the residual stream
@@ -100,8 +100,11 @@ class ModelConfig:
     # Llama 3.1's RoPE frequency scaling: (factor, low_freq_factor,
     # high_freq_factor, original_max_position_embeddings), or None for plain RoPE.
     rope_scaling: tuple | None = None
-    # The longest sequence (the RoPE tables' length); a KV cache holds at most
-    # this many positions (generate sizes its cache to the request).
+    # The context: the longest sequence the model is meant to see. It is a
+    # limit its callers check (train_loop refuses a longer seq_len; generate
+    # refuses a longer request and sizes its KV cache to at most this many
+    # slots), not a size inside the layers: the rotary tables are built for
+    # the positions at hand.
     max_seq_len: int = 256
     # Llama itself has no dropout; a small model that sees its data many
     # times may need it (the gpu preset uses 0.2).
@@ -164,7 +167,7 @@ class ModelConfig:
     def padded_vocab(self):
         """V rounded up to vocab_multiple (50257 -> 50304): matmul kernels are
         faster on round sizes (nanoGPT's trick). model_forward slices the padded
-        logits off (the package's losses mask them)."""
+        logits off."""
         return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
 
     @property
@@ -175,7 +178,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings: everything a training run needs beyond the model.
-    The defaults are the cpu preset's (PRESETS, llamatool/presets.py)."""
+    The defaults are those that train ModelConfig()'s model on Shakespeare."""
 
     steps: int = 1000
     batch_size: int = 8  # B sequences per step
@@ -188,7 +191,7 @@ class TrainConfig:
     beta2: float = 0.95  # 0.95 rather than 0.999, as in Llama and GPT-3 training
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping, as in the Llama papers
-    eval_every: int = 100  # evaluate (and, in the package, plot and checkpoint) this often
+    eval_every: int = 100  # evaluate this often
     eval_batches: int = 8  # fixed windows per split for each evaluation
     log_every: int = 25  # a progress line every this many steps
     seed: int = 0
@@ -294,17 +297,10 @@ def load_dataset(path, seq_len, enc=None):
 
 def window_starts(key, n_tokens, batch_size, seq_len):
     """Where a batch's windows start: int32[B] positions, uniform in
-    [0, n_tokens - seq_len). The one rule every batch is drawn by, on the
-    device (get_batch) and on the host (token files, evaluation windows), so
-    the same key gives the same windows everywhere."""
+    [0, n_tokens - seq_len), so that each window and its targets (one token
+    further) fit in the data. A function of its own because evaluation
+    (fixed_windows) draws its windows by the same rule."""
     return jax.random.randint(key, (batch_size,), 0, n_tokens - seq_len)
-
-
-def read_windows(data, starts, length):
-    """Token windows on the host: data int[N] (an array, a memmap, or anything
-    indexed as one, such as the package's token files), starts int[B]
-    -> int32[B, length]."""
-    return np.asarray(data[np.asarray(starts)[:, None] + np.arange(length)], np.int32)
 
 
 def get_batch(key, data, batch_size, seq_len):
@@ -322,8 +318,9 @@ def get_batch(key, data, batch_size, seq_len):
 
 
 def at_least_f32(x):
-    """x in float32, or float64 if it already is (the gradient tests run in
-    float64): statistics and softmax never run in bfloat16."""
+    """x in float32, or float64 if it already is (float64 keeps its precision,
+    which a check of the gradients by finite differences needs): statistics
+    and softmax never run in bfloat16."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
@@ -340,19 +337,23 @@ def dense(x, w, config):
 
 def rms_norm(x, weight, eps):
     """Root-mean-square layer norm (Zhang & Sennrich 2019): no mean subtraction,
-    no bias. x: [..., D], weight: [D] -> [..., D]. Statistics in at least
-    float32, whatever x's dtype (decoding in bfloat16, decoding_weights in
-    section 7, gives bfloat16 embeddings), so that small variance terms are
-    not lost."""
+    no bias. x: [..., D], weight: [D] -> [..., D]. The statistics are taken in
+    at least float32 whatever x's dtype (x is bfloat16 when generate has
+    rounded the weights to bfloat16, decoding_weights), so that small variance
+    terms are not lost."""
     x32 = at_least_f32(x)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (normed * weight).astype(x.dtype)
 
 
+# Cached (functools.lru_cache: the same arguments return the same arrays
+# without recomputing): the model calls this on every forward pass, and inside
+# jit the NumPy tables become constants of the compiled program.
 @functools.lru_cache(maxsize=None)
-def precompute_rope(head_width, max_seq_len, theta, scaling=None):
+def precompute_rope(head_width, n_positions, theta, scaling=None):
     """Rotary embedding tables (Su et al. 2021) as NumPy constants.
-    -> (cos, sin), each float32[max_seq_len, Dh / 2]. Channel pair i rotates at frequency
+    -> (cos, sin), each float32[n_positions, Dh / 2], the angles of positions
+    0 .. n_positions - 1. Channel pair i rotates at frequency
     theta^(-2i / Dh) radians per position. With Llama 3.1 scaling, slow
     (long-wavelength) frequencies are divided by `factor`, fast ones are kept,
     and those in between are interpolated smoothly."""
@@ -365,7 +366,7 @@ def precompute_rope(head_width, max_seq_len, theta, scaling=None):
         # smooth is 0 for wavelengths longer than original_len / low_freq_factor
         # (fully scaled) and 1 below original_len / high_freq_factor (unscaled).
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    angles = np.outer(np.arange(max_seq_len), inv_freq)  # [S, Dh / 2]
+    angles = np.outer(np.arange(n_positions), inv_freq)  # [n_positions, Dh / 2]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
@@ -375,7 +376,8 @@ def apply_rope(x, cos, sin):
     The "half-split" layout pairs channel i with channel i + Dh/2 (Hugging
     Face's rotate_half). Meta's reference pairs 2i with 2i + 1 instead; the two
     agree once each head's output channels of wq and wk (our columns, Meta's
-    rows) are permuted (tests/test_gguf_file.py checks it)."""
+    rows) are permuted, which is how Meta's checkpoints are converted to this
+    layout."""
     x1, x2 = jnp.split(at_least_f32(x), 2, axis=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -408,12 +410,12 @@ def attend(q, k, v, mask):
     return out.reshape(B, T, H, Dh)
 
 
-# Part I's seams are parameters whose default is Part I's own function:
-# `dense` (above) and `attend` here, `block` in forward_hidden and `sample`
-# in generate. The package's training step gives forward_hidden a block with its
-# bfloat16 matmul (a hand-written gradient) and, where a preset chooses it,
-# the fused attention kernel bound as dense= and attend= (llamatool/speed.py);
-# everything else runs these.
+# A few functions take another function as an argument whose default is this
+# file's own: `dense` and `attend` here, `block` in forward_hidden and
+# model_forward, `sample`, `prepare` and `block` in generate. Called plainly,
+# they run the code you read here. A caller may pass a faster function with
+# the same arguments and results, without a branch in these bodies; the list
+# before train_loop says which ones the command line passes, and why.
 
 
 def attention_qkv(p, x, cos, sin, config, dense=dense):
@@ -441,7 +443,10 @@ def attention(p, x, cos, sin, mask, config, cache=None, position=None, dense=den
     H, Dh = config.n_heads, config.head_width
     q, k, v = attention_qkv(p, x, cos, sin, config, dense)
     if cache is not None:
-        # One dynamic_update_slice per row: each row may be at its own position.
+        # dynamic_update_slice writes one row's new keys [T, K, Dh] into its
+        # cache [S, K, Dh] at one position. jax.vmap turns that function of one
+        # row into a function of the batch (it maps over the leading axis of
+        # every argument), so each row is written at its own position.
         write = jax.vmap(lambda c, new, pos: jax.lax.dynamic_update_slice(c, new, (pos, 0, 0)))
         cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), position),
                  "v": write(cache["v"], v.astype(cache["v"].dtype), position)}
@@ -545,19 +550,22 @@ def output_weight(params):
 
 # The forward pass in two steps: forward_hidden runs the embedding and the
 # blocks up to the final norm (building the one attention mask every block
-# uses), and model_forward applies the output layer. The package's loss starts
-# from forward_hidden's hidden states (its blockwise loss never makes the
-# logits, llamatool/speed.py).
+# uses), and model_forward applies the output layer. Two steps, so that a
+# caller can take the hidden states without the [B, T, V] logits (a loss that
+# never forms them, for a large vocabulary: the list before train_loop).
 
 
 def forward_hidden(params, tokens, config, cache=None, position=0, training=False, key=None,
                    block=transformer_block):
-    """The transformer up to the final norm. tokens: int32[B, T] -> (h [B, T, D],
-    a list over layers of each block's second output: its updated cache, or
-    None without one). See model_forward for the other arguments. block: the
-    function each layer runs; the package passes its own with the same arguments
-    (faster kernels or recomputed activations, llamatool/speed.py; health figures in
-    place of the cache, llamatool/health.py)."""
+    """The transformer up to the final norm.
+    tokens: int32[B, T]. Without a cache: causal attention over the T tokens.
+    With a cache (from init_cache): the tokens sit at positions position ..
+    position + T - 1 (position: a scalar or int32[B], traced is fine), their
+    keys and values are written there, and each attends to the slots up to
+    its own position. training=True applies dropout with `key`. block: the
+    function each layer runs (transformer_block's arguments and results).
+    -> (h [B, T, D], a list over layers of each block's second output: its
+    updated cache, or None without one)."""
     B, T = tokens.shape
     dropout_on = training and config.dropout_rate > 0
     if dropout_on and key is None:
@@ -579,6 +587,9 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
         mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
     layer_keys = [None] * config.n_layers
     if dropout_on:
+        # One key per layer (split; each block splits its own again for its
+        # two dropouts), and one more for the embedding's dropout: fold_in
+        # derives a further independent key without changing what split gave.
         layer_keys = list(jax.random.split(key, config.n_layers))
         h = dropout(h, config.dropout_rate, jax.random.fold_in(key, config.n_layers))
     outputs = []
@@ -596,13 +607,10 @@ def output_logits(params, h, config):
 
 def model_forward(params, tokens, config, cache=None, position=0, training=False, key=None,
                   block=transformer_block):
-    """The Llama forward pass.
-    tokens: int32[B, T]. Without a cache: causal attention over the T tokens.
-    With a cache (from init_cache): the tokens sit at positions position ..
-    position + T - 1 (position: a scalar or int32[B], traced is fine), their
-    keys and values are written there, and they attend to every earlier slot.
-    training=True applies dropout with `key`. block: as in forward_hidden.
-    -> (logits float32[B, T, vocab_size], the updated cache or None)."""
+    """The Llama forward pass: forward_hidden (above; the same arguments),
+    then the output layer. tokens: int32[B, T]
+    -> (logits float32[B, T, vocab_size] (float64 for float64 params), the
+    updated cache or None)."""
     h, new_cache = forward_hidden(params, tokens, config, cache, position, training, key, block)
     logits = output_logits(params, h, config)[..., :config.vocab_size]
     return logits, (None if cache is None else new_cache)
@@ -683,16 +691,19 @@ def run_keys(seed_key):
     """A run's random streams, one per use, so that no two uses share a key:
     {"init": the parameters, "batches": the training windows' positions,
     "dropout": the dropout masks}, each fold_in(seed_key, its number in
-    STREAMS), where seed_key = jax.random.PRNGKey(seed). Evaluation windows
-    have their own fixed key (fixed_windows), the same for every seed, so
-    that runs are evaluated on the same text."""
+    STREAMS), where seed_key = jax.random.PRNGKey(seed). A JAX key is a
+    value, not a hidden state: the same key always gives the same numbers, so
+    every draw needs a key of its own. Evaluation windows have their own fixed
+    key (fixed_windows), the same for every seed, so that runs are evaluated on
+    the same text."""
     return {name: jax.random.fold_in(seed_key, i) for i, name in enumerate(STREAMS)}
 
 
 def step_keys(keys, step):
     """One training step's (batch key, dropout key): its stream's key folded
-    with the step number (which may be traced), and nothing else, so a resumed
-    run draws exactly the batches and masks an uninterrupted one would."""
+    with the step number (which may be traced). They depend on the seed and the
+    step alone, so a run restarted at step n draws exactly the batches and
+    masks an uninterrupted run would draw there."""
     return jax.random.fold_in(keys["batches"], step), jax.random.fold_in(keys["dropout"], step)
 
 
@@ -701,9 +712,12 @@ def step_keys(keys, step):
 def train_step(params, opt_state, batch, key, config, tc):
     """One optimisation step, compiled once: the loss of a batch and its
     gradients (dropout drawn with `key`), then AdamW at the schedule's
-    learning rate. batch: (inputs, targets) int32[B, T]. params and opt_state
-    are donated: XLA updates them in place instead of keeping two copies, so
-    the caller must use the returned ones.
+    learning rate. batch: (inputs, targets) int32[B, T]; key may be None
+    when the model has no dropout (jit takes None as an empty pytree).
+    config and tc are static: jit reads them while tracing, as constants
+    (they are frozen, so hashable), and compiles one program per distinct
+    value. params and opt_state are donated: XLA updates them in place
+    instead of keeping two copies, so the caller must use the returned ones.
     -> (params, opt_state, loss)."""
     loss, grads = jax.value_and_grad(compute_loss)(params, batch, config, True, key)
     lr = learning_rate(opt_state["step"], tc)
@@ -719,11 +733,16 @@ eval_loss = jax.jit(compute_loss, static_argnames=("config",))
 # =============================================================================
 
 
+def read_windows(data, starts, length):
+    """Token windows read with NumPy, on the host: data int[N] (an array, or
+    anything indexed like one), starts int[B] -> int32[B, length]."""
+    return np.asarray(data[np.asarray(starts)[:, None] + np.arange(length)], np.int32)
+
+
 def fixed_windows(data, n_batches, batch_size, seq_len, seed=1234):
     """The same evaluation batches every time, so successive evaluations (and
     runs) are comparable: the windows get_batch would draw with these keys,
-    read on the host (data may be a token file). -> list of (inputs, targets)
-    pairs, int32[B, T]."""
+    read on the host once. -> list of (inputs, targets) pairs, int32[B, T]."""
     batches = []
     for k in jax.random.split(jax.random.PRNGKey(seed), n_batches):
         windows = read_windows(data, window_starts(k, len(data), batch_size, seq_len),
@@ -754,12 +773,62 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 # The training loop, flat as nanoGPT's train.py: keys, a batch, a step, now and
 # then a progress line and an evaluation. It reads a loss (which waits for the
 # device) only when it prints one, so Python queues the next steps meanwhile.
-# `python llama_jax.py` runs the package's train() (llamatool/training.py) instead: the same
-# pieces (step_keys, learning_rate, adamw_update, fixed_windows, evaluate,
-# progress_line), plus checkpoints and exact resume, Ctrl-C, token files, many
-# devices, time budgets and health figures. Written as hooks into this loop,
-# they would bury it; so this loop stays the lesson, and the package's is the tool.
+#
+# What `python llama_jax.py` runs instead. The command line trains with the
+# package beside this file (llamatool/), which calls the functions above and
+# passes its own where they take one. In its default run, the cpu preset
+# (ModelConfig()'s and TrainConfig()'s sizes), these are this file's code:
+# get_batch, init_params, the layers (with dense swapped where item 4 says),
+# attend, forward_hidden, cross_entropy's formula, learning_rate,
+# adamw_update (for the embedding and the norms), fixed_windows, and
+# generate with sample_token (item 8 says when they are swapped).
+#  1. The loop: llamatool/training.py's train(), for what a tool needs and a
+#     lesson does not: checkpoints and exact resume, Ctrl-C, time budgets,
+#     token files on disk, many devices, plots. Written as hooks into this
+#     loop, they would bury it.
+#  2. The step: llamatool/step.py's run_step, this train_step's three parts
+#     (loss, gradients, adamw_update), and the package's options around them
+#     (health figures, LoRA, micro-batches, a device mesh).
+#  3. The optimizer for the blocks' matrices: Muon (llamatool/muon.py), which
+#     orthogonalises each matrix's momentum, at lr 1.2e-2, with adamw_update
+#     at 3e-3 for the rest, and weight decay 0.5. On the held-out plays it
+#     scored 4.796 and 4.808 nats per token with two seeds, against
+#     4.917 for this file's AdamW at TrainConfig()'s settings (1,000 steps,
+#     AMD EPYC, 2 cores; docs/results.md).
+#  4. dense (passed to transformer_block, the block forward_hidden runs),
+#     where the machine computes in bfloat16 (the command line's
+#     --dtype auto: a GPU, or a CPU whose bfloat16 matmuls are faster, such as
+#     the AMD EPYC with avx512_bf16; float32 elsewhere, and there dense is this
+#     one): the same product with a hand-written gradient (speed.run_dense).
+#     JAX's own gradient of this dense multiplies in float32; the loss and its
+#     gradients took 472 to 501 ms per step with run_dense, against 980 to 995
+#     with this dense in bfloat16 and 605 to 624 in float32 (the cpu preset,
+#     AMD EPYC, 2 cores, `python tools/bench_kernels.py`).
+#  5. The loss: cross_entropy over the same logits, with targets that carry no
+#     loss (a chat's prompts, for chat fine-tuning) skipped; equal to
+#     cross_entropy on plain text. Where the [B, T, V] logits would not fit in
+#     memory, a blockwise loss that never forms them; not at the cpu preset,
+#     whose 8 x 128 tokens make 206 MB of float32 logits.
+#  6. Evaluation: evaluate with that loss (speed.evaluate_run), on
+#     fixed_windows, so that it measures what training minimises.
+#  7. The attention, on a GPU only (the gpu preset): cuDNN's fused kernel, which
+#     never writes the [B, H, T, T] scores to memory. attend's float32 scores
+#     are about 0.8 GB per layer at the gpu check's 16 x 1,024 tokens and 12
+#     heads, written and read again in the backward pass (docs/gpu.md).
+#  8. Sampling, in the command line's generate: with top-p, a sampler that
+#     finds the nucleus by bisection instead of a sort (12.3 against 0.82 ms
+#     a draw from 50,257 logits at batch 1, `python tools/bench_sampling.py`,
+#     AMD EPYC); with top-k alone, the default, this file's sample_token. On a
+#     GPU, where each small kernel's launch costs more than its work, also
+#     the weights of q, k, v and of w1, w3 joined: 6 matrix products a block
+#     instead of 9 (speed.FAST_DECODING). On a CPU they gained 6% at the cpu
+#     preset's model (901 against 850 tokens/s, AMD EPYC), too little to
+#     leave this file's code.
 
+# batch_size and seq_len (arguments 2 and 3, counting from 0) set the batch's
+# shape, and jit must know every shape when it compiles: static arguments are
+# read as Python values while tracing, and each new value compiles a new
+# program.
 _get_batch = jax.jit(get_batch, static_argnums=(2, 3))
 
 
@@ -847,8 +916,13 @@ def sample_token(key, logits, temperature, top_k=None, top_p=1.0):
     return jnp.where(temperature == 0, greedy, sampled).astype(jnp.int32)
 
 
+# jit compiles one program per input shape. Prompts and requests come in every
+# length, so generate rounds both up to a power of two (padding the prompts):
+# a handful of programs serve every request, and the short ones stay fast.
+
+
 def _bucket(n, smallest=16):
-    """Rounds up to a power of two, so that a handful of shapes get compiled."""
+    """Rounds n up to a power of two, at least `smallest`."""
     return max(smallest, 1 << max(0, n - 1).bit_length())
 
 
@@ -871,14 +945,17 @@ def decoding_weights(params, config):
 
 
 def sampling_filters(top_k, top_p, config):
-    """generate's top_k and top_p as the static arguments of the compiled
-    programs: top_k at most the vocabulary, top_p 1.0 (off) for None."""
+    """generate's top_k and top_p in the form the compiled program takes them
+    (as static arguments, each distinct value compiles once): top_k at most
+    the vocabulary, top_p 1.0 (off) for None."""
     return (None if top_k is None else min(int(top_k), config.vocab_size),
             1.0 if top_p is None else float(top_p))
 
 
 def check_generate_args(prompts, max_new_tokens, config, temperature, top_k, top_p):
-    """Raises InputError naming the first bad argument of generate."""
+    """Raises InputError naming the first bad argument of generate. Checked in
+    Python, before anything compiles: inside jit the values are traced, and a
+    bad one would surface as a tracing error or a silently wrong sample."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InputError("generate: every prompt needs at least one token (e.g. <|endoftext|>)")
     if any(t < 0 or t >= config.vocab_size for p in prompts for t in p):
@@ -908,9 +985,10 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
     The cache is created here, so it never leaves the device; the decode loop is
     one lax.while_loop, so the whole generation is one XLA program.
     temperature, n_new and stop_token are traced: any value reuses the program.
-    top_k and top_p are static (each new value compiles once) because they
-    change the program's shape: whether a filter runs at all, and top_k is
-    lax.top_k's output size.
+    top_k and top_p are static (each new value compiles once): top_k is
+    lax.top_k's output size, and top_p 1.0 leaves the nucleus filter out of
+    the program. sample, prepare and block are static too: a function is
+    hashable, and each one passed compiles its own program.
     Right padding is harmless: the prefill writes the padding's keys and
     values into a short row's cache slots past its length, but the mask lets
     each query see only slots up to its own position, and each new token is
@@ -926,22 +1004,26 @@ def _generate(params, prompts, lengths, key, temperature, n_new, stop_token, *, 
     last = logits[jnp.arange(B), lengths - 1]  # [B, V] each row's next-token logits
     out = jnp.full((B, n_slots), stop_token, jnp.int32)
 
-    def cond(state):
-        i, _, _, _, done, _ = state
-        return (i < n_new) & ~jnp.all(done)
+    # The loop's state, a pytree whose shapes never change: i, the tokens drawn
+    # so far; the cache; last, the next token's logits [B, V]; out, the tokens
+    # [B, n_slots]; done, which rows have drawn stop_token [B]; the PRNG key.
+    def cond(s):
+        return (s["i"] < n_new) & ~jnp.all(s["done"])
 
-    def body(state):
-        i, cache, last, out, done, key = state
-        key, sub = jax.random.split(key)
-        token = jnp.where(done, stop_token, sample(sub, last, temperature, top_k, top_p))
-        out = out.at[:, i].set(token)
-        done = done | (token == stop_token)
-        logits, cache = model_forward(params, token[:, None], config, cache, lengths + i,
-                                      block=block)
-        return i + 1, cache, logits[:, 0], out, done, key
+    def body(s):
+        key, sub = jax.random.split(s["key"])
+        token = jnp.where(s["done"], stop_token, sample(sub, s["last"], temperature, top_k, top_p))
+        logits, cache = model_forward(params, token[:, None], config, s["cache"],
+                                      lengths + s["i"], block=block)
+        # Arrays are immutable: .at[:, i].set returns a new array with column i
+        # set (inside jit, XLA writes it in place).
+        return {"i": s["i"] + 1, "cache": cache, "last": logits[:, 0],
+                "out": s["out"].at[:, s["i"]].set(token),
+                "done": s["done"] | (token == stop_token), "key": key}
 
-    state = (jnp.int32(0), cache, last, out, jnp.zeros((B,), bool), key)
-    return jax.lax.while_loop(cond, body, state)[3]
+    state = {"i": jnp.int32(0), "cache": cache, "last": last, "out": out,
+             "done": jnp.zeros((B,), bool), "key": key}
+    return jax.lax.while_loop(cond, body, state)["out"]
 
 
 def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0, top_k=None,
@@ -954,9 +1036,8 @@ def generate(params, prompt_tokens, max_new_tokens, config, key, temperature=1.0
     max_new_tokens bucket, top_k, top_p), never per token. Rows that draw
     stop_token stop there (the stop token ends their list). sample: a function
     with sample_token's arguments; prepare: what the weights become once,
-    before the loop; block: what each layer runs. The package's command line
-    passes faster ones of each (llamatool/speed.py: a sampler without a sort,
-    and blocks that read their q, k, v and w1, w3 matrices as one).
+    before the loop; block: what each layer runs (the command line passes
+    faster ones: the list before train_loop).
     -> the prompt plus its new tokens, as a list of ints (or a list of such
     lists for a batch)."""
     single = len(prompt_tokens) > 0 and not isinstance(prompt_tokens[0], (list, tuple, np.ndarray))

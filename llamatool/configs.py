@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from llama_jax import ENDOFTEXT, InputError, TrainConfig, generate
 from llamatool.settings import ARCHITECTURE_FIELDS, RunModelConfig, RunTrainConfig
-from llamatool.speed import FAST_DECODING, auto_compute_dtype
+from llamatool.speed import auto_compute_dtype, command_line_decoding
 from llamatool.checkpoints import config_from_json
 from llamatool.checkpoint_formats import (FORMATS, checkpoint_format, checkpoint_meta,
                                           saved_checkpoint)
@@ -128,7 +128,7 @@ def print_sample(params, config, tokenizer, args, key, log=print):
     t0 = time.perf_counter()
     out = generate(params, prompt, max_new, config, key, temperature=args.temperature,
                    top_k=args.top_k or None, top_p=args.top_p, stop_token=stop,
-                   **FAST_DECODING)
+                   **command_line_decoding())
     elapsed = time.perf_counter() - t0
     new = out[len(prompt):]
     if new and new[-1] == stop:
@@ -150,10 +150,11 @@ def print_sample(params, config, tokenizer, args, key, log=print):
 # small model takes the top of that range and more: docs/finetuning.md).
 # Fine-tuning uses AdamW, whatever the preset trains with: the published
 # models were trained with it, and Muon is refused for LoRA (llamatool/muon.py).
+# Its weight decay is AdamW's usual 0.1 (TrainConfig's), not a Muon preset's.
 FINE_TUNING = {"full": dict(lr=5e-5, min_lr=5e-6, warmup_steps=10, optimizer="adamw",
-                            adam_lr=None),
+                            adam_lr=None, weight_decay=TrainConfig.weight_decay),
                "lora": dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, optimizer="adamw",
-                            adam_lr=None)}
+                            adam_lr=None, weight_decay=TrainConfig.weight_decay)}
 
 def fine_tuning_configs(args, source, saved=None):
     """--init-from: the source's architecture with the run's compute settings,
@@ -187,7 +188,8 @@ def fine_tuning_configs(args, source, saved=None):
             lora[name] = theirs
     defaults = FINE_TUNING["lora" if lora["lora_rank"] else "full"]
     if saved:  # and the optimizer whose state it holds
-        defaults = {**defaults, "optimizer": saved_tc.optimizer, "adam_lr": saved_tc.adam_lr}
+        defaults = {**defaults, "optimizer": saved_tc.optimizer, "adam_lr": saved_tc.adam_lr,
+                    "weight_decay": saved_tc.weight_decay}
     given = {name: getattr(args, name) for name in defaults if getattr(args, name) is not None}
     tc = dataclasses.replace(tc, **{**defaults, **given}, **lora)
     return config, dataclasses.replace(tc, min_lr=min(tc.min_lr, tc.lr))

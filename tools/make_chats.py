@@ -1,5 +1,6 @@
 """Builds fixtures/shakespeare_chats.jsonl, the conversations that the chat
-fine-tuning demonstration (docs/finetuning.md) trains on, from shakespeare.txt:
+fine-tuning demonstration (docs/finetuning.md) trains on, from the eight history
+plays of shakespeare.txt:
 
     python tools/make_chats.py > fixtures/shakespeare_chats.jsonl
 
@@ -20,9 +21,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The plays of shakespeare.txt in order (tools/make_shakespeare.py), as readers name them.
-TITLES = ["Richard II", "Henry IV, Part 1", "Henry IV, Part 2", "Henry V", "Henry VI, Part 1",
-          "Henry VI, Part 2", "Henry VI, Part 3", "Richard III"]
+# The eight history plays, in the order of the story (1398-1485): each one's
+# heading in shakespeare.txt, and its name as readers give it.
+HISTORIES = {"THE TRAGEDY OF KING RICHARD THE SECOND": "Richard II",
+             "KING HENRY IV, THE FIRST PART": "Henry IV, Part 1",
+             "KING HENRY IV, SECOND PART": "Henry IV, Part 2",
+             "THE LIFE OF KING HENRY V": "Henry V",
+             "KING HENRY VI, FIRST PART": "Henry VI, Part 1",
+             "HISTORY OF KING HENRY THE SIXTH, SECOND PART": "Henry VI, Part 2",
+             "THE HISTORY OF KING HENRY THE SIXTH, THIRD PART": "Henry VI, Part 3",
+             "THE LIFE AND DEATH OF KING RICHARD III": "Richard III"}
+TITLES = list(HISTORIES.values())
 SYSTEM = "You are a guide to Shakespeare's history plays. Answer briefly."
 N_CONVERSATIONS = 320
 SMALL_WORDS = {"of", "the", "and", "to", "in"}
@@ -77,8 +86,27 @@ def conversation(rng, this, following):
     return {"messages": messages}
 
 
+def history_plays(text):
+    """The eight history plays of shakespeare.txt, in HISTORIES' order, as one
+    text. Each play opens with its heading, then "by William Shakespeare"."""
+    lines = text.splitlines(keepends=True)
+    starts = []  # (line where a play's heading is, the heading)
+    for i, line in enumerate(lines):
+        if line.strip() == "by William Shakespeare":
+            h = i - 1
+            while not lines[h].strip():
+                h -= 1
+            starts.append((h, lines[h].strip()))
+    ends = [h for h, _ in starts[1:]] + [len(lines)]
+    plays = {heading: "".join(lines[h:end]) for (h, heading), end in zip(starts, ends)}
+    missing = [heading for heading in HISTORIES if heading not in plays]
+    if missing:
+        sys.exit(f"error: shakespeare.txt lacks {missing}")
+    return "".join(plays[heading] for heading in HISTORIES)
+
+
 def main():
-    text = (ROOT / "shakespeare.txt").read_text(encoding="utf-8")
+    text = history_plays((ROOT / "shakespeare.txt").read_text(encoding="utf-8"))
     all_speeches = speeches(text)
     rng = random.Random(0)
     picks = sorted(rng.sample(range(len(all_speeches) - 1), N_CONVERSATIONS))
