@@ -98,7 +98,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_muon_runs_learn_resume_exactly_and_plan_counts_their_state(corpus, tmp_path, capsys):
-    tc = quick_tc(steps=4, eval_every=100, optimizer="muon", adam_lr=2e-3, lr=2e-2)
+    tc = quick_tc(steps=8, eval_every=100, optimizer="muon", adam_lr=2e-3, lr=2e-2)
     straight = lt.training.train(TRAIN_TINY, tc, corpus, tmp_path / "straight", log=lambda s: None)
 
     def interrupt_at_step_2(line):
