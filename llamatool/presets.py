@@ -54,15 +54,13 @@ PRESETS = {
 def adamw_rates(training):
     """A preset's training values for AdamW: a Muon preset's lr and min_lr
     are Muon's, and its adam_lr is the rate AdamW would take (llamatool/muon.py), so
-    --optimizer adamw starts from those: lr adam_lr, the floor scaled alike,
-    and Part I's weight decay (TrainConfig's, AdamW's own)."""
+    --optimizer adamw (or fine-tuning, which uses AdamW) starts from those."""
     if training.get("optimizer", "adamw") == "adamw":
         return training
     adam_lr = training.get("adam_lr") or training["lr"]
     ratio = adam_lr / training["lr"]
     return {**training, "optimizer": "adamw", "lr": adam_lr,
-            "min_lr": training.get("min_lr", TrainConfig.min_lr) * ratio, "adam_lr": None,
-            "weight_decay": TrainConfig.weight_decay}
+            "min_lr": training.get("min_lr", TrainConfig.min_lr) * ratio, "adam_lr": None}
 
 
 def preset_help(field):
