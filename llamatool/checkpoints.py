@@ -155,12 +155,26 @@ def unreadable_checkpoint(path, err):
                            "it may be truncated or corrupted: delete it and train again")
 
 
+def upgrade_muon_placeholders(arrays, opt_template):
+    """Muon's state kept an empty float32[0] in place of each hidden matrix's
+    second moment until Orbax was found to refuse arrays of size 0; it is now
+    a scalar 0 (muon_init, llamatool/muon.py). .npz checkpoints of that time
+    hold the empty arrays: each one the template wants as a scalar becomes a
+    scalar 0, in `arrays` (flat names -> NumPy arrays). Nothing else changes."""
+    for k, v in flatten_tree(opt_template).items():
+        name = "opt/" + k
+        if (v.shape == () and isinstance(arrays.get(name), np.ndarray)
+                and arrays[name].shape == (0,)):
+            arrays[name] = np.zeros((), arrays[name].dtype)
+
+
 def check_checkpoint(path, meta, arrays, config):
     """The checks of load_checkpoint, for either format: the format version,
     the architecture against `config` and every array's name, shape and dtype
     (arrays: flat names -> anything with .shape and .dtype).
     -> (the config to use, the saved TrainConfig, the params' and the
-    optimizer state's shape trees)."""
+    optimizer state's shape trees). Old Muon placeholders in `arrays` are
+    upgraded first (upgrade_muon_placeholders)."""
     try:
         version = meta["format_version"]
         saved_config = config_from_json(RunModelConfig, meta["model_config"])
@@ -180,6 +194,7 @@ def check_checkpoint(path, meta, arrays, config):
     template = (jax.eval_shape(lambda: lora_init(jax.random.PRNGKey(0), use, saved_tc))
                 if saved_tc.lora_rank else param_shapes(use))
     opt_template = jax.eval_shape(OPTIMIZERS[saved_tc.optimizer].init, template)
+    upgrade_muon_placeholders(arrays, opt_template)
     problems += _tree_mismatches(template, arrays, "params/")
     problems += _tree_mismatches(opt_template, arrays, "opt/")
     if problems:

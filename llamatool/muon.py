@@ -99,9 +99,13 @@ def muon_mask(params):
 def muon_init(params):
     """Muon's state: {"mu": zeros like params (Muon's momentum for the hidden
     matrices, AdamW's first moment for the rest), "nu": AdamW's second moment
-    for the rest and an empty float32[0] for each hidden matrix (Muon keeps
-    one moment, not two), "step"}."""
-    nu = jax.tree_util.tree_map(lambda p, hidden: jnp.zeros((0,) if hidden else p.shape, p.dtype),
+    for the rest and a float32 scalar 0 for each hidden matrix (Muon keeps one
+    moment, not two; the tree keeps AdamW's shape so that both optimizers'
+    states are handled alike), "step"}.
+    The placeholder is a scalar, not an empty array: Orbax refuses to save
+    arrays of size 0. .npz checkpoints written with the earlier empty
+    float32[0] still load (checkpoints.upgrade_muon_placeholders)."""
+    nu = jax.tree_util.tree_map(lambda p, hidden: jnp.zeros(() if hidden else p.shape, p.dtype),
                                 params, muon_mask(params))
     return {"mu": jax.tree_util.tree_map(jnp.zeros_like, params), "nu": nu,
             "step": jnp.zeros((), jnp.int32)}

@@ -1,8 +1,10 @@
 """Tests of llamatool/checkpoint_npz.py."""
 
+import dataclasses
 import os
 import stat
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,3 +59,30 @@ def test_a_checkpoint_written_before_the_package_loads():
     tokens = (np.arange(400) % 64).astype(np.int32)[None, :8]
     logits, _ = L.model_forward(loaded.params, tokens, config)
     np.testing.assert_allclose(logits, np.load(BEFORE / "logits.npy"), rtol=1e-6, atol=1e-6)
+
+
+def test_a_muon_checkpoint_with_the_old_empty_placeholders_loads(tmp_path):
+    # Muon's state once held an empty float32[0] for each hidden matrix's
+    # second moment (Orbax refused it; now a scalar 0). A .npz file of that
+    # time loads, with the same weights and momentum.
+    config = L.ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                           max_seq_len=16)
+    tc = lt.settings.RunTrainConfig(optimizer="muon", adam_lr=3e-3)
+    params = L.init_params(jax.random.PRNGKey(0), config)
+    opt_state = lt.muon.muon_init(params)
+    opt_state["mu"] = jax.tree_util.tree_map(lambda p: p + 1.0, opt_state["mu"])
+    path = tmp_path / "ckpt.npz"
+    lt.checkpoint_npz.save_checkpoint(path, params, opt_state, jax.random.PRNGKey(1), config, tc,
+                                      {"train": [], "eval": []})
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    old = {k: (np.zeros((0,), v.dtype) if k.startswith("opt/nu/") and v.shape == () else v)
+           for k, v in arrays.items()}
+    assert sum(v.shape == (0,) for v in old.values()) == 2 * 7  # 7 matrices a block
+    np.savez(path, **old)
+    with pytest.raises(L.InputError, match="does not match"):  # a real mismatch still says so
+        lt.checkpoint_formats.load_checkpoint(path, dataclasses.replace(config, dim=32))
+    loaded = lt.checkpoint_formats.load_checkpoint(path)
+    for a, b in zip(jax.tree_util.tree_leaves((loaded.params, loaded.opt_state)),
+                    jax.tree_util.tree_leaves((params, opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

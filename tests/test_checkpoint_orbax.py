@@ -196,3 +196,22 @@ def test_an_orbax_save_into_a_full_disk_and_a_garbage_step_are_one_line_each(
                             capture_output=True, text=True)
     assert sample.returncode == 2 and len(sample.stderr.splitlines()) == 1, sample.stderr[-3000:]
     assert "step 2 is not readable" in sample.stderr
+
+
+@NEEDS_ORBAX
+def test_muon_state_saves_and_restores_with_orbax(tmp_path):
+    # Muon keeps one moment per hidden matrix; its placeholder for the second
+    # is a scalar, which Orbax saves (an empty float32[0] it refused).
+    tc = lt.settings.RunTrainConfig(batch_size=4, seq_len=8, lr=1e-2, warmup_steps=1, health=False,
+                                    optimizer="muon", adam_lr=3e-3)
+    _, params, opt_state = steps_on_mesh(one_device(), MESH_TINY, tc, n_steps=2)
+    writer = lt.checkpoint_orbax.OrbaxWriter(tmp_path / "ckpt.orbax", keep=1)
+    writer.save(params, opt_state, jax.random.PRNGKey(1), MESH_TINY, tc, {"train": [], "eval": []},
+                None)
+    writer.close()
+    saved = lt.checkpoint_formats.load_checkpoint(tmp_path / "ckpt.orbax", MESH_TINY, one_device())
+    assert saved.train_config.optimizer == "muon"
+    assert saved.opt_state["nu"]["layers"][0]["attention"]["wq"].shape == ()
+    for a, b in zip(jax.tree_util.tree_leaves((saved.params, saved.opt_state)),
+                    jax.tree_util.tree_leaves((params, opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

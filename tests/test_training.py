@@ -108,7 +108,7 @@ def test_muon_runs_learn_resume_exactly_and_plan_counts_their_state(corpus, tmp_
     lt.training.train(TRAIN_TINY, tc, corpus, tmp_path / "resumed", log=interrupt_at_step_2)
     saved = lt.checkpoint_formats.load_checkpoint(tmp_path / "resumed" / "ckpt.npz")
     assert saved.train_config.optimizer == "muon"  # its momentum is in the checkpoint
-    assert saved.opt_state["nu"]["layers"][0]["attention"]["wq"].shape == (0,)
+    assert saved.opt_state["nu"]["layers"][0]["attention"]["wq"].shape == ()
     assert float(np.abs(saved.opt_state["mu"]["layers"][0]["attention"]["wq"]).max()) > 0
     resumed = lt.training.train(TRAIN_TINY, tc, corpus, tmp_path / "resumed", resume=True,
                       log=lambda s: None)
