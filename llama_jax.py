@@ -780,7 +780,7 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 # (ModelConfig()'s and TrainConfig()'s sizes), these are this file's code:
 # get_batch, init_params, the layers (with dense swapped where item 4 says),
 # attend, forward_hidden, cross_entropy's formula, learning_rate,
-# adamw_update, fixed_windows, and
+# adamw_update (for the embedding and the norms), fixed_windows, and
 # generate with sample_token (item 8 says when they are swapped).
 #  1. The loop: llamatool/training.py's train(), for what a tool needs and a
 #     lesson does not: checkpoints and exact resume, Ctrl-C, time budgets,
@@ -789,12 +789,12 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 #  2. The step: llamatool/step.py's run_step, this train_step's three parts
 #     (loss, gradients, adamw_update), and the package's options around them
 #     (health figures, LoRA, micro-batches, a device mesh).
-#  3. The optimizer is this file's adamw_update at TrainConfig()'s settings.
-#     --optimizer muon swaps in Muon for the blocks' matrices (llamatool/muon.py,
-#     which orthogonalises each matrix's momentum): at lr 1.2e-2 and weight
-#     decay 0.5 it scored 4.796 and 4.808 nats per token on the held-out plays
-#     with two seeds, against AdamW's 4.917 (1,000 steps, AMD EPYC, 2 cores;
-#     docs/results.md). It is not the default while Orbax cannot save its state.
+#  3. The optimizer for the blocks' matrices: Muon (llamatool/muon.py), which
+#     orthogonalises each matrix's momentum, at lr 1.2e-2, with adamw_update
+#     at 3e-3 for the rest, and weight decay 0.5. On the held-out plays it
+#     scored 4.796 and 4.808 nats per token with two seeds, against
+#     4.917 for this file's AdamW at TrainConfig()'s settings (1,000 steps,
+#     AMD EPYC, 2 cores; docs/results.md).
 #  4. dense (passed to transformer_block, the block forward_hidden runs),
 #     where the machine computes in bfloat16 (the command line's
 #     --dtype auto: a GPU, or a CPU whose bfloat16 matmuls are faster, such as

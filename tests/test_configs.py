@@ -28,10 +28,13 @@ def test_presets_resolve_to_valid_configs_and_flags_override_them(tmp_path, monk
     _, adamw = lt.configs.resolve_configs(parser.parse_args(["--preset", "gpu", "--optimizer", "adamw"]))
     assert (adamw.optimizer, adamw.lr, adamw.min_lr, adamw.adam_lr) == ("adamw", 1e-3,
                                                                         pytest.approx(1e-4), None)
-    # The cpu preset trains with Part I's AdamW (lr 3e-3, weight decay 0.1).
+    # Both presets train with Muon; on the cpu preset --optimizer adamw is Part I's AdamW
+    # (lr 3e-3, weight decay 0.1), not the preset's Muon weight decay of 0.5.
     _, cpu = lt.configs.resolve_configs(parser.parse_args(["--preset", "cpu"]))
-    assert (cpu.optimizer, cpu.lr, cpu.weight_decay) == ("adamw", 3e-3, L.TrainConfig.weight_decay)
-    for flags in (["--preset", "cpu"], ["--preset", "gpu", "--optimizer", "adamw"]):
+    assert (cpu.optimizer, cpu.lr, cpu.adam_lr, cpu.weight_decay) == ("muon", 1.2e-2, 3e-3, 0.5)
+    _, adamw = lt.configs.resolve_configs(parser.parse_args(["--preset", "cpu", "--optimizer", "adamw"]))
+    assert (adamw.lr, adamw.weight_decay) == (3e-3, L.TrainConfig.weight_decay)
+    for flags in (["--preset", "cpu", "--optimizer", "adamw"], ["--preset", "gpu", "--optimizer", "adamw"]):
         with pytest.raises(L.InputError, match="needs --optimizer muon"):
             lt.configs.training_configs(parser.parse_args([*flags, "--adam-lr", "1e-3"]))
     # A run saved when --adam-lr was ignored with AdamW still loads.

@@ -8,7 +8,7 @@ from conftest import EIGHT_DEVICES
 @EIGHT_DEVICES
 def test_plan_on_eight_devices_and_bad_meshes_get_clear_errors(capsys):
     tiny = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
-            "--batch-size", "16", "--seq-len", "16", "--dtype", "float32"]
+            "--batch-size", "16", "--seq-len", "16", "--dtype", "float32", "--optimizer", "adamw"]
     assert lt.cli.main(["--plan", "--fsdp", "all", *tiny]) == 0
     out = capsys.readouterr().out
     config, tc = lt.configs.resolve_configs(lt.cli.build_parser().parse_args(tiny))

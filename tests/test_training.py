@@ -118,21 +118,27 @@ def test_muon_runs_learn_resume_exactly_and_plan_counts_their_state(corpus, tmp_
     with pytest.raises(L.InputError, match="trains with muon, whose state it holds"):
         lt.training.train(TRAIN_TINY, dataclasses.replace(tc, optimizer="adamw", adam_lr=None, steps=8),
                 corpus, tmp_path / "resumed", resume=True, log=lambda s: None)
-    # From the command line, --resume without --optimizer keeps the run's (the cpu
-    # preset's is AdamW).
+    # From the command line, --resume without --optimizer keeps the run's: an
+    # AdamW run resumed under the cpu preset (Muon) stays AdamW.
+    config = lt.settings.run_configs(TRAIN_TINY)[0]
+    params = L.init_params(jax.random.PRNGKey(0), config)
+    (tmp_path / "adamw").mkdir()
+    lt.checkpoint_npz.save_checkpoint(
+        tmp_path / "adamw" / "ckpt.npz", params, L.adamw_init(params), jax.random.PRNGKey(1),
+        config, dataclasses.replace(tc, optimizer="adamw", adam_lr=None), {"train": [], "eval": []})
     _, kept = lt.configs.resolve_configs(lt.cli.build_parser().parse_args(
         ["--preset", "cpu", "--dtype", "float32", "--resume", "--out-dir",
-         str(tmp_path / "resumed")]))
-    assert kept.optimizer == "muon"
-    # --plan: Muon keeps one moment for the blocks' matrices, AdamW's two for the rest.
-    config = lt.settings.run_configs(TRAIN_TINY)[0]
+         str(tmp_path / "adamw")]))
+    assert kept.optimizer == "adamw" and lt.presets.PRESETS["cpu"][1]["optimizer"] == "muon"
+    # --plan: Muon keeps one moment for the blocks' matrices (and a float32
+    # scalar in place of the other), AdamW's two for the rest.
     mesh = lt.devices.make_mesh(1)
     params = lt.settings.param_shapes(config)
-    hidden = sum(v.size for k, v in lt.checkpoints.flatten_tree(params).items()
-                 if lt.checkpoints.flatten_tree(lt.muon.muon_mask(params))[k]) * 4
+    mask = lt.checkpoints.flatten_tree(lt.muon.muon_mask(params))
+    hidden = [v.size for k, v in lt.checkpoints.flatten_tree(params).items() if mask[k]]
     adamw = lt.plan.memory_plan(config, dataclasses.replace(tc, optimizer="adamw", adam_lr=None),
                           mesh)["optimizer"]
-    assert lt.plan.memory_plan(config, tc, mesh)["optimizer"] == adamw - hidden
+    assert lt.plan.memory_plan(config, tc, mesh)["optimizer"] == adamw - 4 * sum(hidden) + 4 * len(hidden)
     # The flags; and LoRA, which it refuses, saying why.
     _, flagged = lt.configs.resolve_configs(lt.cli.build_parser().parse_args(
         ["--optimizer", "muon", "--adam-lr", "1e-3", "--preset", "cpu", "--dtype", "float32"]))
