@@ -41,9 +41,22 @@ multiple of vocab_multiple (the embedding's and output layer's width).
 
 Parameters are a nested dict of arrays (a pytree); every Part I function is
 pure (it mutates none of its arguments) and takes what it needs as arguments.
-One thing to know: train_step donates its params and opt_state to XLA, which
-writes the new ones into the same memory, so the caller keeps the returned
-ones (as every loop here does). Importing this module does no work.
+Importing this module does no work.
+
+The JAX to know before reading (the notebook runs each of these):
+- jax.jit traces a function once per argument shape and compiles it with XLA.
+  A "static" argument (static_argnums/static_argnames) is an ordinary Python
+  value, such as a ModelConfig, read while tracing: each distinct value
+  compiles a program of its own, and a Python `if` on it is fine.
+- Random numbers come from explicit keys: jax.random.split(key, n) makes n
+  new keys and fold_in(key, i) one key for the number i. The same key always
+  gives the same numbers, so a run is reproducible from its seed.
+- jax.tree_util.tree_map(f, tree, ...) applies f leaf by leaf to pytrees of
+  the same structure: how AdamW updates every weight at once.
+- jax.vmap(f) runs f on each row of a batch, as if written for one row.
+- Donation: train_step gives its params and opt_state to XLA, which writes
+  the new ones into the same memory; the donated arrays are deleted, so the
+  caller keeps the returned ones (as every loop here does).
 """
 
 import base64
@@ -80,7 +93,8 @@ class ModelConfig:
     of jax.jit (jit compiles one program per distinct config). Field names
     follow Meta's reference model.py where it has the field. The defaults are a
     small model (7.5M parameters, most of them the embedding) that learns
-    Shakespeare's look on a laptop CPU in minutes."""
+    Shakespeare's look on a laptop CPU in minutes (train_loop with the
+    defaults: 1,000 steps)."""
 
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
     dim: int = 128  # D, the width of the residual stream
@@ -192,15 +206,15 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping, as in the Llama papers
     eval_every: int = 100  # evaluate this often
-    eval_batches: int = 8  # fixed windows per split for each evaluation
+    eval_batches: int = 8  # batches of fixed windows per split for each evaluation
     log_every: int = 25  # a progress line every this many steps
     seed: int = 0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
             if getattr(self, name) <= 0:
-                raise InputError(f"TrainConfig.{name} (--{name.replace('_', '-')}) must be "
-                                 f"positive, got {getattr(self, name)}")
+                raise InputError(f"TrainConfig.{name} must be positive, got "
+                                 f"{getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise InputError(f"TrainConfig: need 0 <= min_lr <= lr and lr > 0, got "
                              f"lr={self.lr}, min_lr={self.min_lr}")
@@ -257,16 +271,15 @@ def load_text(path):
     """Reads a UTF-8 text file, or raises InputError saying what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"data file {path} not found: pass --data PATH to a UTF-8 text file "
-                         f"(the repository ships {DEFAULT_DATA.name}) or to a data set made by "
-                         "--prepare (NAME.json)")
+        raise InputError(f"text file {path} not found: give the path of a UTF-8 text file "
+                         f"(this repository ships {DEFAULT_DATA.name})")
     raw = path.read_bytes()
     if not raw.strip():
-        raise InputError(f"data file {path} is empty: it needs some text to train on")
+        raise InputError(f"text file {path} is empty: it needs some text")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise InputError(f"data file {path} is not UTF-8 text (byte {err.start} is "
+        raise InputError(f"text file {path} is not UTF-8 text (byte {err.start} is "
                          f"0x{raw[err.start]:02x}): convert it, e.g. with iconv -t utf-8") from err
 
 
@@ -280,10 +293,10 @@ def split_tokens(tokens, seq_len, name="the data"):
         minimum = need
         while int(0.9 * minimum) < need or minimum - int(0.9 * minimum) < need:
             minimum += 1
-        raise InputError(f"{name} has {len(tokens)} tokens; at --seq-len {seq_len} it needs at "
-                         f"least {minimum} (one window of {need} tokens in the 90% training "
+        raise InputError(f"{name} has {len(tokens)} tokens; windows of seq_len {seq_len} need "
+                         f"at least {minimum} (one window of {need} tokens in the 90% training "
                          "part and one in the 10% validation part): use more text or a "
-                         "smaller --seq-len")
+                         "smaller seq_len")
     return tokens[:n_train], tokens[n_train:]
 
 
@@ -299,7 +312,7 @@ def window_starts(key, n_tokens, batch_size, seq_len):
     """Where a batch's windows start: int32[B] positions, uniform in
     [0, n_tokens - seq_len), so that each window and its targets (one token
     further) fit in the data. A function of its own because evaluation
-    (fixed_windows) draws its windows by the same rule."""
+    (fixed_windows, below) draws its windows by the same rule."""
     return jax.random.randint(key, (batch_size,), 0, n_tokens - seq_len)
 
 
@@ -338,9 +351,8 @@ def dense(x, w, config):
 def rms_norm(x, weight, eps):
     """Root-mean-square layer norm (Zhang & Sennrich 2019): no mean subtraction,
     no bias. x: [..., D], weight: [D] -> [..., D]. The statistics are taken in
-    at least float32 whatever x's dtype (x is bfloat16 when generate has
-    rounded the weights to bfloat16, decoding_weights), so that small variance
-    terms are not lost."""
+    at least float32 whatever x's dtype (x is bfloat16 when the model computes
+    in bfloat16), so that small variance terms are not lost."""
     x32 = at_least_f32(x)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (normed * weight).astype(x.dtype)
@@ -387,7 +399,8 @@ def apply_rope(x, cos, sin):
 def attention_weights(q, k, mask):
     """softmax(q k^T / sqrt(Dh) + mask): how much each query attends to each
     key. Grouped-query: each of the K key/value heads serves G = H // K query
-    heads; we reshape the queries into groups rather than copy K G times.
+    heads; we reshape the queries into groups rather than copy each key and
+    value head G times.
     q: [B, T, H, Dh], k: [B, S, K, Dh], mask: bool[B or 1, T, S] (True = may
     attend) -> float32[B, K, G, T, S], rows summing to 1."""
     B, T, H, Dh = q.shape
@@ -536,7 +549,7 @@ def init_cache(config, batch_size, length=None):
     """A KV cache with room for `length` positions (default max_seq_len): a
     list over layers of {"k", "v"}: zeros[B, S, K, Dh] in the compute dtype.
     Preallocated, so its shape never changes while decoding and nothing
-    recompiles per token. generate sizes it to the request (decoding_shapes)."""
+    recompiles per token. generate, below, sizes it to the request."""
     shape = (batch_size, length or config.max_seq_len, config.n_kv_heads, config.head_width)
     return [{"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
             for _ in range(config.n_layers)]
@@ -569,7 +582,7 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
     B, T = tokens.shape
     dropout_on = training and config.dropout_rate > 0
     if dropout_on and key is None:
-        raise InputError("model_forward(training=True) with dropout needs a PRNG key")
+        raise InputError("training=True with dropout needs a PRNG key")
     h = params["tok_embeddings"][tokens]  # [B, T, D]
     S = T if cache is None else cache[0]["k"].shape[1]  # the positions there can be
     cos, sin = precompute_rope(config.head_width, S, config.rope_theta, config.rope_scaling)
@@ -582,8 +595,9 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
         positions = position[:, None] + jnp.arange(T)  # [B, T]
         cos, sin = jnp.asarray(cos)[positions], jnp.asarray(sin)[positions]  # [B, T, Dh/2]
         # Query at position p sees cache slots 0..p: earlier tokens and itself.
-        # Slots past p may hold the keys of a shorter prompt's padding (see
-        # generate); they are masked now and overwritten before they are seen.
+        # Slots past p may hold the keys of a shorter prompt's padding (generate,
+        # below, pads prompts on the right); they are masked now and
+        # overwritten before they are seen.
         mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
     layer_keys = [None] * config.n_layers
     if dropout_on:
@@ -816,9 +830,9 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 #     are about 0.8 GB per layer at the gpu check's 16 x 1,024 tokens and 12
 #     heads, written and read again in the backward pass (docs/gpu.md).
 #  8. Sampling, in the command line's generate: with top-p, a sampler that
-#     finds the nucleus by bisection instead of a sort (12.3 against 0.82 ms
-#     a draw from 50,257 logits at batch 1, `python tools/bench_sampling.py`,
-#     AMD EPYC); with top-k alone, the default, this file's sample_token. On a
+#     finds the nucleus by bisection instead of a sort (0.82 ms a draw from
+#     50,257 logits at batch 1, against sample_token's 12.3 ms, `python
+#     tools/bench_sampling.py`, AMD EPYC); with top-k alone, the default, this file's sample_token. On a
 #     GPU, where each small kernel's launch costs more than its work, also
 #     the weights of q, k, v and of w1, w3 joined: 6 matrix products a block
 #     instead of 9 (speed.FAST_DECODING). On a CPU they gained 6% at the cpu
@@ -837,8 +851,8 @@ def train_loop(config, tc, train_data, val_data, log=print):
     opt_state, history): history["train"] holds [step, loss] for every step,
     history["eval"] [step, train loss, validation loss] for each evaluation."""
     if tc.seq_len > config.max_seq_len:
-        raise InputError(f"--seq-len {tc.seq_len} is longer than the model's context "
-                         f"(max_seq_len {config.max_seq_len}): lower --seq-len")
+        raise InputError(f"seq_len {tc.seq_len} is longer than the model's context "
+                         f"(max_seq_len {config.max_seq_len}): lower seq_len or raise max_seq_len")
     keys = run_keys(jax.random.PRNGKey(tc.seed))
     params = init_params(keys["init"], config)
     opt_state = adamw_init(params)
@@ -900,7 +914,9 @@ def sample_token(key, logits, temperature, top_k=None, top_p=1.0):
     top_k most likely (if given), then the top_p nucleus (if < 1), then a draw
     from the softmax of what is left. Top-k alone draws among its k values
     (jax.random.categorical makes one random number per entry it draws from:
-    k of them, not V); only top-p needs the whole sorted distribution."""
+    k of them, not V); only top-p needs the whole sorted distribution. The two
+    paths differ only at ties: lax.top_k keeps exactly k tokens, top_k_filter
+    keeps every token tied with the k-th."""
     greedy = jnp.argmax(logits, axis=-1)
     logits = logits / jnp.maximum(temperature, 1e-6)
     if top_k is not None and top_p >= 1.0:

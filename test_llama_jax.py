@@ -346,8 +346,8 @@ def test_the_reference_contents_name_its_sections():
 
 
 def test_part_one_reads_without_part_two():
-    # Part I's comments and docstrings name no section number, flag, test or
-    # package module, except in the one list of what the command line swaps in
+    # Part I's comments, docstrings and messages name no section number, flag,
+    # test or package module, except in the one list of what the command line swaps in
     # (before train_loop), the module docstring (which introduces both parts)
     # and the __main__ block (which hands over to the package).
     import ast
@@ -357,11 +357,16 @@ def test_part_one_reads_without_part_two():
     source = (HERE / "llama_jax.py").read_text()
     texts = [(t.start[0], t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)
              if t.type == tokenize.COMMENT]
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    module_docstring = tree.body[0].value
+    for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node):
             first = node.body[0].lineno
             texts += [(first + i, line) for i, line in
                       enumerate(ast.get_docstring(node, clean=False).splitlines())]
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str)  # messages too
+                and node is not module_docstring):
+            texts += [(node.lineno + i, line) for i, line in enumerate(node.value.splitlines())]
     line_of = lambda marker: source[:source.index(marker)].count("\n") + 1
     swaps = (line_of("# What `python llama_jax.py` runs instead"), line_of("_get_batch = jax.jit("))
     main = line_of('if __name__ == "__main__":')

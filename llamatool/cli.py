@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from llama_jax import InputError
 from llamatool.token_files import TEXT_SUFFIXES
 from llamatool.hosts import start_distributed
-from llamatool.flags import FLAGS, GROUPS, add_flags, read_by
+from llamatool.flags import FLAGS, GROUPS, add_flags, in_flag_words, read_by
 from llamatool.modes import (run_chat, run_eval, run_export, run_export_gguf, run_plan,
     run_prepare, run_sample, run_training)
 from llamatool.bench import run_bench
@@ -172,5 +172,5 @@ def main(argv=None):
                              "modes as one process")
         return mode.run(args)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {in_flag_words(str(err))}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ are the field rows: nothing else lists flags. The modes' own flags (--sample,
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from llamatool.settings import RunModelConfig, RunTrainConfig
@@ -253,6 +254,16 @@ def field_overrides(args, fields=None):
     return {f.field: getattr(args, f.dest) for f in FLAGS
             if f.field and getattr(args, f.dest) is not None
             and (fields is None or f.field in fields)}
+
+
+def in_flag_words(message):
+    """Part I's messages name config fields ("TrainConfig.steps must be
+    positive"); on the command line the field is a flag: each
+    ModelConfig.NAME or TrainConfig.NAME whose field a row of FLAGS sets
+    becomes that flag ("--steps must be positive")."""
+    options = {f.field: f.option for f in FLAGS if f.field}
+    return re.sub(r"\b(?:Model|Train)Config\.(\w+)",
+                  lambda m: options.get(m.group(1), m.group(0)), message)
 
 
 def add_flags(parser, groups):

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llama_jax import (InputError, format_duration, get_tokenizer, load_dataset, read_windows,
+from llama_jax import (DEFAULT_DATA, InputError, format_duration, get_tokenizer, load_dataset, read_windows,
     step_keys, window_starts)
 from llamatool.settings import replace_durably
 from llamatool.speed import IGNORE
@@ -390,6 +390,10 @@ def load_training_data(path, seq_len, enc=None):
     another tokenizer made it). -> (train, val, how)."""
     header = token_files_header(path)
     if header is None:
+        if not Path(path).is_file():
+            raise InputError(f"--data {path} not found: pass --data PATH to a UTF-8 text file "
+                             f"(the repository ships {DEFAULT_DATA.name}) or to a data set made by "
+                             "--prepare (NAME.json)")
         train, val = load_dataset(path, seq_len, enc)
         return train, val, "tokenized in memory"
     train, val, _ = open_token_files(header, enc)

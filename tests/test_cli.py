@@ -271,6 +271,9 @@ def test_values_and_flags_that_cannot_apply_to_the_format_or_mode_are_one_line_r
              ([*data, "--time-budget", "inf"], "--time-budget must be a positive number of minutes"),
              (["--eval", str(text), "--seq-len", "-5"], "--seq-len -5: the window must hold"),
              (["--eval", str(text), "--seq-len", "0"], "--seq-len 0: the window must hold"),
+             # Part I names the config field; the command line names the flag.
+             ([*data, "--steps", "0"], "error: --steps must be positive, got 0"),
+             ([*data, "--n-layers", "0"], "error: --n-layers must be positive, got 0"),
              ([*data, "--keep-checkpoints", "2", "--checkpoint", "npz"],
               "--keep-checkpoints applies to a format that keeps several steps")]
     for argv, message in cases:

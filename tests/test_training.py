@@ -217,7 +217,7 @@ def test_progress_lines_time_finished_steps_not_their_dispatch(corpus, tmp_path,
     (None, "not found"),
     (b"", "is empty"),
     (b"  \n\n", "is empty"),
-    (b"To be, or not to be", "has 7 tokens; at --seq-len 16 it needs at least 161 "),
+    (b"To be, or not to be", "has 7 tokens; windows of seq_len 16 need at least 161 "),
     (b"caf\xe9 au lait" * 100, "not UTF-8 text \\(byte 3 is 0xe9\\)"),
 ])
 def test_bad_data_files_get_clear_errors(tmp_path, content, message):

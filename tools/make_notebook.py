@@ -304,8 +304,9 @@ for i in range(3):
           + (" (tracing and compiling)" if i == 0 else ""))"""),
     ("md", """## 9. Training
 
-The loop below is Part I's `train_loop` (section 6 of the module), written out so that this
-cell can redraw the loss curve as it trains. Each step draws a batch of random windows and
+The loop below is the core of Part I's `train_loop` (section 6 of the module), written out
+so that this cell can redraw the loss curve as it trains (`train_loop` also checks `seq_len`
+and prints progress lines). Each step draws a batch of random windows and
 calls `train_step`. Each use of randomness has its own stream (`run_keys`: initialisation,
 batches, dropout), and each step's keys are its stream's key folded with the step number, so a
 run can be repeated exactly. Reading a loss (`float(loss)`) waits for the device, so the loop
@@ -372,8 +373,8 @@ learns where to look. The gradient norm is noisy at this batch size (8 windows),
 of many times its usual size; clipping at 1.0 rescales such a gradient before AdamW's moments
 take it in (the count of clipped steps is printed below). A run that keeps clipping, or whose
 update ratio stays near 1, is the one to stop. The panels are those of a short run of the same
-model and data; the next cell sets four of its figures beside a run with a learning rate far
-too large."""),
+model and data; the cells after them set four of its figures beside a run with a learning
+rate far too large."""),
     ("code", """import dataclasses
 
 # The package's config: Part I's fields plus its options; attention "explicit" is Part I's attend.
