@@ -2,7 +2,7 @@
 committed notebook carries the outputs of a real run (the notebook's own
 model and steps, not the command line's default run).
 
-    python tools/make_notebook.py            # build and execute (about 10 minutes on 2 cores)
+    python tools/make_notebook.py            # build and execute (about 8 minutes on 2 cores)
     python tools/make_notebook.py --no-run   # build only, without outputs
 
 Edit the cells here, not in the .ipynb, so the notebook stays reviewable.
@@ -28,8 +28,8 @@ cache, checkpoints and many devices. The cells call the module (Part I); the few
 package beside it (`llamatool`) say so. The training loop is written out (it is `train_loop`'s)
 so that it can redraw its plot.
 
-It runs top to bottom on a 2-core CPU in about 8 minutes (8 min 14 s on an AMD EPYC with
-avx512_bf16, 5 min 30 s of it the training cell). Set the environment variable
+It runs top to bottom on a 2-core CPU in about 8 minutes (7 min 44 s on an AMD EPYC with
+avx512_bf16, 5 min 16 s of it the training cell). Set the environment variable
 `LLAMA_JAX_FAST=1` before starting Jupyter to shrink the work to about a minute: the same cells
 with a smaller model and fewer steps, so the figures are smaller and noisier."""),
     ("code", """import inspect
@@ -435,12 +435,13 @@ probability reaches p, and `jax.random.categorical` draws from what is left. Aft
 speaker's name the next token is nearly certain, so every filter keeps the same one; below,
 the filters act at a typical position instead: of the 64 positions of a validation window,
 the one whose next-token distribution has the median entropy."""),
-    ("code", """prompt = tokenizer.encode_ordinary("KING RICHARD.")
-after_name = jax.nn.softmax(L.model_forward(params, jnp.array([prompt]), config)[0][0, -1])
+    ("code", """forward = jax.jit(L.model_forward, static_argnames="config")  # one program per shape
+prompt = tokenizer.encode_ordinary("KING RICHARD.")
+after_name = jax.nn.softmax(forward(params, jnp.array([prompt]), config)[0][0, -1])
 print(f"after 'KING RICHARD.': {tokenizer.decode([int(jnp.argmax(after_name))])!r} "
       f"with probability {float(jnp.max(after_name)):.2f}")
 window = jnp.asarray(val_tokens[:64])[None]  # [1, 64]
-logits, _ = L.model_forward(params, window, config)
+logits, _ = forward(params, window, config)
 entropy = -jnp.sum(jax.nn.softmax(logits[0]) * jax.nn.log_softmax(logits[0]), axis=-1)  # [64]
 t = int(jnp.argsort(entropy)[len(entropy) // 2])  # the median position
 last = logits[:, t]  # [1, V]: the logits for the token after position t
@@ -475,7 +476,6 @@ rounds each: the same tokens, at different speeds. The loop without a cache is a
 Python loop (one dispatch per token, where `generate` is one program) and makes logits for
 every position, so the ratio is what the whole design buys, not the cache alone."""),
     ("code", """n_new = 4 if FAST else 32
-forward = jax.jit(L.model_forward, static_argnames="config")
 
 def without_cache(prompt_tokens):
     tokens = jnp.array([prompt_tokens])  # [1, T], one longer each step
