@@ -14,7 +14,7 @@ learner needs to understand Llama and train it on one device, top to bottom.
 It trains and samples a model by itself:
 
     import jax, llama_jax as L
-    config, tc = L.ModelConfig(), L.TrainConfig()  # the cpu preset's sizes, float32
+    config, tc = L.ModelConfig(), L.TrainConfig()  # 7.55M parameters, float32
     train, val = L.load_dataset(L.DEFAULT_DATA, tc.seq_len)  # Shakespeare, GPT-2 tokens
     params, opt_state, history = L.train_loop(config, tc, train, val)
     enc = L.get_tokenizer()
@@ -54,6 +54,9 @@ The JAX to know before reading (the notebook runs each of these):
 - jax.tree_util.tree_map(f, tree, ...) applies f leaf by leaf to pytrees of
   the same structure: how AdamW updates every weight at once.
 - jax.vmap(f) runs f on each row of a batch, as if written for one row.
+- jax.lax.while_loop(cond, body, state) is a loop inside the compiled
+  program: body maps the state (a pytree whose shapes never change) to the
+  next, while cond(state) holds. generate decodes every token in one.
 - Donation: train_step gives its params and opt_state to XLA, which writes
   the new ones into the same memory; the donated arrays are deleted, so the
   caller keeps the returned ones (as every loop here does).
@@ -78,8 +81,8 @@ DEFAULT_DATA = HERE / "shakespeare.txt"
 
 
 class InputError(ValueError):
-    """Bad input from the user (a flag, a file, a prompt). The command line
-    prints its message, which names the value and the fix, without a traceback."""
+    """Bad input from the user (a setting, a file, a prompt). Its message
+    names the value and the fix, so a caller can print it without a traceback."""
 
 
 # =============================================================================
@@ -121,7 +124,7 @@ class ModelConfig:
     # the positions at hand.
     max_seq_len: int = 256
     # Llama itself has no dropout; a small model that sees its data many
-    # times may need it (the gpu preset uses 0.2).
+    # times may need it (0.1 to 0.2 is usual).
     dropout_rate: float = 0.0
     # Share the input embedding with the output layer (GPT-2, Llama 3.2 1B and
     # 3B do; Llama 2 and Llama 3 8B keep two matrices).
@@ -351,8 +354,9 @@ def dense(x, w, config):
 def rms_norm(x, weight, eps):
     """Root-mean-square layer norm (Zhang & Sennrich 2019): no mean subtraction,
     no bias. x: [..., D], weight: [D] -> [..., D]. The statistics are taken in
-    at least float32 whatever x's dtype (x is bfloat16 when the model computes
-    in bfloat16), so that small variance terms are not lost."""
+    at least float32 whatever x's dtype (here x is float32, as dense returns
+    float32 even under bfloat16 compute; a caller may pass bfloat16), so that
+    small variance terms are not lost."""
     x32 = at_least_f32(x)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (normed * weight).astype(x.dtype)
@@ -584,7 +588,7 @@ def forward_hidden(params, tokens, config, cache=None, position=0, training=Fals
     if dropout_on and key is None:
         raise InputError("training=True with dropout needs a PRNG key")
     h = params["tok_embeddings"][tokens]  # [B, T, D]
-    S = T if cache is None else cache[0]["k"].shape[1]  # the positions there can be
+    S = T if cache is None else cache[0]["k"].shape[1]  # the positions a key can sit at
     cos, sin = precompute_rope(config.head_width, S, config.rope_theta, config.rope_scaling)
     if cache is None:
         cos, sin = cos[None], sin[None]  # [1, T, Dh/2]
@@ -739,6 +743,8 @@ def train_step(params, opt_state, batch, key, config, tc):
     return params, opt_state, loss
 
 
+# compute_loss for evaluation. training keeps its default, False: an argument
+# the caller does not pass is never traced, so it stays a Python bool.
 eval_loss = jax.jit(compute_loss, static_argnames=("config",))
 
 
@@ -832,10 +838,11 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 #  8. Sampling, in the command line's generate: with top-p, a sampler that
 #     finds the nucleus by bisection instead of a sort (0.82 ms a draw from
 #     50,257 logits at batch 1, against sample_token's 12.3 ms, `python
-#     tools/bench_sampling.py`, AMD EPYC); with top-k alone, the default, this file's sample_token. On a
-#     GPU, where each small kernel's launch costs more than its work, also
-#     the weights of q, k, v and of w1, w3 joined: 6 matrix products a block
-#     instead of 9 (speed.FAST_DECODING). On a CPU they gained 6% at the cpu
+#     tools/bench_sampling.py`, AMD EPYC); with top-k alone (the command
+#     line's default sampling), this file's sample_token. On a GPU, where each
+#     small kernel's launch costs more than its work, also the weights of q,
+#     k, v and of w1, w3 joined: 4 weight products a block instead of 7
+#     (speed.FAST_DECODING). On a CPU they gained 6% at the cpu
 #     preset's model (901 against 850 tokens/s, AMD EPYC), too little to
 #     leave this file's code.
 

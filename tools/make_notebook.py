@@ -28,8 +28,8 @@ cache, checkpoints and many devices. The cells call the module (Part I); the few
 package beside it (`llamatool`) say so. The training loop is written out (it is `train_loop`'s)
 so that it can redraw its plot.
 
-It runs top to bottom on a 2-core CPU in about 8 minutes (7 min 44 s on an AMD EPYC with
-avx512_bf16, 5 min 16 s of it the training cell). Set the environment variable
+It runs top to bottom on a 2-core CPU in about 8 minutes (7 min 52 s on an AMD EPYC with
+avx512_bf16, 5 min 18 s of it the training cell). Set the environment variable
 `LLAMA_JAX_FAST=1` before starting Jupyter to shrink the work to about a minute: the same cells
 with a smaller model and fewer steps, so the figures are smaller and noisier."""),
     ("code", """import inspect
@@ -242,6 +242,7 @@ print("key a:      ", first.tolist())
 print("key a again:", L.get_batch(a, data, 2, 8)[0].tolist(), " (the same batch)")
 print("key b:      ", L.get_batch(b, data, 2, 8)[0].tolist())
 keys = L.run_keys(key)  # {"init", "batches", "dropout"}: fold_in(key, 0), (key, 1), (key, 2)
+print("fold_in(key, 1) is run_keys' batch key:", bool((jax.random.fold_in(key, 1) == keys["batches"]).all()))
 step_batch = lambda n: L.get_batch(L.step_keys(keys, n)[0], data, 2, 8)[0][0, :6].tolist()
 print("step 5:", step_batch(5), " step 6:", step_batch(6), " step 5 again:", step_batch(5))"""),
     ("md", """**`vmap`.** `jax.vmap` turns a function of one example into a function of a batch. The
@@ -358,8 +359,9 @@ print(f"final validation loss {history['eval'][-1][2]:.3f} after {time.perf_coun
     ("md", """### Is the run healthy?
 
 The loss says whether a run learns, not why it stalls or blows up. The cells below run the
-package's training step, `run_step` (`llamatool/step.py`, the one `python llama_jax.py` runs),
-here with Part I's attention and loss on this model, because it can also return a few numbers
+package's training step, `run_step` (`llamatool/step.py`, the step `python llama_jax.py` runs),
+here with Part I's attention and loss on this model, and with Part I's AdamW for every weight
+(the default run uses Muon for the blocks' matrices), because it can also return a few numbers
 per block from the same jitted step: the gradient norm before clipping, the update's size
 relative to the weights and the RMS of the residual stream after the block. The attention's
 entropy needs the T x T attention weights, so the package's `logged_entropy` measures it in a
@@ -371,8 +373,9 @@ first, then towards the 1e-3 of Karpathy's rule of thumb) shrinks with the learn
 residual RMS grows smoothly with depth; each head's entropy falls from its uniform start as it
 learns where to look. The gradient norm is noisy at this batch size (8 windows), with spikes
 of many times its usual size; clipping at 1.0 rescales such a gradient before AdamW's moments
-take it in (the count of clipped steps is printed below). A run that keeps clipping, or whose
-update ratio stays near 1, is the one to stop. The panels are those of a short run of the same
+take it in (the count of clipped steps is printed below). Clipping alone does not tell the
+two runs below apart: at 8 windows a batch, both clip on about half their steps. An update
+ratio that climbs towards 1, or a residual RMS that keeps growing, is the run to stop. The panels are those of a short run of the same
 model and data; the cells after them set four of its figures beside a run with a learning
 rate far too large."""),
     ("code", """import dataclasses
