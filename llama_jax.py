@@ -836,8 +836,8 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 #     are about 0.8 GB per layer at the gpu check's 16 x 1,024 tokens and 12
 #     heads, written and read again in the backward pass (docs/gpu.md).
 #  8. Sampling, in the command line's generate: with top-p, a sampler that
-#     finds the nucleus by bisection instead of a sort (0.82 ms a draw from
-#     50,257 logits at batch 1, against sample_token's 12.3 ms, `python
+#     finds the nucleus by bisection instead of a sort (0.73 ms a draw from
+#     50,257 logits at batch 1, against sample_token's 11.7 ms, `python
 #     tools/bench_sampling.py`, AMD EPYC); with top-k alone (the command
 #     line's default sampling), this file's sample_token. On a GPU, where each
 #     small kernel's launch costs more than its work, also the weights of q,
