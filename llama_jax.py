@@ -54,9 +54,8 @@ The JAX to know before reading (the notebook runs each of these):
 - jax.tree_util.tree_map(f, tree, ...) applies f leaf by leaf to pytrees of
   the same structure: how AdamW updates every weight at once.
 - jax.vmap(f) runs f on each row of a batch, as if written for one row.
-- jax.lax.while_loop(cond, body, state) is a loop inside the compiled
-  program: body maps the state (a pytree whose shapes never change) to the
-  next, while cond(state) holds. generate decodes every token in one.
+- jax.lax.while_loop(cond, body, state): a loop inside the compiled program,
+  body(state) -> state (same shapes) while cond(state); generate decodes so.
 - Donation: train_step gives its params and opt_state to XLA, which writes
   the new ones into the same memory; the donated arrays are deleted, so the
   caller keeps the returned ones (as every loop here does).
@@ -743,8 +742,7 @@ def train_step(params, opt_state, batch, key, config, tc):
     return params, opt_state, loss
 
 
-# compute_loss for evaluation. training keeps its default, False: an argument
-# the caller does not pass is never traced, so it stays a Python bool.
+# training keeps its default, False: an argument not passed is not traced.
 eval_loss = jax.jit(compute_loss, static_argnames=("config",))
 
 
@@ -875,6 +873,7 @@ def train_loop(config, tc, train_data, val_data, log=print):
         losses.append(loss)
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
+            # losses: the steps since the last line; the first is step done - len(losses) + 1
             history["train"] += [[done - len(losses) + 1 + i, float(x)]
                                  for i, x in enumerate(losses)]
             now = time.perf_counter()

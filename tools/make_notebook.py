@@ -47,7 +47,7 @@ import llamatool as lt
 
 FAST = os.environ.get("LLAMA_JAX_FAST") == "1"
 print(f"JAX {jax.__version__} on {jax.devices()[0].platform.upper()}; fast mode: {FAST}")"""),
-    ("md", """## 1. Tokens
+    ("md", """## Tokens
 
 Llama 1 and 2 use a SentencePiece vocabulary, Llama 3 a tiktoken one; here we use GPT-2's
 50,257-token byte-pair encoding, read from the `gpt2.tiktoken` file shipped in the repository
@@ -62,7 +62,7 @@ tokens = np.array(tokenizer.encode_ordinary(text), dtype=np.int32)
 train_tokens, val_tokens = L.split_tokens(tokens, seq_len=128)
 print(f"{len(text):,} characters -> {len(tokens):,} tokens ({len(text) / len(tokens):.2f} characters per token)")
 print(f"train: the first {len(train_tokens):,} tokens; validation: the last {len(val_tokens):,}")"""),
-    ("md", """## 2. Embeddings and RMSNorm
+    ("md", """## Embeddings and RMSNorm
 
 The model's configuration is a frozen dataclass: the architecture, plus the dropout rate and
 the matmul dtype. `init_params` returns
@@ -83,7 +83,7 @@ print("embeddings:", x.shape, " RMS of the first vectors:", np.round(rms(x)[0, :
 print("after RMSNorm:", normed.shape, " RMS:", np.round(rms(normed)[0, :4], 4))
 ms = jnp.mean(x ** 2, axis=-1)
 print("predicted sqrt(ms / (ms + eps)):", np.round(jnp.sqrt(ms / (ms + config.norm_eps))[0, :4], 4))"""),
-    ("md", """## 3. Rotary embeddings
+    ("md", """## Rotary embeddings
 
 RoPE encodes position by rotating pairs of query and key channels: pair *i* turns by
 `theta^(-2i/Dh)` radians per position. Fast pairs resolve nearby tokens, slow ones far-away
@@ -106,7 +106,7 @@ im = b.imshow(scores, cmap="RdBu")
 b.set(title="q(m) . k(n): constant along diagonals", xlabel="key position n", ylabel="query position m")
 fig.colorbar(im, ax=b)
 plt.show()"""),
-    ("md", """## 4. Attention
+    ("md", """## Attention
 
 Each query may look only at itself and earlier tokens (the causal mask). With grouped-query
 attention, the `n_heads` query heads share `n_kv_heads` key/value heads: here 8 query heads
@@ -147,7 +147,7 @@ print("weights [B, K, G, T, S]:", weights.shape)"""),
     plt.show()
 
 show_attention(weights, "layer 0, head 0, untrained")"""),
-    ("md", """## 5. SwiGLU and a whole block
+    ("md", """## SwiGLU and a whole block
 
 The feed-forward network is SwiGLU: `w2(silu(x w1) * (x w3))`, with hidden width
 `int(2 * 4 * dim / 3)` rounded up to `multiple_of` (Llama's rule keeps the parameter count of
@@ -160,7 +160,7 @@ y = L.feed_forward(layer["feed_forward"], h, config)
 out, _ = L.transformer_block(layer, params["tok_embeddings"][sid], cos[None, :T], sin[None, :T], causal, config)
 print("feed_forward:", h.shape, "->", y.shape, f"(hidden width F = {config.ffn_width})")
 print("transformer_block:", out.shape)"""),
-    ("md", """## 6. The whole model on a batch, and its loss
+    ("md", """## The whole model on a batch, and its loss
 
 `model_forward` runs the embedding, every block and the output layer: token ids `[B, T]` in,
 logits `[B, T, V]` out, one row of scores over the vocabulary for every position. A batch is
@@ -178,7 +178,7 @@ logits, _ = L.model_forward(params, inputs, config)
 print("logits", logits.shape, logits.dtype)
 print(f"loss at init: {float(L.eval_loss(params, batch, config)):.3f}   ln(50257) = {np.log(50257):.3f}"
       "  (eval_loss: compute_loss, jitted)")"""),
-    ("md", """## 7. JAX's moves, run on the model
+    ("md", """## JAX's moves, run on the model
 
 Five of JAX's ideas run through `llama_jax.py`, besides `jax.grad` (the next section). Each is
 run here on the module's own functions.
@@ -276,7 +276,7 @@ try:
     donated["norm"] + 1
 except RuntimeError as err:
     print("using a donated array:", str(err).splitlines()[0][:80])"""),
-    ("md", """## 8. Gradients and one step, the JAX way
+    ("md", """## Gradients and one step, the JAX way
 
 In PyTorch, `loss.backward()` fills `.grad` on every parameter. In JAX the gradient is a
 function: `jax.value_and_grad(compute_loss)` returns a new function that gives the loss and
@@ -303,9 +303,9 @@ for i in range(3):
     p, o, step_loss = L.train_step(p, o, batch, None, config, tc)
     print(f"train_step call {i + 1}: loss {float(step_loss):.4f}, {time.perf_counter() - t0:.2f}s"
           + (" (tracing and compiling)" if i == 0 else ""))"""),
-    ("md", """## 9. Training
+    ("md", """## Training
 
-The loop below is the core of Part I's `train_loop` (section 6 of the module), written out
+The loop below is the core of Part I's `train_loop` (the module's section 6, Training), written out
 so that this cell can redraw the loss curve as it trains (`train_loop` also checks `seq_len`
 and prints progress lines). Each step draws a batch of random windows and
 calls `train_step`. Each use of randomness has its own stream (`run_keys`: initialisation,
@@ -429,7 +429,7 @@ for name, recs in runs.items():
           f"{max(r['layer_rms'][-1] for r in recs):.1f}")"""),
     ("code", """# After training, the same head no longer spreads its attention evenly.
 show_attention(layer0_attention(params), "layer 0, head 0, trained")"""),
-    ("md", """## 10. Sampling
+    ("md", """## Sampling
 
 The model gives logits for the next token; `sample_token` turns them into a choice.
 Temperature divides the logits (above 1 flattens the distribution, below 1 sharpens it, 0 is
@@ -502,7 +502,7 @@ for length in (8, 64):
     print(f"{length}-token prompt, {n_new} new tokens (the same ones both ways: {same}): KV cache "
           f"{best['KV cache']:,.0f} tokens/s, the whole sequence per token {best['no cache']:,.0f} "
           f"tokens/s: {best['KV cache'] / best['no cache']:.1f}x")"""),
-    ("md", """## 11. Checkpoints
+    ("md", """## Checkpoints
 
 The package's `save_checkpoint` (llamatool/checkpoint_npz.py) writes one `.npz` file: parameters, optimizer state,
 step, PRNG key, both configs and the loss history, written atomically. Loading it back must
@@ -518,7 +518,7 @@ a, _ = L.model_forward(params, check, config)
 b, _ = L.model_forward(loaded.params, check, config)
 print(f"{path.stat().st_size / 1e6:.1f} MB, step {int(loaded.opt_state['step'])}, "
       f"max logit difference {float(jnp.max(jnp.abs(a - b)))}")"""),
-    ("md", """## 12. Many devices
+    ("md", """## Many devices
 
 The package's `run_step` runs on a mesh of devices: the batch is split over all of them and,
 with FSDP, every matrix and its AdamW moments too (`state_shardings` in
