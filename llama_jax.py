@@ -44,7 +44,7 @@ pure (it mutates none of its arguments) and takes what it needs as arguments.
 Importing this module does no work.
 
 The JAX to know before reading (the notebook runs each of these):
-- jax.jit traces a function once per argument shape and compiles it with XLA.
+- jax.jit traces a function once per argument shape and dtype, and compiles it.
   A "static" argument (static_argnums/static_argnames) is an ordinary Python
   value, such as a ModelConfig, read while tracing: each distinct value
   compiles a program of its own, and a Python `if` on it is fine.
@@ -95,8 +95,8 @@ class ModelConfig:
     of jax.jit (jit compiles one program per distinct config). Field names
     follow Meta's reference model.py where it has the field. The defaults are a
     small model (7.5M parameters, most of them the embedding) that learns
-    Shakespeare's look on a laptop CPU in minutes (train_loop with the
-    defaults: 1,000 steps)."""
+    Shakespeare's look on a laptop CPU in about ten minutes (train_loop with
+    the defaults: 1,000 steps)."""
 
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
     dim: int = 128  # D, the width of the residual stream
@@ -402,10 +402,11 @@ def apply_rope(x, cos, sin):
 def attention_weights(q, k, mask):
     """softmax(q k^T / sqrt(Dh) + mask): how much each query attends to each
     key. Grouped-query: each of the K key/value heads serves G = H // K query
-    heads; we reshape the queries into groups rather than copy each key and
-    value head G times.
+    heads (query head h uses key/value head h // G, as Meta's repeat_kv); we
+    reshape the queries into groups rather than copy each key and value head.
     q: [B, T, H, Dh], k: [B, S, K, Dh], mask: bool[B or 1, T, S] (True = may
-    attend) -> float32[B, K, G, T, S], rows summing to 1."""
+    attend) -> float32[B, K, G, T, S] (float64 for float64 inputs), rows
+    summing to 1."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, Dh)  # [B, T, K, G, Dh]
@@ -516,6 +517,8 @@ def init_params(key, config):
     D, H, K, Dh, F = (config.dim, config.n_heads, config.n_kv_heads, config.head_width,
                       config.ffn_width)
     std, out_std = 0.02, 0.02 / math.sqrt(2 * config.n_layers)
+    # A key for each matrix (the embedding, 7 a block, the output), split up
+    # front: tied or not, every other weight gets the same values.
     keys = iter(jax.random.split(key, 2 + 7 * config.n_layers))
 
     def normal(shape, scale=std):
@@ -536,11 +539,8 @@ def init_params(key, config):
                              "w3": normal((D, F))},
         })
     params["norm"] = jnp.ones((D,))
-    # Drawn even when tied and unused, so that a tied and an untied model get
-    # the same keys, and so the same values, for every other weight.
-    output = normal((D, config.padded_vocab))
-    if not config.tie_embeddings:
-        params["output"] = pad_vocab(output, 1)
+    if not config.tie_embeddings:  # tied: the embedding is the output layer
+        params["output"] = pad_vocab(normal((D, config.padded_vocab)), 1)
     return params
 
 
@@ -736,6 +736,7 @@ def train_step(params, opt_state, batch, key, config, tc):
     value. params and opt_state are donated: XLA updates them in place
     instead of keeping two copies, so the caller must use the returned ones.
     -> (params, opt_state, loss)."""
+    # value_and_grad differentiates by the first argument alone, params.
     loss, grads = jax.value_and_grad(compute_loss)(params, batch, config, True, key)
     lr = learning_rate(opt_state["step"], tc)
     params, opt_state = adamw_update(params, grads, opt_state, lr, tc)

@@ -435,8 +435,9 @@ The model gives logits for the next token; `sample_token` turns them into a choi
 Temperature divides the logits (above 1 flattens the distribution, below 1 sharpens it, 0 is
 the argmax), top-k keeps the k most likely tokens, top-p keeps the smallest set whose
 probability reaches p, and `jax.random.categorical` draws from what is left. After a
-speaker's name the next token is nearly certain, so every filter keeps the same one; below,
-the filters act at a typical position instead: of the 64 positions of a validation window,
+speaker's name the next token is nearly certain, so top-p keeps that one token at any p short
+of its probability (top-k still keeps k, but all but one with almost no mass); below, the
+filters act at a typical position instead: of the 64 positions of a validation window,
 the one whose next-token distribution has the median entropy."""),
     ("code", """forward = jax.jit(L.model_forward, static_argnames="config")  # one program per shape
 prompt = tokenizer.encode_ordinary("KING RICHARD.")
