@@ -517,8 +517,7 @@ def init_params(key, config):
     D, H, K, Dh, F = (config.dim, config.n_heads, config.n_kv_heads, config.head_width,
                       config.ffn_width)
     std, out_std = 0.02, 0.02 / math.sqrt(2 * config.n_layers)
-    # A key for each matrix (the embedding, 7 a block, the output), split up
-    # front: tied or not, every other weight gets the same values.
+    # A key per matrix (embedding, 7 a block, output), split up front: tied or not, the same values.
     keys = iter(jax.random.split(key, 2 + 7 * config.n_layers))
 
     def normal(shape, scale=std):
@@ -793,9 +792,10 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 # then a progress line and an evaluation. It reads a loss (which waits for the
 # device) only when it prints one, so Python queues the next steps meanwhile.
 #
-# What `python llama_jax.py` runs instead. The command line trains with the
-# package beside this file (llamatool/), which calls the functions above and
-# passes its own where they take one. In its default run, the cpu preset
+# What `python llama_jax.py` runs instead (about the tool, not Llama: skip it
+# on a first reading). The command line trains with the package beside this
+# file (llamatool/), which calls the functions above and passes its own where
+# they take one. In its default run, the cpu preset
 # (ModelConfig()'s and TrainConfig()'s sizes), these are this file's code:
 # get_batch, init_params, the layers (with dense swapped where item 4 says),
 # attend, forward_hidden, cross_entropy's formula, learning_rate,
