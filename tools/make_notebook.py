@@ -28,9 +28,9 @@ cache, checkpoints and many devices. The cells call the module (Part I); the few
 package beside it (`llamatool`) say so. The training loop is written out (it is `train_loop`'s)
 so that it can redraw its plot.
 
-It runs top to bottom on a 2-core CPU in about 8 minutes (7 min 52 s on an AMD EPYC with
-avx512_bf16, 5 min 18 s of it the training cell). Set the environment variable
-`LLAMA_JAX_FAST=1` before starting Jupyter to shrink the work to about a minute: the same cells
+It runs top to bottom on a 2-core CPU in about 8 minutes (8 min 3 s on an AMD EPYC with
+avx512_bf16, 5 min 28 s of it the training cell). Set the environment variable
+`LLAMA_JAX_FAST=1` before starting Jupyter to shrink the work to under a minute: the same cells
 with a smaller model and fewer steps, so the figures are smaller and noisier."""),
     ("code", """import inspect
 import os
@@ -174,7 +174,8 @@ initialisation scale)."""),
 inputs, targets = batch
 print("inputs ", inputs.shape, inputs[0, :8].tolist())
 print("targets", targets.shape, targets[0, :8].tolist(), " (the inputs, one token later)")
-logits, _ = L.model_forward(params, inputs, config)
+forward = jax.jit(L.model_forward, static_argnames="config")  # compiled once per shape, as below
+logits, _ = forward(params, inputs, config)
 print("logits", logits.shape, logits.dtype)
 print(f"loss at init: {float(L.eval_loss(params, batch, config)):.3f}   ln(50257) = {np.log(50257):.3f}"
       "  (eval_loss: compute_loss, jitted)")"""),
@@ -293,14 +294,18 @@ print("gradient of layer 0's wq:", grads["layers"][0]["attention"]["wq"].shape,
       f" global norm {float(L.global_norm(grads)):.3f}")
 
 opt_state = L.adamw_init(params)
-stepped, _ = L.adamw_update(params, grads, opt_state, 1e-2, tc)  # one step by hand, lr 1e-2
+# One step by hand, lr 1e-2 (jitted: one program instead of an op-by-op run over every weight).
+stepped, _ = jax.jit(L.adamw_update, static_argnums=4)(params, grads, opt_state, 1e-2, tc)
 print(f"the same batch's loss: {float(loss):.4f} before the step, "
       f"{float(L.eval_loss(stepped, batch, config)):.4f} after")
 
 p, o = jax.tree_util.tree_map(jnp.copy, (params, opt_state))  # copies: train_step donates its inputs
+# A batch of the training run's shape and a dropout key, as the loop below passes
+# them: the same program, so the training cell does not compile it again.
+train_batch = L.get_batch(jax.random.PRNGKey(1), jnp.asarray(train_tokens), tc.batch_size, tc.seq_len)
 for i in range(3):
     t0 = time.perf_counter()
-    p, o, step_loss = L.train_step(p, o, batch, None, config, tc)
+    p, o, step_loss = L.train_step(p, o, train_batch, jax.random.PRNGKey(2), config, tc)
     print(f"train_step call {i + 1}: loss {float(step_loss):.4f}, {time.perf_counter() - t0:.2f}s"
           + (" (tracing and compiling)" if i == 0 else ""))"""),
     ("md", """## Training
@@ -439,8 +444,7 @@ speaker's name the next token is nearly certain, so top-p keeps that one token a
 of its probability (top-k still keeps k, but all but one with almost no mass); below, the
 filters act at a typical position instead: of the 64 positions of a validation window,
 the one whose next-token distribution has the median entropy."""),
-    ("code", """forward = jax.jit(L.model_forward, static_argnames="config")  # one program per shape
-prompt = tokenizer.encode_ordinary("KING RICHARD.")
+    ("code", """prompt = tokenizer.encode_ordinary("KING RICHARD.")
 after_name = jax.nn.softmax(forward(params, jnp.array([prompt]), config)[0][0, -1])
 print(f"after 'KING RICHARD.': {tokenizer.decode([int(jnp.argmax(after_name))])!r} "
       f"with probability {float(jnp.max(after_name)):.2f}")
@@ -474,7 +478,7 @@ for kwargs in (dict(temperature=0.0), dict(temperature=0.7), dict(temperature=1.
     ("md", """Why the cache pays: without it, every new token runs the whole sequence through the
 model again, so each token costs more as the text grows; with it, a token costs one
 position's work and its attention over the cache. Below, both decode greedily after an
-8-token and a 64-token prompt (validation text), each compiled first (the loop without a
+8-token and a 64-token prompt (validation text; fast mode: the 8-token one), each compiled first (the loop without a
 cache compiles one program per length; that is excluded), and take turns, best of three
 rounds each: the same tokens, at different speeds. The loop without a cache is also a
 Python loop (one dispatch per token, where `generate` is one program) and makes logits for
@@ -491,7 +495,7 @@ def without_cache(prompt_tokens):
 def with_cache(prompt_tokens):
     return L.generate(params, prompt_tokens, n_new, config, jax.random.PRNGKey(0), temperature=0.0)
 
-for length in (8, 64):
+for length in (8,) if FAST else (8, 64):
     p = val_tokens[:length].tolist()
     same = without_cache(p) == with_cache(p)  # the first calls compile
     best = {"KV cache": 0.0, "no cache": 0.0}
