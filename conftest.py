@@ -98,13 +98,14 @@ forward = jax.jit(L.model_forward, static_argnames=("config", "training"))
 
 
 # ----------------------------------------------------------------------------- programs run beside the suite
-# Three slow tests each check a program of their own: the notebook,
-# tools/gpu_check.sh --dry-run and pytest in a process with 8 CPU devices.
-# Such a program is mostly one core's compiling, so when its test is selected
-# it runs beside the in-process tests: one at a time, in the order of their
-# tests in the suite, from the start of the session (two programs at once on
-# two cores, not four, each slowing the rest). Its test, where it stands in
-# the suite, waits for it and checks what it wrote.
+# Four slow tests each check a program of their own: the notebook,
+# tools/gpu_check.sh --dry-run, pytest in a process with 8 CPU devices and
+# pytest of the model-file tests. Such a program is mostly one core's
+# compiling, so when its test is selected it runs beside the in-process tests:
+# one at a time, in the order they are registered below, from the start of the
+# session (two programs at once on two cores, not four, each slowing the
+# rest). Its test runs at the end of the session
+# (pytest_collection_modifyitems), waits for it and checks what it wrote.
 BESIDE = {}  # test name -> start(folder) -> Popen writing folder/out.txt
 
 

@@ -39,9 +39,8 @@ key/value head, N either H or K (a function used for both), Dh head width, F
 feed-forward width, V vocabulary, V_padded the vocabulary rounded up to a
 multiple of vocab_multiple (the embedding's and output layer's width).
 
-Parameters are a nested dict of arrays (a pytree); every Part I function is
-pure (it mutates none of its arguments) and takes what it needs as arguments.
-Importing this module does no work.
+Parameters are a nested dict of arrays (a pytree); every function here is pure
+(it mutates none of its arguments). Importing this module does no work.
 
 The JAX to know before reading (the notebook runs each of these):
 - jax.jit traces a function once per argument shape and dtype, and compiles it.
@@ -94,8 +93,8 @@ class ModelConfig:
     """The architecture. Frozen, so it is hashable and can be a static argument
     of jax.jit (jit compiles one program per distinct config). Field names
     follow Meta's reference model.py where it has the field. The defaults are a
-    small model (7.5M parameters, most of them the embedding) that learns
-    Shakespeare's look on a laptop CPU in about ten minutes (train_loop with
+    small model (7.55M parameters, most of them the embedding) that learns
+    Shakespeare's look on a laptop CPU in 10 to 15 minutes (train_loop with
     the defaults: 1,000 steps)."""
 
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -517,7 +516,8 @@ def init_params(key, config):
     D, H, K, Dh, F = (config.dim, config.n_heads, config.n_kv_heads, config.head_width,
                       config.ffn_width)
     std, out_std = 0.02, 0.02 / math.sqrt(2 * config.n_layers)
-    # A key per matrix (embedding, 7 a block, output), split up front: tied or not, the same values.
+    # A key per matrix (embedding, 7 a block, output), split up front: tied or
+    # not, every weight gets the same values.
     keys = iter(jax.random.split(key, 2 + 7 * config.n_layers))
 
     def normal(shape, scale=std):
@@ -840,8 +840,8 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 #     tools/bench_sampling.py`, AMD EPYC); with top-k alone (the command
 #     line's default sampling), this file's sample_token. On a GPU, where each
 #     small kernel's launch costs more than its work, also the weights of q,
-#     k, v and of w1, w3 joined: 4 weight products a block instead of 7
-#     (speed.FAST_DECODING). On a CPU they gained 6% at the cpu
+#     k, v and of w1, w3 joined: 6 matrix products a block instead of 9
+#     (4 weight products instead of 7, and attention's 2; speed.FAST_DECODING). On a CPU they gained 6% at the cpu
 #     preset's model (901 against 850 tokens/s, AMD EPYC), too little to
 #     leave this file's code.
 

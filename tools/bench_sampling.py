@@ -6,7 +6,8 @@ Part I's sample_token draws among lax.top_k's k values for top-k alone,
 and otherwise filters (a sort for top-p) and draws with
 jax.random.categorical; the package's fast_sample_token (llamatool/speed.py)
 calls it for top-k alone, and otherwise finds the same thresholds by
-bisection and draws by inverting the cumulative distribution. Each is jitted and compiled first; then, for each setting
+bisection and draws by inverting the cumulative distribution. Each is jitted
+and compiled first; then, for each setting
 (top-k 50, top-p 0.9, both, neither), the two are timed in alternating rounds
 (Part I's, the package's, Part I's, ...) so that a change in the machine's load falls
 on both, and the best round of each is reported in ms per draw.

@@ -174,7 +174,7 @@ initialisation scale)."""),
 inputs, targets = batch
 print("inputs ", inputs.shape, inputs[0, :8].tolist())
 print("targets", targets.shape, targets[0, :8].tolist(), " (the inputs, one token later)")
-forward = jax.jit(L.model_forward, static_argnames="config")  # compiled once per shape, as below
+forward = jax.jit(L.model_forward, static_argnames="config")  # compiled: one program per shape
 logits, _ = forward(params, inputs, config)
 print("logits", logits.shape, logits.dtype)
 print(f"loss at init: {float(L.eval_loss(params, batch, config)):.3f}   ln(50257) = {np.log(50257):.3f}"
@@ -380,7 +380,8 @@ learns where to look. The gradient norm is noisy at this batch size (8 windows),
 of many times its usual size; clipping at 1.0 rescales such a gradient before AdamW's moments
 take it in (the count of clipped steps is printed below). Clipping alone does not tell the
 two runs below apart: at 8 windows a batch, both clip on about half their steps. An update
-ratio that climbs towards 1, or a residual RMS that keeps growing, is the run to stop. The panels are those of a short run of the same
+ratio that climbs towards 1, or a residual RMS that keeps growing from step to step, is the
+run to stop. The panels are those of a short run of the same
 model and data; the cells after them set four of its figures beside a run with a learning
 rate far too large."""),
     ("code", """import dataclasses
