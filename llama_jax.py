@@ -840,10 +840,10 @@ def progress_line(done, tc, loss, lr, seconds_per_step):
 #     tools/bench_sampling.py`, AMD EPYC); with top-k alone (the command
 #     line's default sampling), this file's sample_token. On a GPU, where each
 #     small kernel's launch costs more than its work, also the weights of q,
-#     k, v and of w1, w3 joined: 6 matrix products a block instead of 9
-#     (4 weight products instead of 7, and attention's 2; speed.FAST_DECODING). On a CPU they gained 6% at the cpu
-#     preset's model (901 against 850 tokens/s, AMD EPYC), too little to
-#     leave this file's code.
+#     k, v and of w1, w3 joined: 6 matrix products a block instead of 9 (4
+#     weight products instead of 7, plus attention's 2; speed.FAST_DECODING).
+#     On a CPU they gained 6% at the cpu preset's model (901 against 850
+#     tokens/s, AMD EPYC), too little to leave this file's code.
 
 # batch_size and seq_len (arguments 2 and 3, counting from 0) set the batch's
 # shape, and jit must know every shape when it compiles: static arguments are
